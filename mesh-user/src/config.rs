@@ -1,0 +1,1648 @@
+//! The agent's TOML config file: types, parsing and validation.
+//!
+//! Parsing rejects unknown keys (`deny_unknown_fields`), so a typo fails loudly instead of
+//! silently falling back to a default. Validation checks everything the datapath would
+//! otherwise refuse at run time (or silently mishandle), and reports every problem at once,
+//! each naming the file, the service, the field and the reason.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mesh_common::{
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, MAX_BACKENDS_PER_SERVICE,
+    MAX_SLOTS_PER_SERVICE, MAX_WEIGHT, PROTO_TCP, PROTO_UDP, SERVICE_NAME_LEN,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::slots;
+
+/// The whole config file.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub agent: AgentConfig,
+    /// `[[services]]` tables.
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// `[agent]`: how the agent itself runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Directory on bpffs where maps and links are pinned.
+    pub bpffs: PathBuf,
+    /// cgroup v2 directory to attach to; `None` means the cgroup v2 root from /proc/mounts.
+    pub cgroup: Option<PathBuf>,
+    /// Listen address of the Prometheus endpoint.
+    pub metrics: SocketAddr,
+    /// Listen address of the local admin API; `None` turns it off.
+    pub admin: Option<SocketAddr>,
+    /// `[agent.limits]`: map capacities.
+    pub limits: Limits,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            bpffs: PathBuf::from("/sys/fs/bpf/mesh"),
+            cgroup: None,
+            metrics: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            admin: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// `[agent.limits]`: `max_entries` of the maps, fixed when they are created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Entries of the services map and the per-service arrays (id 0 is reserved).
+    pub max_services: u32,
+    /// Entries of the backends map (id 0 is reserved).
+    pub max_backends: u32,
+    /// Entries of the slots map, shared by all services and both generations.
+    pub max_slots: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_services: DEFAULT_MAX_SERVICES,
+            max_backends: DEFAULT_MAX_BACKENDS,
+            max_slots: DEFAULT_MAX_SLOTS,
+        }
+    }
+}
+
+/// Bounds of each `[agent.limits]` value: below 2 nothing fits next to the reserved id 0, and
+/// above 2^24 a map would take gigabytes of locked kernel memory, which is surely a typo.
+pub const LIMIT_MIN: u32 = 2;
+pub const LIMIT_MAX: u32 = 16_777_216;
+
+/// One `[[services]]` table: a virtual address and the backends behind it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub vip: SocketAddr,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+    #[serde(default)]
+    pub on_empty: EmptyPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthConfig>,
+}
+
+/// One `[[services.backends]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub addr: SocketAddr,
+    /// Relative share of new connections, 1..=`MAX_WEIGHT`.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// A draining backend gets no new connections; existing ones are left alone.
+    #[serde(default)]
+    pub drain: bool,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number used in `ServiceKey::proto`.
+    pub fn ip_proto(&self) -> u8 {
+        match self {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// What a connect to the VIP does when no backend is available.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmptyPolicy {
+    /// Fail the connect with ECONNREFUSED, so clients fail fast instead of timing out.
+    #[default]
+    Reject,
+    /// Leave the connect to the VIP untouched (for a VIP that is also a real address).
+    Passthrough,
+}
+
+/// `[services.affinity]`: pin each client to the backend it got first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Affinity {
+    /// How long a client stays pinned after its last connect (default 3h, as kube-proxy).
+    #[serde(default = "default_affinity_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_affinity_timeout() -> Duration {
+    Duration::from_secs(3 * 3600)
+}
+
+impl Default for Affinity {
+    fn default() -> Self {
+        Self {
+            timeout: default_affinity_timeout(),
+        }
+    }
+}
+
+/// `[services.health]`: active health checks of the backends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// TOML key `type`.
+    #[serde(rename = "type")]
+    pub kind: HealthKind,
+    /// Request path of `http` checks.
+    pub path: String,
+    /// Status codes an `http` check accepts, as inclusive ranges. TOML: `expect = "200-399"`,
+    /// `"200"` or `"200,204,300-399"`.
+    #[serde(with = "status_ranges")]
+    pub expect: Vec<(u16, u16)>,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive successes that make an unhealthy backend healthy.
+    pub rise: u32,
+    /// Consecutive failures that make a healthy backend unhealthy.
+    pub fall: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            kind: HealthKind::Tcp,
+            path: "/healthz".to_owned(),
+            expect: vec![(200, 399)],
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+impl HealthConfig {
+    /// Whether an `http` check's response status counts as healthy.
+    pub fn accepts_status(&self, status: u16) -> bool {
+        self.expect
+            .iter()
+            .any(|&(lo, hi)| (lo..=hi).contains(&status))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    /// A TCP connect succeeds.
+    #[default]
+    Tcp,
+    /// `GET path` answers with an expected status.
+    Http,
+    /// No active checks: every backend counts as healthy.
+    None,
+}
+
+/// `expect = "200,204,300-399"` <-> `vec![(200, 200), (204, 204), (300, 399)]`. Only the syntax
+/// is checked here; code ranges are checked by `validate`, so a config built in code gets the
+/// same checks and every problem is reported together.
+mod status_ranges {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    pub fn parse(text: &str) -> Result<Vec<(u16, u16)>, String> {
+        let bad = |part: &str| {
+            format!("invalid status code list {text:?} at {part:?}: expected codes or ranges like \"200,204,300-399\"")
+        };
+        let code = |s: &str, part: &str| s.trim().parse::<u16>().map_err(|_| bad(part));
+        if text.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        text.split(',')
+            .map(|part| match part.split_once('-') {
+                Some((lo, hi)) => Ok((code(lo, part)?, code(hi, part)?)),
+                None => code(part, part).map(|c| (c, c)),
+            })
+            .collect()
+    }
+
+    pub fn format(ranges: &[(u16, u16)]) -> String {
+        ranges
+            .iter()
+            .map(|&(lo, hi)| {
+                if lo == hi {
+                    lo.to_string()
+                } else {
+                    format!("{lo}-{hi}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn serialize<S: Serializer>(ranges: &[(u16, u16)], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(ranges))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(u16, u16)>, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).map_err(D::Error::custom)
+    }
+}
+
+/// Which service a problem is about: `services[1] "web"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRef {
+    pub index: usize,
+    pub name: String,
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "services[{}] {:?}", self.index, self.name)
+    }
+}
+
+/// One validation problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The service it is in, or `None` for `[agent]` and whole-config problems.
+    pub service: Option<ServiceRef>,
+    /// Path of the field, relative to the service when there is one: `backends[0].weight`,
+    /// `agent.limits.max_slots`.
+    pub field: String,
+    /// What is wrong, with the value found.
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(service) = &self.service {
+            write!(f, "{service}: ")?;
+        }
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{origin}: cannot read: {source}")]
+    Read {
+        origin: String,
+        source: std::io::Error,
+    },
+    /// TOML syntax, a wrong type or an unknown key; toml's message names the key and line.
+    #[error("{origin}: {source}")]
+    Parse {
+        origin: String,
+        source: toml::de::Error,
+    },
+    /// Every validation problem, one per line.
+    #[error("{}", fmt_problems(origin, problems))]
+    Invalid {
+        origin: String,
+        problems: Vec<Problem>,
+    },
+}
+
+fn fmt_problems(origin: &str, problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("{origin}: {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl ConfigError {
+    /// The validation problems (empty for read and parse errors).
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid { problems, .. } => problems,
+            ConfigError::Read { .. } | ConfigError::Parse { .. } => &[],
+        }
+    }
+}
+
+/// Parses and validates a config; `origin` (usually the file name) prefixes every message.
+pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        origin: origin.to_owned(),
+        source,
+    })?;
+    config.validate(origin)?;
+    Ok(config)
+}
+
+/// Reads, parses and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        origin: origin.clone(),
+        source,
+    })?;
+    parse(&text, &origin)
+}
+
+/// Collects problems with their context while walking the config.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn agent(&mut self, field: &str, reason: String) {
+        self.0.push(Problem {
+            service: None,
+            field: field.to_owned(),
+            reason,
+        });
+    }
+
+    fn service(&mut self, index: usize, svc: &ServiceConfig, field: &str, reason: String) {
+        self.0.push(Problem {
+            service: Some(ServiceRef {
+                index,
+                name: svc.name.clone(),
+            }),
+            field: field.to_owned(),
+            reason,
+        });
+    }
+}
+
+/// Why `ip` cannot be a VIP or backend address, if it cannot.
+fn bad_ip(ip: IpAddr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("is the unspecified address")
+    } else if ip.is_multicast() {
+        Some("is a multicast address")
+    } else if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+        Some("is the broadcast address")
+    } else {
+        None
+    }
+}
+
+fn family(addr: &SocketAddr) -> &'static str {
+    if addr.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+fn fmt_duration(d: Duration) -> humantime_serde::re::humantime::FormattedDuration {
+    humantime_serde::re::humantime::format_duration(d)
+}
+
+/// Checks `value` is within `lo..=hi` (durations).
+fn duration_range(value: Duration, lo: Duration, hi: Duration) -> Option<String> {
+    (!(lo..=hi).contains(&value)).then(|| {
+        format!(
+            "must be between {} and {}, got {}",
+            fmt_duration(lo),
+            fmt_duration(hi),
+            fmt_duration(value)
+        )
+    })
+}
+
+fn u32_range(value: u32, lo: u32, hi: u32) -> Option<String> {
+    (!(lo..=hi).contains(&value)).then(|| format!("must be between {lo} and {hi}, got {value}"))
+}
+
+impl Config {
+    /// Checks everything parsing cannot; returns all problems found, not only the first.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let mut p = Problems::default();
+        self.agent.limits.check(&mut p);
+        let mut total_slots: u64 = 0;
+        for (i, svc) in self.services.iter().enumerate() {
+            svc.check(i, &mut p);
+            total_slots += u64::from(slots::slot_count(&valid_weights(svc)));
+        }
+        self.check_unique(&mut p);
+        self.check_capacity(total_slots, &mut p);
+        if p.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                origin: origin.to_owned(),
+                problems: p.0,
+            })
+        }
+    }
+
+    /// Names and (vip, protocol) pairs are keys in the agent's state and the services map.
+    fn check_unique(&self, p: &mut Problems) {
+        let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut vips: BTreeMap<(SocketAddr, Protocol), usize> = BTreeMap::new();
+        for (i, svc) in self.services.iter().enumerate() {
+            if let Some(&first) = names.get(svc.name.as_str()) {
+                p.service(
+                    i,
+                    svc,
+                    "name",
+                    format!("duplicate name, already used by services[{first}]"),
+                );
+            } else {
+                names.insert(&svc.name, i);
+            }
+            if let Some(&first) = vips.get(&(svc.vip, svc.protocol)) {
+                p.service(
+                    i,
+                    svc,
+                    "vip",
+                    format!(
+                        "{}/{} is already the vip of services[{first}] {:?}",
+                        svc.vip, svc.protocol, self.services[first].name
+                    ),
+                );
+            } else {
+                vips.insert((svc.vip, svc.protocol), i);
+            }
+        }
+    }
+
+    /// The whole config must fit in the maps sized by `[agent.limits]`.
+    fn check_capacity(&self, total_slots: u64, p: &mut Problems) {
+        let limits = &self.agent.limits;
+        // Id 0 is reserved in both the services and backends maps, hence the +1.
+        let services = self.services.len() as u64;
+        if services + 1 > u64::from(limits.max_services) {
+            p.agent(
+                "agent.limits.max_services",
+                format!(
+                    "is {} but the config has {services} services, which needs at least {} (id 0 is reserved)",
+                    limits.max_services,
+                    services + 1
+                ),
+            );
+        }
+        // Backends are shared between services, so only distinct addresses take an entry.
+        let backends = self
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.addr))
+            .collect::<BTreeSet<_>>()
+            .len() as u64;
+        if backends + 1 > u64::from(limits.max_backends) {
+            p.agent(
+                "agent.limits.max_backends",
+                format!(
+                    "is {} but the config has {backends} distinct backend addresses, which needs at least {} (id 0 is reserved)",
+                    limits.max_backends,
+                    backends + 1
+                ),
+            );
+        }
+        // The old and the new slot set of a service coexist while it is updated. The full
+        // backend set gives the longest layout (a subset's gcd is a multiple of the full set's),
+        // so health changes never need more than this.
+        if total_slots * 2 > u64::from(limits.max_slots) {
+            p.agent(
+                "agent.limits.max_slots",
+                format!(
+                    "is {} but the services have {total_slots} slots, and old and new generations coexist during an update, which needs at least {}",
+                    limits.max_slots,
+                    total_slots * 2
+                ),
+            );
+        }
+    }
+}
+
+/// The weights that are in range, so the slot counts of the other checks stay meaningful when
+/// some weight is already reported as wrong.
+fn valid_weights(svc: &ServiceConfig) -> Vec<u32> {
+    svc.backends
+        .iter()
+        .map(|b| b.weight)
+        .filter(|w| (1..=MAX_WEIGHT).contains(w))
+        .collect()
+}
+
+impl Limits {
+    fn check(&self, p: &mut Problems) {
+        for (field, value) in [
+            ("agent.limits.max_services", self.max_services),
+            ("agent.limits.max_backends", self.max_backends),
+            ("agent.limits.max_slots", self.max_slots),
+        ] {
+            if let Some(reason) = u32_range(value, LIMIT_MIN, LIMIT_MAX) {
+                p.agent(field, reason);
+            }
+        }
+    }
+}
+
+impl ServiceConfig {
+    fn check(&self, i: usize, p: &mut Problems) {
+        self.check_name(i, p);
+        if self.vip.port() == 0 {
+            p.service(i, self, "vip", format!("{}: port must not be 0", self.vip));
+        }
+        if let Some(why) = bad_ip(self.vip.ip()) {
+            p.service(i, self, "vip", format!("{} {why}", self.vip));
+        }
+        self.check_backends(i, p);
+        if let Some(affinity) = &self.affinity {
+            let t = affinity.timeout;
+            if let Some(reason) =
+                duration_range(t, Duration::from_secs(1), Duration::from_secs(24 * 3600))
+            {
+                p.service(i, self, "affinity.timeout", reason);
+            } else if t.subsec_nanos() != 0 {
+                // The kernel keeps the timeout in whole seconds.
+                p.service(
+                    i,
+                    self,
+                    "affinity.timeout",
+                    format!("must be a whole number of seconds, got {}", fmt_duration(t)),
+                );
+            }
+        }
+        if let Some(health) = &self.health {
+            health.check(i, self, p);
+        }
+    }
+
+    fn check_name(&self, i: usize, p: &mut Problems) {
+        let name = &self.name;
+        // One byte of the kernel's name buffer stays for the terminating zero.
+        let max = SERVICE_NAME_LEN - 1;
+        if name.is_empty() {
+            p.service(i, self, "name", "must not be empty".to_owned());
+        } else if name.len() > max {
+            p.service(
+                i,
+                self,
+                "name",
+                format!("must be at most {max} bytes, got {}", name.len()),
+            );
+        }
+        // Names appear in metrics labels, map dumps and URLs: keep them to a safe alphabet.
+        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-');
+        if let Some(c) = name.chars().find(|&c| !allowed(c)) {
+            p.service(
+                i,
+                self,
+                "name",
+                format!("may only contain A-Z a-z 0-9 . _ / -, got {c:?}"),
+            );
+        }
+    }
+
+    fn check_backends(&self, i: usize, p: &mut Problems) {
+        let max_backends = MAX_BACKENDS_PER_SERVICE as usize;
+        if self.backends.len() > max_backends {
+            p.service(
+                i,
+                self,
+                "backends",
+                format!(
+                    "at most {max_backends} backends per service, got {}",
+                    self.backends.len()
+                ),
+            );
+        }
+        let mut seen: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+        for (j, b) in self.backends.iter().enumerate() {
+            let field = format!("backends[{j}].addr");
+            if b.addr.port() == 0 {
+                p.service(i, self, &field, format!("{}: port must not be 0", b.addr));
+            }
+            if let Some(why) = bad_ip(b.addr.ip()) {
+                p.service(i, self, &field, format!("{} {why}", b.addr));
+            }
+            // connect4 can only rewrite to an IPv4 address, connect6 to an IPv6 one.
+            if b.addr.is_ipv4() != self.vip.is_ipv4() {
+                p.service(
+                    i,
+                    self,
+                    &field,
+                    format!(
+                        "{} is {} but the vip {} is {}; a backend must have the vip's address family",
+                        b.addr,
+                        family(&b.addr),
+                        self.vip,
+                        family(&self.vip)
+                    ),
+                );
+            }
+            if let Some(&first) = seen.get(&b.addr) {
+                p.service(
+                    i,
+                    self,
+                    &field,
+                    format!("{} is already backends[{first}]", b.addr),
+                );
+            } else {
+                seen.insert(b.addr, j);
+            }
+            if let Some(reason) = u32_range(b.weight, 1, MAX_WEIGHT) {
+                p.service(i, self, &format!("backends[{j}].weight"), reason);
+            }
+        }
+        let slot_count = slots::slot_count(&valid_weights(self));
+        if slot_count > MAX_SLOTS_PER_SERVICE {
+            p.service(
+                i,
+                self,
+                "backends",
+                format!(
+                    "the weights need {slot_count} slots (sum of weights divided by their gcd), at most {MAX_SLOTS_PER_SERVICE} are allowed per service"
+                ),
+            );
+        }
+    }
+}
+
+impl HealthConfig {
+    fn check(&self, i: usize, svc: &ServiceConfig, p: &mut Problems) {
+        let defaults = HealthConfig::default();
+        if self.kind == HealthKind::Http {
+            if !self.path.starts_with('/') {
+                p.service(
+                    i,
+                    svc,
+                    "health.path",
+                    format!("must start with '/', got {:?}", self.path),
+                );
+            }
+            // The path goes verbatim into the request line.
+            if self
+                .path
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+            {
+                p.service(
+                    i,
+                    svc,
+                    "health.path",
+                    format!(
+                        "must not contain whitespace or control characters, got {:?}",
+                        self.path
+                    ),
+                );
+            }
+            self.check_expect(i, svc, p);
+        } else {
+            // Non-default http-only settings on another check type are almost surely a mistake.
+            if self.path != defaults.path {
+                p.service(
+                    i,
+                    svc,
+                    "health.path",
+                    format!("is only used with type = \"http\", not {:?}", self.kind_name()),
+                );
+            }
+            if self.expect != defaults.expect {
+                p.service(
+                    i,
+                    svc,
+                    "health.expect",
+                    format!("is only used with type = \"http\", not {:?}", self.kind_name()),
+                );
+            }
+        }
+        if let Some(reason) = duration_range(
+            self.interval,
+            Duration::from_millis(10),
+            Duration::from_secs(3600),
+        ) {
+            p.service(i, svc, "health.interval", reason);
+        }
+        if self.timeout.is_zero() {
+            p.service(i, svc, "health.timeout", "must be greater than 0".to_owned());
+        } else if self.timeout > self.interval {
+            p.service(
+                i,
+                svc,
+                "health.timeout",
+                format!(
+                    "must be at most the interval ({}), got {}",
+                    fmt_duration(self.interval),
+                    fmt_duration(self.timeout)
+                ),
+            );
+        }
+        if let Some(reason) = u32_range(self.rise, 1, 100) {
+            p.service(i, svc, "health.rise", reason);
+        }
+        if let Some(reason) = u32_range(self.fall, 1, 100) {
+            p.service(i, svc, "health.fall", reason);
+        }
+    }
+
+    fn check_expect(&self, i: usize, svc: &ServiceConfig, p: &mut Problems) {
+        if self.expect.is_empty() {
+            p.service(
+                i,
+                svc,
+                "health.expect",
+                "must list at least one status code".to_owned(),
+            );
+        }
+        for &(lo, hi) in &self.expect {
+            // A single code is stored as (code, code): report it once.
+            let codes: &[u16] = if lo == hi { &[lo] } else { &[lo, hi] };
+            for &code in codes {
+                if !(100..=599).contains(&code) {
+                    p.service(
+                        i,
+                        svc,
+                        "health.expect",
+                        format!("status codes must be between 100 and 599, got {code}"),
+                    );
+                }
+            }
+            if lo > hi {
+                p.service(
+                    i,
+                    svc,
+                    "health.expect",
+                    format!("range {lo}-{hi} is reversed, write {hi}-{lo}"),
+                );
+            }
+        }
+    }
+
+    fn kind_name(&self) -> &'static str {
+        match self.kind {
+            HealthKind::Tcp => "tcp",
+            HealthKind::Http => "http",
+            HealthKind::None => "none",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORIGIN: &str = "test.toml";
+
+    /// A valid service to start each test from.
+    const WEB: &str = r#"
+[[services]]
+name = "web"
+vip = "127.100.0.1:80"
+backends = [
+  { addr = "127.0.0.1:9001" },
+  { addr = "127.0.0.1:9002", weight = 2 },
+]
+"#;
+
+    fn problems(text: &str) -> Vec<Problem> {
+        match parse(text, ORIGIN) {
+            Ok(c) => panic!("expected validation problems, got {c:#?}"),
+            Err(e @ ConfigError::Invalid { .. }) => e.problems().to_vec(),
+            Err(e) => panic!("expected validation problems, got {e}"),
+        }
+    }
+
+    /// The single problem of `text`, as `(field, reason)`.
+    fn only_problem(text: &str) -> (String, String) {
+        let ps = problems(text);
+        assert_eq!(ps.len(), 1, "{ps:#?}");
+        (ps[0].field.clone(), ps[0].reason.clone())
+    }
+
+    fn parse_error(text: &str) -> String {
+        match parse(text, ORIGIN) {
+            Err(e @ ConfigError::Parse { .. }) => e.to_string(),
+            other => panic!("expected a parse error, got {other:?}"),
+        }
+    }
+
+    fn ok(text: &str) -> Config {
+        parse(text, ORIGIN).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `WEB` with `extra` appended to its `[[services]]` table (before the backends).
+    fn web_with(extra: &str) -> String {
+        WEB.replacen(
+            "vip = \"127.100.0.1:80\"\n",
+            &format!("vip = \"127.100.0.1:80\"\n{extra}\n"),
+            1,
+        )
+    }
+
+    /// A minimal service with the given name/vip/backends, as TOML.
+    fn service(name: &str, vip: &str, backends: &[&str]) -> String {
+        let backends = backends
+            .iter()
+            .map(|b| format!("{{ addr = \"{b}\" }}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("[[services]]\nname = \"{name}\"\nvip = \"{vip}\"\nbackends = [{backends}]\n")
+    }
+
+    // ---- defaults and parsing ----
+
+    #[test]
+    fn empty_file_is_valid_and_all_defaults() {
+        let c = ok("");
+        assert_eq!(c, Config::default());
+        assert_eq!(c.agent.bpffs, PathBuf::from("/sys/fs/bpf/mesh"));
+        assert_eq!(c.agent.cgroup, None);
+        assert_eq!(c.agent.metrics, "127.0.0.1:9464".parse().unwrap());
+        assert_eq!(c.agent.admin, None);
+        assert_eq!(
+            c.agent.limits,
+            Limits {
+                max_services: DEFAULT_MAX_SERVICES,
+                max_backends: DEFAULT_MAX_BACKENDS,
+                max_slots: DEFAULT_MAX_SLOTS,
+            }
+        );
+        assert!(c.services.is_empty());
+    }
+
+    #[test]
+    fn service_defaults_apply() {
+        let c = ok(WEB);
+        let s = &c.services[0];
+        assert_eq!(s.name, "web");
+        assert_eq!(s.vip, "127.100.0.1:80".parse().unwrap());
+        assert_eq!(s.protocol, Protocol::Tcp);
+        assert_eq!(s.on_empty, EmptyPolicy::Reject);
+        assert_eq!(s.affinity, None);
+        assert_eq!(s.health, None);
+        assert_eq!(
+            s.backends[0],
+            BackendConfig {
+                addr: "127.0.0.1:9001".parse().unwrap(),
+                weight: 1,
+                drain: false,
+            }
+        );
+        assert_eq!(s.backends[1].weight, 2);
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = ok(r#"
+[agent]
+bpffs = "/sys/fs/bpf/mesh-test"
+cgroup = "/sys/fs/cgroup/unified/mesh-test"
+metrics = "127.0.0.1:19464"
+admin = "[::1]:9465"
+
+[agent.limits]
+max_services = 16
+max_backends = 64
+max_slots = 256
+
+[[services]]
+name = "dns"
+vip = "[fd00::53]:53"
+protocol = "udp"
+on_empty = "passthrough"
+affinity = { timeout = "10m" }
+backends = [{ addr = "[fd00::1]:5353", weight = 3, drain = true }]
+
+[services.health]
+type = "http"
+path = "/ready"
+expect = "200,204,300-399"
+interval = "2s"
+timeout = "250ms"
+rise = 1
+fall = 5
+"#);
+        assert_eq!(c.agent.bpffs, PathBuf::from("/sys/fs/bpf/mesh-test"));
+        assert_eq!(
+            c.agent.cgroup,
+            Some(PathBuf::from("/sys/fs/cgroup/unified/mesh-test"))
+        );
+        assert_eq!(c.agent.admin, Some("[::1]:9465".parse().unwrap()));
+        assert_eq!(c.agent.limits.max_slots, 256);
+        let s = &c.services[0];
+        assert_eq!(s.protocol, Protocol::Udp);
+        assert_eq!(s.on_empty, EmptyPolicy::Passthrough);
+        assert_eq!(s.affinity.as_ref().unwrap().timeout, Duration::from_secs(600));
+        assert!(s.backends[0].drain);
+        let h = s.health.as_ref().unwrap();
+        assert_eq!(
+            h,
+            &HealthConfig {
+                kind: HealthKind::Http,
+                path: "/ready".to_owned(),
+                expect: vec![(200, 200), (204, 204), (300, 399)],
+                interval: Duration::from_secs(2),
+                timeout: Duration::from_millis(250),
+                rise: 1,
+                fall: 5,
+            }
+        );
+    }
+
+    #[test]
+    fn health_and_affinity_tables_use_defaults() {
+        let c = ok(&format!("{WEB}[services.health]\n[services.affinity]\n"));
+        let s = &c.services[0];
+        assert_eq!(s.health, Some(HealthConfig::default()));
+        assert_eq!(s.affinity.as_ref().unwrap().timeout, Duration::from_secs(3 * 3600));
+        let h = HealthConfig::default();
+        assert_eq!(h.kind, HealthKind::Tcp);
+        assert_eq!(h.path, "/healthz");
+        assert_eq!(h.expect, vec![(200, 399)]);
+        assert_eq!(h.interval, Duration::from_secs(1));
+        assert_eq!(h.timeout, Duration::from_millis(500));
+        assert_eq!((h.rise, h.fall), (2, 3));
+    }
+
+    #[test]
+    fn services_may_have_no_backends() {
+        let c = ok("[[services]]\nname = \"empty\"\nvip = \"127.100.0.1:80\"\n");
+        assert!(c.services[0].backends.is_empty());
+    }
+
+    #[test]
+    fn protocol_display_and_ip_proto() {
+        assert_eq!(Protocol::Tcp.to_string(), "tcp");
+        assert_eq!(Protocol::Udp.to_string(), "udp");
+        assert_eq!(Protocol::Tcp.ip_proto(), PROTO_TCP);
+        assert_eq!(Protocol::Udp.ip_proto(), PROTO_UDP);
+    }
+
+    #[test]
+    fn config_round_trips_through_toml() {
+        let c = ok(r#"
+[agent]
+admin = "127.0.0.1:9465"
+[[services]]
+name = "a"
+vip = "127.100.0.1:80"
+backends = [{ addr = "127.0.0.1:1", weight = 5, drain = true }]
+affinity = { timeout = "1h 30m" }
+health = { type = "http", expect = "200,204,300-399", interval = "1500ms" }
+[[services]]
+name = "b"
+vip = "[fd00::1]:53"
+protocol = "udp"
+on_empty = "passthrough"
+"#);
+        let text = toml::to_string(&c).unwrap();
+        assert_eq!(ok(&text), c, "{text}");
+    }
+
+    #[test]
+    fn default_config_round_trips_through_toml() {
+        let text = toml::to_string(&Config::default()).unwrap();
+        assert_eq!(ok(&text), Config::default(), "{text}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_everywhere() {
+        for (text, key) in [
+            ("[agent]\nbpfs = \"/x\"\n".to_owned(), "bpfs"),
+            ("[agent.limits]\nmax_service = 4\n".to_owned(), "max_service"),
+            ("[agnet]\n".to_owned(), "agnet"),
+            (web_with("protocl = \"udp\""), "protocl"),
+            (
+                WEB.replace("weight = 2", "wieght = 2"),
+                "wieght",
+            ),
+            (format!("{WEB}[services.health]\nintervall = \"1s\"\n"), "intervall"),
+            (format!("{WEB}[services.affinity]\ntimeuot = \"1s\"\n"), "timeuot"),
+        ] {
+            let msg = parse_error(&text);
+            assert!(msg.contains(key), "{key}: {msg}");
+            assert!(msg.starts_with("test.toml: "), "{msg}");
+        }
+    }
+
+    #[test]
+    fn type_errors_name_the_key_and_line() {
+        let msg = parse_error(&WEB.replace("weight = 2", "weight = \"two\""));
+        assert!(msg.starts_with("test.toml: "), "{msg}");
+        assert!(msg.contains("line 7"), "{msg}");
+        assert!(msg.contains("weight"), "{msg}");
+    }
+
+    #[test]
+    fn syntax_errors_are_parse_errors() {
+        let msg = parse_error("[[services]\nname = \"x\"\n");
+        assert!(msg.starts_with("test.toml: "), "{msg}");
+        assert!(msg.contains("line 1"), "{msg}");
+    }
+
+    #[test]
+    fn bad_enum_values_are_rejected() {
+        for (text, value) in [
+            (web_with("protocol = \"sctp\""), "sctp"),
+            (web_with("on_empty = \"drop\""), "drop"),
+            (format!("{WEB}[services.health]\ntype = \"grpc\"\n"), "grpc"),
+        ] {
+            let msg = parse_error(&text);
+            assert!(msg.contains(value), "{msg}");
+        }
+    }
+
+    #[test]
+    fn bad_socket_addresses_are_rejected() {
+        let msg = parse_error(&WEB.replace("127.100.0.1:80", "127.100.0.1"));
+        assert!(msg.contains("vip"), "{msg}");
+        let msg = parse_error(&WEB.replace("127.0.0.1:9001", "localhost:9001"));
+        assert!(msg.contains("addr"), "{msg}");
+    }
+
+    #[test]
+    fn bad_durations_are_rejected() {
+        let msg = parse_error(&format!("{WEB}[services.health]\ninterval = \"1 fortnight\"\n"));
+        assert!(msg.contains("interval"), "{msg}");
+    }
+
+    #[test]
+    fn load_reads_the_file_and_names_it() {
+        let dir = std::env::temp_dir().join(format!("mesh-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mesh.toml");
+        std::fs::write(&path, WEB.replace("weight = 2", "weight = 0")).unwrap();
+        let err = load(&path).unwrap_err();
+        let shown = path.display().to_string();
+        assert_eq!(
+            err.to_string(),
+            format!("{shown}: services[0] \"web\": backends[1].weight: must be between 1 and 1000, got 0")
+        );
+        std::fs::write(&path, WEB).unwrap();
+        assert_eq!(load(&path).unwrap().services.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let err = load(&dir.join("missing.toml")).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }));
+        assert!(err.to_string().contains("missing.toml: cannot read"), "{err}");
+        assert!(err.problems().is_empty());
+    }
+
+    // ---- messages ----
+
+    #[test]
+    fn message_names_file_service_field_and_reason() {
+        let text = format!(
+            "{}{}",
+            service("api", "127.100.0.1:80", &["127.0.0.1:9001"]),
+            service("web", "127.100.0.2:80", &["127.0.0.1:9002"])
+        )
+        .replace("{ addr = \"127.0.0.1:9002\" }", "{ addr = \"127.0.0.1:9002\", weight = 0 }");
+        let err = parse(&text, "examples/mesh.toml").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "examples/mesh.toml: services[1] \"web\": backends[0].weight: must be between 1 and 1000, got 0"
+        );
+        let p = &err.problems()[0];
+        assert_eq!(
+            p.service,
+            Some(ServiceRef {
+                index: 1,
+                name: "web".to_owned()
+            })
+        );
+        assert_eq!(p.field, "backends[0].weight");
+    }
+
+    #[test]
+    fn all_problems_are_reported_one_per_line() {
+        let text = format!(
+            "[agent.limits]\nmax_slots = 1\n{}",
+            service("bad name", "0.0.0.0:0", &["127.0.0.1:0"])
+        );
+        let err = parse(&text, ORIGIN).unwrap_err();
+        let fields: Vec<&str> = err.problems().iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "agent.limits.max_slots",
+                "name",
+                "vip",
+                "vip",
+                "backends[0].addr",
+                "agent.limits.max_slots",
+            ],
+            "{err}"
+        );
+        let shown = err.to_string();
+        assert_eq!(shown.lines().count(), 6, "{shown}");
+        assert!(shown.lines().all(|l| l.starts_with("test.toml: ")), "{shown}");
+    }
+
+    // ---- names ----
+
+    #[test]
+    fn name_must_not_be_empty() {
+        let (field, reason) = only_problem(&web_with("").replace("name = \"web\"", "name = \"\""));
+        assert_eq!((field.as_str(), reason.as_str()), ("name", "must not be empty"));
+    }
+
+    #[test]
+    fn name_must_fit_the_kernel_buffer() {
+        let longest = "n".repeat(SERVICE_NAME_LEN - 1);
+        ok(&WEB.replace("\"web\"", &format!("\"{longest}\"")));
+        let too_long = "n".repeat(SERVICE_NAME_LEN);
+        let (field, reason) = only_problem(&WEB.replace("\"web\"", &format!("\"{too_long}\"")));
+        assert_eq!(field, "name");
+        assert_eq!(reason, "must be at most 63 bytes, got 64");
+    }
+
+    #[test]
+    fn name_allows_only_a_safe_alphabet() {
+        ok(&WEB.replace("\"web\"", "\"ns/web-v1.2_x\""));
+        for bad in ["web svc", "wéb", "web\\\"", "a:b", "web\\n"] {
+            let (field, reason) = only_problem(&WEB.replace("\"web\"", &format!("\"{bad}\"")));
+            assert_eq!(field, "name", "{bad}");
+            assert!(reason.starts_with("may only contain"), "{bad}: {reason}");
+        }
+    }
+
+    #[test]
+    fn names_must_be_unique() {
+        let text = format!(
+            "{}{}{}",
+            service("web", "127.100.0.1:80", &[]),
+            service("api", "127.100.0.2:80", &[]),
+            service("web", "127.100.0.3:80", &[])
+        );
+        let ps = problems(&text);
+        assert_eq!(ps.len(), 1, "{ps:#?}");
+        assert_eq!(ps[0].service.as_ref().unwrap().index, 2);
+        assert_eq!(ps[0].field, "name");
+        assert_eq!(ps[0].reason, "duplicate name, already used by services[0]");
+    }
+
+    // ---- vips ----
+
+    #[test]
+    fn vip_port_must_not_be_zero() {
+        let (field, reason) = only_problem(&WEB.replace("127.100.0.1:80", "127.100.0.1:0"));
+        assert_eq!(field, "vip");
+        assert_eq!(reason, "127.100.0.1:0: port must not be 0");
+    }
+
+    #[test]
+    fn vip_must_be_a_unicast_address() {
+        for (vip, why) in [
+            ("0.0.0.0:80", "unspecified"),
+            ("[::]:80", "unspecified"),
+            ("224.0.0.1:80", "multicast"),
+            ("[ff02::1]:80", "multicast"),
+            ("255.255.255.255:80", "broadcast"),
+        ] {
+            // Keep the backends' family equal to the vip's so only the vip is wrong.
+            let backend = if vip.starts_with('[') { "[::1]:9001" } else { "127.0.0.1:9001" };
+            let (field, reason) = only_problem(&service("web", vip, &[backend]));
+            assert_eq!(field, "vip", "{vip}");
+            assert!(reason.contains(why), "{vip}: {reason}");
+        }
+    }
+
+    #[test]
+    fn vip_and_protocol_must_be_unique() {
+        let text = format!(
+            "{}{}",
+            service("a", "127.100.0.1:80", &[]),
+            service("b", "127.100.0.1:80", &[])
+        );
+        let ps = problems(&text);
+        assert_eq!(ps.len(), 1, "{ps:#?}");
+        assert_eq!(ps[0].field, "vip");
+        assert_eq!(
+            ps[0].reason,
+            "127.100.0.1:80/tcp is already the vip of services[0] \"a\""
+        );
+    }
+
+    #[test]
+    fn tcp_and_udp_services_may_share_a_vip() {
+        let text = format!(
+            "{}{}protocol = \"udp\"\n",
+            service("dns-tcp", "127.100.0.53:53", &[]),
+            service("dns-udp", "127.100.0.53:53", &[])
+        );
+        let c = ok(&text);
+        assert_eq!(c.services[1].protocol, Protocol::Udp);
+    }
+
+    // ---- backends ----
+
+    #[test]
+    fn backend_port_must_not_be_zero() {
+        let (field, reason) = only_problem(&WEB.replace("127.0.0.1:9002", "127.0.0.1:0"));
+        assert_eq!(field, "backends[1].addr");
+        assert_eq!(reason, "127.0.0.1:0: port must not be 0");
+    }
+
+    #[test]
+    fn backend_must_be_a_unicast_address() {
+        for (addr, why) in [
+            ("0.0.0.0:1", "unspecified"),
+            ("239.1.1.1:1", "multicast"),
+            ("255.255.255.255:1", "broadcast"),
+        ] {
+            let (field, reason) = only_problem(&WEB.replace("127.0.0.1:9002", addr));
+            assert_eq!(field, "backends[1].addr", "{addr}");
+            assert!(reason.contains(why), "{addr}: {reason}");
+        }
+        for (addr, why) in [("[::]:1", "unspecified"), ("[ff05::2]:1", "multicast")] {
+            let (field, reason) = only_problem(&service("v6", "[fd00::1]:80", &[addr]));
+            assert_eq!(field, "backends[0].addr", "{addr}");
+            assert!(reason.contains(why), "{addr}: {reason}");
+        }
+    }
+
+    #[test]
+    fn backend_must_have_the_vip_family() {
+        let (field, reason) = only_problem(&WEB.replace("127.0.0.1:9002", "[::1]:9002"));
+        assert_eq!(field, "backends[1].addr");
+        assert_eq!(
+            reason,
+            "[::1]:9002 is IPv6 but the vip 127.100.0.1:80 is IPv4; a backend must have the vip's address family"
+        );
+        let (field, reason) = only_problem(&service("v6", "[fd00::1]:80", &["127.0.0.1:1"]));
+        assert_eq!(field, "backends[0].addr");
+        assert!(reason.contains("is IPv4 but the vip [fd00::1]:80 is IPv6"), "{reason}");
+    }
+
+    #[test]
+    fn backends_must_be_unique_within_a_service() {
+        let (field, reason) = only_problem(&WEB.replace("127.0.0.1:9002", "127.0.0.1:9001"));
+        assert_eq!(field, "backends[1].addr");
+        assert_eq!(reason, "127.0.0.1:9001 is already backends[0]");
+    }
+
+    #[test]
+    fn services_may_share_backends() {
+        let text = format!(
+            "{}{}",
+            service("a", "127.100.0.1:80", &["127.0.0.1:9001"]),
+            service("b", "127.100.0.2:80", &["127.0.0.1:9001"])
+        );
+        ok(&text);
+    }
+
+    #[test]
+    fn weight_must_be_between_1_and_max() {
+        ok(&WEB.replace("weight = 2", &format!("weight = {MAX_WEIGHT}")));
+        for bad in [0, MAX_WEIGHT + 1] {
+            let (field, reason) = only_problem(&WEB.replace("weight = 2", &format!("weight = {bad}")));
+            assert_eq!(field, "backends[1].weight");
+            assert_eq!(reason, format!("must be between 1 and {MAX_WEIGHT}, got {bad}"));
+        }
+    }
+
+    #[test]
+    fn negative_weight_is_a_parse_error() {
+        let msg = parse_error(&WEB.replace("weight = 2", "weight = -1"));
+        assert!(msg.contains("weight"), "{msg}");
+    }
+
+    /// A service with `weights.len()` backends on distinct loopback addresses.
+    fn weighted_service(weights: &[u32]) -> Config {
+        let mut c = ok(&service("big", "127.100.0.1:80", &[]));
+        c.services[0].backends = weights
+            .iter()
+            .enumerate()
+            .map(|(j, &weight)| BackendConfig {
+                addr: SocketAddr::from(([127, 1, (j >> 8) as u8, j as u8], 8080)),
+                weight,
+                drain: false,
+            })
+            .collect();
+        c
+    }
+
+    fn validation_problems(c: &Config) -> Vec<Problem> {
+        c.validate(ORIGIN)
+            .map(|()| Vec::new())
+            .unwrap_or_else(|e| e.problems().to_vec())
+    }
+
+    #[test]
+    fn at_most_max_backends_per_service() {
+        let n = MAX_BACKENDS_PER_SERVICE as usize;
+        assert_eq!(validation_problems(&weighted_service(&vec![1; n])), []);
+        let ps = validation_problems(&weighted_service(&vec![1; n + 1]));
+        assert_eq!(ps.len(), 1, "{ps:#?}");
+        assert_eq!(ps[0].field, "backends");
+        assert_eq!(ps[0].reason, format!("at most {n} backends per service, got {}", n + 1));
+    }
+
+    #[test]
+    fn slot_count_per_service_is_limited() {
+        // 17 coprime-ish weights of 1000 and one of 999: the gcd is 1, so 17_999 slots.
+        let mut weights = vec![MAX_WEIGHT; 17];
+        weights.push(MAX_WEIGHT - 1);
+        let ps = validation_problems(&weighted_service(&weights));
+        assert_eq!(ps.len(), 1, "{ps:#?}");
+        assert_eq!(ps[0].field, "backends");
+        assert!(
+            ps[0].reason.starts_with("the weights need 17999 slots"),
+            "{}",
+            ps[0].reason
+        );
+        assert!(ps[0].reason.contains(&MAX_SLOTS_PER_SERVICE.to_string()));
+        // The same weights scaled to a common factor need few slots.
+        assert_eq!(validation_problems(&weighted_service(&[MAX_WEIGHT; 18])), []);
+        // Exactly the maximum is accepted.
+        let mut weights = vec![MAX_WEIGHT; 16];
+        weights.extend([MAX_SLOTS_PER_SERVICE - 16 * MAX_WEIGHT - 1, 1]);
+        assert_eq!(slots::slot_count(&weights), MAX_SLOTS_PER_SERVICE);
+        assert_eq!(validation_problems(&weighted_service(&weights)), []);
+    }
+
+    #[test]
+    fn invalid_weights_do_not_cause_slot_problems_too() {
+        let ps = validation_problems(&weighted_service(&[0, u32::MAX, 1]));
+        let fields: Vec<&str> = ps.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["backends[0].weight", "backends[1].weight"], "{ps:#?}");
+    }
+
+    // ---- limits ----
+
+    #[test]
+    fn limits_must_be_in_range() {
+        let text = format!(
+            "[agent.limits]\nmax_services = 1\nmax_backends = {}\nmax_slots = 0\n",
+            LIMIT_MAX + 1
+        );
+        let ps = problems(&text);
+        let got: Vec<(&str, &str)> = ps
+            .iter()
+            .map(|p| (p.field.as_str(), p.reason.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("agent.limits.max_services", "must be between 2 and 16777216, got 1"),
+                (
+                    "agent.limits.max_backends",
+                    "must be between 2 and 16777216, got 16777217"
+                ),
+                ("agent.limits.max_slots", "must be between 2 and 16777216, got 0"),
+            ]
+        );
+        assert!(ps.iter().all(|p| p.service.is_none()));
+        ok(&format!(
+            "[agent.limits]\nmax_services = 2\nmax_backends = 2\nmax_slots = {LIMIT_MAX}\n"
+        ));
+    }
+
+    #[test]
+    fn service_count_must_leave_id_0_free() {
+        let two = format!(
+            "{}{}",
+            service("a", "127.100.0.1:80", &[]),
+            service("b", "127.100.0.2:80", &[])
+        );
+        ok(&format!("[agent.limits]\nmax_services = 3\n{two}"));
+        let (field, reason) = only_problem(&format!("[agent.limits]\nmax_services = 2\n{two}"));
+        assert_eq!(field, "agent.limits.max_services");
+        assert_eq!(
+            reason,
+            "is 2 but the config has 2 services, which needs at least 3 (id 0 is reserved)"
+        );
+    }
+
+    #[test]
+    fn distinct_backends_must_leave_id_0_free() {
+        // Three backend entries but two distinct addresses: shared backends count once.
+        let backends = format!(
+            "{}{}",
+            service("a", "127.100.0.1:80", &["127.0.0.1:1", "127.0.0.1:2"]),
+            service("b", "127.100.0.2:80", &["127.0.0.1:1"])
+        );
+        ok(&format!("[agent.limits]\nmax_backends = 3\n{backends}"));
+        let (field, reason) = only_problem(&format!("[agent.limits]\nmax_backends = 2\n{backends}"));
+        assert_eq!(field, "agent.limits.max_backends");
+        assert_eq!(
+            reason,
+            "is 2 but the config has 2 distinct backend addresses, which needs at least 3 (id 0 is reserved)"
+        );
+    }
+
+    #[test]
+    fn total_slots_must_fit_twice() {
+        // WEB has weights 1:2, so 3 slots; a second service with 2:4 reduces to 1:2, 3 more.
+        let text = format!(
+            "{WEB}{}",
+            service("b", "127.100.0.2:80", &["127.0.0.1:1", "127.0.0.1:2"])
+                .replace("{ addr = \"127.0.0.1:1\" }", "{ addr = \"127.0.0.1:1\", weight = 2 }")
+                .replace("{ addr = \"127.0.0.1:2\" }", "{ addr = \"127.0.0.1:2\", weight = 4 }")
+        );
+        ok(&format!("[agent.limits]\nmax_slots = 12\n{text}"));
+        let (field, reason) = only_problem(&format!("[agent.limits]\nmax_slots = 11\n{text}"));
+        assert_eq!(field, "agent.limits.max_slots");
+        assert_eq!(
+            reason,
+            "is 11 but the services have 6 slots, and old and new generations coexist during an update, which needs at least 12"
+        );
+    }
+
+    // ---- affinity ----
+
+    #[test]
+    fn affinity_timeout_must_be_1s_to_24h() {
+        for good in ["1s", "3h", "24h"] {
+            ok(&format!("{WEB}[services.affinity]\ntimeout = \"{good}\"\n"));
+        }
+        for (bad, shown) in [("500ms", "500ms"), ("0s", "0s"), ("25h", "1day 1h")] {
+            let (field, reason) =
+                only_problem(&format!("{WEB}[services.affinity]\ntimeout = \"{bad}\"\n"));
+            assert_eq!(field, "affinity.timeout");
+            assert_eq!(reason, format!("must be between 1s and 1day, got {shown}"));
+        }
+    }
+
+    #[test]
+    fn affinity_timeout_must_be_whole_seconds() {
+        let (field, reason) =
+            only_problem(&format!("{WEB}[services.affinity]\ntimeout = \"1500ms\"\n"));
+        assert_eq!(field, "affinity.timeout");
+        assert_eq!(reason, "must be a whole number of seconds, got 1s 500ms");
+    }
+
+    // ---- health ----
+
+    fn health(body: &str) -> String {
+        format!("{WEB}[services.health]\n{body}\n")
+    }
+
+    #[test]
+    fn health_kinds_parse() {
+        for (name, kind) in [
+            ("tcp", HealthKind::Tcp),
+            ("http", HealthKind::Http),
+            ("none", HealthKind::None),
+        ] {
+            let c = ok(&health(&format!("type = \"{name}\"")));
+            assert_eq!(c.services[0].health.as_ref().unwrap().kind, kind);
+        }
+    }
+
+    #[test]
+    fn http_path_must_start_with_slash() {
+        let (field, reason) = only_problem(&health("type = \"http\"\npath = \"healthz\""));
+        assert_eq!(field, "health.path");
+        assert_eq!(reason, "must start with '/', got \"healthz\"");
+    }
+
+    #[test]
+    fn http_path_must_not_break_the_request_line() {
+        let (field, reason) = only_problem(&health("type = \"http\"\npath = \"/a b\""));
+        assert_eq!(field, "health.path");
+        assert!(reason.starts_with("must not contain whitespace"), "{reason}");
+    }
+
+    #[test]
+    fn http_only_settings_are_rejected_on_other_types() {
+        let ps = problems(&health("type = \"tcp\"\npath = \"/x\"\nexpect = \"200\""));
+        let got: Vec<(&str, &str)> = ps
+            .iter()
+            .map(|p| (p.field.as_str(), p.reason.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("health.path", "is only used with type = \"http\", not \"tcp\""),
+                ("health.expect", "is only used with type = \"http\", not \"tcp\""),
+            ]
+        );
+    }
+
+    #[test]
+    fn expect_accepts_codes_ranges_and_lists() {
+        for (text, ranges) in [
+            ("200", vec![(200, 200)]),
+            ("200-299", vec![(200, 299)]),
+            ("200,204,300-399", vec![(200, 200), (204, 204), (300, 399)]),
+            (" 200 , 300 - 399 ", vec![(200, 200), (300, 399)]),
+        ] {
+            let c = ok(&health(&format!("type = \"http\"\nexpect = \"{text}\"")));
+            assert_eq!(c.services[0].health.as_ref().unwrap().expect, ranges, "{text}");
+        }
+    }
+
+    #[test]
+    fn expect_syntax_errors_are_parse_errors() {
+        for bad in ["abc", "200-", "200,,204", "2xx", "99999", "-200", "200-300-400"] {
+            let msg = parse_error(&health(&format!("type = \"http\"\nexpect = \"{bad}\"")));
+            assert!(msg.contains("invalid status code list"), "{bad}: {msg}");
+        }
+    }
+
+    #[test]
+    fn expect_codes_must_be_100_to_599_and_ranges_ordered() {
+        let (field, reason) = only_problem(&health("type = \"http\"\nexpect = \"200,600\""));
+        assert_eq!(field, "health.expect");
+        assert_eq!(reason, "status codes must be between 100 and 599, got 600");
+        let (_, reason) = only_problem(&health("type = \"http\"\nexpect = \"99-200\""));
+        assert_eq!(reason, "status codes must be between 100 and 599, got 99");
+        let (_, reason) = only_problem(&health("type = \"http\"\nexpect = \"399-200\""));
+        assert_eq!(reason, "range 399-200 is reversed, write 200-399");
+        let (_, reason) = only_problem(&health("type = \"http\"\nexpect = \"\""));
+        assert_eq!(reason, "must list at least one status code");
+    }
+
+    #[test]
+    fn accepts_status_checks_every_range() {
+        let h = HealthConfig {
+            expect: vec![(200, 200), (204, 204), (300, 399)],
+            ..HealthConfig::default()
+        };
+        for (status, want) in [(200, true), (201, false), (204, true), (300, true), (399, true), (400, false)] {
+            assert_eq!(h.accepts_status(status), want, "{status}");
+        }
+    }
+
+    #[test]
+    fn interval_must_be_10ms_to_1h() {
+        ok(&health("interval = \"10ms\"\ntimeout = \"10ms\""));
+        ok(&health("interval = \"1h\""));
+        let (field, reason) = only_problem(&health("interval = \"9ms\"\ntimeout = \"1ms\""));
+        assert_eq!(field, "health.interval");
+        assert_eq!(reason, "must be between 10ms and 1h, got 9ms");
+        let (field, reason) = only_problem(&health("interval = \"61m\""));
+        assert_eq!(field, "health.interval");
+        assert_eq!(reason, "must be between 10ms and 1h, got 1h 1m");
+    }
+
+    #[test]
+    fn timeout_must_be_positive_and_within_the_interval() {
+        ok(&health("interval = \"1s\"\ntimeout = \"1s\""));
+        let (field, reason) = only_problem(&health("timeout = \"0s\""));
+        assert_eq!(field, "health.timeout");
+        assert_eq!(reason, "must be greater than 0");
+        let (field, reason) = only_problem(&health("interval = \"1s\"\ntimeout = \"2s\""));
+        assert_eq!(field, "health.timeout");
+        assert_eq!(reason, "must be at most the interval (1s), got 2s");
+    }
+
+    #[test]
+    fn rise_and_fall_must_be_1_to_100() {
+        ok(&health("rise = 1\nfall = 100"));
+        let ps = problems(&health("rise = 0\nfall = 101"));
+        let got: Vec<(&str, &str)> = ps
+            .iter()
+            .map(|p| (p.field.as_str(), p.reason.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("health.rise", "must be between 1 and 100, got 0"),
+                ("health.fall", "must be between 1 and 100, got 101"),
+            ]
+        );
+    }
+
+    #[test]
+    fn validate_checks_configs_built_in_code() {
+        let mut c = Config::default();
+        c.services.push(ServiceConfig {
+            name: "code".to_owned(),
+            vip: "127.100.0.1:80".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            backends: vec![],
+            on_empty: EmptyPolicy::Reject,
+            affinity: None,
+            health: Some(HealthConfig {
+                kind: HealthKind::Http,
+                expect: vec![(0, 0)],
+                ..HealthConfig::default()
+            }),
+        });
+        let err = c.validate("built-in").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "built-in: services[0] \"code\": health.expect: status codes must be between 100 and 599, got 0"
+        );
+    }
+}

@@ -1,0 +1,82 @@
+//! `mesh`: the node agent and the operator CLI.
+
+mod agent;
+mod cli;
+mod config;
+mod datapath;
+mod http;
+mod metrics;
+mod reconcile;
+mod slots;
+mod state;
+mod system;
+
+use std::path::PathBuf;
+
+use clap::{CommandFactory as _, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "mesh", version, about = "eBPF socket-level L4 load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the node agent: load and attach the programs, keep the maps in line with the registry.
+    Agent(agent::AgentArgs),
+    /// Show services, backends and per-backend connection counts from the pinned maps.
+    Services {
+        #[command(flatten)]
+        pins: PinArgs,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: cli::Output,
+    },
+    /// Detach the programs and remove every pinned map and link.
+    Cleanup {
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Print shell completions.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(clap::Args, Debug)]
+struct PinArgs {
+    /// Directory under bpffs holding mesh's pins (the agent's `[agent] bpffs`).
+    #[arg(long, env = "MESH_BPFFS", default_value = "/sys/fs/bpf/mesh")]
+    bpffs: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Agent(args) => {
+            init_tracing();
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(agent::run(args))
+        }
+        Command::Services { pins, output } => cli::services(&pins.bpffs, output),
+        Command::Cleanup { pins } => {
+            for path in datapath::cleanup(&pins.bpffs)? {
+                println!("removed {}", path.display());
+            }
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "mesh", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+}

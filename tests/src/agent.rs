@@ -1,0 +1,382 @@
+//! Running `mesh agent` for one test.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::process::{send_signal, wait_bounded};
+use crate::{BpffsDir, CgroupGuard};
+
+/// How long the agent gets to answer `/readyz` with 200.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the agent gets to exit after SIGTERM before it is SIGKILLed.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The agent's log filter.
+pub const RUST_LOG: &str = "info,mesh=debug";
+
+/// A running `mesh agent --config <file> --cgroup <cgroup> --bpffs <dir> --metrics <addr>`.
+///
+/// The config lives in a private temp directory (edit it with [`Agent::write_config`]); stdout
+/// and stderr go to a log file there ([`Agent::log_text`]). Drop sends SIGTERM, waits (bounded)
+/// and SIGKILLs if needed. When the test is panicking, Drop prints the agent's log and keeps the
+/// directory for inspection.
+pub struct Agent {
+    child: Child,
+    exit_status: Option<ExitStatus>,
+    args: Vec<OsString>,
+    dir: PathBuf,
+    config_path: PathBuf,
+    log_path: PathBuf,
+    metrics_addr: SocketAddr,
+}
+
+impl Agent {
+    /// Writes `config_toml`, starts the agent and waits until `/readyz` answers 200.
+    /// Panics (with the agent's log) if it exits first or is not ready within 20 s.
+    pub fn start(config_toml: &str, cgroup: &CgroupGuard, bpffs: &BpffsDir) -> Agent {
+        Agent::start_with_args(config_toml, cgroup, bpffs, &[])
+    }
+
+    /// [`Agent::start`] with extra `mesh agent` arguments appended.
+    pub fn start_with_args(
+        config_toml: &str,
+        cgroup: &CgroupGuard,
+        bpffs: &BpffsDir,
+        extra_args: &[&str],
+    ) -> Agent {
+        crate::require_root();
+        let dir =
+            std::env::temp_dir().join(format!("{}-agent-{}", cgroup.name(), crate::next_unique()));
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        let config_path = dir.join("mesh.toml");
+        let log_path = dir.join("agent.log");
+        std::fs::write(&config_path, config_toml)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
+        let metrics_addr = free_loopback_port();
+
+        let mut args: Vec<OsString> = vec![
+            "agent".into(),
+            "--config".into(),
+            config_path.clone().into(),
+            "--cgroup".into(),
+            cgroup.path().into(),
+            "--bpffs".into(),
+            bpffs.path().into(),
+            "--metrics".into(),
+            metrics_addr.to_string().into(),
+        ];
+        args.extend(extra_args.iter().map(OsString::from));
+
+        let child = spawn(&args, &log_path);
+        let mut agent = Agent {
+            child,
+            exit_status: None,
+            args,
+            dir,
+            config_path,
+            log_path,
+            metrics_addr,
+        };
+        // On panic, `agent` drops: the process is stopped and its log printed.
+        agent.wait_ready(READY_TIMEOUT);
+        agent
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.try_exit_status() {
+                panic!(
+                    "mesh agent exited with {status} before it was ready (after {:?}); log:\n{}",
+                    start.elapsed(),
+                    self.log_text()
+                );
+            }
+            let last = match crate::http::get(self.metrics_addr, "/readyz", Duration::from_secs(1))
+            {
+                Ok(response) if response.status == 200 => return,
+                Ok(response) => format!("HTTP {}: {}", response.status, response.body),
+                Err(e) => e.to_string(),
+            };
+            if start.elapsed() >= timeout {
+                panic!(
+                    "mesh agent was not ready within {timeout:?} (last /readyz: {last}); log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Where `/metrics`, `/readyz` and `/healthz` are served.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Replaces the config file atomically (write a temp file in the same directory, rename it
+    /// over the config), as editors and config management tools do. The agent must notice a
+    /// file replaced by rename, not only writes to the same inode.
+    pub fn write_config(&self, config_toml: &str) {
+        let tmp = self
+            .dir
+            .join(format!(".mesh.toml.tmp-{}", crate::next_unique()));
+        std::fs::write(&tmp, config_toml)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", tmp.display()));
+        std::fs::rename(&tmp, &self.config_path)
+            .unwrap_or_else(|e| panic!("cannot rename over {}: {e}", self.config_path.display()));
+    }
+
+    /// Rewrites the config file in place (truncate + write on the same inode).
+    pub fn write_config_in_place(&self, config_toml: &str) {
+        std::fs::write(&self.config_path, config_toml)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", self.config_path.display()));
+    }
+
+    /// Everything the agent printed so far (stdout and stderr), ANSI colours stripped.
+    pub fn log_text(&self) -> String {
+        self.log_since(0)
+    }
+
+    /// Current length of the log, to pass to [`Agent::log_since`] later.
+    pub fn log_mark(&self) -> usize {
+        std::fs::metadata(&self.log_path)
+            .map(|m| usize::try_from(m.len()).unwrap_or(usize::MAX))
+            .unwrap_or(0)
+    }
+
+    /// What the agent printed after `mark` (from [`Agent::log_mark`]), ANSI colours stripped.
+    pub fn log_since(&self, mark: usize) -> String {
+        let raw = std::fs::read(&self.log_path).unwrap_or_default();
+        let tail = raw.get(mark..).unwrap_or_default();
+        strip_ansi(&String::from_utf8_lossy(tail))
+    }
+
+    /// Waits (bounded) for a log line after `mark` that satisfies `matches`; returns the first.
+    pub fn wait_for_log_line(
+        &self,
+        mark: usize,
+        timeout: Duration,
+        mut matches: impl FnMut(&str) -> bool,
+    ) -> Option<String> {
+        let mut found = None;
+        crate::wait_until(timeout, || {
+            found = self
+                .log_since(mark)
+                .lines()
+                .find(|line| matches(line))
+                .map(str::to_owned);
+            found.is_some()
+        });
+        found
+    }
+
+    /// GET `path` on the metrics address.
+    pub fn http_get(&self, path: &str) -> std::io::Result<crate::http::Response> {
+        crate::http::get(self.metrics_addr, path, Duration::from_secs(5))
+    }
+
+    /// The `/metrics` text; panics unless it answers 200.
+    pub fn metrics_text(&self) -> String {
+        let response = self
+            .http_get("/metrics")
+            .unwrap_or_else(|e| panic!("GET /metrics: {e}"));
+        assert_eq!(response.status, 200, "GET /metrics: {}", response.body);
+        response.body
+    }
+
+    /// The exit status if the agent has exited (reaps it).
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        if self.exit_status.is_none() {
+            self.exit_status = self.child.try_wait().expect("try_wait on the agent");
+        }
+        self.exit_status
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.try_exit_status().is_none()
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the agent to exit. Returns its exit status,
+    /// or None if it is still running.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if let Some(status) = self.try_exit_status() {
+            return Some(status);
+        }
+        send_signal(self.pid(), libc::SIGTERM);
+        self.exit_status = wait_bounded(&mut self.child, timeout);
+        self.exit_status
+    }
+
+    /// SIGKILLs the agent (it gets no chance to clean up) and reaps it.
+    pub fn kill9(&mut self) {
+        if self.try_exit_status().is_none() {
+            send_signal(self.pid(), libc::SIGKILL);
+            self.exit_status = Some(self.child.wait().expect("wait for the killed agent"));
+        }
+    }
+
+    /// Stops the agent (SIGTERM, SIGKILL after 10 s) if it runs, then starts it again with the
+    /// same arguments, config file, metrics address and log file, and waits for `/readyz`.
+    pub fn restart(&mut self) {
+        self.stop_or_kill();
+        self.child = spawn(&self.args, &self.log_path);
+        self.exit_status = None;
+        self.wait_ready(READY_TIMEOUT);
+    }
+
+    fn stop_or_kill(&mut self) {
+        if self.terminate(STOP_TIMEOUT).is_none() {
+            eprintln!(
+                "harness: mesh agent (pid {}) ignored SIGTERM for {STOP_TIMEOUT:?}; SIGKILL",
+                self.pid()
+            );
+            self.kill9();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop_or_kill();
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let lines: Vec<&str> = log.lines().collect();
+            let shown = &lines[lines.len().saturating_sub(400)..];
+            eprintln!(
+                "===== mesh agent log ({} lines, last {} shown; kept in {}) =====\n{}\n===== end of agent log =====",
+                lines.len(),
+                shown.len(),
+                self.dir.display(),
+                shown.join("\n")
+            );
+        } else if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!("harness: could not remove {}: {e}", self.dir.display());
+        }
+    }
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("pid", &self.child.id())
+            .field("metrics_addr", &self.metrics_addr)
+            .field("config_path", &self.config_path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn spawn(args: &[OsString], log_path: &Path) -> Child {
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", log_path.display()));
+    let log_err = log.try_clone().expect("clone log file handle");
+    let mut cmd = Command::new(crate::mesh_bin());
+    cmd.args(args)
+        .env("RUST_LOG", RUST_LOG)
+        .env("NO_COLOR", "1")
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    // SAFETY: prctl is async-signal-safe; the closure allocates nothing. If the test process dies
+    // without running Drop, the agent gets SIGTERM instead of running on.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap_or_else(|e| {
+        panic!(
+            "cannot start {} {:?}: {e}",
+            crate::mesh_bin().display(),
+            args
+        )
+    })
+}
+
+/// A loopback address with a port that was free a moment ago.
+fn free_loopback_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
+    listener.local_addr().expect("local address")
+}
+
+/// Removes ANSI escape sequences (CSI `ESC [ ... final` and two-byte `ESC x`) from log text.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        // A CSI sequence runs to a final byte in 0x40..=0x7e; other escapes are two chars.
+        if chars.next() == Some('[') {
+            for c in chars.by_ref() {
+                if ('\u{40}'..='\u{7e}').contains(&c) {
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether a tracing-subscriber `fmt` line is at WARN or ERROR level.
+pub fn is_warn_or_error(line: &str) -> bool {
+    line.split_ascii_whitespace()
+        .take(3)
+        .any(|word| word == "WARN" || word == "ERROR")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_colour_codes() {
+        let line = "\u{1b}[2m2026-11-24T12:00:00Z\u{1b}[0m \u{1b}[31mERROR\u{1b}[0m \
+                    \u{1b}[2mmesh_user::config\u{1b}[0m\u{1b}[2m:\u{1b}[0m rejected \
+                    \u{1b}[3mservice\u{1b}[0m\u{1b}[2m=\u{1b}[0mweb";
+        assert_eq!(
+            strip_ansi(line),
+            "2026-11-24T12:00:00Z ERROR mesh_user::config: rejected service=web"
+        );
+        assert_eq!(strip_ansi("plain"), "plain");
+    }
+
+    #[test]
+    fn recognises_warn_and_error_lines() {
+        assert!(is_warn_or_error(
+            "2026-11-24T12:00:00.1Z  WARN mesh_user::config: weight must be > 0"
+        ));
+        assert!(is_warn_or_error("2026-11-24T12:00:00.1Z ERROR mesh: x"));
+        assert!(!is_warn_or_error(
+            "2026-11-24T12:00:00.1Z DEBUG mesh: backend weight=1 ERROR"
+        ));
+        assert!(!is_warn_or_error(
+            "2026-11-24T12:00:00.1Z  INFO mesh: applied"
+        ));
+    }
+}

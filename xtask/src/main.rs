@@ -1,0 +1,97 @@
+//! Developer and CI tasks for mesh, run as `cargo xtask <command>` (see `.cargo/config.toml`).
+
+mod bench;
+mod build;
+mod cleanup;
+mod run;
+mod services;
+mod setup;
+mod signal;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::build::Profile;
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Build, run and test mesh"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what is missing (Debian packages, rust-src, bpf-linker), mount bpffs, check
+    /// root and cgroup v2. Idempotent.
+    Setup,
+    /// Setup, then build `mesh` (with its embedded eBPF object) and the test helper binaries.
+    Build {
+        /// Build the dev profile instead of release.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Setup, build, then run `mesh agent --config examples/mesh.toml ARGS...`.
+    Run {
+        /// Extra arguments for `mesh agent` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, fmt, clippy, unit tests, then the privileged end-to-end tests.
+    Test {
+        /// Skip `cargo fmt --check` and `cargo clippy` (local iteration only; CI never does).
+        #[arg(long)]
+        skip_lint: bool,
+        /// Extra arguments for the end-to-end `cargo test` (after `--`), e.g. a name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks.
+    Bench {
+        /// Short run.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Remove leftovers of interrupted test runs (mesh-test-* bpffs dirs and cgroups).
+    Cleanup,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = signal::install() {
+        eprintln!("xtask: error: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    let result = match cli.command {
+        Command::Setup => setup::run(),
+        Command::Build { debug } => setup::run().and_then(|()| {
+            build::build(if debug {
+                Profile::Debug
+            } else {
+                Profile::Release
+            })
+        }),
+        Command::Run { args } => run::run(&args),
+        Command::Test { skip_lint, args } => test::run(skip_lint, &args),
+        Command::Bench { quick } => bench::run(quick),
+        Command::Cleanup => cleanup::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(signal::Interrupted(sig)) = e.downcast_ref::<signal::Interrupted>() {
+                eprintln!("xtask: interrupted by signal {sig}");
+                return ExitCode::from(128u8.saturating_add(u8::try_from(*sig).unwrap_or(0)));
+            }
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

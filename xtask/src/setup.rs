@@ -1,0 +1,171 @@
+//! `cargo xtask setup`: installs what is missing and checks the machine. Idempotent.
+
+use std::path::Path;
+use std::process::Stdio;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::util::{Run as _, cgroup2_mount, cmd, is_root, mounts, path_with};
+
+/// Debian packages for building (LLVM for bpf-linker, bpftool) and for the tests and
+/// benchmarks (network tools, the services they start, load generators). `prometheus` ships
+/// `promtool`.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "libxml2-dev",
+    "bpftool",
+    "iproute2",
+    "iptables",
+    "nftables",
+    "haproxy",
+    "redis-server",
+    "prometheus",
+    "wrk",
+    "procps",
+    "util-linux",
+];
+
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPFFS: &str = "/sys/fs/bpf";
+
+pub fn run() -> Result<()> {
+    println!("setup: checking the machine");
+    check_root()?;
+    debian_packages()?;
+    rust_src()?;
+    bpf_linker()?;
+    bpffs()?;
+    let cgroup2 = cgroup2_mount()?;
+    println!("setup: cgroup v2 is mounted at {}", cgroup2.display());
+    println!("setup: done");
+    Ok(())
+}
+
+fn check_root() -> Result<()> {
+    if !is_root() {
+        bail!("setup must run as root (apt-get, mounting bpffs and loading eBPF programs need it)");
+    }
+    println!("setup: running as root");
+    Ok(())
+}
+
+fn deb_installed(package: &str) -> bool {
+    cmd("dpkg-query", ["-W", "-f=${Status}", package])
+        .stdout_if_ok()
+        .is_some_and(|status| status.trim() == "install ok installed")
+}
+
+fn missing_debian_packages() -> Vec<&'static str> {
+    DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !deb_installed(p))
+        .collect()
+}
+
+fn debian_packages() -> Result<()> {
+    let missing = missing_debian_packages();
+    if missing.is_empty() {
+        println!(
+            "setup: Debian packages: all {} installed",
+            DEBIAN_PACKAGES.len()
+        );
+        return Ok(());
+    }
+    println!("setup: Debian packages missing: {}", missing.join(" "));
+    cmd("apt-get", ["update"])
+        .stdin(Stdio::null())
+        .run()
+        .context("apt-get update failed")?;
+    cmd("apt-get", ["install", "-y"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(Stdio::null())
+        .run()
+        .with_context(|| format!("cannot install Debian packages: {}", missing.join(" ")))?;
+    let still_missing = missing_debian_packages();
+    if !still_missing.is_empty() {
+        bail!(
+            "Debian packages still not installed after apt-get install: {}",
+            still_missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn rust_src() -> Result<()> {
+    let installed = cmd(
+        "rustup",
+        ["component", "list", "--toolchain", "nightly", "--installed"],
+    )
+    .stdout_if_ok()
+    .context(
+        "`rustup component list --toolchain nightly --installed` failed: \
+         is rustup installed and the nightly toolchain present (`rustup toolchain list`)?",
+    )?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        println!("setup: rust-src (nightly): installed");
+        return Ok(());
+    }
+    cmd(
+        "rustup",
+        ["component", "add", "rust-src", "--toolchain", "nightly"],
+    )
+    .run()
+    .context("cannot add rust-src to the nightly toolchain (needed for -Z build-std=core)")
+}
+
+fn bpf_linker_version() -> Option<String> {
+    cmd("bpf-linker", ["--version"])
+        .stdout_if_ok()
+        .map(|v| v.trim().to_owned())
+}
+
+fn bpf_linker() -> Result<()> {
+    if let Some(version) = bpf_linker_version() {
+        println!("setup: bpf-linker: {version}");
+        return Ok(());
+    }
+    println!("setup: bpf-linker not found: installing it against LLVM 22 (takes a minute or two)");
+    cmd(
+        "cargo",
+        [
+            "install",
+            "bpf-linker",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ],
+    )
+    .env("PATH", path_with(&[&Path::new(LLVM_PREFIX).join("bin")]))
+    .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX)
+    .run()
+    .context("cannot install bpf-linker")?;
+    let version = bpf_linker_version()
+        .context("bpf-linker was installed but `bpf-linker --version` still fails")?;
+    println!("setup: bpf-linker: {version}");
+    Ok(())
+}
+
+fn bpffs_mounted() -> Result<bool> {
+    Ok(mounts()?
+        .iter()
+        .any(|m| m.fstype == "bpf" && m.target == Path::new(BPFFS)))
+}
+
+fn bpffs() -> Result<()> {
+    if bpffs_mounted()? {
+        println!("setup: bpffs: mounted at {BPFFS}");
+        return Ok(());
+    }
+    cmd("mount", ["-t", "bpf", "bpf", BPFFS])
+        .run()
+        .with_context(|| format!("cannot mount bpffs at {BPFFS}"))?;
+    if !bpffs_mounted()? {
+        bail!("mount reported success but {BPFFS} is not a bpf mount in /proc/mounts");
+    }
+    Ok(())
+}

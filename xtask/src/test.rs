@@ -1,0 +1,110 @@
+//! `cargo xtask test`: the README's (and CI's) test command.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::build::{self, Profile};
+use crate::util::{Run as _, cargo};
+use crate::{services, setup, signal};
+
+const REDIS_PORT: u16 = 6390;
+
+/// Runs the steps in order, stopping at the first failure, and prints a one-line summary.
+pub fn run(skip_lint: bool, extra: &[String]) -> Result<()> {
+    let start = Instant::now();
+    let mut steps = Steps::default();
+    let result = run_steps(&mut steps, skip_lint, extra);
+    let elapsed = start.elapsed().as_secs();
+    let passed = steps.passed.join(", ");
+    match (&result, steps.current) {
+        (Ok(()), _) => println!("xtask test: OK in {elapsed}s ({passed})"),
+        (Err(e), step) => {
+            let reason = match e.downcast_ref::<signal::Interrupted>() {
+                Some(interrupted) => interrupted.to_string(),
+                None => e.to_string().lines().next().unwrap_or_default().to_owned(),
+            };
+            println!(
+                "xtask test: FAILED at {} after {elapsed}s: {reason} (ok before it: {})",
+                step.unwrap_or("?"),
+                if passed.is_empty() { "none" } else { &passed },
+            );
+        }
+    }
+    result
+}
+
+#[derive(Default)]
+struct Steps {
+    passed: Vec<&'static str>,
+    current: Option<&'static str>,
+}
+
+impl Steps {
+    fn run<T>(&mut self, name: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        println!("\n==> xtask test: {name}");
+        self.current = Some(name);
+        let value = f()?;
+        self.passed.push(name);
+        self.current = None;
+        Ok(value)
+    }
+}
+
+fn run_steps(steps: &mut Steps, skip_lint: bool, extra: &[String]) -> Result<()> {
+    steps.run("setup", setup::run)?;
+    steps.run("build", || build::build(Profile::Release))?;
+    if skip_lint {
+        println!("xtask test: --skip-lint: skipping fmt and clippy");
+    } else {
+        steps.run("fmt", || cargo(["fmt", "--all", "--", "--check"]).run())?;
+        steps.run("clippy", || {
+            cargo([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--release",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .run()
+        })?;
+    }
+    steps.run("unit tests", || {
+        cargo([
+            "test",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "integration-tests",
+        ])
+        .run()
+    })?;
+    // Dropped at the end of this function, whatever happens after this line.
+    let _redis = steps.run("start redis", || services::redis(REDIS_PORT))?;
+    steps.run("integration tests", || integration_tests(extra))
+}
+
+fn integration_tests(extra: &[String]) -> Result<()> {
+    let mesh = build::bin(Profile::Release, "mesh");
+    let probe = build::bin(Profile::Release, "mesh-probe");
+    require_file(&mesh)?;
+    require_file(&probe)?;
+    cargo(["test", "--release", "-p", "integration-tests", "--"])
+        .arg("--test-threads=1")
+        .args(extra)
+        .env("MESH_BIN", &mesh)
+        .env("MESH_PROBE_BIN", &probe)
+        .env("MESH_TEST_REDIS", format!("127.0.0.1:{REDIS_PORT}"))
+        .run()
+        .context("end-to-end tests failed")
+}
+
+fn require_file(path: &Path) -> Result<()> {
+    if !path.is_file() {
+        bail!("{} was not built", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! Command helpers, paths and /proc/mounts parsing shared by the tasks.
+
+use std::borrow::Cow;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::signal;
+
+/// The workspace root: the parent of xtask's manifest directory.
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+}
+
+/// `$CARGO_TARGET_DIR` (made absolute against the current directory) if set, else
+/// `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => absolute(Path::new(&dir)),
+        None => workspace_root().join("target"),
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Directories where `cargo install` puts binaries: `$CARGO_HOME/bin` and `~/.cargo/bin`.
+pub fn cargo_bin_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(home) = std::env::var_os("CARGO_HOME").filter(|h| !h.is_empty()) {
+        dirs.push(PathBuf::from(home).join("bin"));
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        let dir = PathBuf::from(home).join(".cargo").join("bin");
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+    dirs
+}
+
+/// `$PATH` with the cargo bin directories in front (those not already in it).
+pub fn child_path() -> &'static OsStr {
+    static PATH: OnceLock<OsString> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let current: Vec<PathBuf> = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect())
+            .unwrap_or_default();
+        let missing = cargo_bin_dirs()
+            .into_iter()
+            .filter(|d| !current.contains(d));
+        std::env::join_paths(missing.chain(current.iter().cloned()))
+            .unwrap_or_else(|_| std::env::var_os("PATH").unwrap_or_default())
+    })
+}
+
+/// `dirs` in front of [`child_path`].
+pub fn path_with(dirs: &[&Path]) -> OsString {
+    let rest = std::env::split_paths(child_path());
+    let dirs = dirs.iter().map(|d| d.to_path_buf());
+    std::env::join_paths(dirs.chain(rest)).unwrap_or_else(|_| child_path().to_os_string())
+}
+
+/// A command whose `PATH` includes `~/.cargo/bin`. Run it with [`Run::run`], which prints it
+/// and errors with its exit status.
+pub fn cmd<I, S>(program: impl AsRef<OsStr>, args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut command = Command::new(program);
+    command.args(args).env("PATH", child_path());
+    command
+}
+
+/// `cargo ARGS` in the workspace root, honouring `CARGO_TARGET_DIR`.
+pub fn cargo<I, S>(args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut command = cmd("cargo", args);
+    command.current_dir(workspace_root());
+    if std::env::var_os("CARGO_TARGET_DIR").is_some_and(|d| !d.is_empty()) {
+        command.env("CARGO_TARGET_DIR", target_dir());
+    }
+    command
+}
+
+pub trait Run {
+    /// Prints the command, runs it in the foreground (signals to xtask are forwarded to it) and
+    /// errors unless it exits with status 0.
+    fn run(&mut self) -> Result<()>;
+    /// Runs the command quietly, capturing its output; `None` if it cannot start or fails.
+    fn stdout_if_ok(&mut self) -> Option<String>;
+}
+
+impl Run for Command {
+    fn run(&mut self) -> Result<()> {
+        let shown = display(self);
+        println!("$ {shown}");
+        signal::check()?;
+        let mut child = self
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("cannot start `{shown}`"))?;
+        let status = signal::wait_foreground(&mut child)
+            .with_context(|| format!("waiting for `{shown}`"))?;
+        signal::check()?;
+        if !status.success() {
+            bail!("`{shown}` failed: {status}");
+        }
+        Ok(())
+    }
+
+    fn stdout_if_ok(&mut self) -> Option<String> {
+        let output = self
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}
+
+/// The command as a shell line: explicitly set variables (except PATH), program, arguments.
+pub fn display(command: &Command) -> String {
+    let envs = command
+        .get_envs()
+        .filter(|(key, _)| *key != "PATH" && *key != "CARGO_TARGET_DIR")
+        .filter_map(|(key, value)| {
+            Some(format!(
+                "{}={}",
+                key.to_string_lossy(),
+                quote(&value?.to_string_lossy())
+            ))
+        });
+    let words = std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|w| quote(&w.to_string_lossy()).into_owned());
+    envs.chain(words).collect::<Vec<_>>().join(" ")
+}
+
+fn quote(word: &str) -> Cow<'_, str> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        Cow::Borrowed(word)
+    } else {
+        Cow::Owned(format!("'{}'", word.replace('\'', r"'\''")))
+    }
+}
+
+/// One line of /proc/mounts.
+pub struct Mount {
+    pub target: PathBuf,
+    pub fstype: String,
+}
+
+pub fn mounts() -> Result<Vec<Mount>> {
+    let text = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    Ok(parse_mounts(&text))
+}
+
+fn parse_mounts(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_ascii_whitespace();
+            let _source = fields.next()?;
+            let target = unescape_mount_field(fields.next()?);
+            let fstype = fields.next()?.to_owned();
+            Some(Mount {
+                target: PathBuf::from(target),
+                fstype,
+            })
+        })
+        .collect()
+}
+
+/// /proc/mounts writes space, tab, newline and backslash as `\ooo` octal escapes.
+fn unescape_mount_field(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escape = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match escape {
+            Some(d) => {
+                out.push(
+                    d.iter()
+                        .fold(0u8, |acc, b| acc.wrapping_mul(8) + (b - b'0')),
+                );
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Where cgroup v2 is mounted (the first cgroup2 mount in /proc/mounts).
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    mounts()?
+        .into_iter()
+        .find(|m| m.fstype == "cgroup2")
+        .map(|m| m.target)
+        .context("cgroup v2 is not mounted (no cgroup2 entry in /proc/mounts); mount it, e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`")
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid(2) cannot fail and has no side effects.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mounts_with_escapes() {
+        let text = "bpf /sys/fs/bpf bpf rw 0 0\n\
+                    cgroup2 /sys/fs/cgroup/un\\040ified cgroup2 rw,relatime 0 0\n";
+        let mounts = parse_mounts(text);
+        assert_eq!(mounts.len(), 2);
+        assert_eq!(mounts[0].fstype, "bpf");
+        assert_eq!(mounts[1].target, Path::new("/sys/fs/cgroup/un ified"));
+        assert_eq!(mounts[1].fstype, "cgroup2");
+    }
+
+    #[test]
+    fn displays_commands() {
+        let mut c = cmd("redis-server", ["--save", "", "--port", "6390"]);
+        c.env("DEBIAN_FRONTEND", "noninteractive");
+        assert_eq!(
+            display(&c),
+            "DEBIAN_FRONTEND=noninteractive redis-server --save '' --port 6390"
+        );
+    }
+}
