@@ -137,6 +137,57 @@ impl Default for ServiceName {
     }
 }
 
+/// Index 0 of the per-CPU `datapath_stats` array: node-wide counters of the data path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DatapathStats {
+    /// Sockets given reverse-translation state (socket-local storage, freed with the socket).
+    pub rev_created: u64,
+    /// Sockets with reverse-translation state that were released. Equal to `rev_created` once
+    /// every such socket is closed: the state cannot leak.
+    pub rev_released: u64,
+    /// Connected UDP sockets recorded in `udp_flows` (so they can be terminated when their
+    /// backend leaves).
+    pub udp_flows_added: u64,
+    /// Connected UDP sockets that could not be recorded because `udp_flows` was full.
+    pub udp_flows_full: u64,
+}
+
+/// Value of the `udp_flows` map (key: socket cookie, u64): a connected UDP socket the load
+/// balancer pointed at a backend. Deleted when the socket is released.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct UdpFlow {
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+
+/// Key of the LRU `affinity` map: one client of one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub _pad: u32,
+    /// Network namespace of the client (a pod, on Kubernetes).
+    pub netns_cookie: u64,
+    /// cgroup v2 id of the connecting process (a container, or a systemd service).
+    pub cgroup_id: u64,
+}
+
+/// Value of the `affinity` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// bpf_ktime_get_ns() of the last connect that used this entry.
+    pub last_used_ns: u64,
+}
+
+/// Default capacities of the maps whose size does not follow from the registry.
+pub const DEFAULT_MAX_UDP_FLOWS: u32 = 65_536;
+pub const DEFAULT_MAX_AFFINITY: u32 = 65_536;
+
 /// Names of the maps as declared in the eBPF object (the kernel truncates names to 15 bytes).
 pub mod map_names {
     pub const SERVICES: &str = "SERVICES";
@@ -146,6 +197,10 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const SERVICE_NAMES: &str = "SERVICE_NAMES";
+    pub const ACTIVE: &str = "ACTIVE";
+    pub const AFFINITY: &str = "AFFINITY";
+    pub const UDP_FLOWS: &str = "UDP_FLOWS";
+    pub const DATAPATH_STATS: &str = "DATAPATH_STATS";
 }
 
 #[cfg(feature = "user")]
@@ -160,6 +215,10 @@ mod pod {
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for ServiceName {}
+    unsafe impl aya::Pod for DatapathStats {}
+    unsafe impl aya::Pod for UdpFlow {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
 }
 
 // No implicit padding: the size is the sum of the fields.
@@ -172,4 +231,8 @@ const _: () = {
     assert!(core::mem::size_of::<BackendStats>() == 8);
     assert!(core::mem::size_of::<ServiceStats>() == 8);
     assert!(core::mem::size_of::<ServiceName>() == SERVICE_NAME_LEN);
+    assert!(core::mem::size_of::<DatapathStats>() == 32);
+    assert!(core::mem::size_of::<UdpFlow>() == 8);
+    assert!(core::mem::size_of::<AffinityKey>() == 24);
+    assert!(core::mem::size_of::<AffinityValue>() == 16);
 };

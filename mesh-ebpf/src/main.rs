@@ -1,24 +1,37 @@
 //! mesh kernel programs: socket-level load balancing.
 //!
-//! `connect4`/`connect6` rewrite the destination of a connect() to a service VIP into a backend
-//! chosen by weighted round-robin over the service's live slot set. After connect() the socket
-//! talks to the backend directly: no per-packet work at all.
+//! - `connect4/6` rewrite a connect() to a service VIP into a backend chosen by weighted
+//!   round-robin (or session affinity) over the service's live slot set. After connect() the
+//!   socket talks to the backend directly: no per-packet work at all.
+//! - `sendmsg4/6` do the same per datagram for unconnected UDP; `recvmsg4/6` make replies
+//!   appear to come from the VIP; `getpeername4/6` and getsockopt(SO_ORIGINAL_DST) report the
+//!   VIP. The reverse translation lives in socket-local storage, freed with the socket.
+//! - `sock_release` forgets connected UDP flows and counts released reverse state.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
-#![expect(internal_features, reason = "atomic_xadd is the only fetching atomic add on bpf")]
+#![expect(
+    internal_features,
+    reason = "atomic_xadd is the only fetching atomic add on bpf"
+)]
+
+use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
-    btf_maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
-    helpers::bpf_set_retval,
-    macros::{btf_map, cgroup_sock_addr},
-    programs::SockAddrContext,
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_set_retval, bpf_sk_storage_get,
+    },
+    macros::{btf_map, cgroup_sock, cgroup_sock_addr, cgroup_sockopt},
+    programs::{SockAddrContext, SockContext, SockoptContext},
 };
 use mesh_common::{
-    Backend, BackendStats, BackendStatsKey, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
-    DEFAULT_MAX_SLOTS, FAMILY_V4, FAMILY_V6, SVC_F_REJECT_EMPTY, Service, ServiceKey, ServiceName,
-    ServiceStats, SlotKey,
+    AffinityKey, AffinityValue, Backend, BackendStats, BackendStatsKey, DEFAULT_MAX_AFFINITY,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, DEFAULT_MAX_UDP_FLOWS,
+    DatapathStats, FAMILY_V4, FAMILY_V6, PROTO_UDP, SVC_F_AFFINITY, SVC_F_REJECT_EMPTY, Service,
+    ServiceKey, ServiceName, ServiceStats, SlotKey, UdpFlow,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -26,6 +39,12 @@ const MAX_SERVICES: usize = DEFAULT_MAX_SERVICES as usize;
 const MAX_BACKENDS: usize = DEFAULT_MAX_BACKENDS as usize;
 const MAX_SLOTS: usize = DEFAULT_MAX_SLOTS as usize;
 const ECONNREFUSED: i32 = 111;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
+/// SO_ORIGINAL_DST (SOL_IP) and IP6T_SO_ORIGINAL_DST (SOL_IPV6) share the number.
+const SO_ORIGINAL_DST: i32 = 80;
 
 /// Program verdicts of cgroup sock_addr programs.
 const ALLOW: i32 = 1;
@@ -62,63 +81,367 @@ static SERVICE_STATS: PerCpuArray<ServiceStats, MAX_SERVICES> = PerCpuArray::new
 #[btf_map]
 static SERVICE_NAMES: HashMap<u32, ServiceName, MAX_SERVICES, NO_PREALLOC> = HashMap::new();
 
+/// (service id, backend id) -> weight, for backends that take new connections. Session
+/// affinity only keeps a client on a backend that is still in here.
+#[btf_map]
+static ACTIVE: HashMap<BackendStatsKey, u32, MAX_BACKENDS, NO_PREALLOC> = HashMap::new();
+
+/// (service, client) -> backend, for services with session affinity.
+#[btf_map]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { DEFAULT_MAX_AFFINITY as usize }> =
+    LruHashMap::new();
+
+/// Socket cookie -> (service, backend) of connected UDP sockets the load balancer translated.
+#[btf_map]
+static UDP_FLOWS: HashMap<u64, UdpFlow, { DEFAULT_MAX_UDP_FLOWS as usize }> = HashMap::new();
+
+/// Node-wide per-CPU counters (index 0).
+#[btf_map]
+static DATAPATH_STATS: PerCpuArray<DatapathStats, 1> = PerCpuArray::new();
+
+/// Reverse translation of one socket, in socket-local storage: the kernel frees it with the
+/// socket, so it can neither fill up nor leak nor evict live entries.
+#[btf_map]
+static SOCK_REV: SkStorage<SockRev> = SkStorage::new();
+
+/// A backend address and the VIP it stands for. IPs are raw network-order words as the
+/// context holds them; ports are network order too.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RevEntry {
+    backend_ip: [u32; 4],
+    vip_ip: [u32; 4],
+    backend_port: u32,
+    vip_port: u32,
+}
+
+/// Unconnected UDP sockets remember this many (backend -> VIP) pairs; a socket that talks to
+/// more backends at once through VIPs sees the oldest pairs' replies untranslated.
+const REV_SENT: usize = 8;
+
+#[repr(C)]
+struct SockRev {
+    /// The connect() translation (valid when `has_peer` is 1).
+    peer: RevEntry,
+    /// sendmsg() translations of unconnected UDP, overwritten round-robin.
+    sent: [RevEntry; REV_SENT],
+    next_sent: u32,
+    has_peer: u32,
+}
+
+/// A parsed destination address in the context's raw form.
+#[derive(Clone, Copy)]
+struct Dest {
+    ip: [u32; 4],
+    port: u32,
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    let sa = unsafe { &mut *ctx.sock_addr };
-    let mut key = ServiceKey {
-        family: FAMILY_V4,
-        ..Default::default()
-    };
-    let ip = sa.user_ip4.to_ne_bytes();
-    key.ip[0] = ip[0];
-    key.ip[1] = ip[1];
-    key.ip[2] = ip[2];
-    key.ip[3] = ip[3];
-    match translate(sa, key) {
-        Verdict::Rewrite(backend) => {
-            // Only user_ip4 may be written from connect4 (the verifier enforces it).
-            let ip = &backend.ip;
-            sa.user_ip4 = u32::from_ne_bytes([ip[0], ip[1], ip[2], ip[3]]);
-            sa.user_port = u32::from(backend.port.to_be());
-            ALLOW
-        }
-        Verdict::Pass => ALLOW,
-        Verdict::Refuse => refuse(),
-    }
+    connect(&ctx, FAMILY_V4)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    let sa = unsafe { &mut *ctx.sock_addr };
-    let mut key = ServiceKey {
-        family: FAMILY_V6,
-        ..Default::default()
+    connect(&ctx, FAMILY_V6)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    sendmsg(&ctx, FAMILY_V4)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    sendmsg(&ctx, FAMILY_V6)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, FAMILY_V4, true);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, FAMILY_V6, true);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, FAMILY_V4, false);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, FAMILY_V6, false);
+    ALLOW
+}
+
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    // SAFETY: the kernel hands a valid socket to sock_release programs.
+    let storage = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::addr_of!(SOCK_REV) as *mut c_void,
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
     };
-    // The verifier only allows 4-byte accesses to user_ip6.
-    let mut i = 0;
-    while i < 4 {
-        let word = sa.user_ip6[i].to_ne_bytes();
-        key.ip[i * 4] = word[0];
-        key.ip[i * 4 + 1] = word[1];
-        key.ip[i * 4 + 2] = word[2];
-        key.ip[i * 4 + 3] = word[3];
-        i += 1;
-    }
-    match translate(sa, key) {
-        Verdict::Rewrite(backend) => {
-            let ip = &backend.ip;
-            let mut i = 0;
-            while i < 4 {
-                sa.user_ip6[i] =
-                    u32::from_ne_bytes([ip[i * 4], ip[i * 4 + 1], ip[i * 4 + 2], ip[i * 4 + 3]]);
-                i += 1;
-            }
-            sa.user_port = u32::from(backend.port.to_be());
-            ALLOW
+    if !storage.is_null() {
+        count(|s| s.rev_released += 1);
+        if unsafe { (*sk).protocol } == u32::from(PROTO_UDP) {
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+            let _ = UDP_FLOWS.remove(&cookie);
         }
+    }
+    1
+}
+
+#[cgroup_sockopt(getsockopt)]
+pub fn getsockopt(ctx: SockoptContext) -> i32 {
+    // SAFETY: the kernel hands a valid sockopt context; optval..optval_end is checked below.
+    let opt = unsafe { &mut *ctx.sockopt };
+    if opt.optname != SO_ORIGINAL_DST || (opt.level != SOL_IP && opt.level != SOL_IPV6) {
+        return 1;
+    }
+    let sk = unsafe { opt.__bindgen_anon_1.sk };
+    let rev = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::addr_of!(SOCK_REV) as *mut c_void,
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    } as *const SockRev;
+    if rev.is_null() || unsafe { (*rev).has_peer } == 0 {
+        return 1;
+    }
+    let peer = unsafe { (*rev).peer };
+    let start = unsafe { opt.__bindgen_anon_2.optval } as *mut u8;
+    let end = unsafe { opt.__bindgen_anon_3.optval_end } as *mut u8;
+    if opt.level == SOL_IP {
+        // struct sockaddr_in
+        if unsafe { start.add(16) } > end {
+            return 1;
+        }
+        unsafe {
+            (start as *mut u16).write_unaligned(AF_INET);
+            (start.add(2) as *mut u16).write_unaligned(peer.vip_port as u16);
+            (start.add(4) as *mut u32).write_unaligned(peer.vip_ip[0]);
+            (start.add(8) as *mut u64).write_unaligned(0);
+        }
+        opt.optlen = 16;
+    } else {
+        // struct sockaddr_in6
+        if unsafe { start.add(28) } > end {
+            return 1;
+        }
+        unsafe {
+            (start as *mut u16).write_unaligned(AF_INET6);
+            (start.add(2) as *mut u16).write_unaligned(peer.vip_port as u16);
+            (start.add(4) as *mut u32).write_unaligned(0);
+            (start.add(8) as *mut u32).write_unaligned(peer.vip_ip[0]);
+            (start.add(12) as *mut u32).write_unaligned(peer.vip_ip[1]);
+            (start.add(16) as *mut u32).write_unaligned(peer.vip_ip[2]);
+            (start.add(20) as *mut u32).write_unaligned(peer.vip_ip[3]);
+            (start.add(24) as *mut u32).write_unaligned(0);
+        }
+        opt.optlen = 28;
+    }
+    opt.retval = 0;
+    1
+}
+
+/// connect(): translate, remember the translation for getpeername/SO_ORIGINAL_DST, and record
+/// connected UDP flows so the agent can terminate them when their backend leaves.
+#[inline(always)]
+fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let vip = read_dest(sa, family);
+    match translate(ctx, sa, &vip, family) {
         Verdict::Pass => ALLOW,
         Verdict::Refuse => refuse(),
+        Verdict::Rewrite {
+            service_id,
+            backend_id,
+            backend,
+        } => {
+            let dest = write_dest(sa, &backend, family);
+            if let Some(rev) = sock_rev(ctx) {
+                unsafe {
+                    (*rev).peer = RevEntry {
+                        backend_ip: dest.ip,
+                        vip_ip: vip.ip,
+                        backend_port: dest.port,
+                        vip_port: vip.port,
+                    };
+                    (*rev).has_peer = 1;
+                }
+            }
+            if sa.protocol == u32::from(PROTO_UDP) {
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+                let flow = UdpFlow {
+                    service_id,
+                    backend_id,
+                };
+                match UDP_FLOWS.insert(&cookie, &flow, 0) {
+                    Ok(()) => count(|s| s.udp_flows_added += 1),
+                    Err(_) => count(|s| s.udp_flows_full += 1),
+                }
+            }
+            ALLOW
+        }
     }
+}
+
+/// sendmsg() of unconnected UDP: translate this datagram and remember the pair for recvmsg.
+#[inline(always)]
+fn sendmsg(ctx: &SockAddrContext, family: u8) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let vip = read_dest(sa, family);
+    match translate(ctx, sa, &vip, family) {
+        Verdict::Pass => ALLOW,
+        Verdict::Refuse => refuse(),
+        Verdict::Rewrite { backend, .. } => {
+            let dest = write_dest(sa, &backend, family);
+            if let Some(rev) = sock_rev(ctx) {
+                let entry = RevEntry {
+                    backend_ip: dest.ip,
+                    vip_ip: vip.ip,
+                    backend_port: dest.port,
+                    vip_port: vip.port,
+                };
+                let rev = unsafe { &mut *rev };
+                // Keep one entry per backend: overwrite a match, else the oldest.
+                let mut slot = rev.next_sent as usize % REV_SENT;
+                let mut i = 0;
+                while i < REV_SENT {
+                    if same_addr(&rev.sent[i], &dest) {
+                        slot = i;
+                        break;
+                    }
+                    i += 1;
+                }
+                if i == REV_SENT {
+                    rev.next_sent = rev.next_sent.wrapping_add(1);
+                }
+                if let Some(e) = rev.sent.get_mut(slot) {
+                    *e = entry;
+                }
+            }
+            ALLOW
+        }
+    }
+}
+
+/// recvmsg()/getpeername(): a reply source (or peer) that is a backend this socket reached
+/// through a VIP is shown as that VIP.
+#[inline(always)]
+fn reverse(ctx: &SockAddrContext, family: u8, datagram: bool) {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let rev = unsafe { SOCK_REV.get_ptr_mut(ctx) };
+    if rev.is_null() {
+        return;
+    }
+    let rev = unsafe { &*rev };
+    let seen = read_dest(sa, family);
+    let mut found = None;
+    if rev.has_peer != 0 && same_addr(&rev.peer, &seen) {
+        found = Some(rev.peer);
+    } else if datagram {
+        let mut i = 0;
+        while i < REV_SENT {
+            if same_addr(&rev.sent[i], &seen) {
+                found = Some(rev.sent[i]);
+                break;
+            }
+            i += 1;
+        }
+    }
+    if let Some(entry) = found {
+        if family == FAMILY_V4 {
+            sa.user_ip4 = entry.vip_ip[0];
+        } else {
+            sa.user_ip6[0] = entry.vip_ip[0];
+            sa.user_ip6[1] = entry.vip_ip[1];
+            sa.user_ip6[2] = entry.vip_ip[2];
+            sa.user_ip6[3] = entry.vip_ip[3];
+        }
+        sa.user_port = entry.vip_port;
+    }
+}
+
+/// The socket's reverse-translation storage, created on first use.
+#[inline(always)]
+fn sock_rev(ctx: &SockAddrContext) -> Option<*mut SockRev> {
+    let existing = unsafe { SOCK_REV.get_ptr_mut(ctx) };
+    if !existing.is_null() {
+        return Some(existing);
+    }
+    let created = unsafe { SOCK_REV.get_or_insert_ptr_mut(ctx, None) };
+    if created.is_null() {
+        return None;
+    }
+    count(|s| s.rev_created += 1);
+    Some(created)
+}
+
+#[inline(always)]
+fn same_addr(entry: &RevEntry, dest: &Dest) -> bool {
+    entry.backend_port == dest.port
+        && entry.backend_ip[0] == dest.ip[0]
+        && entry.backend_ip[1] == dest.ip[1]
+        && entry.backend_ip[2] == dest.ip[2]
+        && entry.backend_ip[3] == dest.ip[3]
+}
+
+/// The context's address. The verifier only allows 4-byte accesses to user_ip6, and only the
+/// field of the hook's own family.
+#[inline(always)]
+fn read_dest(sa: &bpf_sock_addr, family: u8) -> Dest {
+    let ip = if family == FAMILY_V4 {
+        [sa.user_ip4, 0, 0, 0]
+    } else {
+        [
+            sa.user_ip6[0],
+            sa.user_ip6[1],
+            sa.user_ip6[2],
+            sa.user_ip6[3],
+        ]
+    };
+    Dest {
+        ip,
+        port: sa.user_port,
+    }
+}
+
+#[inline(always)]
+fn write_dest(sa: &mut bpf_sock_addr, backend: &Backend, family: u8) -> Dest {
+    let b = &backend.ip;
+    let word = |i: usize| u32::from_ne_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]]);
+    let dest = Dest {
+        ip: if family == FAMILY_V4 {
+            [word(0), 0, 0, 0]
+        } else {
+            [word(0), word(1), word(2), word(3)]
+        },
+        port: u32::from(backend.port.to_be()),
+    };
+    if family == FAMILY_V4 {
+        sa.user_ip4 = dest.ip[0];
+    } else {
+        sa.user_ip6[0] = dest.ip[0];
+        sa.user_ip6[1] = dest.ip[1];
+        sa.user_ip6[2] = dest.ip[2];
+        sa.user_ip6[3] = dest.ip[3];
+    }
+    sa.user_port = dest.port;
+    dest
 }
 
 enum Verdict {
@@ -127,22 +450,55 @@ enum Verdict {
     /// A VIP with no backend and the reject policy.
     Refuse,
     /// Send the connection to this backend.
-    Rewrite(Backend),
+    Rewrite {
+        service_id: u32,
+        backend_id: u32,
+        backend: Backend,
+    },
 }
 
 /// Looks the destination up as a VIP and picks a backend of the same family.
 #[inline(always)]
-fn translate(sa: &bpf_sock_addr, mut key: ServiceKey) -> Verdict {
-    key.port = u16::from_be(sa.user_port as u16);
-    key.proto = sa.protocol as u8;
+fn translate(ctx: &SockAddrContext, sa: &bpf_sock_addr, dest: &Dest, family: u8) -> Verdict {
+    let mut key = ServiceKey {
+        family,
+        port: u16::from_be(dest.port as u16),
+        proto: sa.protocol as u8,
+        ..Default::default()
+    };
+    let mut i = 0;
+    while i < 4 {
+        let word = dest.ip[i].to_ne_bytes();
+        key.ip[i * 4] = word[0];
+        key.ip[i * 4 + 1] = word[1];
+        key.ip[i * 4 + 2] = word[2];
+        key.ip[i * 4 + 3] = word[3];
+        i += 1;
+    }
     let Some(service) = (unsafe { SERVICES.get(&key) }) else {
         return Verdict::Pass;
     };
     let service = *service;
-    match pick_backend(&service) {
-        Some((backend_id, backend)) if backend.family == key.family => {
+    // Backend ids are never 0, so 0 means "none" (a plain u32 keeps LLVM from spilling
+    // half-initialized Options, which the verifier rejects).
+    let backend_id = if service.flags & SVC_F_AFFINITY != 0 {
+        pick_with_affinity(ctx, &service)
+    } else {
+        pick_round_robin(&service)
+    };
+    let backend = if backend_id == 0 {
+        None
+    } else {
+        unsafe { BACKENDS.get(&backend_id) }.copied()
+    };
+    match backend {
+        Some(backend) if backend.family == family => {
             count_backend(service.id, backend_id);
-            Verdict::Rewrite(backend)
+            Verdict::Rewrite {
+                service_id: service.id,
+                backend_id,
+                backend,
+            }
         }
         _ => {
             count_no_backend(service.id);
@@ -162,13 +518,15 @@ fn refuse() -> i32 {
     DENY
 }
 
-/// Next backend of the service's live slot set, round-robin.
+/// Next backend id of the service's live slot set, round-robin; 0 if there is none.
 #[inline(always)]
-fn pick_backend(service: &Service) -> Option<(u32, Backend)> {
+fn pick_round_robin(service: &Service) -> u32 {
     if service.slot_count == 0 {
-        return None;
+        return 0;
     }
-    let position = RR_STATE.get_ptr_mut(service.id)?;
+    let Some(position) = RR_STATE.get_ptr_mut(service.id) else {
+        return 0;
+    };
     // SeqCst: a relaxed add was seen compiled to a non-fetching add, which silently sends
     // every connection to the same slot.
     let turn = unsafe {
@@ -181,9 +539,45 @@ fn pick_backend(service: &Service) -> Option<(u32, Backend)> {
         generation: service.generation,
         slot: (turn % service.slot_count as u64) as u32,
     };
-    let backend_id = *unsafe { SLOTS.get(&slot) }?;
-    let backend = *unsafe { BACKENDS.get(&backend_id) }?;
-    Some((backend_id, backend))
+    unsafe { SLOTS.get(&slot) }.copied().unwrap_or(0)
+}
+
+/// The backend this client used last, while it is still active and the entry has not timed
+/// out; otherwise a round-robin pick, remembered for next time.
+#[inline(always)]
+fn pick_with_affinity(ctx: &SockAddrContext, service: &Service) -> u32 {
+    let key = AffinityKey {
+        service_id: service.id,
+        _pad: 0,
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) },
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_ns = u64::from(service.affinity_timeout_secs) * 1_000_000_000;
+    if let Some(entry) = AFFINITY.get_ptr_mut(&key) {
+        let entry = unsafe { &mut *entry };
+        let member = BackendStatsKey {
+            service_id: service.id,
+            backend_id: entry.backend_id,
+        };
+        if now.wrapping_sub(entry.last_used_ns) < timeout_ns
+            && unsafe { ACTIVE.get(&member) }.is_some()
+        {
+            entry.last_used_ns = now;
+            return entry.backend_id;
+        }
+    }
+    let backend_id = pick_round_robin(service);
+    if backend_id == 0 {
+        return 0;
+    }
+    let value = AffinityValue {
+        backend_id,
+        _pad: 0,
+        last_used_ns: now,
+    };
+    let _ = AFFINITY.insert(&key, &value, 0);
+    backend_id
 }
 
 #[inline(always)]
@@ -204,6 +598,13 @@ fn count_backend(service_id: u32, backend_id: u32) {
 fn count_no_backend(service_id: u32) {
     if let Some(stats) = SERVICE_STATS.get_ptr_mut(service_id) {
         unsafe { (*stats).no_backend += 1 };
+    }
+}
+
+#[inline(always)]
+fn count(update: impl FnOnce(&mut DatapathStats)) {
+    if let Some(stats) = DATAPATH_STATS.get_ptr_mut(0) {
+        update(unsafe { &mut *stats });
     }
 }
 

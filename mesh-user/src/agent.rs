@@ -152,7 +152,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let writes = reconciler.reconcile(&DesiredState::from_config(&config))?;
     info!(
         services = config.services.len(),
-        writes, "services from {} applied",
+        writes,
+        "services from {} applied",
         args.config.display()
     );
 
@@ -192,7 +193,9 @@ fn reload(
         Ok(config) => config,
         Err(err) => {
             metrics.config_rejected();
-            error!("config edit rejected, the running services stay in force:\n{err}");
+            // One line, so line-based log readers keep the reason with the level.
+            let reasons = err.to_string().replace('\n', "; ");
+            error!("config edit rejected, the running services stay in force: {reasons}");
             return;
         }
     };
@@ -202,7 +205,10 @@ fn reload(
     let desired = DesiredState::from_config(&config);
     match reconciler.reconcile(&desired) {
         Ok(writes) => {
-            info!(services = config.services.len(), writes, "config edit applied");
+            info!(
+                services = config.services.len(),
+                writes, "config edit applied"
+            );
             *running = Config {
                 agent: running.agent.clone(),
                 services: config.services,

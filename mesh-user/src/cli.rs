@@ -51,7 +51,9 @@ pub fn services_view(snap: &Snapshot) -> ServicesView {
                 .slots
                 .iter()
                 .filter(|(k, _)| {
-                    k.service_id == svc.id && k.generation == svc.generation && k.slot < svc.slot_count
+                    k.service_id == svc.id
+                        && k.generation == svc.generation
+                        && k.slot < svc.slot_count
                 })
                 .map(|(_, &backend)| backend)
                 .collect();
@@ -137,7 +139,10 @@ fn write_services_table(out: &mut impl Write, view: &ServicesView) -> std::io::R
 }
 
 /// Left-aligned columns separated by two spaces.
-pub fn write_table<const N: usize>(out: &mut impl Write, rows: &[[String; N]]) -> std::io::Result<()> {
+pub fn write_table<const N: usize>(
+    out: &mut impl Write,
+    rows: &[[String; N]],
+) -> std::io::Result<()> {
     let mut widths = [0usize; N];
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

@@ -120,7 +120,9 @@ fn default_weight() -> u32 {
     1
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
@@ -245,7 +247,9 @@ mod status_ranges {
 
     pub fn parse(text: &str) -> Result<Vec<(u16, u16)>, String> {
         let bad = |part: &str| {
-            format!("invalid status code list {text:?} at {part:?}: expected codes or ranges like \"200,204,300-399\"")
+            format!(
+                "invalid status code list {text:?} at {part:?}: expected codes or ranges like \"200,204,300-399\""
+            )
         };
         let code = |s: &str, part: &str| s.trim().parse::<u16>().map_err(|_| bad(part));
         if text.trim().is_empty() {
@@ -721,7 +725,10 @@ impl HealthConfig {
                     i,
                     svc,
                     "health.path",
-                    format!("is only used with type = \"http\", not {:?}", self.kind_name()),
+                    format!(
+                        "is only used with type = \"http\", not {:?}",
+                        self.kind_name()
+                    ),
                 );
             }
             if self.expect != defaults.expect {
@@ -729,7 +736,10 @@ impl HealthConfig {
                     i,
                     svc,
                     "health.expect",
-                    format!("is only used with type = \"http\", not {:?}", self.kind_name()),
+                    format!(
+                        "is only used with type = \"http\", not {:?}",
+                        self.kind_name()
+                    ),
                 );
             }
         }
@@ -741,7 +751,12 @@ impl HealthConfig {
             p.service(i, svc, "health.interval", reason);
         }
         if self.timeout.is_zero() {
-            p.service(i, svc, "health.timeout", "must be greater than 0".to_owned());
+            p.service(
+                i,
+                svc,
+                "health.timeout",
+                "must be greater than 0".to_owned(),
+            );
         } else if self.timeout > self.interval {
             p.service(
                 i,
@@ -949,7 +964,10 @@ fall = 5
         let s = &c.services[0];
         assert_eq!(s.protocol, Protocol::Udp);
         assert_eq!(s.on_empty, EmptyPolicy::Passthrough);
-        assert_eq!(s.affinity.as_ref().unwrap().timeout, Duration::from_secs(600));
+        assert_eq!(
+            s.affinity.as_ref().unwrap().timeout,
+            Duration::from_secs(600)
+        );
         assert!(s.backends[0].drain);
         let h = s.health.as_ref().unwrap();
         assert_eq!(
@@ -971,7 +989,10 @@ fall = 5
         let c = ok(&format!("{WEB}[services.health]\n[services.affinity]\n"));
         let s = &c.services[0];
         assert_eq!(s.health, Some(HealthConfig::default()));
-        assert_eq!(s.affinity.as_ref().unwrap().timeout, Duration::from_secs(3 * 3600));
+        assert_eq!(
+            s.affinity.as_ref().unwrap().timeout,
+            Duration::from_secs(3 * 3600)
+        );
         let h = HealthConfig::default();
         assert_eq!(h.kind, HealthKind::Tcp);
         assert_eq!(h.path, "/healthz");
@@ -1026,15 +1047,21 @@ on_empty = "passthrough"
     fn unknown_keys_are_rejected_everywhere() {
         for (text, key) in [
             ("[agent]\nbpfs = \"/x\"\n".to_owned(), "bpfs"),
-            ("[agent.limits]\nmax_service = 4\n".to_owned(), "max_service"),
+            (
+                "[agent.limits]\nmax_service = 4\n".to_owned(),
+                "max_service",
+            ),
             ("[agnet]\n".to_owned(), "agnet"),
             (web_with("protocl = \"udp\""), "protocl"),
+            (WEB.replace("weight = 2", "wieght = 2"), "wieght"),
             (
-                WEB.replace("weight = 2", "wieght = 2"),
-                "wieght",
+                format!("{WEB}[services.health]\nintervall = \"1s\"\n"),
+                "intervall",
             ),
-            (format!("{WEB}[services.health]\nintervall = \"1s\"\n"), "intervall"),
-            (format!("{WEB}[services.affinity]\ntimeuot = \"1s\"\n"), "timeuot"),
+            (
+                format!("{WEB}[services.affinity]\ntimeuot = \"1s\"\n"),
+                "timeuot",
+            ),
         ] {
             let msg = parse_error(&text);
             assert!(msg.contains(key), "{key}: {msg}");
@@ -1079,7 +1106,9 @@ on_empty = "passthrough"
 
     #[test]
     fn bad_durations_are_rejected() {
-        let msg = parse_error(&format!("{WEB}[services.health]\ninterval = \"1 fortnight\"\n"));
+        let msg = parse_error(&format!(
+            "{WEB}[services.health]\ninterval = \"1 fortnight\"\n"
+        ));
         assert!(msg.contains("interval"), "{msg}");
     }
 
@@ -1093,7 +1122,9 @@ on_empty = "passthrough"
         let shown = path.display().to_string();
         assert_eq!(
             err.to_string(),
-            format!("{shown}: services[0] \"web\": backends[1].weight: must be between 1 and 1000, got 0")
+            format!(
+                "{shown}: services[0] \"web\": backends[1].weight: must be between 1 and 1000, got 0"
+            )
         );
         std::fs::write(&path, WEB).unwrap();
         assert_eq!(load(&path).unwrap().services.len(), 1);
@@ -1101,7 +1132,10 @@ on_empty = "passthrough"
 
         let err = load(&dir.join("missing.toml")).unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }));
-        assert!(err.to_string().contains("missing.toml: cannot read"), "{err}");
+        assert!(
+            err.to_string().contains("missing.toml: cannot read"),
+            "{err}"
+        );
         assert!(err.problems().is_empty());
     }
 
@@ -1114,7 +1148,10 @@ on_empty = "passthrough"
             service("api", "127.100.0.1:80", &["127.0.0.1:9001"]),
             service("web", "127.100.0.2:80", &["127.0.0.1:9002"])
         )
-        .replace("{ addr = \"127.0.0.1:9002\" }", "{ addr = \"127.0.0.1:9002\", weight = 0 }");
+        .replace(
+            "{ addr = \"127.0.0.1:9002\" }",
+            "{ addr = \"127.0.0.1:9002\", weight = 0 }",
+        );
         let err = parse(&text, "examples/mesh.toml").unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -1153,7 +1190,10 @@ on_empty = "passthrough"
         );
         let shown = err.to_string();
         assert_eq!(shown.lines().count(), 6, "{shown}");
-        assert!(shown.lines().all(|l| l.starts_with("test.toml: ")), "{shown}");
+        assert!(
+            shown.lines().all(|l| l.starts_with("test.toml: ")),
+            "{shown}"
+        );
     }
 
     // ---- names ----
@@ -1161,7 +1201,10 @@ on_empty = "passthrough"
     #[test]
     fn name_must_not_be_empty() {
         let (field, reason) = only_problem(&web_with("").replace("name = \"web\"", "name = \"\""));
-        assert_eq!((field.as_str(), reason.as_str()), ("name", "must not be empty"));
+        assert_eq!(
+            (field.as_str(), reason.as_str()),
+            ("name", "must not be empty")
+        );
     }
 
     #[test]
@@ -1218,7 +1261,11 @@ on_empty = "passthrough"
             ("255.255.255.255:80", "broadcast"),
         ] {
             // Keep the backends' family equal to the vip's so only the vip is wrong.
-            let backend = if vip.starts_with('[') { "[::1]:9001" } else { "127.0.0.1:9001" };
+            let backend = if vip.starts_with('[') {
+                "[::1]:9001"
+            } else {
+                "127.0.0.1:9001"
+            };
             let (field, reason) = only_problem(&service("web", vip, &[backend]));
             assert_eq!(field, "vip", "{vip}");
             assert!(reason.contains(why), "{vip}: {reason}");
@@ -1289,7 +1336,10 @@ on_empty = "passthrough"
         );
         let (field, reason) = only_problem(&service("v6", "[fd00::1]:80", &["127.0.0.1:1"]));
         assert_eq!(field, "backends[0].addr");
-        assert!(reason.contains("is IPv4 but the vip [fd00::1]:80 is IPv6"), "{reason}");
+        assert!(
+            reason.contains("is IPv4 but the vip [fd00::1]:80 is IPv6"),
+            "{reason}"
+        );
     }
 
     #[test]
@@ -1313,9 +1363,13 @@ on_empty = "passthrough"
     fn weight_must_be_between_1_and_max() {
         ok(&WEB.replace("weight = 2", &format!("weight = {MAX_WEIGHT}")));
         for bad in [0, MAX_WEIGHT + 1] {
-            let (field, reason) = only_problem(&WEB.replace("weight = 2", &format!("weight = {bad}")));
+            let (field, reason) =
+                only_problem(&WEB.replace("weight = 2", &format!("weight = {bad}")));
             assert_eq!(field, "backends[1].weight");
-            assert_eq!(reason, format!("must be between 1 and {MAX_WEIGHT}, got {bad}"));
+            assert_eq!(
+                reason,
+                format!("must be between 1 and {MAX_WEIGHT}, got {bad}")
+            );
         }
     }
 
@@ -1353,7 +1407,10 @@ on_empty = "passthrough"
         let ps = validation_problems(&weighted_service(&vec![1; n + 1]));
         assert_eq!(ps.len(), 1, "{ps:#?}");
         assert_eq!(ps[0].field, "backends");
-        assert_eq!(ps[0].reason, format!("at most {n} backends per service, got {}", n + 1));
+        assert_eq!(
+            ps[0].reason,
+            format!("at most {n} backends per service, got {}", n + 1)
+        );
     }
 
     #[test]
@@ -1371,7 +1428,10 @@ on_empty = "passthrough"
         );
         assert!(ps[0].reason.contains(&MAX_SLOTS_PER_SERVICE.to_string()));
         // The same weights scaled to a common factor need few slots.
-        assert_eq!(validation_problems(&weighted_service(&[MAX_WEIGHT; 18])), []);
+        assert_eq!(
+            validation_problems(&weighted_service(&[MAX_WEIGHT; 18])),
+            []
+        );
         // Exactly the maximum is accepted.
         let mut weights = vec![MAX_WEIGHT; 16];
         weights.extend([MAX_SLOTS_PER_SERVICE - 16 * MAX_WEIGHT - 1, 1]);
@@ -1383,7 +1443,11 @@ on_empty = "passthrough"
     fn invalid_weights_do_not_cause_slot_problems_too() {
         let ps = validation_problems(&weighted_service(&[0, u32::MAX, 1]));
         let fields: Vec<&str> = ps.iter().map(|p| p.field.as_str()).collect();
-        assert_eq!(fields, ["backends[0].weight", "backends[1].weight"], "{ps:#?}");
+        assert_eq!(
+            fields,
+            ["backends[0].weight", "backends[1].weight"],
+            "{ps:#?}"
+        );
     }
 
     // ---- limits ----
@@ -1402,12 +1466,18 @@ on_empty = "passthrough"
         assert_eq!(
             got,
             [
-                ("agent.limits.max_services", "must be between 2 and 16777216, got 1"),
+                (
+                    "agent.limits.max_services",
+                    "must be between 2 and 16777216, got 1"
+                ),
                 (
                     "agent.limits.max_backends",
                     "must be between 2 and 16777216, got 16777217"
                 ),
-                ("agent.limits.max_slots", "must be between 2 and 16777216, got 0"),
+                (
+                    "agent.limits.max_slots",
+                    "must be between 2 and 16777216, got 0"
+                ),
             ]
         );
         assert!(ps.iter().all(|p| p.service.is_none()));
@@ -1441,7 +1511,8 @@ on_empty = "passthrough"
             service("b", "127.100.0.2:80", &["127.0.0.1:1"])
         );
         ok(&format!("[agent.limits]\nmax_backends = 3\n{backends}"));
-        let (field, reason) = only_problem(&format!("[agent.limits]\nmax_backends = 2\n{backends}"));
+        let (field, reason) =
+            only_problem(&format!("[agent.limits]\nmax_backends = 2\n{backends}"));
         assert_eq!(field, "agent.limits.max_backends");
         assert_eq!(
             reason,
@@ -1455,8 +1526,14 @@ on_empty = "passthrough"
         let text = format!(
             "{WEB}{}",
             service("b", "127.100.0.2:80", &["127.0.0.1:1", "127.0.0.1:2"])
-                .replace("{ addr = \"127.0.0.1:1\" }", "{ addr = \"127.0.0.1:1\", weight = 2 }")
-                .replace("{ addr = \"127.0.0.1:2\" }", "{ addr = \"127.0.0.1:2\", weight = 4 }")
+                .replace(
+                    "{ addr = \"127.0.0.1:1\" }",
+                    "{ addr = \"127.0.0.1:1\", weight = 2 }"
+                )
+                .replace(
+                    "{ addr = \"127.0.0.1:2\" }",
+                    "{ addr = \"127.0.0.1:2\", weight = 4 }"
+                )
         );
         ok(&format!("[agent.limits]\nmax_slots = 12\n{text}"));
         let (field, reason) = only_problem(&format!("[agent.limits]\nmax_slots = 11\n{text}"));
@@ -1519,7 +1596,10 @@ on_empty = "passthrough"
     fn http_path_must_not_break_the_request_line() {
         let (field, reason) = only_problem(&health("type = \"http\"\npath = \"/a b\""));
         assert_eq!(field, "health.path");
-        assert!(reason.starts_with("must not contain whitespace"), "{reason}");
+        assert!(
+            reason.starts_with("must not contain whitespace"),
+            "{reason}"
+        );
     }
 
     #[test]
@@ -1532,8 +1612,14 @@ on_empty = "passthrough"
         assert_eq!(
             got,
             [
-                ("health.path", "is only used with type = \"http\", not \"tcp\""),
-                ("health.expect", "is only used with type = \"http\", not \"tcp\""),
+                (
+                    "health.path",
+                    "is only used with type = \"http\", not \"tcp\""
+                ),
+                (
+                    "health.expect",
+                    "is only used with type = \"http\", not \"tcp\""
+                ),
             ]
         );
     }
@@ -1547,13 +1633,25 @@ on_empty = "passthrough"
             (" 200 , 300 - 399 ", vec![(200, 200), (300, 399)]),
         ] {
             let c = ok(&health(&format!("type = \"http\"\nexpect = \"{text}\"")));
-            assert_eq!(c.services[0].health.as_ref().unwrap().expect, ranges, "{text}");
+            assert_eq!(
+                c.services[0].health.as_ref().unwrap().expect,
+                ranges,
+                "{text}"
+            );
         }
     }
 
     #[test]
     fn expect_syntax_errors_are_parse_errors() {
-        for bad in ["abc", "200-", "200,,204", "2xx", "99999", "-200", "200-300-400"] {
+        for bad in [
+            "abc",
+            "200-",
+            "200,,204",
+            "2xx",
+            "99999",
+            "-200",
+            "200-300-400",
+        ] {
             let msg = parse_error(&health(&format!("type = \"http\"\nexpect = \"{bad}\"")));
             assert!(msg.contains("invalid status code list"), "{bad}: {msg}");
         }
@@ -1578,7 +1676,14 @@ on_empty = "passthrough"
             expect: vec![(200, 200), (204, 204), (300, 399)],
             ..HealthConfig::default()
         };
-        for (status, want) in [(200, true), (201, false), (204, true), (300, true), (399, true), (400, false)] {
+        for (status, want) in [
+            (200, true),
+            (201, false),
+            (204, true),
+            (300, true),
+            (399, true),
+            (400, false),
+        ] {
             assert_eq!(h.accepts_status(status), want, "{status}");
         }
     }

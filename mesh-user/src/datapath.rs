@@ -8,8 +8,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::CString,
-    fs,
-    io,
+    fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::{
         fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
@@ -22,11 +21,11 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    programs::Program,
 };
 use mesh_common::{
-    Backend, BackendStats, BackendStatsKey, FAMILY_V4, FAMILY_V6, LAYOUT_VERSION,
-    SERVICE_NAME_LEN, Service, ServiceKey, ServiceName, ServiceStats, SlotKey, map_names,
+    Backend, BackendStats, BackendStatsKey, DatapathStats, FAMILY_V4, FAMILY_V6, LAYOUT_VERSION,
+    SERVICE_NAME_LEN, Service, ServiceKey, ServiceName, ServiceStats, SlotKey, UdpFlow, map_names,
 };
 
 use crate::{
@@ -40,8 +39,40 @@ const BPF_NOEXIST: u64 = 1;
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
 
-/// The cgroup sock_addr programs, by their function names in `mesh-ebpf`.
-pub const PROGRAMS: &[&str] = &["connect4", "connect6"];
+/// The programs, by their function names in `mesh-ebpf`, with the kernel's attach type
+/// (`enum bpf_attach_type`); all attach to the cgroup.
+pub const PROGRAMS: &[(&str, u32)] = &[
+    ("connect4", 10),     // BPF_CGROUP_INET4_CONNECT
+    ("connect6", 11),     // BPF_CGROUP_INET6_CONNECT
+    ("sendmsg4", 14),     // BPF_CGROUP_UDP4_SENDMSG
+    ("sendmsg6", 15),     // BPF_CGROUP_UDP6_SENDMSG
+    ("recvmsg4", 19),     // BPF_CGROUP_UDP4_RECVMSG
+    ("recvmsg6", 20),     // BPF_CGROUP_UDP6_RECVMSG
+    ("getsockopt", 21),   // BPF_CGROUP_GETSOCKOPT
+    ("getpeername4", 29), // BPF_CGROUP_INET4_GETPEERNAME
+    ("getpeername6", 30), // BPF_CGROUP_INET6_GETPEERNAME
+    ("sock_release", 34), // BPF_CGROUP_INET_SOCK_RELEASE
+];
+
+/// Socket-local storage for reverse translation. Only the kernel uses it; it is pinned so an
+/// upgraded program keeps seeing the state of sockets made before the upgrade.
+const SOCK_REV: &str = "SOCK_REV";
+
+/// Every pinned map.
+const MAPS: &[&str] = &[
+    map_names::SERVICES,
+    map_names::SLOTS,
+    map_names::BACKENDS,
+    map_names::RR_STATE,
+    map_names::BACKEND_STATS,
+    map_names::SERVICE_STATS,
+    map_names::SERVICE_NAMES,
+    map_names::ACTIVE,
+    map_names::AFFINITY,
+    map_names::UDP_FLOWS,
+    map_names::DATAPATH_STATS,
+    SOCK_REV,
+];
 
 /// Where the pins of one layout version live.
 #[derive(Clone, Debug)]
@@ -63,7 +94,6 @@ impl PinLayout {
     pub fn link(&self, program: &str) -> PathBuf {
         self.root.join("links").join(program)
     }
-
 }
 
 /// Typed handles on every map.
@@ -75,6 +105,9 @@ pub struct Maps {
     backend_stats: PerCpuHashMap<MapData, BackendStatsKey, BackendStats>,
     service_stats: PerCpuArray<MapData, ServiceStats>,
     service_names: HashMap<MapData, u32, ServiceName>,
+    active: HashMap<MapData, BackendStatsKey, u32>,
+    udp_flows: HashMap<MapData, u64, UdpFlow>,
+    datapath_stats: PerCpuArray<MapData, DatapathStats>,
     nr_cpus: usize,
 }
 
@@ -88,6 +121,8 @@ pub struct Snapshot {
     pub backend_stats: BTreeMap<BackendStatsKey, BackendStats>,
     /// Only for the ids of live services.
     pub service_stats: BTreeMap<u32, ServiceStats>,
+    /// (service, backend) -> slots held, for backends taking new connections.
+    pub active: BTreeMap<BackendStatsKey, u32>,
 }
 
 impl Snapshot {
@@ -95,7 +130,11 @@ impl Snapshot {
     /// an agent that died between writing a slot set and switching to it).
     pub fn applied(&self) -> (Applied, Vec<SlotKey>) {
         let mut applied = Applied {
-            backends: self.backends.iter().map(|(&id, &addr)| (addr, id)).collect(),
+            backends: self
+                .backends
+                .iter()
+                .map(|(&id, &addr)| (addr, id))
+                .collect(),
             ..Default::default()
         };
         let live: BTreeMap<(u32, u32), u32> = self
@@ -129,6 +168,12 @@ impl Snapshot {
                 .filter(|k| k.service_id == svc.id)
                 .map(|k| k.backend_id)
                 .collect::<BTreeSet<u32>>();
+            let active = self
+                .active
+                .iter()
+                .filter(|(k, _)| k.service_id == svc.id)
+                .map(|(k, &slots)| (k.backend_id, slots))
+                .collect();
             applied.services.insert(
                 *vip,
                 AppliedService {
@@ -139,6 +184,7 @@ impl Snapshot {
                     affinity_timeout_secs: svc.affinity_timeout_secs,
                     slots,
                     members,
+                    active,
                 },
             );
         }
@@ -148,25 +194,16 @@ impl Snapshot {
 
 impl Maps {
     fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
-        let mut take = |name: &str| {
+        Self::build(|name| {
             ebpf.take_map(name)
                 .with_context(|| format!("map {name} missing from the eBPF object"))
-        };
-        Self::from_maps(
-            take(map_names::SERVICES)?,
-            take(map_names::SLOTS)?,
-            take(map_names::BACKENDS)?,
-            take(map_names::RR_STATE)?,
-            take(map_names::BACKEND_STATS)?,
-            take(map_names::SERVICE_STATS)?,
-            take(map_names::SERVICE_NAMES)?,
-        )
+        })
     }
 
     /// Opens the pinned maps without loading anything (CLI, metrics).
     pub fn open_pinned(bpffs: &Path) -> anyhow::Result<Self> {
         let layout = PinLayout::new(bpffs);
-        let open = |name: &str| -> anyhow::Result<Map> {
+        Self::build(|name| {
             let path = layout.map(name);
             let data = MapData::from_pin(&path).with_context(|| {
                 format!(
@@ -176,38 +213,49 @@ impl Maps {
                 )
             })?;
             Ok(Map::from_map_data(data)?)
-        };
-        Self::from_maps(
-            open(map_names::SERVICES)?,
-            open(map_names::SLOTS)?,
-            open(map_names::BACKENDS)?,
-            open(map_names::RR_STATE)?,
-            open(map_names::BACKEND_STATS)?,
-            open(map_names::SERVICE_STATS)?,
-            open(map_names::SERVICE_NAMES)?,
-        )
+        })
     }
 
-    #[expect(clippy::too_many_arguments, reason = "one argument per map")]
-    fn from_maps(
-        services: Map,
-        slots: Map,
-        backends: Map,
-        rr_state: Map,
-        backend_stats: Map,
-        service_stats: Map,
-        service_names: Map,
-    ) -> anyhow::Result<Self> {
+    fn build(mut map: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
         Ok(Self {
-            services: HashMap::try_from(services)?,
-            slots: HashMap::try_from(slots)?,
-            backends: HashMap::try_from(backends)?,
-            rr_state: Array::try_from(rr_state)?,
-            backend_stats: PerCpuHashMap::try_from(backend_stats)?,
-            service_stats: PerCpuArray::try_from(service_stats)?,
-            service_names: HashMap::try_from(service_names)?,
-            nr_cpus: aya::util::nr_cpus().map_err(|(what, err)| anyhow::anyhow!("{what}: {err}"))?,
+            services: HashMap::try_from(map(map_names::SERVICES)?)?,
+            slots: HashMap::try_from(map(map_names::SLOTS)?)?,
+            backends: HashMap::try_from(map(map_names::BACKENDS)?)?,
+            rr_state: Array::try_from(map(map_names::RR_STATE)?)?,
+            backend_stats: PerCpuHashMap::try_from(map(map_names::BACKEND_STATS)?)?,
+            service_stats: PerCpuArray::try_from(map(map_names::SERVICE_STATS)?)?,
+            service_names: HashMap::try_from(map(map_names::SERVICE_NAMES)?)?,
+            active: HashMap::try_from(map(map_names::ACTIVE)?)?,
+            udp_flows: HashMap::try_from(map(map_names::UDP_FLOWS)?)?,
+            datapath_stats: PerCpuArray::try_from(map(map_names::DATAPATH_STATS)?)?,
+            nr_cpus: aya::util::nr_cpus()
+                .map_err(|(what, err)| anyhow::anyhow!("{what}: {err}"))?,
         })
+    }
+
+    /// Node-wide data path counters, summed over CPUs.
+    pub fn datapath_stats(&self) -> anyhow::Result<DatapathStats> {
+        let per_cpu = self.datapath_stats.get(&0, 0)?;
+        Ok(per_cpu
+            .iter()
+            .fold(DatapathStats::default(), |a, s| DatapathStats {
+                rev_created: a.rev_created + s.rev_created,
+                rev_released: a.rev_released + s.rev_released,
+                udp_flows_added: a.udp_flows_added + s.udp_flows_added,
+                udp_flows_full: a.udp_flows_full + s.udp_flows_full,
+            }))
+    }
+
+    /// Cookies of the connected UDP sockets the kernel pointed at `backend_id` of `service_id`.
+    pub fn udp_flows_to(&self, service_id: u32, backend_id: u32) -> anyhow::Result<Vec<u64>> {
+        let mut cookies = Vec::new();
+        for entry in self.udp_flows.iter() {
+            let (cookie, flow) = entry?;
+            if flow.service_id == service_id && flow.backend_id == backend_id {
+                cookies.push(cookie);
+            }
+        }
+        Ok(cookies)
     }
 
     pub fn snapshot(&self) -> anyhow::Result<Snapshot> {
@@ -232,6 +280,10 @@ impl Maps {
             let (key, per_cpu) = entry?;
             let connections = per_cpu.iter().map(|s| s.connections).sum();
             snap.backend_stats.insert(key, BackendStats { connections });
+        }
+        for entry in self.active.iter() {
+            let (key, slots) = entry?;
+            snap.active.insert(key, slots);
         }
         for svc in snap.services.values() {
             let per_cpu = self.service_stats.get(&svc.id, 0)?;
@@ -264,10 +316,7 @@ impl Maps {
                     backend_id: *backend_id,
                 };
                 let zero = PerCpuValues::try_from(vec![BackendStats::default(); self.nr_cpus])?;
-                match self
-                    .backend_stats
-                    .insert(key, zero, BPF_NOEXIST)
-                {
+                match self.backend_stats.insert(key, zero, BPF_NOEXIST) {
                     Err(err) if is_errno(&err, libc::EEXIST) => {}
                     other => other?,
                 }
@@ -324,6 +373,24 @@ impl Maps {
                 backend_id: *backend_id,
             }))?,
             MapOp::DeleteBackend { id } => ignore_missing(self.backends.remove(id))?,
+            MapOp::PutActive {
+                service_id,
+                backend_id,
+                slots,
+            } => {
+                let key = BackendStatsKey {
+                    service_id: *service_id,
+                    backend_id: *backend_id,
+                };
+                self.active.insert(key, slots, 0)?
+            }
+            MapOp::DeleteActive {
+                service_id,
+                backend_id,
+            } => ignore_missing(self.active.remove(&BackendStatsKey {
+                service_id: *service_id,
+                backend_id: *backend_id,
+            }))?,
         }
         Ok(())
     }
@@ -364,6 +431,7 @@ impl Datapath {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let limits = opts.limits;
+        // Maps sized by the registry; the others keep their compiled-in capacity.
         let capacities = [
             (map_names::SERVICES, limits.max_services),
             (map_names::SLOTS, limits.max_slots),
@@ -372,10 +440,13 @@ impl Datapath {
             (map_names::BACKEND_STATS, limits.max_backends),
             (map_names::SERVICE_STATS, limits.max_services),
             (map_names::SERVICE_NAMES, limits.max_services),
+            (map_names::ACTIVE, limits.max_backends),
         ];
         let mut loader = EbpfLoader::new();
         for (name, capacity) in capacities {
             loader.map_max_entries(name, capacity);
+        }
+        for &name in MAPS {
             loader.map_pin_path(name, layout.map(name));
         }
         let mut ebpf = loader
@@ -385,31 +456,44 @@ impl Datapath {
 
         let cgroup = fs::File::open(opts.cgroup)
             .with_context(|| format!("opening cgroup {}", opts.cgroup.display()))?;
-        for &name in PROGRAMS {
-            let program: &mut CgroupSockAddr = ebpf
+        for &(name, attach_type) in PROGRAMS {
+            let program = ebpf
                 .program_mut(name)
-                .with_context(|| format!("program {name} missing from the eBPF object"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("loading program {name}"))?;
-            let pin = layout.link(name);
-            if pin.exists() {
-                let link = obj_get(&pin)?;
-                link_update(link.as_fd(), program.fd()?.as_fd())
-                    .with_context(|| format!("updating pinned link {}", pin.display()))?;
-            } else {
-                let id = program
-                    .attach(&cgroup, CgroupAttachMode::Single)
-                    .with_context(|| format!("attaching {name} to {}", opts.cgroup.display()))?;
-                let link: FdLink = program.take_link(id)?.try_into()?;
-                link.pin(&pin)
-                    .with_context(|| format!("pinning link {}", pin.display()))?;
-            }
+                .with_context(|| format!("program {name} missing from the eBPF object"))?;
+            attach(program, attach_type, &cgroup, &layout.link(name))
+                .with_context(|| format!("attaching {name} to {}", opts.cgroup.display()))?;
         }
         let maps = Maps::take(&mut ebpf)?;
         Ok(Self { _ebpf: ebpf, maps })
     }
+}
+
+/// Loads `program` and attaches it to `cgroup` through the link pinned at `pin`. A link pinned
+/// by an earlier agent is updated in place to the new program: atomic, the cgroup is never
+/// without a program. (Links are made with raw bpf(2) calls: aya 0.14 cannot turn a sockopt
+/// link into a pinnable one.)
+fn attach(
+    program: &mut Program,
+    attach_type: u32,
+    cgroup: &fs::File,
+    pin: &Path,
+) -> anyhow::Result<()> {
+    match program {
+        Program::CgroupSockAddr(p) => p.load()?,
+        Program::CgroupSock(p) => p.load()?,
+        Program::CgroupSockopt(p) => p.load()?,
+        other => bail!("unexpected program type {:?}", other.prog_type()),
+    }
+    let program_fd = program.fd()?.as_fd();
+    if pin.exists() {
+        let link = obj_get(pin)?;
+        link_update(link.as_fd(), program_fd)
+            .with_context(|| format!("updating pinned link {}", pin.display()))?;
+    } else {
+        let link = link_create(program_fd, cgroup.as_fd(), attach_type)?;
+        obj_pin(link.as_fd(), pin).with_context(|| format!("pinning link {}", pin.display()))?;
+    }
+    Ok(())
 }
 
 /// A reused pin keeps the capacity it was created with; say so instead of failing later.
@@ -432,22 +516,14 @@ fn check_capacities(layout: &PinLayout, capacities: &[(&str, u32)]) -> anyhow::R
 pub fn cleanup(bpffs: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let layout = PinLayout::new(bpffs);
     let mut removed = Vec::new();
-    for &program in PROGRAMS {
+    for &(program, _) in PROGRAMS {
         let pin = layout.link(program);
         if pin.exists() {
             fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
             removed.push(pin);
         }
     }
-    for name in [
-        map_names::SERVICES,
-        map_names::SLOTS,
-        map_names::BACKENDS,
-        map_names::RR_STATE,
-        map_names::BACKEND_STATS,
-        map_names::SERVICE_STATS,
-        map_names::SERVICE_NAMES,
-    ] {
+    for &name in MAPS {
         let pin = layout.map(name);
         if pin.exists() {
             fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
@@ -545,15 +621,31 @@ fn service_name(name: &str) -> ServiceName {
 }
 
 fn name_of(name: &ServiceName) -> String {
-    let end = name.name.iter().position(|&b| b == 0).unwrap_or(name.name.len());
+    let end = name
+        .name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(name.name.len());
     String::from_utf8_lossy(&name.name[..end]).into_owned()
 }
 
 // Raw bpf(2) calls aya 0.14 does not expose: opening a pinned link as a plain fd, and
 // BPF_LINK_UPDATE to swap the program behind an attached link.
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+/// The BPF_OBJ_PIN / BPF_OBJ_GET part of `union bpf_attr`.
 #[repr(C)]
 #[derive(Default)]
 struct ObjGetAttr {
@@ -587,6 +679,33 @@ fn bpf_syscall<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     } else {
         Ok(ret)
     }
+}
+
+fn link_create(
+    program: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> anyhow::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        flags: 0,
+    };
+    let fd = bpf_syscall(BPF_LINK_CREATE, &mut attr).context("BPF_LINK_CREATE")?;
+    // SAFETY: BPF_LINK_CREATE returned a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> anyhow::Result<()> {
+    let cpath = CString::new(path.as_os_str().as_bytes())?;
+    let mut attr = ObjGetAttr {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf_syscall(BPF_OBJ_PIN, &mut attr).context("BPF_OBJ_PIN")?;
+    Ok(())
 }
 
 fn obj_get(path: &Path) -> anyhow::Result<OwnedFd> {

@@ -8,8 +8,8 @@ use std::{
 };
 
 use prometheus::{
-    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
     core::{Collector, Desc},
     proto::MetricFamily,
 };
@@ -28,7 +28,10 @@ pub struct AgentMetrics {
 impl AgentMetrics {
     pub fn new(bpffs: &Path) -> anyhow::Result<Self> {
         let registry = Registry::new();
-        let ready_gauge = IntGauge::new("mesh_agent_ready", "1 once the agent has applied its first config")?;
+        let ready_gauge = IntGauge::new(
+            "mesh_agent_ready",
+            "1 once the agent has applied its first config",
+        )?;
         let reconcile_runs = IntCounterVec::new(
             Opts::new("mesh_reconcile_runs_total", "Reconcile runs by result"),
             &["result"],

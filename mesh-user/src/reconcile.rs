@@ -26,6 +26,8 @@ pub struct AppliedService {
     pub slots: Vec<u32>,
     /// Backends with a counter entry for this service.
     pub members: BTreeSet<u32>,
+    /// Backends taking new connections -> the slots each holds (the `active` map).
+    pub active: BTreeMap<u32, u32>,
 }
 
 impl AppliedService {
@@ -52,20 +54,61 @@ pub struct Applied {
 /// One write to the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
-    PutBackend { id: u32, addr: SocketAddr },
+    PutBackend {
+        id: u32,
+        addr: SocketAddr,
+    },
     /// Creates the (service, backend) counter if it is missing; never resets one.
-    CreateCounter { service_id: u32, backend_id: u32 },
+    CreateCounter {
+        service_id: u32,
+        backend_id: u32,
+    },
     /// Zeroes a service id's per-service counters and round-robin position before the id is
     /// given to a new service.
-    ResetService { service_id: u32 },
-    PutSlots { service_id: u32, generation: u32, backends: Vec<u32> },
-    PutName { service_id: u32, name: String },
-    PutService { vip: Vip, service: Service },
-    DeleteService { vip: Vip },
-    DeleteSlots { service_id: u32, generation: u32, count: u32 },
-    DeleteName { service_id: u32 },
-    DeleteCounter { service_id: u32, backend_id: u32 },
-    DeleteBackend { id: u32 },
+    ResetService {
+        service_id: u32,
+    },
+    PutSlots {
+        service_id: u32,
+        generation: u32,
+        backends: Vec<u32>,
+    },
+    PutName {
+        service_id: u32,
+        name: String,
+    },
+    PutService {
+        vip: Vip,
+        service: Service,
+    },
+    DeleteService {
+        vip: Vip,
+    },
+    DeleteSlots {
+        service_id: u32,
+        generation: u32,
+        count: u32,
+    },
+    DeleteName {
+        service_id: u32,
+    },
+    DeleteCounter {
+        service_id: u32,
+        backend_id: u32,
+    },
+    DeleteBackend {
+        id: u32,
+    },
+    /// Marks a backend as taking new connections for a service (read by session affinity).
+    PutActive {
+        service_id: u32,
+        backend_id: u32,
+        slots: u32,
+    },
+    DeleteActive {
+        service_id: u32,
+        backend_id: u32,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -105,11 +148,9 @@ pub fn plan(
         let id = match applied.backends.get(addr) {
             Some(&id) => id,
             None => {
-                let id = backend_ids
-                    .take()
-                    .ok_or(PlanError::BackendsFull {
-                        max: limits.max_backends,
-                    })?;
+                let id = backend_ids.take().ok_or(PlanError::BackendsFull {
+                    max: limits.max_backends,
+                })?;
                 ops.push(MapOp::PutBackend { id, addr: *addr });
                 id
             }
@@ -122,10 +163,7 @@ pub fn plan(
         }
     }
 
-    let mut service_ids = IdPool::new(
-        applied.services.values().map(|s| s.id),
-        limits.max_services,
-    );
+    let mut service_ids = IdPool::new(applied.services.values().map(|s| s.id), limits.max_services);
     for (vip, want) in &desired.services {
         let old = applied.services.get(vip);
         let id = match old {
@@ -138,13 +176,39 @@ pub fn plan(
                 id
             }
         };
-        let members: BTreeSet<u32> = want.members.iter().map(|m| next.backends[&m.addr]).collect();
+        let members: BTreeSet<u32> = want
+            .members
+            .iter()
+            .map(|m| next.backends[&m.addr])
+            .collect();
         let slots: Vec<u32> = want
             .slot_layout()
             .iter()
             .map(|addr| next.backends[addr])
             .collect();
 
+        let mut active = BTreeMap::new();
+        for &backend_id in &slots {
+            *active.entry(backend_id).or_insert(0u32) += 1;
+        }
+        let old_active = old.map(|o| o.active.clone()).unwrap_or_default();
+        for (&backend_id, &count) in &active {
+            if old_active.get(&backend_id) != Some(&count) {
+                ops.push(MapOp::PutActive {
+                    service_id: id,
+                    backend_id,
+                    slots: count,
+                });
+            }
+        }
+        for &backend_id in old_active.keys() {
+            if !active.contains_key(&backend_id) {
+                ops.push(MapOp::DeleteActive {
+                    service_id: id,
+                    backend_id,
+                });
+            }
+        }
         let old_members = old.map(|o| o.members.clone()).unwrap_or_default();
         for &backend_id in members.difference(&old_members) {
             ops.push(MapOp::CreateCounter {
@@ -192,6 +256,7 @@ pub fn plan(
             affinity_timeout_secs: want.affinity_timeout_secs,
             slots,
             members,
+            active,
         };
         if old.is_none_or(|o| o.entry() != service.entry()) {
             ops.push(MapOp::PutService {
@@ -216,6 +281,12 @@ pub fn plan(
             });
         }
         ops.push(MapOp::DeleteName { service_id: old.id });
+        for &backend_id in old.active.keys() {
+            ops.push(MapOp::DeleteActive {
+                service_id: old.id,
+                backend_id,
+            });
+        }
         for &backend_id in &old.members {
             ops.push(MapOp::DeleteCounter {
                 service_id: old.id,
@@ -233,10 +304,13 @@ pub fn plan(
 fn phase(op: &MapOp) -> u8 {
     match op {
         MapOp::PutBackend { .. } => 0,
-        MapOp::CreateCounter { .. } | MapOp::ResetService { .. } => 1,
+        MapOp::CreateCounter { .. } | MapOp::ResetService { .. } | MapOp::PutActive { .. } => 1,
         MapOp::PutSlots { .. } | MapOp::PutName { .. } => 2,
         MapOp::PutService { .. } | MapOp::DeleteService { .. } => 3,
-        MapOp::DeleteSlots { .. } | MapOp::DeleteName { .. } | MapOp::DeleteCounter { .. } => 4,
+        MapOp::DeleteSlots { .. }
+        | MapOp::DeleteName { .. }
+        | MapOp::DeleteCounter { .. }
+        | MapOp::DeleteActive { .. } => 4,
         MapOp::DeleteBackend { .. } => 5,
     }
 }
@@ -384,7 +458,10 @@ mod tests {
         let (_, applied) = plan(&v1, &Applied::default(), LIMITS).unwrap();
         let v2 = desired(vec![(
             "127.100.0.1:80",
-            service("web", &[("127.0.0.1:1", 1, true), ("127.0.0.1:2", 1, false)]),
+            service(
+                "web",
+                &[("127.0.0.1:1", 1, true), ("127.0.0.1:2", 1, false)],
+            ),
         )]);
         let (ops, next) = plan(&v2, &applied, LIMITS).unwrap();
         assert!(!ops.iter().any(|op| matches!(
@@ -428,12 +505,7 @@ mod tests {
     #[test]
     fn running_out_of_ids_is_an_error_not_a_partial_plan() {
         let services = (1..=16)
-            .map(|i| {
-                (
-                    format!("127.100.0.{i}:80"),
-                    service(&format!("s{i}"), &[]),
-                )
-            })
+            .map(|i| (format!("127.100.0.{i}:80"), service(&format!("s{i}"), &[])))
             .collect::<Vec<_>>();
         let want = DesiredState {
             services: services.iter().map(|(v, s)| (vip(v), s.clone())).collect(),
@@ -449,6 +521,9 @@ mod tests {
         let want = desired(vec![("127.100.0.1:80", service("web", &[]))]);
         let (ops, applied) = plan(&want, &Applied::default(), LIMITS).unwrap();
         assert!(!ops.iter().any(|op| matches!(op, MapOp::PutSlots { .. })));
-        assert_eq!(applied.services[&vip("127.100.0.1:80")].entry().slot_count, 0);
+        assert_eq!(
+            applied.services[&vip("127.100.0.1:80")].entry().slot_count,
+            0
+        );
     }
 }

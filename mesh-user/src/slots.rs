@@ -116,11 +116,19 @@ mod tests {
         // Each backend holds exactly its reduced weight: the whole sequence is one window, and
         // the kernel cycles over it, so every window of `total` consecutive slots (wrapping
         // around) is a rotation of it and holds the same counts.
-        assert_eq!(counts(&slots, weights.len()), reduced, "{weights:?}: counts");
+        assert_eq!(
+            counts(&slots, weights.len()),
+            reduced,
+            "{weights:?}: counts"
+        );
         let t = total as usize;
         for start in 0..t {
             let window: Vec<usize> = (0..t).map(|k| slots[(start + k) % t]).collect();
-            assert_eq!(counts(&window, weights.len()), reduced, "{weights:?}: window {start}");
+            assert_eq!(
+                counts(&window, weights.len()),
+                reduced,
+                "{weights:?}: window {start}"
+            );
         }
         // Interleaved, not clumped: a backend with at most half of the slots never takes two
         // adjacent ones.

@@ -1,6 +1,11 @@
 //! Facts about the host the agent needs: where cgroup v2 and bpffs are mounted.
 
-use std::{ffi::CString, fs, os::unix::ffi::OsStrExt, path::{Path, PathBuf}};
+use std::{
+    ffi::CString,
+    fs,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, bail};
 
@@ -18,7 +23,10 @@ fn parse_mounts(text: &str) -> Vec<(PathBuf, String)> {
             let target = fields.next()?;
             let fstype = fields.next()?;
             // /proc/mounts escapes spaces in paths as \040.
-            Some((PathBuf::from(target.replace("\\040", " ")), fstype.to_string()))
+            Some((
+                PathBuf::from(target.replace("\\040", " ")),
+                fstype.to_string(),
+            ))
         })
         .collect()
 }

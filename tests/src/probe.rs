@@ -150,10 +150,30 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let procs = CString::new(cgroup.path().join("cgroup.procs").as_os_str().as_bytes())
-        .expect("cgroup path has no NUL byte");
     let mut cmd = Command::new(crate::probe_bin());
     cmd.args(args);
+    move_into_cgroup_at_spawn(&mut cmd, cgroup);
+    let result = run(&mut cmd);
+    let expected = format!("/{}", cgroup.name());
+    match result.cgroup() {
+        Some(path) if path.ends_with(&expected) => {}
+        other => panic!(
+            "mesh-probe should run in cgroup {} but reported {other:?}; stderr:\n{}",
+            cgroup.path().display(),
+            result.stderr
+        ),
+    }
+    result
+}
+
+/// Makes the child that `cmd` spawns move itself into `cgroup` before exec: it writes "0" to
+/// `<cgroup>/cgroup.procs`, which moves only the writing process. Spawning fails if it cannot.
+pub fn move_into_cgroup_at_spawn<'c>(
+    cmd: &'c mut Command,
+    cgroup: &CgroupGuard,
+) -> &'c mut Command {
+    let procs = CString::new(cgroup.path().join("cgroup.procs").as_os_str().as_bytes())
+        .expect("cgroup path has no NUL byte");
     // SAFETY: the closure runs between fork and exec; it only calls the async-signal-safe
     // open/write/close on a path allocated before the fork, and allocates nothing.
     unsafe {
@@ -170,19 +190,8 @@ where
             };
             libc::close(fd);
             result
-        });
+        })
     }
-    let result = run(&mut cmd);
-    let expected = format!("/{}", cgroup.name());
-    match result.cgroup() {
-        Some(path) if path.ends_with(&expected) => {}
-        other => panic!(
-            "mesh-probe should run in cgroup {} but reported {other:?}; stderr:\n{}",
-            cgroup.path().display(),
-            result.stderr
-        ),
-    }
-    result
 }
 
 /// Runs `mesh-probe <args>` in the test process's own cgroup (its connects are not rewritten by

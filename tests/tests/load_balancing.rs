@@ -63,6 +63,35 @@ fn deltas(before: &[usize], backends: &[&TcpBackend]) -> Vec<usize> {
         .collect()
 }
 
+/// Waits (3 s) for a WARN/ERROR line logged after `mark` that mentions `keyword`
+/// (case-insensitive) and not `unless`; returns it. A rejection is one self-contained line:
+/// level, reason and service together, as line-based log shippers and `grep` see it.
+#[track_caller]
+fn wait_for_rejection(env: &TestEnv, mark: usize, keyword: &str, unless: Option<&str>) -> String {
+    let mentions = |line: &str, word: &str| line.to_lowercase().contains(word);
+    let found = env
+        .agent
+        .wait_for_log_line(mark, Duration::from_secs(3), |line| {
+            is_warn_or_error(line)
+                && mentions(line, keyword)
+                && !unless.is_some_and(|u| mentions(line, u))
+        });
+    if let Some(line) = found {
+        return line;
+    }
+    let log = env.agent.log_since(mark);
+    let hint = if log.lines().any(|line| mentions(line, keyword)) {
+        " (a line does mention it, but not a WARN/ERROR line: is one log record split over \
+         several lines?)"
+    } else {
+        ""
+    };
+    panic!(
+        "no WARN/ERROR log line mentioning `{keyword}` within 3 s of the edit{hint}; log since \
+         the edit:\n{log}"
+    )
+}
+
 #[test]
 fn round_robin_splits_connections_evenly() {
     let a = TcpBackend::start("rr-a");
@@ -220,18 +249,7 @@ fn invalid_config_edit_keeps_previous_services() {
     // 1. A backend with weight 0 (and b dropped: a partial apply would show in the split).
     let mark = env.agent.log_mark();
     env.write_services(&[service(name, vip, &[(&a, 1), (&c, 0)])]);
-    let line = env
-        .agent
-        .wait_for_log_line(mark, Duration::from_secs(3), |line| {
-            is_warn_or_error(line) && line.to_lowercase().contains("weight")
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "no WARN/ERROR line mentioning `weight` within 3 s of the weight = 0 edit; log \
-                 since the edit:\n{}",
-                env.agent.log_since(mark)
-            )
-        });
+    let line = wait_for_rejection(&env, mark, "weight", None);
     assert!(
         line.contains(name),
         "the rejection should name the service: {line}"
@@ -252,20 +270,8 @@ fn invalid_config_edit_keeps_previous_services() {
         service(name, vip, &[(&a, 1)]),
         service(name, "127.100.5.2:80", &[(&c, 1)]),
     ]);
-    let line = env
-        .agent
-        .wait_for_log_line(mark, Duration::from_secs(3), |line| {
-            let lower = line.to_lowercase();
-            // A late repeat of the first rejection is about `weight`; skip it.
-            is_warn_or_error(line) && lower.contains("name") && !lower.contains("weight")
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "no WARN/ERROR line mentioning `name` within 3 s of the duplicate-name edit; log \
-                 since the edit:\n{}",
-                env.agent.log_since(mark)
-            )
-        });
+    // A late repeat of the first rejection is about `weight`: skip it.
+    let line = wait_for_rejection(&env, mark, "name", Some("weight"));
     assert!(
         line.contains(name),
         "the rejection should name the service: {line}"
