@@ -104,13 +104,50 @@ pub struct BackendStatsKey {
     pub backend_id: u32,
 }
 
+/// Buckets of the per-backend TCP round-trip-time histogram: bucket `i` counts connections
+/// whose smoothed RTT at close was below `RTT_BUCKET_BASE_US << i` microseconds; the last
+/// bucket counts the rest.
+pub const RTT_BUCKETS: usize = 16;
+pub const RTT_BUCKET_BASE_US: u64 = 16;
+
 /// Value of the per-CPU `backend_stats` map. User space sums the CPUs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct BackendStats {
     /// Connects (and unconnected UDP sends) translated to this backend.
     pub connections: u64,
+    /// TCP connects to this backend that failed (refused, timed out) before establishing.
+    pub connect_failures: u64,
+    /// Telemetry (when on): bytes of closed TCP connections, as the client's socket counted
+    /// them (acknowledged bytes sent, bytes received).
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Telemetry: closed TCP connections measured, and the sum of their smoothed RTTs (us).
+    pub rtt_samples: u64,
+    pub rtt_sum_us: u64,
+    pub rtt_buckets: [u64; RTT_BUCKETS],
 }
+
+/// Value of the `passive` map (key: `BackendStatsKey`): connect outcomes seen by the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PassiveState {
+    /// Failed connects since the last successful one; the agent resets it after acting on it.
+    pub consecutive_failures: u32,
+    pub _pad: u32,
+}
+
+/// Index 0 of the `settings` array: switches the agent sets for the programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// `SETTINGS_F_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// `Settings::flags`: record per-backend bytes and RTT of TCP connections at close.
+pub const SETTINGS_F_TELEMETRY: u32 = 1 << 0;
 
 /// Value of the per-CPU `service_stats` array (index: service id).
 #[repr(C)]
@@ -201,6 +238,8 @@ pub mod map_names {
     pub const AFFINITY: &str = "AFFINITY";
     pub const UDP_FLOWS: &str = "UDP_FLOWS";
     pub const DATAPATH_STATS: &str = "DATAPATH_STATS";
+    pub const PASSIVE: &str = "PASSIVE";
+    pub const SETTINGS: &str = "SETTINGS";
 }
 
 #[cfg(feature = "user")]
@@ -219,6 +258,8 @@ mod pod {
     unsafe impl aya::Pod for UdpFlow {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for PassiveState {}
+    unsafe impl aya::Pod for Settings {}
 }
 
 // No implicit padding: the size is the sum of the fields.
@@ -228,7 +269,9 @@ const _: () = {
     assert!(core::mem::size_of::<SlotKey>() == 12);
     assert!(core::mem::size_of::<Backend>() == 20);
     assert!(core::mem::size_of::<BackendStatsKey>() == 8);
-    assert!(core::mem::size_of::<BackendStats>() == 8);
+    assert!(core::mem::size_of::<BackendStats>() == 8 * (6 + RTT_BUCKETS));
+    assert!(core::mem::size_of::<PassiveState>() == 8);
+    assert!(core::mem::size_of::<Settings>() == 8);
     assert!(core::mem::size_of::<ServiceStats>() == 8);
     assert!(core::mem::size_of::<ServiceName>() == SERVICE_NAME_LEN);
     assert!(core::mem::size_of::<DatapathStats>() == 32);

@@ -19,19 +19,24 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock,
+    },
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
         bpf_set_retval, bpf_sk_storage_get,
     },
-    macros::{btf_map, cgroup_sock, cgroup_sock_addr, cgroup_sockopt},
-    programs::{SockAddrContext, SockContext, SockoptContext},
+    macros::{btf_map, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, sock_ops},
+    programs::{SockAddrContext, SockContext, SockOpsContext, SockoptContext},
 };
 use mesh_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, BackendStatsKey, DEFAULT_MAX_AFFINITY,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, DEFAULT_MAX_UDP_FLOWS,
-    DatapathStats, FAMILY_V4, FAMILY_V6, PROTO_UDP, SVC_F_AFFINITY, SVC_F_REJECT_EMPTY, Service,
-    ServiceKey, ServiceName, ServiceStats, SlotKey, UdpFlow,
+    DatapathStats, FAMILY_V4, FAMILY_V6, PROTO_UDP, PassiveState, RTT_BUCKET_BASE_US, RTT_BUCKETS,
+    SETTINGS_F_TELEMETRY, SVC_F_AFFINITY, SVC_F_REJECT_EMPTY, Service, ServiceKey, ServiceName,
+    ServiceStats, Settings, SlotKey, UdpFlow,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -99,6 +104,14 @@ static UDP_FLOWS: HashMap<u64, UdpFlow, { DEFAULT_MAX_UDP_FLOWS as usize }> = Ha
 #[btf_map]
 static DATAPATH_STATS: PerCpuArray<DatapathStats, 1> = PerCpuArray::new();
 
+/// (service, backend) -> consecutive failed connects, for passive health detection.
+#[btf_map]
+static PASSIVE: HashMap<BackendStatsKey, PassiveState, MAX_BACKENDS, NO_PREALLOC> = HashMap::new();
+
+/// Switches set by the agent (index 0).
+#[btf_map]
+static SETTINGS: Array<Settings, 1> = Array::new();
+
 /// Reverse translation of one socket, in socket-local storage: the kernel frees it with the
 /// socket, so it can neither fill up nor leak nor evict live entries.
 #[btf_map]
@@ -127,6 +140,9 @@ struct SockRev {
     sent: [RevEntry; REV_SENT],
     next_sent: u32,
     has_peer: u32,
+    /// Who the connect went to (with `has_peer`), for the counters of `sock_ops`.
+    service_id: u32,
+    backend_id: u32,
 }
 
 /// A parsed destination address in the context's raw form.
@@ -257,6 +273,119 @@ pub fn getsockopt(ctx: SockoptContext) -> i32 {
     1
 }
 
+const TCP_SYN_SENT: u32 = 2;
+const TCP_CLOSE: u32 = 7;
+
+/// Sees how connections the load balancer made turn out: failed connects feed passive health
+/// detection; closed connections feed the bytes and RTT telemetry.
+#[sock_ops]
+pub fn tcp_outcome(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB
+        && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_STATE_CB
+    {
+        return 1;
+    }
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    let Some(key) = translated_peer(sk) else {
+        return 1;
+    };
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // Ask for state changes of this connection only.
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        if let Some(state) = PASSIVE.get_ptr_mut(&key) {
+            unsafe { (*state).consecutive_failures = 0 };
+        }
+    } else if ctx.arg(1) == TCP_CLOSE {
+        if ctx.arg(0) == TCP_SYN_SENT {
+            connect_failed(&key);
+        } else if telemetry_on() {
+            let ops = unsafe { &*ctx.ops };
+            // srtt_us holds 8 times the smoothed RTT, as in tcp_sock.
+            record_close(
+                &key,
+                ops.bytes_acked,
+                ops.bytes_received,
+                u64::from(ops.srtt_us >> 3),
+            );
+        }
+    }
+    1
+}
+
+/// (service, backend) of a socket whose connect the load balancer translated.
+#[inline(always)]
+fn translated_peer(sk: *mut bpf_sock) -> Option<BackendStatsKey> {
+    if sk.is_null() {
+        return None;
+    }
+    let rev = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::addr_of!(SOCK_REV) as *mut c_void,
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    } as *const SockRev;
+    if rev.is_null() || unsafe { (*rev).has_peer } == 0 {
+        return None;
+    }
+    Some(BackendStatsKey {
+        service_id: unsafe { (*rev).service_id },
+        backend_id: unsafe { (*rev).backend_id },
+    })
+}
+
+#[inline(always)]
+fn connect_failed(key: &BackendStatsKey) {
+    if let Some(stats) = BACKEND_STATS.get_ptr_mut(key) {
+        unsafe { (*stats).connect_failures += 1 };
+    }
+    match PASSIVE.get_ptr_mut(key) {
+        Some(state) => unsafe {
+            core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::SeqCst }>(
+                &raw mut (*state).consecutive_failures,
+                1,
+            );
+        },
+        None => {
+            let first = PassiveState {
+                consecutive_failures: 1,
+                _pad: 0,
+            };
+            let _ = PASSIVE.insert(key, &first, 0);
+        }
+    }
+}
+
+#[inline(always)]
+fn telemetry_on() -> bool {
+    SETTINGS
+        .get(0)
+        .is_some_and(|s| s.flags & SETTINGS_F_TELEMETRY != 0)
+}
+
+#[inline(always)]
+fn record_close(key: &BackendStatsKey, sent: u64, received: u64, rtt_us: u64) {
+    let Some(stats) = BACKEND_STATS.get_ptr_mut(key) else {
+        return;
+    };
+    let stats = unsafe { &mut *stats };
+    stats.bytes_sent += sent;
+    stats.bytes_received += received;
+    stats.rtt_samples += 1;
+    stats.rtt_sum_us += rtt_us;
+    let mut bucket = 0;
+    while bucket < RTT_BUCKETS - 1 && rtt_us >= RTT_BUCKET_BASE_US << bucket {
+        bucket += 1;
+    }
+    if let Some(count) = stats.rtt_buckets.get_mut(bucket) {
+        *count += 1;
+    }
+}
+
 /// connect(): translate, remember the translation for getpeername/SO_ORIGINAL_DST, and record
 /// connected UDP flows so the agent can terminate them when their backend leaves.
 #[inline(always)]
@@ -281,6 +410,8 @@ fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
                         vip_port: vip.port,
                     };
                     (*rev).has_peer = 1;
+                    (*rev).service_id = service_id;
+                    (*rev).backend_id = backend_id;
                 }
             }
             if sa.protocol == u32::from(PROTO_UDP) {

@@ -25,7 +25,8 @@ use aya::{
 };
 use mesh_common::{
     Backend, BackendStats, BackendStatsKey, DatapathStats, FAMILY_V4, FAMILY_V6, LAYOUT_VERSION,
-    SERVICE_NAME_LEN, Service, ServiceKey, ServiceName, ServiceStats, SlotKey, UdpFlow, map_names,
+    PassiveState, SERVICE_NAME_LEN, Service, ServiceKey, ServiceName, ServiceStats, Settings,
+    SlotKey, UdpFlow, map_names,
 };
 
 use crate::{
@@ -52,6 +53,7 @@ pub const PROGRAMS: &[(&str, u32)] = &[
     ("getpeername4", 29), // BPF_CGROUP_INET4_GETPEERNAME
     ("getpeername6", 30), // BPF_CGROUP_INET6_GETPEERNAME
     ("sock_release", 34), // BPF_CGROUP_INET_SOCK_RELEASE
+    ("tcp_outcome", 3),   // BPF_CGROUP_SOCK_OPS
 ];
 
 /// Socket-local storage for reverse translation. Only the kernel uses it; it is pinned so an
@@ -71,6 +73,8 @@ const MAPS: &[&str] = &[
     map_names::AFFINITY,
     map_names::UDP_FLOWS,
     map_names::DATAPATH_STATS,
+    map_names::PASSIVE,
+    map_names::SETTINGS,
     SOCK_REV,
 ];
 
@@ -108,6 +112,8 @@ pub struct Maps {
     active: HashMap<MapData, BackendStatsKey, u32>,
     udp_flows: HashMap<MapData, u64, UdpFlow>,
     datapath_stats: PerCpuArray<MapData, DatapathStats>,
+    passive: HashMap<MapData, BackendStatsKey, PassiveState>,
+    settings: Array<MapData, Settings>,
     nr_cpus: usize,
 }
 
@@ -228,6 +234,8 @@ impl Maps {
             active: HashMap::try_from(map(map_names::ACTIVE)?)?,
             udp_flows: HashMap::try_from(map(map_names::UDP_FLOWS)?)?,
             datapath_stats: PerCpuArray::try_from(map(map_names::DATAPATH_STATS)?)?,
+            passive: HashMap::try_from(map(map_names::PASSIVE)?)?,
+            settings: Array::try_from(map(map_names::SETTINGS)?)?,
             nr_cpus: aya::util::nr_cpus()
                 .map_err(|(what, err)| anyhow::anyhow!("{what}: {err}"))?,
         })
@@ -244,6 +252,29 @@ impl Maps {
                 udp_flows_added: a.udp_flows_added + s.udp_flows_added,
                 udp_flows_full: a.udp_flows_full + s.udp_flows_full,
             }))
+    }
+
+    pub fn set_settings(&mut self, settings: Settings) -> anyhow::Result<()> {
+        Ok(self.settings.set(0, settings, 0)?)
+    }
+
+    /// (service, backend) pairs with at least `threshold` consecutive failed connects. Their
+    /// count is reset, so each run of failures is reported once.
+    pub fn take_passive_failures(
+        &mut self,
+        threshold: u32,
+    ) -> anyhow::Result<Vec<(BackendStatsKey, u32)>> {
+        let mut failing = Vec::new();
+        for entry in self.passive.iter() {
+            let (key, state) = entry?;
+            if state.consecutive_failures >= threshold.max(1) {
+                failing.push((key, state.consecutive_failures));
+            }
+        }
+        for (key, _) in &failing {
+            self.passive.insert(key, PassiveState::default(), 0)?;
+        }
+        Ok(failing)
     }
 
     /// Cookies of the connected UDP sockets the kernel pointed at `backend_id` of `service_id`.
@@ -278,8 +309,8 @@ impl Maps {
         }
         for entry in self.backend_stats.iter() {
             let (key, per_cpu) = entry?;
-            let connections = per_cpu.iter().map(|s| s.connections).sum();
-            snap.backend_stats.insert(key, BackendStats { connections });
+            snap.backend_stats
+                .insert(key, sum_backend_stats(per_cpu.iter()));
         }
         for entry in self.active.iter() {
             let (key, slots) = entry?;
@@ -482,6 +513,7 @@ fn attach(
         Program::CgroupSockAddr(p) => p.load()?,
         Program::CgroupSock(p) => p.load()?,
         Program::CgroupSockopt(p) => p.load()?,
+        Program::SockOps(p) => p.load()?,
         other => bail!("unexpected program type {:?}", other.prog_type()),
     }
     let program_fd = program.fd()?.as_fd();
@@ -543,6 +575,21 @@ pub fn cleanup(bpffs: &Path) -> anyhow::Result<Vec<PathBuf>> {
         let _ = fs::remove_dir(&dir);
     }
     Ok(removed)
+}
+
+fn sum_backend_stats<'a>(per_cpu: impl Iterator<Item = &'a BackendStats>) -> BackendStats {
+    per_cpu.fold(BackendStats::default(), |mut sum, s| {
+        sum.connections += s.connections;
+        sum.connect_failures += s.connect_failures;
+        sum.bytes_sent += s.bytes_sent;
+        sum.bytes_received += s.bytes_received;
+        sum.rtt_samples += s.rtt_samples;
+        sum.rtt_sum_us += s.rtt_sum_us;
+        for (total, count) in sum.rtt_buckets.iter_mut().zip(s.rtt_buckets) {
+            *total += count;
+        }
+        sum
+    })
 }
 
 fn is_errno(err: &MapError, errno: i32) -> bool {

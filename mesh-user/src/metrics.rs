@@ -7,11 +7,12 @@ use std::{
     time::Duration,
 };
 
+use mesh_common::{BackendStats, BackendStatsKey, RTT_BUCKET_BASE_US, RTT_BUCKETS};
 use prometheus::{
-    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder as _, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
     core::{Collector, Desc},
-    proto::MetricFamily,
+    proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType},
 };
 
 use crate::{datapath::Maps, state::protocol_name};
@@ -21,7 +22,7 @@ pub struct AgentMetrics {
     ready: AtomicBool,
     ready_gauge: IntGauge,
     reconcile_runs: IntCounterVec,
-    reconcile_duration: Histogram,
+    reconcile_duration: prometheus::Histogram,
     config_rejected: IntCounter,
 }
 
@@ -36,7 +37,7 @@ impl AgentMetrics {
             Opts::new("mesh_reconcile_runs_total", "Reconcile runs by result"),
             &["result"],
         )?;
-        let reconcile_duration = Histogram::with_opts(
+        let reconcile_duration = prometheus::Histogram::with_opts(
             HistogramOpts::new(
                 "mesh_reconcile_duration_seconds",
                 "Time to diff the desired state and write the maps",
@@ -105,93 +106,244 @@ struct KernelCounters {
     descs: Vec<Desc>,
 }
 
-const BACKEND_CONNECTIONS: (&str, &str) = (
-    "mesh_backend_connections_total",
-    "Connections the kernel sent to the backend",
-);
-const SERVICE_NO_BACKEND: (&str, &str) = (
-    "mesh_service_no_backend_total",
-    "Connects to the VIP that found no backend",
-);
-const SERVICE_SLOTS: (&str, &str) = (
-    "mesh_service_active_slots",
-    "Round-robin slots of the service's live slot set (0: no backend)",
-);
+/// The families built from one snapshot of the maps.
+struct Families {
+    connections: IntCounterVec,
+    connect_failures: IntCounterVec,
+    bytes_sent: IntCounterVec,
+    bytes_received: IntCounterVec,
+    backend_active: IntGaugeVec,
+    no_backend: IntCounterVec,
+    slots: IntGaugeVec,
+    backends: IntGaugeVec,
+    datapath: IntCounterVec,
+    map_entries: IntGaugeVec,
+}
+
+const BACKEND_LABELS: &[&str] = &["service", "backend", "protocol"];
+const SERVICE_LABELS: &[&str] = &["service", "vip", "protocol"];
+
+impl Families {
+    fn new() -> prometheus::Result<Self> {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels)
+        };
+        Ok(Self {
+            connections: counter(
+                "mesh_backend_connections_total",
+                "Connections (and unconnected UDP datagrams) the kernel sent to the backend",
+                BACKEND_LABELS,
+            )?,
+            connect_failures: counter(
+                "mesh_backend_connect_failures_total",
+                "TCP connects to the backend that failed before establishing (passive detection)",
+                BACKEND_LABELS,
+            )?,
+            bytes_sent: counter(
+                "mesh_backend_sent_bytes_total",
+                "Bytes clients sent to the backend on closed TCP connections (telemetry)",
+                BACKEND_LABELS,
+            )?,
+            bytes_received: counter(
+                "mesh_backend_received_bytes_total",
+                "Bytes clients received from the backend on closed TCP connections (telemetry)",
+                BACKEND_LABELS,
+            )?,
+            backend_active: gauge(
+                "mesh_backend_active",
+                "1 when the backend takes new connections (in the live slot set), else 0",
+                BACKEND_LABELS,
+            )?,
+            no_backend: counter(
+                "mesh_service_no_backend_total",
+                "Connects to the VIP that found no backend",
+                SERVICE_LABELS,
+            )?,
+            slots: gauge(
+                "mesh_service_slots",
+                "Round-robin slots of the service's live slot set (0: no backend)",
+                SERVICE_LABELS,
+            )?,
+            backends: gauge(
+                "mesh_service_backends",
+                "Backends of the service by state: configured, or active (taking connections)",
+                &["service", "vip", "protocol", "state"],
+            )?,
+            datapath: counter(
+                "mesh_datapath_events_total",
+                "Node-wide data path events: reverse state created/released, UDP flows tracked/untracked (map full)",
+                &["event"],
+            )?,
+            map_entries: gauge(
+                "mesh_map_entries",
+                "Entries in each pinned map (per-CPU maps count keys)",
+                &["map"],
+            )?,
+        })
+    }
+
+    fn collectors(&self) -> [&dyn Collector; 10] {
+        [
+            &self.connections,
+            &self.connect_failures,
+            &self.bytes_sent,
+            &self.bytes_received,
+            &self.backend_active,
+            &self.no_backend,
+            &self.slots,
+            &self.backends,
+            &self.datapath,
+            &self.map_entries,
+        ]
+    }
+}
+
+const RTT_NAME: &str = "mesh_backend_rtt_seconds";
+const RTT_HELP: &str =
+    "Smoothed TCP round-trip time of closed connections to the backend, at close (telemetry)";
 
 impl KernelCounters {
     fn new(bpffs: PathBuf) -> anyhow::Result<Self> {
-        let descs = Self::families()?.desc().into_iter().cloned().collect();
+        let families = Families::new()?;
+        let mut descs: Vec<Desc> = families
+            .collectors()
+            .iter()
+            .flat_map(|c| c.desc().into_iter().cloned())
+            .collect();
+        descs.push(Desc::new(
+            RTT_NAME.into(),
+            RTT_HELP.into(),
+            BACKEND_LABELS.iter().map(|l| l.to_string()).collect(),
+            Default::default(),
+        )?);
         Ok(Self { bpffs, descs })
     }
 
-    fn families() -> prometheus::Result<(IntCounterVec, IntCounterVec, IntGaugeVec)> {
-        Ok((
-            IntCounterVec::new(
-                Opts::new(BACKEND_CONNECTIONS.0, BACKEND_CONNECTIONS.1),
-                &["service", "backend", "protocol"],
-            )?,
-            IntCounterVec::new(
-                Opts::new(SERVICE_NO_BACKEND.0, SERVICE_NO_BACKEND.1),
-                &["service", "vip", "protocol"],
-            )?,
-            IntGaugeVec::new(
-                Opts::new(SERVICE_SLOTS.0, SERVICE_SLOTS.1),
-                &["service", "vip", "protocol"],
-            )?,
-        ))
-    }
-
     fn read(&self) -> anyhow::Result<Vec<MetricFamily>> {
-        let snap = Maps::open_pinned(&self.bpffs)?.snapshot()?;
-        let (connections, no_backend, slots) = Self::families()?;
+        let maps = Maps::open_pinned(&self.bpffs)?;
+        let snap = maps.snapshot()?;
+        let f = Families::new()?;
+        let mut rtt = Vec::new();
         for (vip, svc) in &snap.services {
             let name = snap.names.get(&svc.id).map(String::as_str).unwrap_or("");
             let proto = protocol_name(vip.proto);
             let vip_label = vip.addr.to_string();
             let labels = [name, vip_label.as_str(), proto];
-            slots
+            f.slots
                 .with_label_values(&labels)
                 .set(i64::from(svc.slot_count));
             if let Some(stats) = snap.service_stats.get(&svc.id) {
-                no_backend
+                f.no_backend
                     .with_label_values(&labels)
                     .inc_by(stats.no_backend);
             }
-            for (key, stats) in snap.backend_stats.range(
-                mesh_common::BackendStatsKey {
+            let members = snap.backend_stats.range(
+                BackendStatsKey {
                     service_id: svc.id,
                     backend_id: 0,
-                }..=mesh_common::BackendStatsKey {
+                }..=BackendStatsKey {
                     service_id: svc.id,
                     backend_id: u32::MAX,
                 },
-            ) {
+            );
+            let mut configured = 0;
+            let mut active = 0;
+            for (key, stats) in members {
                 let Some(addr) = snap.backends.get(&key.backend_id) else {
                     continue;
                 };
-                connections
-                    .with_label_values(&[name, &addr.to_string(), proto])
+                configured += 1;
+                let is_active = snap.active.contains_key(key);
+                active += i64::from(is_active);
+                let addr = addr.to_string();
+                let b = [name, addr.as_str(), proto];
+                f.connections
+                    .with_label_values(&b)
                     .inc_by(stats.connections);
+                f.connect_failures
+                    .with_label_values(&b)
+                    .inc_by(stats.connect_failures);
+                f.bytes_sent.with_label_values(&b).inc_by(stats.bytes_sent);
+                f.bytes_received
+                    .with_label_values(&b)
+                    .inc_by(stats.bytes_received);
+                f.backend_active
+                    .with_label_values(&b)
+                    .set(i64::from(is_active));
+                rtt.push(rtt_histogram(&b, stats));
             }
+            f.backends
+                .with_label_values(&[name, &vip_label, proto, "configured"])
+                .set(configured);
+            f.backends
+                .with_label_values(&[name, &vip_label, proto, "active"])
+                .set(active);
         }
-        let mut families = connections.collect();
-        families.extend(no_backend.collect());
-        families.extend(slots.collect());
+        let dp = maps.datapath_stats()?;
+        for (event, value) in [
+            ("reverse_state_created", dp.rev_created),
+            ("reverse_state_released", dp.rev_released),
+            ("udp_flow_tracked", dp.udp_flows_added),
+            ("udp_flow_untracked_map_full", dp.udp_flows_full),
+        ] {
+            f.datapath.with_label_values(&[event]).inc_by(value);
+        }
+        for (map, entries) in [
+            ("services", snap.services.len()),
+            ("slots", snap.slots.len()),
+            ("backends", snap.backends.len()),
+            ("backend_stats", snap.backend_stats.len()),
+            ("active", snap.active.len()),
+        ] {
+            f.map_entries.with_label_values(&[map]).set(entries as i64);
+        }
+        let mut families: Vec<MetricFamily> =
+            f.collectors().iter().flat_map(|c| c.collect()).collect();
+        if !rtt.is_empty() {
+            let mut family = MetricFamily::default();
+            family.set_name(RTT_NAME.into());
+            family.set_help(RTT_HELP.into());
+            family.set_field_type(MetricType::HISTOGRAM);
+            family.set_metric(rtt);
+            families.push(family);
+        }
         Ok(families)
     }
 }
 
-trait DescOf {
-    fn desc(&self) -> Vec<&Desc>;
-}
-
-impl<A: Collector, B: Collector, C: Collector> DescOf for (A, B, C) {
-    fn desc(&self) -> Vec<&Desc> {
-        let mut descs = self.0.desc();
-        descs.extend(self.1.desc());
-        descs.extend(self.2.desc());
-        descs
+/// The kernel's log2 RTT buckets as a cumulative Prometheus histogram in seconds.
+fn rtt_histogram(labels: &[&str; 3], stats: &BackendStats) -> Metric {
+    let mut buckets = Vec::with_capacity(RTT_BUCKETS);
+    let mut cumulative = 0;
+    for (i, count) in stats.rtt_buckets.iter().enumerate().take(RTT_BUCKETS - 1) {
+        cumulative += count;
+        let mut bucket = Bucket::default();
+        bucket.set_upper_bound((RTT_BUCKET_BASE_US << i) as f64 / 1e6);
+        bucket.set_cumulative_count(cumulative);
+        buckets.push(bucket);
     }
+    let mut histogram = Histogram::default();
+    histogram.set_bucket(buckets);
+    histogram.set_sample_count(stats.rtt_samples);
+    histogram.set_sample_sum(stats.rtt_sum_us as f64 / 1e6);
+    let mut metric = Metric::default();
+    metric.set_label(
+        BACKEND_LABELS
+            .iter()
+            .zip(labels)
+            .map(|(name, value)| {
+                let mut pair = LabelPair::default();
+                pair.set_name(name.to_string());
+                pair.set_value(value.to_string());
+                pair
+            })
+            .collect(),
+    );
+    metric.set_histogram(histogram);
+    metric
 }
 
 impl Collector for KernelCounters {

@@ -5,9 +5,12 @@
 //!   moved into it, and the agent attaches its programs only there;
 //! - a bpffs directory per test ([`BpffsDir`]) that the agent pins into and that is cleaned up
 //!   with `mesh cleanup` afterwards;
-//! - backends listening on 127.0.0.0/8 ([`TcpBackend`], [`UdpBackend`]) inside the test process.
+//! - backends listening on 127.0.0.0/8 ([`TcpBackend`], [`UdpBackend`]) inside the test process;
+//! - network namespaces ([`NetNs`]) with backends running inside them ([`ProbeServer`]), for
+//!   addresses outside 127.0.0.0/8 (IPv6 VIPs and backends).
 //!
-//! Traffic goes only to 127.0.0.0/8. Every wait and every load loop is bounded.
+//! Traffic goes only to 127.0.0.0/8 or to addresses inside a test's own network namespace.
+//! Every wait and every load loop is bounded.
 //!
 //! Binaries: `$MESH_BIN` (the `mesh` CLI/agent) and `$MESH_PROBE_BIN` (this crate's
 //! `mesh-probe`), set by `cargo xtask test`; see [`mesh_bin`] and [`probe_bin`] for fallbacks.
@@ -18,6 +21,8 @@ pub mod bpffs;
 pub mod cgroup;
 pub mod config;
 pub mod http;
+pub mod maps;
+pub mod netns;
 pub mod probe;
 pub mod process;
 pub mod services;
@@ -31,7 +36,11 @@ pub use backend::{TcpBackend, UdpBackend};
 pub use bpffs::BpffsDir;
 pub use cgroup::CgroupGuard;
 pub use config::{ServiceSpec, render_config};
-pub use probe::{ProbeLine, ProbeResult, probe_connect_in, run_probe_in, run_probe_outside};
+pub use netns::{NetNs, ProbeServer, ServerKind};
+pub use probe::{
+    ProbeLine, ProbeResult, ProbeSummary, probe_connect_in, probe_summary_in, run_probe_in,
+    run_probe_outside, spawn_probe_in,
+};
 pub use services::{
     BackendStatus, ServiceStatus, service_status, services, services_json, wait_for_backends,
 };

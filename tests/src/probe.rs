@@ -260,6 +260,209 @@ pub fn probe_udp_in(cgroup: &CgroupGuard, addr: impl Display, count: usize) -> P
     check_total(run_probe_in(cgroup, args), count)
 }
 
+/// What `mesh-probe ... --summary` (and `connect-until`) printed: one JSON object.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct ProbeSummary {
+    /// Attempts made (replies + errors).
+    pub attempts: u64,
+    /// Reply (a backend's name) -> count.
+    pub replies: BTreeMap<String, u64>,
+    /// Reply source address (UDP) -> count.
+    pub sources: BTreeMap<String, u64>,
+    /// Error (errno name or message) -> count.
+    pub errors: BTreeMap<String, u64>,
+    /// The slowest connect() (TCP and connected UDP), in microseconds.
+    pub max_connect_us: u64,
+    /// How long the whole run took.
+    pub elapsed_ms: u64,
+}
+
+impl ProbeSummary {
+    /// Parses the last non-empty line of the probe's stdout.
+    pub fn parse(stdout: &str) -> Result<ProbeSummary, String> {
+        let line = stdout
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .ok_or("mesh-probe printed no summary")?;
+        serde_json::from_str(line).map_err(|e| format!("mesh-probe summary {line:?}: {e}"))
+    }
+
+    /// Number of replies of any name.
+    pub fn reply_total(&self) -> u64 {
+        self.replies.values().sum()
+    }
+
+    /// Number of errors of any kind.
+    pub fn error_total(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    /// How many replies said `name`.
+    pub fn count(&self, name: &str) -> u64 {
+        self.replies.get(name).copied().unwrap_or(0)
+    }
+}
+
+/// Runs a prepared probe command (`cmd` may wrap the probe, e.g. `ip netns exec NS mesh-probe`)
+/// bounded by `timeout`. If `cgroup` is given, the child moves into it before exec and the probe
+/// must report it. Panics if it fails, overruns or ran elsewhere.
+pub fn run_probe_command(
+    cmd: &mut Command,
+    cgroup: Option<&CgroupGuard>,
+    timeout: Duration,
+) -> ProbeResult {
+    if let Some(cgroup) = cgroup {
+        move_into_cgroup_at_spawn(cmd, cgroup);
+    }
+    let out = crate::process::run_bounded(cmd, timeout)
+        .unwrap_or_else(|e| panic!("mesh-probe {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "mesh-probe {cmd:?} failed: {}",
+        out.describe()
+    );
+    let result = ProbeResult::from_output(out.stdout, out.stderr);
+    if let Some(cgroup) = cgroup {
+        check_cgroup(&result, cgroup);
+    }
+    result
+}
+
+#[track_caller]
+fn check_cgroup(result: &ProbeResult, cgroup: &CgroupGuard) {
+    let expected = format!("/{}", cgroup.name());
+    match result.cgroup() {
+        Some(path) if path.ends_with(&expected) => {}
+        other => panic!(
+            "mesh-probe should run in cgroup {} but reported {other:?}; stderr:\n{}",
+            cgroup.path().display(),
+            result.stderr
+        ),
+    }
+}
+
+/// [`run_probe_in`] with a time bound other than [`PROBE_TIMEOUT`].
+pub fn run_probe_in_for<I, S>(cgroup: &CgroupGuard, args: I, timeout: Duration) -> ProbeResult
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(crate::probe_bin());
+    cmd.args(args);
+    run_probe_command(&mut cmd, Some(cgroup), timeout)
+}
+
+/// Runs `mesh-probe <args>` (which must print a summary: `--summary` or `connect-until`) inside
+/// `cgroup`, bounded by `timeout`, and parses the summary.
+pub fn probe_summary_in<I, S>(cgroup: &CgroupGuard, args: I, timeout: Duration) -> ProbeSummary
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let result = run_probe_in_for(cgroup, args, timeout);
+    ProbeSummary::parse(&result.stdout)
+        .unwrap_or_else(|e| panic!("{e}; stderr:\n{}", result.stderr))
+}
+
+/// A probe running in the background (see [`spawn_probe_in`]). Drop kills it if it still runs.
+pub struct RunningProbe {
+    child: std::process::Child,
+    stdout: Option<std::thread::JoinHandle<String>>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+    cgroup_name: String,
+}
+
+impl RunningProbe {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (at most `timeout`) for the probe to exit; panics if it overruns (it is killed)
+    /// or fails. Checks it ran in its cgroup.
+    pub fn wait(mut self, timeout: Duration) -> ProbeResult {
+        let status = crate::process::wait_bounded(&mut self.child, timeout);
+        if status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let stdout = join_output(self.stdout.take());
+        let stderr = join_output(self.stderr.take());
+        let Some(status) = status else {
+            panic!(
+                "mesh-probe (pid {}) still ran after {timeout:?}; killed\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+                self.child.id()
+            );
+        };
+        assert!(
+            status.success(),
+            "mesh-probe (pid {}) failed: {status}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+            self.child.id()
+        );
+        let result = ProbeResult::from_output(stdout, stderr);
+        let expected = format!("/{}", self.cgroup_name);
+        assert!(
+            result.cgroup().is_some_and(|c| c.ends_with(&expected)),
+            "mesh-probe should run in cgroup {expected} but reported {:?}",
+            result.cgroup()
+        );
+        result
+    }
+}
+
+impl Drop for RunningProbe {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn join_output(handle: Option<std::thread::JoinHandle<String>>) -> String {
+    handle
+        .map(|h| h.join().unwrap_or_else(|_| "<reader panicked>".into()))
+        .unwrap_or_default()
+}
+
+fn drain_pipe(
+    pipe: Option<impl std::io::Read + Send + 'static>,
+) -> Option<std::thread::JoinHandle<String>> {
+    pipe.map(|mut pipe| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    })
+}
+
+/// Starts `mesh-probe <args>` inside `cgroup` without waiting for it (for concurrent clients,
+/// e.g. `connect-until`). Its output is collected by [`RunningProbe::wait`].
+pub fn spawn_probe_in<I, S>(cgroup: &CgroupGuard, args: I) -> RunningProbe
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(crate::probe_bin());
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    move_into_cgroup_at_spawn(&mut cmd, cgroup);
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start mesh-probe {cmd:?}: {e}"));
+    let stdout = drain_pipe(child.stdout.take());
+    let stderr = drain_pipe(child.stderr.take());
+    RunningProbe {
+        child,
+        stdout,
+        stderr,
+        cgroup_name: cgroup.name().to_owned(),
+    }
+}
+
 /// The errno name of an I/O error (`ECONNREFUSED`), or its message when it has no errno.
 pub fn errno_name(error: &std::io::Error) -> String {
     if let Some(code) = error.raw_os_error() {
@@ -347,6 +550,21 @@ mod tests {
             BTreeMap::from([("127.100.3.1:53".into(), 2)])
         );
         assert_eq!(result.count("x"), 1);
+    }
+
+    #[test]
+    fn parses_a_summary() {
+        let stdout = "{\"attempts\":5,\"replies\":{\"a\":2,\"b\":1},\"sources\":{\"127.100.3.1:53\":3},\
+                      \"errors\":{\"ECONNREFUSED\":2},\"max_connect_us\":40,\"elapsed_ms\":3}\n";
+        let summary = ProbeSummary::parse(stdout).expect("parses");
+        assert_eq!(summary.attempts, 5);
+        assert_eq!(summary.reply_total(), 3);
+        assert_eq!(summary.error_total(), 2);
+        assert_eq!(summary.count("a"), 2);
+        assert_eq!(summary.count("zzz"), 0);
+        assert_eq!(summary.max_connect_us, 40);
+        assert!(ProbeSummary::parse("").is_err());
+        assert!(ProbeSummary::parse("a\nb\n").is_err());
     }
 
     #[test]

@@ -1,31 +1,62 @@
-//! `mesh-probe`: a tiny client for mesh's end-to-end tests. The harness runs it inside a test
-//! cgroup so its connects go through mesh's programs.
+//! `mesh-probe`: a tiny client (and backend) for mesh's end-to-end tests. The harness runs it
+//! inside a test cgroup so its connects go through mesh's programs, and, for IPv6 tests, inside
+//! a test network namespace (`ip netns exec`).
 //!
 //! ```text
-//! mesh-probe connect --addr IP:PORT --count N [--timeout-ms T]
+//! mesh-probe connect --addr IP:PORT --count N [--timeout-ms T] [--summary]
 //!     N sequential TCP connects; each: connect, read the reply until EOF, close.
 //!     Prints one line per connect: the reply's first line, or `ERR <errno name or message>`.
-//! mesh-probe udp --addr IP:PORT --count N [--timeout-ms T]
+//! mesh-probe udp --addr IP:PORT --count N [--timeout-ms T] [--summary]
 //!     N request/replies on one unconnected UDP socket (sendto/recvfrom).
 //!     Prints `<reply> from <ip:port>` or `ERR <errno name or message>` per datagram.
+//! mesh-probe udp-fresh --addr IP:PORT --count N [--timeout-ms T] [--summary]
+//!     As `udp`, but every datagram from a new unconnected socket (closed after the reply).
+//! mesh-probe udp-connected --addr IP:PORT --count N [--timeout-ms T] [--summary]
+//!     N new connected UDP sockets: connect, send, recv, close. Output as `udp`.
+//! mesh-probe connect-until --addr IP:PORT --stop-file PATH --max-ms M [--timeout-ms T]
+//!     TCP connects (as `connect`) in a loop until PATH exists or M ms have passed.
+//!     Always prints a summary.
+//! mesh-probe peer --addr IP:PORT --proto tcp|udp [--timeout-ms T]
+//!     One connect (TCP, or connected UDP and one request). Prints
+//!     `peer <getpeername() or ERR ..>`, `original_dst <getsockopt SO_ORIGINAL_DST or ERR ..>`
+//!     and `reply <reply> from <source>` (or `reply ERR ..`), one per line.
+//! mesh-probe serve-tcp --addr IP:PORT --name NAME --max-ms M
+//!     A TCP backend: writes `NAME\n` to each connection and closes it.
+//! mesh-probe serve-udp --addr IP:PORT --name NAME --max-ms M
+//!     A UDP backend: answers each datagram with `NAME`.
+//!     Both print `ready <bound ip:port>` once listening, and exit after M ms.
 //! ```
+//!
+//! `--summary` replaces the per-attempt lines with one JSON object (see
+//! [`integration_tests::probe::ProbeSummary`]): attempts, replies, reply sources, errors, the
+//! slowest connect() in microseconds and the elapsed time.
 //!
 //! It first prints `mesh-probe: cgroup <0:: line of /proc/self/cgroup>` on stderr, and exits 0
 //! once all attempts are reported (2 on usage errors).
 
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufWriter, Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use integration_tests::probe::{CGROUP_LINE_PREFIX, errno_name};
 
 /// Largest reply read per connection.
 const MAX_REPLY: u64 = 4096;
 
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Connect,
     Udp,
+    UdpFresh,
+    UdpConnected,
+    ConnectUntil,
+    Peer,
+    ServeTcp,
+    ServeUdp,
 }
 
 struct Args {
@@ -33,55 +64,116 @@ struct Args {
     addr: SocketAddr,
     count: usize,
     timeout: Duration,
+    summary: bool,
+    stop_file: Option<PathBuf>,
+    max: Duration,
+    proto_udp: bool,
+    name: String,
 }
 
-const USAGE: &str = "usage: mesh-probe connect|udp --addr IP:PORT --count N [--timeout-ms T]";
+const USAGE: &str =
+    "usage: mesh-probe connect|udp|udp-fresh|udp-connected --addr IP:PORT --count N \
+[--timeout-ms T] [--summary]
+       mesh-probe connect-until --addr IP:PORT --stop-file PATH --max-ms M [--timeout-ms T]
+       mesh-probe peer --addr IP:PORT --proto tcp|udp [--timeout-ms T]
+       mesh-probe serve-tcp|serve-udp --addr IP:PORT --name NAME --max-ms M";
+
+fn parse_ms(flag: &str, value: &str) -> Result<Duration, String> {
+    let ms = value
+        .parse::<u64>()
+        .map_err(|e| format!("{flag} {value:?}: {e}"))?;
+    if ms == 0 {
+        return Err(format!("{flag} must be > 0"));
+    }
+    Ok(Duration::from_millis(ms))
+}
 
 fn parse_args(args: &[String]) -> Result<Args, String> {
     let (mode, rest) = args.split_first().ok_or("missing command")?;
     let mode = match mode.as_str() {
         "connect" => Mode::Connect,
         "udp" => Mode::Udp,
+        "udp-fresh" => Mode::UdpFresh,
+        "udp-connected" => Mode::UdpConnected,
+        "connect-until" => Mode::ConnectUntil,
+        "peer" => Mode::Peer,
+        "serve-tcp" => Mode::ServeTcp,
+        "serve-udp" => Mode::ServeUdp,
         other => return Err(format!("unknown command {other:?}")),
     };
-    let mut addr = None;
-    let mut count = None;
-    let mut timeout = Duration::from_millis(2000);
+    let mut flags: HashMap<&str, &str> = HashMap::new();
+    let mut summary = false;
     let mut rest = rest.iter();
     while let Some(flag) = rest.next() {
-        let value = rest.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--addr" => {
-                addr = Some(
-                    value
-                        .parse::<SocketAddr>()
-                        .map_err(|e| format!("--addr {value:?}: {e}"))?,
-                );
-            }
-            "--count" => {
-                count = Some(
-                    value
-                        .parse::<usize>()
-                        .map_err(|e| format!("--count {value:?}: {e}"))?,
-                );
-            }
-            "--timeout-ms" => {
-                let ms = value
-                    .parse::<u64>()
-                    .map_err(|e| format!("--timeout-ms {value:?}: {e}"))?;
-                if ms == 0 {
-                    return Err("--timeout-ms must be > 0".into());
-                }
-                timeout = Duration::from_millis(ms);
-            }
-            other => return Err(format!("unknown flag {other:?}")),
+        if flag == "--summary" {
+            summary = true;
+            continue;
         }
+        let known = [
+            "--addr",
+            "--count",
+            "--timeout-ms",
+            "--stop-file",
+            "--max-ms",
+            "--proto",
+            "--name",
+        ];
+        if !known.contains(&flag.as_str()) {
+            return Err(format!("unknown flag {flag:?}"));
+        }
+        let value = rest.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        flags.insert(flag.as_str(), value.as_str());
+    }
+    let addr = flags
+        .get("--addr")
+        .ok_or("--addr is required")?
+        .parse::<SocketAddr>()
+        .map_err(|e| format!("--addr: {e}"))?;
+    let needs_count = matches!(
+        mode,
+        Mode::Connect | Mode::Udp | Mode::UdpFresh | Mode::UdpConnected
+    );
+    let count = match flags.get("--count") {
+        Some(v) => v
+            .parse::<usize>()
+            .map_err(|e| format!("--count {v:?}: {e}"))?,
+        None if needs_count => return Err("--count is required".into()),
+        None => 0,
+    };
+    let timeout = match flags.get("--timeout-ms") {
+        Some(v) => parse_ms("--timeout-ms", v)?,
+        None => Duration::from_millis(2000),
+    };
+    let needs_max = matches!(mode, Mode::ConnectUntil | Mode::ServeTcp | Mode::ServeUdp);
+    let max = match flags.get("--max-ms") {
+        Some(v) => parse_ms("--max-ms", v)?,
+        None if needs_max => return Err("--max-ms is required".into()),
+        None => Duration::ZERO,
+    };
+    let stop_file = flags.get("--stop-file").map(PathBuf::from);
+    if mode == Mode::ConnectUntil && stop_file.is_none() {
+        return Err("--stop-file is required".into());
+    }
+    let proto_udp = match (mode, flags.get("--proto").copied()) {
+        (Mode::Peer, Some("tcp")) => false,
+        (Mode::Peer, Some("udp")) => true,
+        (Mode::Peer, other) => return Err(format!("--proto must be tcp or udp, got {other:?}")),
+        _ => false,
+    };
+    let name = flags.get("--name").map(|s| (*s).to_owned());
+    if matches!(mode, Mode::ServeTcp | Mode::ServeUdp) && name.is_none() {
+        return Err("--name is required".into());
     }
     Ok(Args {
         mode,
-        addr: addr.ok_or("--addr is required")?,
-        count: count.ok_or("--count is required")?,
+        addr,
+        count,
         timeout,
+        summary: summary || mode == Mode::ConnectUntil,
+        stop_file,
+        max,
+        proto_udp,
+        name: name.unwrap_or_default(),
     })
 }
 
@@ -98,8 +190,10 @@ fn main() -> ExitCode {
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     let result = match args.mode {
-        Mode::Connect => connect_loop(&args, &mut out),
-        Mode::Udp => udp_loop(&args, &mut out),
+        Mode::ServeTcp => serve_tcp(&args, &mut out),
+        Mode::ServeUdp => serve_udp(&args, &mut out),
+        Mode::Peer => peer(&args, &mut out),
+        _ => client(&args, &mut out),
     };
     if let Err(e) = result.and_then(|()| out.flush()) {
         eprintln!("mesh-probe: {e}");
@@ -117,54 +211,354 @@ fn report_cgroup() {
     eprintln!("{CGROUP_LINE_PREFIX}{line}");
 }
 
-fn connect_loop(args: &Args, out: &mut impl Write) -> std::io::Result<()> {
-    for _ in 0..args.count {
-        match connect_once(args.addr, args.timeout) {
-            Ok(reply) => writeln!(out, "{reply}")?,
-            Err(e) => writeln!(out, "ERR {e}")?,
+/// What one client attempt gave.
+struct Attempt {
+    /// The reply and, for UDP, where it came from; or the error.
+    outcome: Result<(String, Option<SocketAddr>), String>,
+    /// How long connect() took (TCP and connected UDP).
+    connect: Option<Duration>,
+}
+
+/// Totals of a client run, printed as one JSON object with `--summary`.
+#[derive(Default)]
+struct Summary {
+    attempts: u64,
+    replies: BTreeMap<String, u64>,
+    sources: BTreeMap<String, u64>,
+    errors: BTreeMap<String, u64>,
+    max_connect: Duration,
+}
+
+impl Summary {
+    fn add(&mut self, attempt: &Attempt) {
+        self.attempts += 1;
+        match &attempt.outcome {
+            Ok((reply, from)) => {
+                *self.replies.entry(reply.clone()).or_default() += 1;
+                if let Some(from) = from {
+                    *self.sources.entry(from.to_string()).or_default() += 1;
+                }
+            }
+            Err(e) => *self.errors.entry(e.clone()).or_default() += 1,
         }
+        if let Some(took) = attempt.connect {
+            self.max_connect = self.max_connect.max(took);
+        }
+    }
+
+    fn to_json(&self, elapsed: Duration) -> serde_json::Value {
+        serde_json::json!({
+            "attempts": self.attempts,
+            "replies": self.replies,
+            "sources": self.sources,
+            "errors": self.errors,
+            "max_connect_us": u64::try_from(self.max_connect.as_micros()).unwrap_or(u64::MAX),
+            "elapsed_ms": u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+}
+
+fn client(args: &Args, out: &mut impl Write) -> std::io::Result<()> {
+    let started = Instant::now();
+    let mut summary = Summary::default();
+    // `udp` keeps one socket for all datagrams.
+    let shared = if args.mode == Mode::Udp {
+        Some(unconnected_socket(args)?)
+    } else {
+        None
+    };
+    let mut i = 0usize;
+    loop {
+        if args.mode == Mode::ConnectUntil {
+            let stop = args.stop_file.as_ref().is_some_and(|f| f.exists());
+            if stop || started.elapsed() >= args.max {
+                break;
+            }
+        } else if i >= args.count {
+            break;
+        }
+        let attempt = match args.mode {
+            Mode::Connect | Mode::ConnectUntil => connect_once(args.addr, args.timeout),
+            Mode::Udp => udp_exchange(
+                shared.as_ref().expect("udp mode has a socket"),
+                args.addr,
+                i,
+            ),
+            Mode::UdpFresh => match unconnected_socket(args) {
+                Ok(socket) => udp_exchange(&socket, args.addr, i),
+                Err(e) => failed(&e),
+            },
+            Mode::UdpConnected => udp_connected_once(args, i),
+            Mode::Peer | Mode::ServeTcp | Mode::ServeUdp => unreachable!("not a client loop"),
+        };
+        if args.summary {
+            summary.add(&attempt);
+        } else {
+            match &attempt.outcome {
+                Ok((reply, Some(from))) => writeln!(out, "{reply} from {from}")?,
+                Ok((reply, None)) => writeln!(out, "{reply}")?,
+                Err(e) => writeln!(out, "ERR {e}")?,
+            }
+        }
+        i += 1;
+    }
+    if args.summary {
+        writeln!(out, "{}", summary.to_json(started.elapsed()))?;
     }
     Ok(())
 }
 
+fn failed(e: &std::io::Error) -> Attempt {
+    Attempt {
+        outcome: Err(errno_name(e)),
+        connect: None,
+    }
+}
+
 /// One connect, read until EOF, close. The reply's first line, or the error to print.
-fn connect_once(addr: SocketAddr, timeout: Duration) -> Result<String, String> {
-    let stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| errno_name(&e))?;
+fn connect_once(addr: SocketAddr, timeout: Duration) -> Attempt {
+    let started = Instant::now();
+    let connected = TcpStream::connect_timeout(&addr, timeout);
+    let connect = Some(started.elapsed());
+    let outcome = connected
+        .map_err(|e| errno_name(&e))
+        .and_then(|stream| read_reply(&stream, timeout))
+        .map(|reply| (reply, None));
+    Attempt { outcome, connect }
+}
+
+fn read_reply(stream: &TcpStream, timeout: Duration) -> Result<String, String> {
     stream
         .set_read_timeout(Some(timeout))
         .map_err(|e| errno_name(&e))?;
     let mut reply = Vec::new();
-    (&stream)
+    stream
         .take(MAX_REPLY)
         .read_to_end(&mut reply)
         .map_err(|e| errno_name(&e))?;
     first_line(&reply).ok_or_else(|| "empty".to_owned())
 }
 
-fn udp_loop(args: &Args, out: &mut impl Write) -> std::io::Result<()> {
-    let bind: SocketAddr = if args.addr.is_ipv4() {
+fn unspecified_for(addr: SocketAddr) -> SocketAddr {
+    if addr.is_ipv4() {
         "0.0.0.0:0".parse().expect("valid")
     } else {
         "[::]:0".parse().expect("valid")
-    };
-    let socket = UdpSocket::bind(bind)?;
+    }
+}
+
+fn unconnected_socket(args: &Args) -> std::io::Result<UdpSocket> {
+    let socket = UdpSocket::bind(unspecified_for(args.addr))?;
     socket.set_read_timeout(Some(args.timeout))?;
+    Ok(socket)
+}
+
+fn udp_exchange(socket: &UdpSocket, addr: SocketAddr, i: usize) -> Attempt {
+    let request = format!("mesh-probe {i}\n");
+    let outcome = match socket.send_to(request.as_bytes(), addr) {
+        Err(e) => Err(errno_name(&e)),
+        Ok(_) => udp_reply(socket),
+    };
+    Attempt {
+        outcome,
+        connect: None,
+    }
+}
+
+fn udp_reply(socket: &UdpSocket) -> Result<(String, Option<SocketAddr>), String> {
     let mut buf = [0u8; 2048];
-    for i in 0..args.count {
+    match socket.recv_from(&mut buf) {
+        Ok((n, from)) => match first_line(&buf[..n]) {
+            Some(reply) => Ok((reply, Some(from))),
+            None => Err(format!("empty from {from}")),
+        },
+        Err(e) => Err(errno_name(&e)),
+    }
+}
+
+fn udp_connected_once(args: &Args, i: usize) -> Attempt {
+    let socket = match unconnected_socket(args) {
+        Ok(socket) => socket,
+        Err(e) => return failed(&e),
+    };
+    let started = Instant::now();
+    let connected = socket.connect(args.addr);
+    let connect = Some(started.elapsed());
+    let outcome = connected.map_err(|e| errno_name(&e)).and_then(|()| {
         let request = format!("mesh-probe {i}\n");
-        let line = match socket.send_to(request.as_bytes(), args.addr) {
-            Err(e) => format!("ERR {}", errno_name(&e)),
-            Ok(_) => match socket.recv_from(&mut buf) {
-                Ok((n, from)) => match first_line(&buf[..n]) {
-                    Some(reply) => format!("{reply} from {from}"),
-                    None => format!("ERR empty from {from}"),
-                },
-                Err(e) => format!("ERR {}", errno_name(&e)),
-            },
+        socket
+            .send(request.as_bytes())
+            .map_err(|e| errno_name(&e))?;
+        udp_reply(&socket)
+    });
+    Attempt { outcome, connect }
+}
+
+/// `peer`: what getpeername() and SO_ORIGINAL_DST say about one connected socket.
+fn peer(args: &Args, out: &mut impl Write) -> std::io::Result<()> {
+    if args.proto_udp {
+        let socket = unconnected_socket(args)?;
+        if let Err(e) = socket.connect(args.addr) {
+            return writeln!(out, "ERR connect {}", errno_name(&e));
+        }
+        writeln!(out, "peer {}", show(socket.peer_addr()))?;
+        writeln!(
+            out,
+            "original_dst {}",
+            show(original_dst(&socket, args.addr))
+        )?;
+        let reply = socket
+            .send(b"mesh-probe peer\n")
+            .map_err(|e| errno_name(&e))
+            .and_then(|_| udp_reply(&socket));
+        match reply {
+            Ok((reply, Some(from))) => writeln!(out, "reply {reply} from {from}"),
+            Ok((reply, None)) => writeln!(out, "reply {reply}"),
+            Err(e) => writeln!(out, "reply ERR {e}"),
+        }
+    } else {
+        let stream = match TcpStream::connect_timeout(&args.addr, args.timeout) {
+            Ok(stream) => stream,
+            Err(e) => return writeln!(out, "ERR connect {}", errno_name(&e)),
         };
-        writeln!(out, "{line}")?;
+        writeln!(out, "peer {}", show(stream.peer_addr()))?;
+        writeln!(
+            out,
+            "original_dst {}",
+            show(original_dst(&stream, args.addr))
+        )?;
+        match read_reply(&stream, args.timeout) {
+            Ok(reply) => writeln!(out, "reply {reply}"),
+            Err(e) => writeln!(out, "reply ERR {e}"),
+        }
+    }
+}
+
+fn show(addr: std::io::Result<SocketAddr>) -> String {
+    match addr {
+        Ok(addr) => addr.to_string(),
+        Err(e) => format!("ERR {}", errno_name(&e)),
+    }
+}
+
+/// getsockopt(SOL_IP, SO_ORIGINAL_DST) for IPv4 sockets, getsockopt(SOL_IPV6,
+/// IP6T_SO_ORIGINAL_DST) for IPv6 ones (both are option 80).
+fn original_dst(socket: &impl AsRawFd, like: SocketAddr) -> std::io::Result<SocketAddr> {
+    const SO_ORIGINAL_DST: libc::c_int = 80;
+    // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let (level, mut len) = if like.is_ipv4() {
+        (libc::SOL_IP, size_of::<libc::sockaddr_in>())
+    } else {
+        (libc::SOL_IPV6, size_of::<libc::sockaddr_in6>())
+    };
+    let mut optlen = libc::socklen_t::try_from(len).expect("small");
+    // SAFETY: `storage` is large enough for either sockaddr and outlives the call; optlen says
+    // how much of it the kernel may write.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            level,
+            SO_ORIGINAL_DST,
+            (&raw mut storage).cast(),
+            &mut optlen,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    len = usize::try_from(optlen).unwrap_or(0);
+    sockaddr_to_std(&storage, len)
+}
+
+fn sockaddr_to_std(storage: &libc::sockaddr_storage, len: usize) -> std::io::Result<SocketAddr> {
+    let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET if len >= size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says it is a sockaddr_in, and storage is aligned for it.
+            let sin = unsafe { &*(std::ptr::from_ref(storage).cast::<libc::sockaddr_in>()) };
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                u32::from_be(sin.sin_addr.s_addr).into(),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 if len >= size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: the family says it is a sockaddr_in6, and storage is aligned for it.
+            let sin6 = unsafe { &*(std::ptr::from_ref(storage).cast::<libc::sockaddr_in6>()) };
+            Ok(SocketAddr::V6(SocketAddrV6::new(
+                sin6.sin6_addr.s6_addr.into(),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        family => Err(invalid(format!(
+            "unexpected sockaddr: family {family}, length {len}"
+        ))),
+    }
+}
+
+/// Prints `ready <addr>` and flushes, so the harness knows the backend listens.
+fn announce(out: &mut impl Write, addr: SocketAddr) -> std::io::Result<()> {
+    writeln!(out, "ready {addr}")?;
+    out.flush()
+}
+
+fn serve_tcp(args: &Args, out: &mut impl Write) -> std::io::Result<()> {
+    let listener = TcpListener::bind(args.addr)?;
+    listener.set_nonblocking(true)?;
+    announce(out, listener.local_addr()?)?;
+    let reply = format!("{}\n", args.name).into_bytes();
+    let deadline = Instant::now() + args.max;
+    while Instant::now() < deadline {
+        if !wait_readable(listener.as_raw_fd(), Duration::from_millis(50)) {
+            continue;
+        }
+        loop {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                    let _ = stream.write_all(&reply);
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    eprintln!("mesh-probe: accept: {e}");
+                    break;
+                }
+            }
+        }
     }
     Ok(())
+}
+
+fn serve_udp(args: &Args, out: &mut impl Write) -> std::io::Result<()> {
+    let socket = UdpSocket::bind(args.addr)?;
+    socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+    announce(out, socket.local_addr()?)?;
+    let deadline = Instant::now() + args.max;
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        // Errors: the read timeout, EINTR, or ICMP from a client that is gone.
+        if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(args.name.as_bytes(), peer);
+        }
+    }
+    Ok(())
+}
+
+/// poll(2) for readability, bounded by `timeout`. False on timeout (or EINTR).
+fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pfd` is a valid pollfd for the duration of the call and nfds is 1.
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
 
 fn first_line(bytes: &[u8]) -> Option<String> {

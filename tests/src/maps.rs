@@ -1,0 +1,115 @@
+//! Reading the agent's pinned maps with `bpftool` (`<bpffs>/v1/maps/<name>`), for counters the
+//! CLI does not show: `datapath_stats` and the `udp_flows` table.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::BpffsDir;
+
+/// The pin layout version the tests expect (`mesh_common::LAYOUT_VERSION`).
+pub const LAYOUT_DIR: &str = "v1";
+
+/// Path of the pinned map `name` (lower case, as the agent pins it).
+pub fn map_pin(bpffs: &BpffsDir, name: &str) -> PathBuf {
+    bpffs
+        .path()
+        .join(LAYOUT_DIR)
+        .join("maps")
+        .join(name.to_ascii_lowercase())
+}
+
+/// `bpftool map dump pinned <pin> -j`, parsed. Panics with bpftool's output on failure.
+pub fn map_dump(bpffs: &BpffsDir, name: &str) -> serde_json::Value {
+    let pin = map_pin(bpffs, name);
+    let mut cmd = Command::new("bpftool");
+    cmd.args(["map", "dump", "pinned"]).arg(&pin).arg("-j");
+    let out = crate::process::run_bounded(&mut cmd, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("`bpftool map dump pinned {}`: {e}", pin.display()));
+    assert!(
+        out.status.success(),
+        "`bpftool map dump pinned {}` failed (is bpftool installed?): {}",
+        pin.display(),
+        out.describe()
+    );
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "`bpftool map dump pinned {}` printed invalid JSON ({e}): {}",
+            pin.display(),
+            out.stdout
+        )
+    })
+}
+
+/// Number of entries of a (non per-CPU-array) map.
+pub fn map_len(bpffs: &BpffsDir, name: &str) -> usize {
+    match map_dump(bpffs, name) {
+        serde_json::Value::Array(entries) => entries.len(),
+        other => panic!("`bpftool map dump` of {name} is not a list: {other}"),
+    }
+}
+
+/// The node-wide counters of `datapath_stats`, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DatapathCounters {
+    pub rev_created: u64,
+    pub rev_released: u64,
+    pub udp_flows_added: u64,
+    pub udp_flows_full: u64,
+}
+
+/// Reads `datapath_stats` (per-CPU array, index 0) through bpftool's BTF-formatted dump.
+pub fn datapath_counters(bpffs: &BpffsDir) -> DatapathCounters {
+    let dump = map_dump(bpffs, "datapath_stats");
+    parse_datapath_counters(&dump).unwrap_or_else(|e| panic!("{e}: {dump}"))
+}
+
+/// Sums the per-CPU values of a `bpftool map dump -j` of `datapath_stats`.
+pub fn parse_datapath_counters(dump: &serde_json::Value) -> Result<DatapathCounters, String> {
+    let entry = dump
+        .as_array()
+        .and_then(|entries| entries.first())
+        .ok_or("datapath_stats dump has no entry")?;
+    let values = entry
+        .pointer("/formatted/values")
+        .and_then(serde_json::Value::as_array)
+        .ok_or("datapath_stats dump has no BTF-formatted per-CPU values")?;
+    let mut sum = DatapathCounters::default();
+    for cpu in values {
+        let field = |name: &str| {
+            cpu.pointer(&format!("/value/{name}"))
+                .and_then(serde_json::Value::as_u64)
+                .ok_or_else(|| format!("datapath_stats value has no numeric field {name}"))
+        };
+        sum.rev_created += field("rev_created")?;
+        sum.rev_released += field("rev_released")?;
+        sum.udp_flows_added += field("udp_flows_added")?;
+        sum.udp_flows_full += field("udp_flows_full")?;
+    }
+    Ok(sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_per_cpu_counters() {
+        let dump = serde_json::json!([{"key": ["0x00"], "values": [],
+            "formatted": {"key": 0, "values": [
+                {"cpu": 0, "value": {"rev_created": 3, "rev_released": 2,
+                                     "udp_flows_added": 1, "udp_flows_full": 0}},
+                {"cpu": 1, "value": {"rev_created": 4, "rev_released": 5,
+                                     "udp_flows_added": 0, "udp_flows_full": 7}}]}}]);
+        assert_eq!(
+            parse_datapath_counters(&dump),
+            Ok(DatapathCounters {
+                rev_created: 7,
+                rev_released: 7,
+                udp_flows_added: 1,
+                udp_flows_full: 7
+            })
+        );
+        assert!(parse_datapath_counters(&serde_json::json!([])).is_err());
+    }
+}
