@@ -1,9 +1,10 @@
 //! `mesh agent`: builds the components from the config and runs them until a signal.
 //!
-//! State flows one way: sources (config file) -> desired state -> `Reconciler` (diff + map
-//! writes). The reconciler task is the only writer of the maps.
+//! State flows one way: sources (config file, admin API, Redis) -> `Registry` -> desired state
+//! (with health) -> `Reconciler` (diff + map writes). This task is the only writer of the maps.
 
 use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -11,6 +12,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use mesh_common::{PROTO_UDP, SETTINGS_F_TELEMETRY, Settings};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -18,14 +20,22 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    config::{self, Config},
+    config::{self, Config, HealthKind},
     datapath::{Datapath, LoadOptions},
+    health::{HealthMonitor, Target, Transition},
     http,
     metrics::AgentMetrics,
-    reconcile::{Applied, IdLimits, plan},
-    state::DesiredState,
+    reconcile::{Applied, IdLimits, MapOp, plan},
+    registry::{Registry, SourceUpdate},
+    sockdiag,
+    state::{DesiredState, Vip, apply_health, vip_of},
     system,
 };
+
+/// How often the kernel's connect-failure counters are read for passive detection.
+const PASSIVE_POLL: Duration = Duration::from_millis(50);
+/// At most this many health checks run at once, whatever the number of backends.
+const MAX_CONCURRENT_CHECKS: usize = 256;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct AgentArgs {
@@ -95,6 +105,28 @@ impl Reconciler {
         })
     }
 
+    /// (VIP, backend) pairs that take connections now: at start, what an earlier agent left
+    /// active keeps its traffic until a health check says otherwise.
+    pub fn active_backends(&self) -> BTreeSet<(Vip, SocketAddr)> {
+        let addr_of: BTreeMap<u32, SocketAddr> = self
+            .applied
+            .backends
+            .iter()
+            .map(|(&addr, &id)| (id, addr))
+            .collect();
+        self.applied
+            .services
+            .iter()
+            .flat_map(|(vip, svc)| {
+                svc.active
+                    .keys()
+                    .filter_map(|id| addr_of.get(id))
+                    .map(|&addr| (*vip, addr))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// Makes the maps hold `desired`. On a planning error nothing is written; on a write error
     /// the applied state is re-read from the maps so the next run repairs what is missing.
     pub fn reconcile(&mut self, desired: &DesiredState) -> anyhow::Result<usize> {
@@ -117,55 +149,308 @@ impl Reconciler {
             self.applied = self.datapath.maps.snapshot()?.applied().0;
             return Err(err);
         }
+        let left = self.udp_backends_left(&ops, desired);
         self.applied = next;
+        self.terminate_udp_flows(&left);
         Ok(ops.len())
     }
+
+    /// (service id, backend id) of UDP services whose backend left the rotation in `ops`,
+    /// unless the service opted out of terminating its flows.
+    fn udp_backends_left(&self, ops: &[MapOp], desired: &DesiredState) -> Vec<(u32, u32)> {
+        let udp: BTreeMap<u32, &Vip> = self
+            .applied
+            .services
+            .iter()
+            .filter(|(vip, _)| vip.proto == PROTO_UDP)
+            .map(|(vip, svc)| (svc.id, vip))
+            .collect();
+        ops.iter()
+            .filter_map(|op| match op {
+                MapOp::DeleteActive {
+                    service_id,
+                    backend_id,
+                } => Some((*service_id, *backend_id)),
+                _ => None,
+            })
+            .filter(|(service_id, _)| {
+                udp.get(service_id).is_some_and(|vip| {
+                    desired
+                        .services
+                        .get(vip)
+                        .is_none_or(|s| s.terminate_udp_flows)
+                })
+            })
+            .collect()
+    }
+
+    /// Terminates the connected UDP sockets the kernel pointed at backends that left, so their
+    /// clients notice (ECONNABORTED) and reconnect to a live backend.
+    fn terminate_udp_flows(&self, left: &[(u32, u32)]) {
+        let mut cookies = HashSet::new();
+        for &(service_id, backend_id) in left {
+            match self.datapath.maps.udp_flows_to(service_id, backend_id) {
+                Ok(found) => cookies.extend(found),
+                Err(err) => warn!("reading udp_flows: {err:#}"),
+            }
+        }
+        if cookies.is_empty() {
+            return;
+        }
+        match sockdiag::destroy_udp_sockets(&cookies) {
+            Ok(destroyed) => {
+                info!(
+                    destroyed,
+                    "terminated connected UDP sockets of removed backends"
+                );
+                self.metrics.udp_flows_terminated(destroyed as u64);
+            }
+            Err(err) => error!("terminating connected UDP sockets: {err}"),
+        }
+    }
+
+    /// (VIP, backend) pairs with at least their service's `passive_failures` consecutive
+    /// failed connects; their counts are reset.
+    fn passive_failures(&mut self, thresholds: &BTreeMap<Vip, u32>) -> Vec<(Vip, SocketAddr, u32)> {
+        let Some(&lowest) = thresholds.values().min() else {
+            return Vec::new();
+        };
+        let by_id: BTreeMap<u32, (&Vip, u32)> = self
+            .applied
+            .services
+            .iter()
+            .filter_map(|(vip, svc)| thresholds.get(vip).map(|&t| (svc.id, (vip, t))))
+            .collect();
+        let addr_of: BTreeMap<u32, SocketAddr> = self
+            .applied
+            .backends
+            .iter()
+            .map(|(&addr, &id)| (id, addr))
+            .collect();
+        let candidates = match self.datapath.maps.passive_failures(lowest) {
+            Ok(found) => found,
+            Err(err) => {
+                warn!("reading passive failure counts: {err:#}");
+                return Vec::new();
+            }
+        };
+        let mut failing = Vec::new();
+        for (key, count) in candidates {
+            let (Some(&(vip, threshold)), Some(&addr)) =
+                (by_id.get(&key.service_id), addr_of.get(&key.backend_id))
+            else {
+                continue;
+            };
+            if count >= threshold {
+                if let Err(err) = self.datapath.maps.reset_passive(&key) {
+                    warn!("resetting passive failure count: {err:#}");
+                }
+                failing.push((*vip, addr, count));
+            }
+        }
+        failing
+    }
+}
+
+/// Everything the running agent holds.
+struct Agent {
+    args: AgentArgs,
+    registry: Registry,
+    reconciler: Reconciler,
+    health: HealthMonitor,
+    metrics: Arc<AgentMetrics>,
+}
+
+impl Agent {
+    fn desired(&self) -> DesiredState {
+        let config = self.registry.merged();
+        let mut desired = DesiredState::from_config(&config);
+        apply_health(&mut desired, &config, |vip, addr| {
+            self.health.health(vip, addr)
+        });
+        desired
+    }
+
+    fn reconcile(&mut self, why: &str) -> anyhow::Result<()> {
+        let desired = self.desired();
+        let writes = self.reconciler.reconcile(&desired)?;
+        if writes > 0 {
+            info!(writes, services = desired.services.len(), "{why}: applied");
+        }
+        Ok(())
+    }
+
+    /// Points the health checks at the backends of the merged registry.
+    fn update_health_targets(&mut self) {
+        let targets = health_targets(&self.registry.merged());
+        let active = self.reconciler.active_backends();
+        self.health.set_targets(targets, &active);
+    }
+
+    fn passive_thresholds(&self) -> BTreeMap<Vip, u32> {
+        self.registry
+            .merged()
+            .services
+            .iter()
+            .filter_map(|svc| {
+                let check = svc.health.as_ref()?;
+                (check.kind != HealthKind::None && check.passive_failures > 0)
+                    .then(|| (vip_of(svc), check.passive_failures))
+            })
+            .collect()
+    }
+
+    fn reload_file(&mut self) {
+        let config = match self.args.load_config() {
+            Ok(config) => config,
+            Err(err) => return self.rejected("config edit", &err.to_string()),
+        };
+        if config.agent != self.registry.file_config().agent {
+            warn!("changes to [agent] take effect when the agent restarts");
+        }
+        let mut config = config;
+        config.agent = self.registry.file_config().agent.clone();
+        let origin = self.args.config.display().to_string();
+        if let Err(err) = self.registry.replace_file(config, &origin) {
+            return self.rejected("config edit", &err.to_string());
+        }
+        self.apply_registry("config edit");
+    }
+
+    fn source_update(&mut self, update: SourceUpdate) {
+        let source = update.source;
+        let result = match self.registry.replace(source, update.services) {
+            Ok(()) => {
+                self.apply_registry(source.name());
+                Ok(())
+            }
+            Err(err) => {
+                self.rejected(source.name(), &err.to_string());
+                Err(err.to_string())
+            }
+        };
+        if let Some(reply) = update.reply {
+            let _ = reply.send(result);
+        }
+    }
+
+    fn apply_registry(&mut self, why: &str) {
+        self.update_health_targets();
+        if let Err(err) = self.reconcile(why) {
+            self.metrics.config_rejected();
+            error!("{why} could not be applied, the running services stay in force: {err:#}");
+        }
+    }
+
+    fn rejected(&self, what: &str, reasons: &str) {
+        self.metrics.config_rejected();
+        // One line, so line-based log readers keep the reason with the level.
+        let reasons = reasons.replace('\n', "; ");
+        error!("{what} rejected, the running services stay in force: {reasons}");
+    }
+
+    fn passive_tick(&mut self) {
+        let thresholds = self.passive_thresholds();
+        let failing = self.reconciler.passive_failures(&thresholds);
+        for (vip, addr, count) in &failing {
+            self.health.force_unhealthy(
+                vip,
+                addr,
+                &format!("{count} consecutive failed connects seen by the kernel"),
+            );
+        }
+        if !failing.is_empty()
+            && let Err(err) = self.reconcile("passive detection")
+        {
+            error!("passive detection could not be applied: {err:#}");
+        }
+    }
+}
+
+fn health_targets(config: &Config) -> Vec<Target> {
+    config
+        .services
+        .iter()
+        .filter_map(|svc| {
+            let check = svc.health.as_ref()?;
+            Some(
+                svc.backends
+                    .iter()
+                    .filter(|b| !b.drain)
+                    .map(|b| Target {
+                        vip: vip_of(svc),
+                        backend: b.addr,
+                        check: check.clone(),
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .flatten()
+        .collect()
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let config = args
         .load_config()
         .map_err(|err| anyhow::anyhow!("invalid config:\n{err}"))?;
-    let agent = &config.agent;
-    system::ensure_bpffs(&agent.bpffs)?;
-    let cgroup = match &agent.cgroup {
+    let agent_config = config.agent.clone();
+    system::ensure_bpffs(&agent_config.bpffs)?;
+    let cgroup = match &agent_config.cgroup {
         Some(cgroup) => cgroup.clone(),
         None => system::cgroup2_root()?,
     };
-    let datapath = Datapath::load(&LoadOptions {
-        bpffs: &agent.bpffs,
+    let mut datapath = Datapath::load(&LoadOptions {
+        bpffs: &agent_config.bpffs,
         cgroup: &cgroup,
-        limits: &agent.limits,
+        limits: &agent_config.limits,
     })?;
+    let flags = if agent_config.telemetry {
+        SETTINGS_F_TELEMETRY
+    } else {
+        0
+    };
+    datapath
+        .maps
+        .set_settings(Settings { flags, _pad: 0 })
+        .context("writing settings")?;
     info!(
-        bpffs = %agent.bpffs.display(),
+        bpffs = %agent_config.bpffs.display(),
         cgroup = %cgroup.display(),
+        telemetry = agent_config.telemetry,
         "programs attached"
     );
 
-    let metrics = Arc::new(AgentMetrics::new(&agent.bpffs)?);
+    let metrics = Arc::new(AgentMetrics::new(&agent_config.bpffs)?);
     let limits = IdLimits {
-        max_services: agent.limits.max_services,
-        max_backends: agent.limits.max_backends,
+        max_services: agent_config.limits.max_services,
+        max_backends: agent_config.limits.max_backends,
     };
-    let mut reconciler = Reconciler::adopt(datapath, limits, metrics.clone())?;
-    let writes = reconciler.reconcile(&DesiredState::from_config(&config))?;
-    info!(
-        services = config.services.len(),
-        writes,
-        "services from {} applied",
-        args.config.display()
-    );
+    let reconciler = Reconciler::adopt(datapath, limits, metrics.clone())?;
+    let (health_tx, mut health_rx) = mpsc::unbounded_channel::<Transition>();
+    let mut health = HealthMonitor::new(MAX_CONCURRENT_CHECKS, health_tx);
+    health.on_check(metrics.health_check_observer());
+    let mut agent = Agent {
+        args: args.clone(),
+        registry: Registry::new(config),
+        reconciler,
+        health,
+        metrics: metrics.clone(),
+    };
+    agent.update_health_targets();
+    agent.reconcile(&format!("services from {}", args.config.display()))?;
 
-    let server = http::serve(config.agent.metrics, metrics.clone()).await?;
+    let (sources_tx, mut sources_rx) = mpsc::channel::<SourceUpdate>(16);
+    let _sources = crate::sources::start(&agent_config, sources_tx, metrics.clone()).await?;
+    let server = http::serve(agent_config.metrics, metrics.clone()).await?;
     let (changed_tx, mut changed_rx) = mpsc::channel(1);
     let _watcher = watch_file(&args.config, changed_tx)?;
     metrics.set_ready(true);
-    info!(metrics = %config.agent.metrics, "mesh agent ready");
+    info!(metrics = %agent_config.metrics, "mesh agent ready");
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let mut running = config;
+    let mut passive = tokio::time::interval(PASSIVE_POLL);
+    passive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
@@ -174,51 +459,25 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 // Editors write files in several steps; let them finish.
                 tokio::time::sleep(Duration::from_millis(15)).await;
                 while changed_rx.try_recv().is_ok() {}
-                reload(&args, &mut running, &mut reconciler, &metrics);
+                agent.reload_file();
             }
+            Some(update) = sources_rx.recv() => agent.source_update(update),
+            Some(transition) = health_rx.recv() => {
+                metrics.health_transition(&transition);
+                while let Ok(more) = health_rx.try_recv() {
+                    metrics.health_transition(&more);
+                }
+                if let Err(err) = agent.reconcile("health change") {
+                    error!("health change could not be applied: {err:#}");
+                }
+            }
+            _ = passive.tick() => agent.passive_tick(),
         }
+        metrics.set_health(agent.health.snapshot());
     }
     server.abort();
     info!("stopping; the data path stays in place (`mesh cleanup` removes it)");
     Ok(())
-}
-
-fn reload(
-    args: &AgentArgs,
-    running: &mut Config,
-    reconciler: &mut Reconciler,
-    metrics: &AgentMetrics,
-) {
-    let config = match args.load_config() {
-        Ok(config) => config,
-        Err(err) => {
-            metrics.config_rejected();
-            // One line, so line-based log readers keep the reason with the level.
-            let reasons = err.to_string().replace('\n', "; ");
-            error!("config edit rejected, the running services stay in force: {reasons}");
-            return;
-        }
-    };
-    if config.agent != running.agent {
-        warn!("changes to [agent] take effect when the agent restarts");
-    }
-    let desired = DesiredState::from_config(&config);
-    match reconciler.reconcile(&desired) {
-        Ok(writes) => {
-            info!(
-                services = config.services.len(),
-                writes, "config edit applied"
-            );
-            *running = Config {
-                agent: running.agent.clone(),
-                services: config.services,
-            };
-        }
-        Err(err) => {
-            metrics.config_rejected();
-            error!("config edit could not be applied, the running services stay in force: {err:#}");
-        }
-    }
 }
 
 /// Sends a message when `path` may have changed. Watches the directory, because editors and

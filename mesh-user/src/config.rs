@@ -44,6 +44,9 @@ pub struct AgentConfig {
     pub admin: Option<SocketAddr>,
     /// `[agent.limits]`: map capacities.
     pub limits: Limits,
+    /// Count per-backend bytes and TCP round-trip times in the kernel (a few map updates per
+    /// closed connection; see BENCHMARKS.md for its cost).
+    pub telemetry: bool,
 }
 
 impl Default for AgentConfig {
@@ -54,6 +57,7 @@ impl Default for AgentConfig {
             metrics: SocketAddr::from(([127, 0, 0, 1], 9464)),
             admin: None,
             limits: Limits::default(),
+            telemetry: true,
         }
     }
 }
@@ -101,6 +105,14 @@ pub struct ServiceConfig {
     pub affinity: Option<Affinity>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthConfig>,
+    /// UDP services: when a backend leaves, terminate the connected UDP sockets the load
+    /// balancer pointed at it, so clients notice and reconnect.
+    #[serde(default = "default_true")]
+    pub terminate_udp_flows: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// One `[[services.backends]]` entry.
@@ -202,6 +214,23 @@ pub struct HealthConfig {
     pub rise: u32,
     /// Consecutive failures that make a healthy backend unhealthy.
     pub fall: u32,
+    /// Consecutive failed connects seen by the kernel that eject a backend at once, without
+    /// waiting for the next check (passive detection); 0 turns it off.
+    pub passive_failures: u32,
+    /// What to do when no backend is healthy.
+    pub all_unhealthy: AllUnhealthy,
+}
+
+/// `all_unhealthy`: the policy when every backend of a service fails its checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AllUnhealthy {
+    /// Send to every non-draining backend, as if checks were off (Envoy's panic mode): when
+    /// all checks fail at once, the checker or the network is the likelier culprit.
+    #[default]
+    FailOpen,
+    /// Send nowhere: connects fail as for a service without backends (HAProxy's behaviour).
+    FailClosed,
 }
 
 impl Default for HealthConfig {
@@ -214,6 +243,8 @@ impl Default for HealthConfig {
             timeout: Duration::from_millis(500),
             rise: 2,
             fall: 3,
+            passive_failures: 3,
+            all_unhealthy: AllUnhealthy::FailOpen,
         }
     }
 }
@@ -775,6 +806,9 @@ impl HealthConfig {
         if let Some(reason) = u32_range(self.fall, 1, 100) {
             p.service(i, svc, "health.fall", reason);
         }
+        if let Some(reason) = u32_range(self.passive_failures, 0, 1000) {
+            p.service(i, svc, "health.passive_failures", reason);
+        }
     }
 
     fn check_expect(&self, i: usize, svc: &ServiceConfig, p: &mut Problems) {
@@ -980,6 +1014,7 @@ fall = 5
                 timeout: Duration::from_millis(250),
                 rise: 1,
                 fall: 5,
+                ..HealthConfig::default()
             }
         );
     }
@@ -1743,6 +1778,7 @@ on_empty = "passthrough"
                 expect: vec![(0, 0)],
                 ..HealthConfig::default()
             }),
+            terminate_udp_flows: true,
         });
         let err = c.validate("built-in").unwrap_err();
         assert_eq!(

@@ -35,6 +35,9 @@ use crate::{
     state::Vip,
 };
 
+/// How long old slot sets and backends outlive the switch away from them.
+const SWITCH_GRACE: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// `flags` of a map update: fail if the key exists.
 const BPF_NOEXIST: u64 = 1;
 
@@ -258,12 +261,8 @@ impl Maps {
         Ok(self.settings.set(0, settings, 0)?)
     }
 
-    /// (service, backend) pairs with at least `threshold` consecutive failed connects. Their
-    /// count is reset, so each run of failures is reported once.
-    pub fn take_passive_failures(
-        &mut self,
-        threshold: u32,
-    ) -> anyhow::Result<Vec<(BackendStatsKey, u32)>> {
+    /// (service, backend) pairs with at least `threshold` consecutive failed connects.
+    pub fn passive_failures(&self, threshold: u32) -> anyhow::Result<Vec<(BackendStatsKey, u32)>> {
         let mut failing = Vec::new();
         for entry in self.passive.iter() {
             let (key, state) = entry?;
@@ -271,10 +270,12 @@ impl Maps {
                 failing.push((key, state.consecutive_failures));
             }
         }
-        for (key, _) in &failing {
-            self.passive.insert(key, PassiveState::default(), 0)?;
-        }
         Ok(failing)
+    }
+
+    /// Starts counting consecutive failures of `key` from zero (after acting on a run).
+    pub fn reset_passive(&mut self, key: &BackendStatsKey) -> anyhow::Result<()> {
+        Ok(self.passive.insert(key, PassiveState::default(), 0)?)
     }
 
     /// Cookies of the connected UDP sockets the kernel pointed at `backend_id` of `service_id`.
@@ -328,7 +329,16 @@ impl Maps {
     /// Writes `ops` in order. On error the maps may hold part of the ops; the caller re-reads
     /// the applied state (the order of ops keeps the data path consistent at every step).
     pub fn apply(&mut self, ops: &[MapOp]) -> anyhow::Result<()> {
+        let mut switched = false;
         for op in ops {
+            if switched && op.is_cleanup() {
+                // A connect that read a service entry just before the switch still looks up
+                // its old slots within the same program run (under RCU). Let such runs finish
+                // before deleting what they may read; they last microseconds.
+                std::thread::sleep(SWITCH_GRACE);
+                switched = false;
+            }
+            switched |= op.is_switch();
             self.apply_one(op)
                 .with_context(|| format!("map write failed: {op:?}"))?;
         }

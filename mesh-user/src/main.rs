@@ -4,12 +4,17 @@ mod agent;
 mod cli;
 mod config;
 mod datapath;
+mod health;
 mod http;
 mod metrics;
 mod reconcile;
+mod registry;
 mod slots;
+mod sockdiag;
+mod sources;
 mod state;
 mod system;
+mod top;
 
 use std::path::PathBuf;
 
@@ -32,6 +37,38 @@ enum Command {
         pins: PinArgs,
         #[arg(long, short, value_enum, default_value_t)]
         output: cli::Output,
+    },
+    /// Show every (service, backend) pair: state, slots, connections, failures, bytes and mean RTT.
+    Backends {
+        /// Only the backends of this service (by name).
+        service: Option<String>,
+        #[command(flatten)]
+        pins: PinArgs,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: cli::Output,
+    },
+    /// Sample the counters twice, an interval apart: per-backend rates, per-service no-backend
+    /// connects and node-wide datapath counters.
+    Stats {
+        #[command(flatten)]
+        pins: PinArgs,
+        #[arg(long, short, value_enum, default_value_t)]
+        output: cli::Output,
+        /// Time between the two samples (humantime: 1s, 500ms, 1m).
+        #[arg(long, short, default_value = "1s", value_parser = cli::parse_interval)]
+        interval: std::time::Duration,
+    },
+    /// Live view of services and backends with connection rates, refreshed every interval
+    /// (Ctrl-C to quit).
+    Top {
+        #[command(flatten)]
+        pins: PinArgs,
+        /// Refresh interval (humantime: 1s, 500ms, 1m).
+        #[arg(long, short, default_value = "1s", value_parser = cli::parse_interval)]
+        interval: std::time::Duration,
+        /// Exit after this many refreshes; 0 runs until Ctrl-C.
+        #[arg(long, short = 'n', default_value_t = 0)]
+        iterations: u64,
     },
     /// Detach the programs and remove every pinned map and link.
     Cleanup {
@@ -60,6 +97,21 @@ fn main() -> anyhow::Result<()> {
                 .block_on(agent::run(args))
         }
         Command::Services { pins, output } => cli::services(&pins.bpffs, output),
+        Command::Backends {
+            service,
+            pins,
+            output,
+        } => cli::backends(&pins.bpffs, service.as_deref(), output),
+        Command::Stats {
+            pins,
+            output,
+            interval,
+        } => cli::stats(&pins.bpffs, output, interval),
+        Command::Top {
+            pins,
+            interval,
+            iterations,
+        } => top::run(&pins.bpffs, interval, iterations),
         Command::Cleanup { pins } => {
             for path in datapath::cleanup(&pins.bpffs)? {
                 println!("removed {}", path.display());

@@ -2,8 +2,12 @@
 //! scrape time (so they stay monotonic across agent restarts: the maps outlive the agent).
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -15,7 +19,11 @@ use prometheus::{
     proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType},
 };
 
-use crate::{datapath::Maps, state::protocol_name};
+use crate::{
+    datapath::Maps,
+    health::{Health, Transition},
+    state::{Vip, protocol_name},
+};
 
 pub struct AgentMetrics {
     registry: Registry,
@@ -24,6 +32,13 @@ pub struct AgentMetrics {
     reconcile_runs: IntCounterVec,
     reconcile_duration: prometheus::Histogram,
     config_rejected: IntCounter,
+    udp_flows_terminated: IntCounter,
+    check_duration: prometheus::HistogramVec,
+    health_transitions: IntCounterVec,
+    backend_health: IntGaugeVec,
+    check_failures: IntGaugeVec,
+    source_up: IntGaugeVec,
+    source_services: IntGaugeVec,
 }
 
 impl AgentMetrics {
@@ -55,6 +70,64 @@ impl AgentMetrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let udp_flows_terminated = IntCounter::new(
+            "mesh_udp_flows_terminated_total",
+            "Connected UDP sockets terminated because their backend left the service",
+        )?;
+        let check_duration = prometheus::HistogramVec::new(
+            HistogramOpts::new(
+                "mesh_health_check_duration_seconds",
+                "Duration of active health checks, by outcome",
+            )
+            .buckets(prometheus::exponential_buckets(0.0001, 3.0, 12)?),
+            &["outcome"],
+        )?;
+        let health_transitions = IntCounterVec::new(
+            Opts::new(
+                "mesh_health_transitions_total",
+                "Backend health state changes, by the state entered",
+            ),
+            &["to"],
+        )?;
+        let backend_health = IntGaugeVec::new(
+            Opts::new(
+                "mesh_backend_health",
+                "Health of each checked backend: 1 healthy, 0 unhealthy, -1 unknown (no result yet)",
+            ),
+            &["vip", "protocol", "backend"],
+        )?;
+        let check_failures = IntGaugeVec::new(
+            Opts::new(
+                "mesh_backend_check_consecutive_failures",
+                "Consecutive failed active checks of each checked backend",
+            ),
+            &["vip", "protocol", "backend"],
+        )?;
+        let source_up = IntGaugeVec::new(
+            Opts::new(
+                "mesh_registry_source_up",
+                "1 when the registry source is reachable and its last update applied",
+            ),
+            &["source"],
+        )?;
+        let source_services = IntGaugeVec::new(
+            Opts::new(
+                "mesh_registry_source_services",
+                "Services the registry source currently provides",
+            ),
+            &["source"],
+        )?;
+        for c in [
+            Box::new(udp_flows_terminated.clone()) as Box<dyn Collector>,
+            Box::new(check_duration.clone()),
+            Box::new(health_transitions.clone()),
+            Box::new(backend_health.clone()),
+            Box::new(check_failures.clone()),
+            Box::new(source_up.clone()),
+            Box::new(source_services.clone()),
+        ] {
+            registry.register(c)?;
+        }
         registry.register(Box::new(ready_gauge.clone()))?;
         registry.register(Box::new(reconcile_runs.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
@@ -68,7 +141,69 @@ impl AgentMetrics {
             reconcile_runs,
             reconcile_duration,
             config_rejected,
+            udp_flows_terminated,
+            check_duration,
+            health_transitions,
+            backend_health,
+            check_failures,
+            source_up,
+            source_services,
         })
+    }
+
+    pub fn udp_flows_terminated(&self, count: u64) {
+        self.udp_flows_terminated.inc_by(count);
+    }
+
+    /// For `HealthMonitor::on_check`: records each check's outcome and duration.
+    pub fn health_check_observer(&self) -> Arc<dyn Fn(&'static str, Duration) + Send + Sync> {
+        let histogram = self.check_duration.clone();
+        Arc::new(move |outcome, took| {
+            histogram
+                .with_label_values(&[outcome])
+                .observe(took.as_secs_f64())
+        })
+    }
+
+    pub fn health_transition(&self, transition: &Transition) {
+        let to = match transition.to {
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+            Health::Unknown => "unknown",
+        };
+        self.health_transitions.with_label_values(&[to]).inc();
+    }
+
+    /// Replaces the per-backend health gauges (backends no longer checked disappear).
+    pub fn set_health(&self, snapshot: Vec<(Vip, SocketAddr, Health, u32)>) {
+        self.backend_health.reset();
+        self.check_failures.reset();
+        for (vip, backend, health, failures) in snapshot {
+            let labels = [
+                vip.addr.to_string(),
+                vip.protocol_name().to_string(),
+                backend.to_string(),
+            ];
+            let labels = [labels[0].as_str(), labels[1].as_str(), labels[2].as_str()];
+            let value = match health {
+                Health::Healthy => 1,
+                Health::Unhealthy => 0,
+                Health::Unknown => -1,
+            };
+            self.backend_health.with_label_values(&labels).set(value);
+            self.check_failures
+                .with_label_values(&labels)
+                .set(i64::from(failures));
+        }
+    }
+
+    pub fn source_state(&self, source: &str, up: bool, services: usize) {
+        self.source_up
+            .with_label_values(&[source])
+            .set(i64::from(up));
+        self.source_services
+            .with_label_values(&[source])
+            .set(services as i64);
     }
 
     pub fn set_ready(&self, ready: bool) {

@@ -299,6 +299,18 @@ pub fn plan(
     Ok((ops, next))
 }
 
+impl MapOp {
+    /// Switches a service entry: what concurrent connects read first.
+    pub fn is_switch(&self) -> bool {
+        phase(self) == 3
+    }
+
+    /// Deletes what a switched-away entry may still point at.
+    pub fn is_cleanup(&self) -> bool {
+        phase(self) > 3
+    }
+}
+
 /// Stable sort key giving the order in which writes must reach the maps. Backend deletions come
 /// last: the slots that referenced them are gone by then.
 fn phase(op: &MapOp) -> u8 {
@@ -367,6 +379,7 @@ mod tests {
             name: name.into(),
             flags: SVC_F_REJECT_EMPTY,
             affinity_timeout_secs: 0,
+            terminate_udp_flows: true,
             members: backends
                 .iter()
                 .map(|&(addr, weight, active)| Member {

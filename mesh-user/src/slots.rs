@@ -191,6 +191,12 @@ mod tests {
     }
 
     #[test]
+    fn repeats_of_plain_nginx_order_are_avoided() {
+        // Plain nginx order is 0 1 2 0 0 1 0 2 1 0: backend 0 twice in a row with half the slots.
+        assert_eq!(layout(&[5, 3, 2]), vec![0, 1, 2, 0, 1, 0, 2, 0, 1, 0]);
+    }
+
+    #[test]
     fn weights_are_reduced_by_their_gcd() {
         assert_eq!(layout(&[2, 4, 6]), layout(&[1, 2, 3]));
         assert_eq!(slot_count(&[2, 4, 6]), 6);
@@ -225,14 +231,17 @@ mod tests {
     }
 
     #[test]
-    fn slot_count_matches_layout_at_the_per_service_maximum() {
-        // The largest layout validation accepts still builds, and quickly.
-        let mut weights = vec![1u32; (MAX_SLOTS_PER_SERVICE - 1) as usize];
-        weights.push(2);
-        assert_eq!(slot_count(&weights), MAX_SLOTS_PER_SERVICE + 1);
-        weights.truncate((MAX_SLOTS_PER_SERVICE - 1) as usize);
-        weights.push(1);
-        assert_eq!(layout(&weights).len() as u32, MAX_SLOTS_PER_SERVICE);
+    fn largest_valid_layout_is_exact() {
+        // The largest service validation accepts: MAX_BACKENDS_PER_SERVICE backends whose
+        // weights (gcd 1) need exactly MAX_SLOTS_PER_SERVICE slots.
+        let n = MAX_BACKENDS_PER_SERVICE as usize;
+        let mut weights = vec![16u32; n - 2];
+        weights.extend([31, 1]);
+        assert_eq!(slot_count(&weights), MAX_SLOTS_PER_SERVICE);
+        let slots = layout(&weights);
+        assert_eq!(slots.len() as u32, MAX_SLOTS_PER_SERVICE);
+        assert_eq!(counts(&slots, n), weights);
+        assert!(slots.windows(2).all(|p| p[0] != p[1]));
     }
 
     #[test]

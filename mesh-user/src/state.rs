@@ -6,7 +6,8 @@ use std::{collections::BTreeMap, fmt, net::SocketAddr};
 use mesh_common::{PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY, SVC_F_REJECT_EMPTY};
 
 use crate::{
-    config::{Config, EmptyPolicy, ServiceConfig},
+    config::{AllUnhealthy, Config, EmptyPolicy, HealthKind, ServiceConfig},
+    health::Health,
     slots,
 };
 
@@ -55,6 +56,8 @@ pub struct DesiredService {
     pub affinity_timeout_secs: u32,
     /// Every configured backend, in registry order (inactive ones keep their counters).
     pub members: Vec<Member>,
+    /// UDP: terminate connected sockets pointed at a backend that leaves.
+    pub terminate_udp_flows: bool,
 }
 
 impl DesiredService {
@@ -117,5 +120,127 @@ fn desired_service(svc: &ServiceConfig) -> DesiredService {
                 active: !b.drain,
             })
             .collect(),
+        terminate_udp_flows: svc.terminate_udp_flows,
+    }
+}
+
+/// Takes backends that fail their health checks out of rotation. With every backend of a
+/// service unhealthy, `all_unhealthy` decides: fail-open keeps all non-draining backends,
+/// fail-closed leaves none.
+pub fn apply_health(
+    desired: &mut DesiredState,
+    config: &Config,
+    health: impl Fn(&Vip, &SocketAddr) -> Health,
+) {
+    for svc in &config.services {
+        let Some(check) = svc.health.as_ref().filter(|h| h.kind != HealthKind::None) else {
+            continue;
+        };
+        let vip = vip_of(svc);
+        let Some(want) = desired.services.get_mut(&vip) else {
+            continue;
+        };
+        let healthy: Vec<bool> = want
+            .members
+            .iter()
+            .map(|m| m.active && health(&vip, &m.addr) == Health::Healthy)
+            .collect();
+        let any_candidate = want.members.iter().any(|m| m.active);
+        if !healthy.contains(&true)
+            && any_candidate
+            && check.all_unhealthy == AllUnhealthy::FailOpen
+        {
+            continue;
+        }
+        for (member, ok) in want.members.iter_mut().zip(healthy) {
+            member.active = ok;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    const TWO_CHECKED: &str = r#"
+[[services]]
+name = "web"
+vip = "127.100.0.1:80"
+[services.health]
+type = "tcp"
+[[services.backends]]
+addr = "127.0.0.1:1"
+[[services.backends]]
+addr = "127.0.0.1:2"
+"#;
+
+    fn active(desired: &DesiredState) -> Vec<bool> {
+        desired
+            .services
+            .values()
+            .next()
+            .unwrap()
+            .members
+            .iter()
+            .map(|m| m.active)
+            .collect()
+    }
+
+    #[test]
+    fn unhealthy_backend_leaves_the_rotation() {
+        let config = config::parse(TWO_CHECKED, "test").unwrap();
+        let mut desired = DesiredState::from_config(&config);
+        apply_health(&mut desired, &config, |_, addr| {
+            if addr.port() == 1 {
+                Health::Healthy
+            } else {
+                Health::Unhealthy
+            }
+        });
+        assert_eq!(active(&desired), vec![true, false]);
+    }
+
+    #[test]
+    fn new_backend_without_a_result_gets_no_traffic() {
+        let config = config::parse(TWO_CHECKED, "test").unwrap();
+        let mut desired = DesiredState::from_config(&config);
+        apply_health(&mut desired, &config, |_, addr| {
+            if addr.port() == 1 {
+                Health::Healthy
+            } else {
+                Health::Unknown
+            }
+        });
+        assert_eq!(active(&desired), vec![true, false]);
+    }
+
+    #[test]
+    fn all_unhealthy_fails_open_by_default_and_closed_when_asked() {
+        let config = config::parse(TWO_CHECKED, "test").unwrap();
+        let mut desired = DesiredState::from_config(&config);
+        apply_health(&mut desired, &config, |_, _| Health::Unhealthy);
+        assert_eq!(active(&desired), vec![true, true]);
+
+        let closed = TWO_CHECKED.replace(
+            "type = \"tcp\"",
+            "type = \"tcp\"\nall_unhealthy = \"fail-closed\"",
+        );
+        let config = config::parse(&closed, "test").unwrap();
+        let mut desired = DesiredState::from_config(&config);
+        apply_health(&mut desired, &config, |_, _| Health::Unhealthy);
+        assert_eq!(active(&desired), vec![false, false]);
+    }
+
+    #[test]
+    fn draining_backend_stays_out_even_when_failing_open() {
+        let drained = TWO_CHECKED.replace(
+            "addr = \"127.0.0.1:2\"",
+            "addr = \"127.0.0.1:2\"\ndrain = true",
+        );
+        let config = config::parse(&drained, "test").unwrap();
+        let mut desired = DesiredState::from_config(&config);
+        apply_health(&mut desired, &config, |_, _| Health::Unhealthy);
+        assert_eq!(active(&desired), vec![true, false]);
     }
 }

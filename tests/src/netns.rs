@@ -203,7 +203,7 @@ impl ProbeServer {
             .args(["--max-ms", &SERVER_MAX.as_millis().to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(Stdio::piped());
         // SAFETY: prctl is async-signal-safe and the closure allocates nothing. If the test
         // process dies without running Drop, the backend dies with it.
         unsafe {
@@ -218,6 +218,13 @@ impl ProbeServer {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         let stdout = child.stdout.take().expect("piped stdout");
+        let mut stderr_pipe = child.stderr.take().expect("piped stderr");
+        // Drained so the server never blocks on it; shown if it does not get ready.
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr_pipe, &mut text);
+            text
+        });
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = std::io::BufReader::new(stdout).lines();
@@ -241,7 +248,13 @@ impl ProbeServer {
                     .unwrap_or_else(|| panic!("{mode} {name} on {addr} said {line:?}"));
                 server.addr = bound;
             }
-            Err(_) => panic!("{mode} {name} on {addr} did not get ready within 10 s"),
+            Err(_) => {
+                // Kill it so its stderr ends, then show what it said.
+                send_signal(server.child.id(), libc::SIGKILL);
+                let _ = wait_bounded(&mut server.child, Duration::from_secs(5));
+                let said = stderr.join().unwrap_or_default();
+                panic!("{mode} {name} on {addr} did not get ready within 10 s; stderr:\n{said}")
+            }
         }
         server
     }

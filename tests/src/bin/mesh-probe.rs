@@ -16,10 +16,11 @@
 //! mesh-probe connect-until --addr IP:PORT --stop-file PATH --max-ms M [--timeout-ms T]
 //!     TCP connects (as `connect`) in a loop until PATH exists or M ms have passed.
 //!     Always prints a summary.
-//! mesh-probe peer --addr IP:PORT --proto tcp|udp [--timeout-ms T]
+//! mesh-probe peer --addr IP:PORT --proto tcp|udp [--timeout-ms T] [--hold-ms H]
 //!     One connect (TCP, or connected UDP and one request). Prints
 //!     `peer <getpeername() or ERR ..>`, `original_dst <getsockopt SO_ORIGINAL_DST or ERR ..>`
-//!     and `reply <reply> from <source>` (or `reply ERR ..`), one per line.
+//!     and `reply <reply> from <source>` (or `reply ERR ..`), one per line. With --hold-ms it
+//!     keeps the socket open that long before closing it and exiting.
 //! mesh-probe serve-tcp --addr IP:PORT --name NAME --max-ms M
 //!     A TCP backend: writes `NAME\n` to each connection and closes it.
 //! mesh-probe serve-udp --addr IP:PORT --name NAME --max-ms M
@@ -69,13 +70,14 @@ struct Args {
     max: Duration,
     proto_udp: bool,
     name: String,
+    hold: Duration,
 }
 
 const USAGE: &str =
     "usage: mesh-probe connect|udp|udp-fresh|udp-connected --addr IP:PORT --count N \
 [--timeout-ms T] [--summary]
        mesh-probe connect-until --addr IP:PORT --stop-file PATH --max-ms M [--timeout-ms T]
-       mesh-probe peer --addr IP:PORT --proto tcp|udp [--timeout-ms T]
+       mesh-probe peer --addr IP:PORT --proto tcp|udp [--timeout-ms T] [--hold-ms H]
        mesh-probe serve-tcp|serve-udp --addr IP:PORT --name NAME --max-ms M";
 
 fn parse_ms(flag: &str, value: &str) -> Result<Duration, String> {
@@ -117,6 +119,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--max-ms",
             "--proto",
             "--name",
+            "--hold-ms",
         ];
         if !known.contains(&flag.as_str()) {
             return Err(format!("unknown flag {flag:?}"));
@@ -150,6 +153,10 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         None if needs_max => return Err("--max-ms is required".into()),
         None => Duration::ZERO,
     };
+    let hold = match flags.get("--hold-ms") {
+        Some(v) => parse_ms("--hold-ms", v)?,
+        None => Duration::ZERO,
+    };
     let stop_file = flags.get("--stop-file").map(PathBuf::from);
     if mode == Mode::ConnectUntil && stop_file.is_none() {
         return Err("--stop-file is required".into());
@@ -174,6 +181,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         max,
         proto_udp,
         name: name.unwrap_or_default(),
+        hold,
     })
 }
 
@@ -412,10 +420,12 @@ fn peer(args: &Args, out: &mut impl Write) -> std::io::Result<()> {
             .map_err(|e| errno_name(&e))
             .and_then(|_| udp_reply(&socket));
         match reply {
-            Ok((reply, Some(from))) => writeln!(out, "reply {reply} from {from}"),
-            Ok((reply, None)) => writeln!(out, "reply {reply}"),
-            Err(e) => writeln!(out, "reply ERR {e}"),
+            Ok((reply, Some(from))) => writeln!(out, "reply {reply} from {from}")?,
+            Ok((reply, None)) => writeln!(out, "reply {reply}")?,
+            Err(e) => writeln!(out, "reply ERR {e}")?,
         }
+        std::thread::sleep(args.hold);
+        Ok(())
     } else {
         let stream = match TcpStream::connect_timeout(&args.addr, args.timeout) {
             Ok(stream) => stream,
@@ -428,9 +438,11 @@ fn peer(args: &Args, out: &mut impl Write) -> std::io::Result<()> {
             show(original_dst(&stream, args.addr))
         )?;
         match read_reply(&stream, args.timeout) {
-            Ok(reply) => writeln!(out, "reply {reply}"),
-            Err(e) => writeln!(out, "reply ERR {e}"),
+            Ok(reply) => writeln!(out, "reply {reply}")?,
+            Err(e) => writeln!(out, "reply ERR {e}")?,
         }
+        std::thread::sleep(args.hold);
+        Ok(())
     }
 }
 
