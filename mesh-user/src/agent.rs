@@ -150,14 +150,20 @@ impl Reconciler {
             return Err(err);
         }
         let left = self.udp_backends_left(&ops, desired);
-        self.applied = next;
-        self.terminate_udp_flows(&left);
+        let previous = std::mem::replace(&mut self.applied, next);
+        self.terminate_udp_flows(&left, &previous);
         Ok(ops.len())
     }
 
-    /// (service id, backend id) of UDP services whose backend left the rotation in `ops`,
+    /// (service id, backend address) of UDP services whose backend left the rotation in `ops`,
     /// unless the service opted out of terminating its flows.
-    fn udp_backends_left(&self, ops: &[MapOp], desired: &DesiredState) -> Vec<(u32, u32)> {
+    fn udp_backends_left(&self, ops: &[MapOp], desired: &DesiredState) -> Vec<(u32, SocketAddr)> {
+        let addr_of: BTreeMap<u32, SocketAddr> = self
+            .applied
+            .backends
+            .iter()
+            .map(|(&addr, &id)| (id, addr))
+            .collect();
         let udp: BTreeMap<u32, &Vip> = self
             .applied
             .services
@@ -181,31 +187,34 @@ impl Reconciler {
                         .is_none_or(|s| s.terminate_udp_flows)
                 })
             })
+            .filter_map(|(service_id, backend_id)| Some((service_id, *addr_of.get(&backend_id)?)))
             .collect()
     }
 
     /// Terminates the connected UDP sockets the kernel pointed at backends that left, so their
-    /// clients notice (ECONNABORTED) and reconnect to a live backend.
-    fn terminate_udp_flows(&self, left: &[(u32, u32)]) {
-        let mut cookies = HashSet::new();
-        for &(service_id, backend_id) in left {
+    /// clients notice (ECONNABORTED) and reconnect to a live backend. Only sockets still
+    /// connected to that backend are touched: one that disconnected since is left alone.
+    fn terminate_udp_flows(&self, left: &[(u32, SocketAddr)], previous: &Applied) {
+        let mut by_backend: BTreeMap<SocketAddr, HashSet<u64>> = BTreeMap::new();
+        for &(service_id, backend) in left {
+            // The id the flows were recorded with (the backend may be gone from the maps now).
+            let Some(&backend_id) = previous.backends.get(&backend) else {
+                continue;
+            };
             match self.datapath.maps.udp_flows_to(service_id, backend_id) {
-                Ok(found) => cookies.extend(found),
+                Ok(found) => by_backend.entry(backend).or_default().extend(found),
                 Err(err) => warn!("reading udp_flows: {err:#}"),
             }
         }
-        if cookies.is_empty() {
-            return;
-        }
-        match sockdiag::destroy_udp_sockets(&cookies) {
-            Ok(destroyed) => {
-                info!(
-                    destroyed,
-                    "terminated connected UDP sockets of removed backends"
-                );
-                self.metrics.udp_flows_terminated(destroyed as u64);
+        for (backend, cookies) in by_backend {
+            match sockdiag::destroy_udp_sockets_to(&cookies, backend) {
+                Ok(0) => {}
+                Ok(destroyed) => {
+                    info!(destroyed, %backend, "terminated connected UDP sockets of a removed backend");
+                    self.metrics.udp_flows_terminated(destroyed as u64);
+                }
+                Err(err) => error!(%backend, "terminating connected UDP sockets: {err}"),
             }
-            Err(err) => error!("terminating connected UDP sockets: {err}"),
         }
     }
 

@@ -316,8 +316,15 @@ fn write_backends_table(out: &mut impl Write, view: &BackendsView) -> std::io::R
         .map(String::from),
     ];
     for b in &view.backends {
-        // Bytes are measured with the RTT, at close; without samples nothing was measured.
-        let measured = b.rtt_samples > 0;
+        // Bytes are measured with the RTT, at close; without samples nothing was measured
+        // (telemetry off, a UDP service, or no connection closed yet).
+        let bytes = |n: u64| {
+            if b.rtt_samples > 0 {
+                human_bytes(n)
+            } else {
+                dash()
+            }
+        };
         rows.push([
             display_name(&b.service),
             b.vip.clone(),
@@ -327,12 +334,8 @@ fn write_backends_table(out: &mut impl Write, view: &BackendsView) -> std::io::R
             b.slots.to_string(),
             b.connections.to_string(),
             b.connect_failures.to_string(),
-            measured
-                .then(|| human_bytes(b.bytes_sent))
-                .unwrap_or_else(dash),
-            measured
-                .then(|| human_bytes(b.bytes_received))
-                .unwrap_or_else(dash),
+            bytes(b.bytes_sent),
+            bytes(b.bytes_received),
             b.mean_rtt_us.map(human_rtt).unwrap_or_else(dash),
         ]);
     }
@@ -630,8 +633,9 @@ pub fn display_name(name: &str) -> String {
     }
 }
 
-/// A rate with one decimal.
+/// A rate with one decimal (never `-0.0`: an empty float sum is negative zero).
 pub fn fmt_rate(rate: f64) -> String {
+    let rate = if rate == 0.0 { 0.0 } else { rate };
     format!("{rate:.1}")
 }
 
@@ -1071,6 +1075,7 @@ udp_flows_full   0      0.0
         assert_eq!(human_bytes(u64::MAX), "16384.0 PiB");
         assert_eq!(human_byte_rate(1024.4), "1.0 KiB/s");
         assert_eq!(human_rtt(850.0), "850us");
+        assert_eq!(fmt_rate(-0.0), "0.0");
         assert_eq!(human_rtt(1_250.0), "1.25ms");
         assert_eq!(human_rtt(2_100_000.0), "2.10s");
     }

@@ -179,12 +179,12 @@ mod tests {
 mesh top - 2025-01-02T03:04:05Z  every 1s  services: 2  backends: 3 (2 active)  conn/s: 6.0  fail/s: 0.5  no-backend/s: 2.5
 datapath/s: rev_created 5.0  rev_released 4.0  udp_flows_added 0.0  udp_flows_full 0.0
 
-SERVICE/BACKEND   VIP                     STATE       SLOTS  CONN/S  FAIL/S  NO_BACKEND/S  CONNECTIONS  FAILURES
-dns               127.100.9.2:53/udp      0/0 active  0      0.0     0.0     2.5
-web               127.100.9.1:80/tcp      2/3 active  3      6.0     0.5     0.0           116          3
-  127.0.0.1:8081                          active      2      5.0     0.5                   90           2
-  127.0.0.1:8082                          active      1      1.0     0.0                   20           0
-  127.0.0.1:8083                          inactive    0      0.0     0.0                   6            1
+SERVICE/BACKEND   VIP                 STATE       SLOTS  CONN/S  FAIL/S  NO_BACKEND/S  CONNECTIONS  FAILURES
+dns               127.100.9.2:53/udp  0/0 active  0      0.0     0.0     2.5           0            0
+web               127.100.9.1:80/tcp  2/3 active  3      6.0     0.5     0.0           116          3
+  127.0.0.1:8081                      active      2      5.0     0.5                   90           2
+  127.0.0.1:8082                      active      1      1.0     0.0                   20           0
+  127.0.0.1:8083                      inactive    0      0.0     0.0                   6            1
 ";
         assert_eq!(&text[CLEAR.len()..], expected);
     }

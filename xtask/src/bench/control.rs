@@ -1,0 +1,499 @@
+//! Control-plane measurements: time to program services cold and as a diff, config edit to
+//! data path, agent RSS and CPU, and (if the agent has them) health checks.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+
+use super::Settings;
+use super::mesh::{Agent, ServiceConf, catalog_services, config_text};
+use super::procs::{Proc, line_reader};
+use super::system::{Cgroup, monotonic_ns, scratch_name};
+use crate::signal;
+use crate::util::cmd;
+
+const PROBE_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(127, 101, 9, 1), 80);
+const EJECT_VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(127, 101, 9, 3), 80);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ColdRun {
+    pub services: usize,
+    pub repeat: usize,
+    /// Agent process start to /readyz answering 200 (the agent turns ready only after the
+    /// first reconcile has written every service).
+    pub ready_secs: f64,
+    /// The agent's own reconcile time (mesh_reconcile_duration_seconds_sum), if exposed.
+    pub reconcile_secs: Option<f64>,
+    /// `mesh services` listed exactly `services` right after ready.
+    pub listed_all: bool,
+    /// How long that `mesh services -o json` call took.
+    pub list_secs: f64,
+    pub rss_kib: Option<u64>,
+    /// CPU the agent used from start to ready, seconds.
+    pub startup_cpu_secs: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentUsage {
+    pub services: usize,
+    pub rss_kib: Option<u64>,
+    /// CPU over the window, percent of one core.
+    pub cpu_percent: Option<f64>,
+    pub window_secs: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChangeResults {
+    /// Services configured besides the probed one.
+    pub others: usize,
+    /// Config file rename to the first connection that reached the new backend set, ms.
+    pub latency_ms: Vec<f64>,
+    /// Changes the client did not see within the limit.
+    pub missed: usize,
+    /// Changes during which the client saw a refused or failed connection.
+    pub with_failed_connects: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DiffResults {
+    pub base_services: usize,
+    pub added: usize,
+    /// Rename of the config (+1k services) to the first connection through a new service.
+    pub add_to_data_path_secs: Vec<f64>,
+    /// Rename to `mesh services` listing all of them (includes the CLI's own run time).
+    pub add_to_listed_secs: Vec<f64>,
+    /// Rename of the config (-1k services) until the removed VIP is no longer translated.
+    pub remove_to_data_path_secs: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HealthResults {
+    /// Whether an agent accepted `[services.health] type = "tcp"`; None if not tried.
+    pub config_accepted: Option<bool>,
+    /// Kill of a backend to `mesh services` showing it with 0 slots, seconds.
+    pub ejection_secs: Option<f64>,
+    pub ejection_settings: String,
+    /// RSS and CPU at 10k services with tcp checks (default settings) on every service.
+    pub usage_with_checks: Option<AgentUsage>,
+    pub note: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ControlResults {
+    pub cold: Vec<ColdRun>,
+    pub idle_10k: Option<AgentUsage>,
+    pub diff: Option<DiffResults>,
+    pub change_small: Option<ChangeResults>,
+    pub change_10k: Option<ChangeResults>,
+    pub health: HealthResults,
+    pub errors: Vec<String>,
+}
+
+/// `loadgen probe` in the control-plane cgroup: prints `<backend id> <monotonic ns>` when the
+/// answer to its connects changes (255: refused or failed).
+struct Probe {
+    _proc: Proc,
+    lines: Receiver<String>,
+}
+
+impl Probe {
+    fn start(loadgen: &Path, cgroup: &Path, target: SocketAddrV4, dir: &Path) -> Result<Probe> {
+        let mut command = cmd(loadgen, ["probe", "--target"]);
+        command
+            .arg(target.to_string())
+            .arg("--cgroup")
+            .arg(cgroup)
+            .args(["--max-seconds", "900"]);
+        let (proc, stdout) = Proc::spawn_piped("loadgen probe", command, &dir.join("probe.log"))?;
+        Ok(Probe {
+            _proc: proc,
+            lines: line_reader(stdout),
+        })
+    }
+
+    fn drain(&self) {
+        while self.lines.try_recv().is_ok() {}
+    }
+
+    /// Waits for a line whose id satisfies `want`: its timestamp and whether a 255 came first.
+    fn wait_for(&self, want: impl Fn(u8) -> bool, limit: Duration) -> Result<Option<(u64, bool)>> {
+        let deadline = Instant::now() + limit;
+        let mut failed_first = false;
+        loop {
+            signal::check()?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            match self.lines.recv_timeout(left.min(Duration::from_millis(100))) {
+                Ok(line) => {
+                    let mut parts = line.split_ascii_whitespace();
+                    let id: u8 = parts.next().and_then(|v| v.parse().ok()).unwrap_or(255);
+                    let at: u64 = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                    if want(id) {
+                        return Ok(Some((at, failed_first)));
+                    }
+                    if id == 255 {
+                        failed_first = true;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => bail!("loadgen probe exited"),
+            }
+        }
+    }
+}
+
+pub struct ControlPlane<'a> {
+    pub settings: &'a Settings,
+    pub mesh: PathBuf,
+    pub loadgen: PathBuf,
+    pub dir: PathBuf,
+    pub backends: Vec<SocketAddr>,
+    /// Address of the extra backend the ejection test kills.
+    pub victim: SocketAddr,
+    pub metrics: SocketAddr,
+    pub agents_started: usize,
+    pub results: ControlResults,
+}
+
+impl ControlPlane<'_> {
+    fn start_agent(&mut self, cgroup: &Cgroup, config: &str) -> Result<Agent> {
+        self.agents_started += 1;
+        let name = format!("cp-{}", self.agents_started);
+        let bpffs = Path::new(super::system::BPFFS).join(scratch_name(&name));
+        Agent::start(
+            &self.mesh,
+            &self.dir,
+            &name,
+            config,
+            cgroup.path(),
+            &bpffs,
+            self.metrics,
+        )
+    }
+
+    pub fn run(&mut self) -> Result<()> {
+        let cgroup = Cgroup::create(&scratch_name("cp"))?;
+        let sizes = self.settings.cp_sizes.clone();
+        for &size in &sizes {
+            println!("\n==> bench: control plane: {size} services, cold start");
+            let services = catalog_services(size, None);
+            let refs: Vec<&ServiceConf> = services.iter().collect();
+            let text = config_text(&refs);
+            for repeat in 0..self.settings.cp_repeats {
+                let mut agent = self.start_agent(&cgroup, &text)?;
+                let cold = cold_run(&mut agent, size, repeat)?;
+                println!(
+                    "  {size} services: ready in {:.3} s (reconcile {}), listed: {}, RSS {} MiB",
+                    cold.ready_secs,
+                    cold.reconcile_secs
+                        .map_or_else(|| "n/a".to_owned(), |s| format!("{s:.3} s")),
+                    cold.listed_all,
+                    cold.rss_kib.map_or(0, |k| k / 1024)
+                );
+                self.results.cold.push(cold);
+                if size == 10_000 && repeat == 0 {
+                    self.at_10k(&cgroup, &mut agent, &services)?;
+                }
+            }
+        }
+
+        println!("\n==> bench: control plane: config edit to data path (1 service)");
+        let agent = self.start_agent(&cgroup, &config_text(&[]))?;
+        let probe = Probe::start(&self.loadgen, cgroup.path(), PROBE_VIP, &self.dir)?;
+        let small = self.change_latency(&agent, &probe, &[], self.settings.changes)?;
+        print_change(&small);
+        self.results.change_small = Some(small);
+        drop(probe);
+        drop(agent);
+
+        self.health(&cgroup)?;
+        Ok(())
+    }
+
+    /// With the 10k-service agent: idle usage, the diff (+1k services), edits at 10k.
+    fn at_10k(&mut self, cgroup: &Cgroup, agent: &mut Agent, base: &[ServiceConf]) -> Result<()> {
+        let usage = measure_usage(agent, base.len(), self.settings.idle_secs)?;
+        println!(
+            "  idle at 10k: RSS {} MiB, CPU {:.2}% of a core",
+            usage.rss_kib.unwrap_or(0) / 1024,
+            usage.cpu_percent.unwrap_or(0.0)
+        );
+        self.results.idle_10k = Some(usage);
+
+        println!("\n==> bench: control plane: diff, 10k -> 11k services");
+        let probe = Probe::start(&self.loadgen, cgroup.path(), PROBE_VIP, &self.dir)?;
+        let all = catalog_services(base.len() + 999, None);
+        let probe_svc = ServiceConf::new("probe", PROBE_VIP, self.backends.clone());
+        let grown: Vec<&ServiceConf> = all.iter().chain([&probe_svc]).collect();
+        let grown_text = config_text(&grown);
+        let base_refs: Vec<&ServiceConf> = base.iter().collect();
+        let base_text = config_text(&base_refs);
+        let mut diff = DiffResults {
+            base_services: base.len(),
+            added: grown.len() - base.len(),
+            ..DiffResults::default()
+        };
+        // The probe sees "refused" while its VIP is not configured.
+        probe.wait_for(|id| id == 255, Duration::from_secs(10))?;
+        for _ in 0..self.settings.diff_repeats {
+            probe.drain();
+            let written = agent.write_config(&grown_text)?;
+            match probe.wait_for(|id| id != 255, Duration::from_secs(60))? {
+                Some((at, _)) => diff
+                    .add_to_data_path_secs
+                    .push(at.saturating_sub(written) as f64 / 1e9),
+                None => self.error("diff: the added probe service never took traffic".into()),
+            }
+            agent.wait_services(grown.len(), Duration::from_secs(120))?;
+            diff.add_to_listed_secs
+                .push(monotonic_ns().saturating_sub(written) as f64 / 1e9);
+
+            probe.drain();
+            let written = agent.write_config(&base_text)?;
+            match probe.wait_for(|id| id == 255, Duration::from_secs(60))? {
+                Some((at, _)) => diff
+                    .remove_to_data_path_secs
+                    .push(at.saturating_sub(written) as f64 / 1e9),
+                None => self.error("diff: the removed probe service kept taking traffic".into()),
+            }
+            agent.wait_services(base.len(), Duration::from_secs(120))?;
+        }
+        println!(
+            "  +{} services: data path {:?} s, listed {:?} s; -{}: data path {:?} s",
+            diff.added,
+            rounded(&diff.add_to_data_path_secs),
+            rounded(&diff.add_to_listed_secs),
+            diff.added,
+            rounded(&diff.remove_to_data_path_secs)
+        );
+        self.results.diff = Some(diff);
+
+        println!("\n==> bench: control plane: config edit to data path (10k other services)");
+        let change = self.change_latency(agent, &probe, base, self.settings.changes_10k)?;
+        print_change(&change);
+        self.results.change_10k = Some(change);
+        Ok(())
+    }
+
+    /// Switches the probe service between backend 0 and backend 1 by config edits; the time
+    /// from each rename to the first connection the new backend answered.
+    fn change_latency(
+        &mut self,
+        agent: &Agent,
+        probe: &Probe,
+        others: &[ServiceConf],
+        changes: usize,
+    ) -> Result<ChangeResults> {
+        let texts: Vec<String> = (0..2)
+            .map(|i| {
+                let svc = ServiceConf::new("probe", PROBE_VIP, vec![self.backends[i]]);
+                let all: Vec<&ServiceConf> = others.iter().chain([&svc]).collect();
+                config_text(&all)
+            })
+            .collect();
+        let mut result = ChangeResults {
+            others: others.len(),
+            ..ChangeResults::default()
+        };
+        agent.write_config(&texts[0])?;
+        if probe
+            .wait_for(|id| id == 0, Duration::from_secs(60))?
+            .is_none()
+        {
+            bail!(
+                "the probe service never reached backend 0:\n{}",
+                agent.log_tail()
+            );
+        }
+        for k in 0..changes {
+            let want = ((k + 1) % 2) as u8;
+            // Spread the edits over the agent's timers instead of a fixed beat.
+            std::thread::sleep(Duration::from_millis(40 + (k as u64 * 7) % 23));
+            probe.drain();
+            let written = agent.write_config(&texts[usize::from(want)])?;
+            match probe.wait_for(|id| id == want, Duration::from_secs(10))? {
+                Some((at, failed)) => {
+                    result
+                        .latency_ms
+                        .push(at.saturating_sub(written) as f64 / 1e6);
+                    if failed {
+                        result.with_failed_connects += 1;
+                    }
+                }
+                None => {
+                    result.missed += 1;
+                    // Back to a known state before the next edit.
+                    let want = usize::from(want);
+                    agent.write_config(&texts[want])?;
+                    probe.wait_for(|id| usize::from(id) == want, Duration::from_secs(30))?;
+                }
+            }
+        }
+        Ok(result)
+    }
+
+    fn error(&mut self, message: String) {
+        println!("bench: WARNING: {message}");
+        self.results.errors.push(message);
+    }
+
+    /// Time to ejection of a killed backend with tcp checks, and usage at 10k with checks.
+    fn health(&mut self, cgroup: &Cgroup) -> Result<()> {
+        println!("\n==> bench: control plane: health checks (tcp)");
+        let settings = "type = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"50ms\"\nfall = 2\nrise = 1";
+        self.results.health.ejection_settings = settings.replace('\n', ", ");
+        let mut svc = ServiceConf::new("eject", EJECT_VIP, vec![self.backends[0], self.victim]);
+        svc.health = Some(settings.to_owned());
+        let mut victim = {
+            let mut command = cmd(&self.loadgen, ["serve", "--id", "3", "--addr"]);
+            command.arg(self.victim.to_string());
+            Proc::spawn("victim backend", command, &self.dir.join("victim.log"))?
+        };
+        super::system::wait_listening(self.victim, Duration::from_secs(10))?;
+        let mut agent = self.start_agent(cgroup, &config_text(&[&svc]))?;
+        if let Err(e) = agent.wait_ready(Duration::from_secs(30)) {
+            self.results.health.config_accepted = Some(false);
+            self.results.health.note = format!(
+                "the agent did not start with [services.health] type = \"tcp\": {}",
+                first_line(&format!("{e:#}"))
+            );
+            println!("  {}", self.results.health.note);
+            return Ok(());
+        }
+        self.results.health.config_accepted = Some(true);
+        // Let the checks settle with both backends up.
+        std::thread::sleep(Duration::from_millis(800));
+        let before = agent.backend_slots("eject", self.victim)?;
+        if before.unwrap_or(0) == 0 {
+            self.results.health.note = format!(
+                "the live backend had no slots before the kill ({before:?}); ejection not measured"
+            );
+            println!("  {}", self.results.health.note);
+        } else {
+            victim.kill_now();
+            let killed = Instant::now();
+            let limit = Duration::from_secs(10);
+            loop {
+                signal::check()?;
+                let slots = agent.backend_slots("eject", self.victim)?;
+                if slots.unwrap_or(0) == 0 {
+                    let secs = killed.elapsed().as_secs_f64();
+                    self.results.health.ejection_secs = Some(secs);
+                    println!("  killed backend ejected after {:.3} s ({settings:?})", secs);
+                    break;
+                }
+                if killed.elapsed() >= limit {
+                    self.results.health.note = format!(
+                        "health config accepted, but the killed backend still had {slots:?} slots \
+                         {} s later: checks do not eject in this build; ejection not measured",
+                        limit.as_secs()
+                    );
+                    println!("  {}", self.results.health.note);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        drop(agent);
+        drop(victim);
+
+        let size = 10_000;
+        let services = catalog_services(size, Some("type = \"tcp\""));
+        let refs: Vec<&ServiceConf> = services.iter().collect();
+        let mut agent = self.start_agent(cgroup, &config_text(&refs))?;
+        match agent.wait_ready(Duration::from_secs(300)) {
+            Ok(_) => {
+                let usage = measure_usage(&agent, size, self.settings.idle_secs)?;
+                println!(
+                    "  10k services with tcp checks (default interval, 40k backends that refuse): \
+                     RSS {} MiB, CPU {:.1}% of a core",
+                    usage.rss_kib.unwrap_or(0) / 1024,
+                    usage.cpu_percent.unwrap_or(0.0)
+                );
+                self.results.health.usage_with_checks = Some(usage);
+            }
+            Err(e) => self.error(format!(
+                "10k services with health checks: {}",
+                first_line(&format!("{e:#}"))
+            )),
+        }
+        Ok(())
+    }
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or("")
+}
+
+fn rounded(values: &[f64]) -> Vec<f64> {
+    values.iter().map(|v| (v * 1000.0).round() / 1000.0).collect()
+}
+
+fn print_change(c: &ChangeResults) {
+    let mut sorted = c.latency_ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        if sorted.is_empty() {
+            f64::NAN
+        } else {
+            sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
+        }
+    };
+    println!(
+        "  {} changes (+{} other services): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, missed {}, with failed connects {}",
+        c.latency_ms.len(),
+        c.others,
+        at(0.5),
+        at(0.99),
+        sorted.last().copied().unwrap_or(f64::NAN),
+        c.missed,
+        c.with_failed_connects
+    );
+}
+
+fn cold_run(agent: &mut Agent, size: usize, repeat: usize) -> Result<ColdRun> {
+    let ready = agent
+        .wait_ready(Duration::from_secs(300))
+        .with_context(|| format!("cold start with {size} services"))?;
+    let startup_cpu_secs = agent.cpu_secs();
+    let rss_kib = agent.rss_kib();
+    let reconcile_secs = agent.reconcile_secs();
+    let t = Instant::now();
+    let listed = agent.service_count()?;
+    Ok(ColdRun {
+        services: size,
+        repeat,
+        ready_secs: ready.as_secs_f64(),
+        reconcile_secs,
+        listed_all: listed == size,
+        list_secs: t.elapsed().as_secs_f64(),
+        rss_kib,
+        startup_cpu_secs,
+    })
+}
+
+fn measure_usage(agent: &Agent, services: usize, secs: f64) -> Result<AgentUsage> {
+    let cpu0 = agent.cpu_secs();
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs_f64(secs);
+    while Instant::now() < deadline {
+        signal::check()?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let window = t.elapsed().as_secs_f64();
+    let cpu1 = agent.cpu_secs();
+    Ok(AgentUsage {
+        services,
+        rss_kib: agent.rss_kib(),
+        cpu_percent: cpu0
+            .zip(cpu1)
+            .map(|(a, b)| (b - a) / window * 100.0),
+        window_secs: window,
+    })
+}
