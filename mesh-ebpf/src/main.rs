@@ -31,6 +31,7 @@ use aya_ebpf::{
     macros::{btf_map, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, sock_ops},
     programs::{SockAddrContext, SockContext, SockOpsContext, SockoptContext},
 };
+use aya_log_ebpf::{debug, warn};
 use mesh_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, BackendStatsKey, DEFAULT_MAX_AFFINITY,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, DEFAULT_MAX_UDP_FLOWS,
@@ -301,6 +302,10 @@ pub fn tcp_outcome(ctx: SockOpsContext) -> u32 {
     } else if ctx.arg(1) == TCP_CLOSE {
         if ctx.arg(0) == TCP_SYN_SENT {
             connect_failed(&key);
+            debug!(
+                &ctx,
+                "connect to backend {} of service {} failed", key.backend_id, key.service_id
+            );
         } else if telemetry_on() {
             let ops = unsafe { &*ctx.ops };
             // srtt_us holds 8 times the smoothed RTT, as in tcp_sock.
@@ -422,7 +427,13 @@ fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
                 };
                 match UDP_FLOWS.insert(&cookie, &flow, 0) {
                     Ok(()) => count(|s| s.udp_flows_added += 1),
-                    Err(_) => count(|s| s.udp_flows_full += 1),
+                    Err(_) => {
+                        count(|s| s.udp_flows_full += 1);
+                        warn!(
+                            ctx,
+                            "udp_flows is full: a connected UDP socket is not tracked"
+                        );
+                    }
                 }
             }
             ALLOW
@@ -633,6 +644,10 @@ fn translate(ctx: &SockAddrContext, sa: &bpf_sock_addr, dest: &Dest, family: u8)
         }
         _ => {
             count_no_backend(service.id);
+            debug!(
+                ctx,
+                "service {} has no backend for this connect", service.id
+            );
             if service.flags & SVC_F_REJECT_EMPTY != 0 {
                 Verdict::Refuse
             } else {

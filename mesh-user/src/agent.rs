@@ -412,7 +412,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         bpffs: &agent_config.bpffs,
         cgroup: &cgroup,
         limits: &agent_config.limits,
+        kernel_log: agent_config.kernel_log,
     })?;
+    let _kernel_log = datapath.logger.take().map(forward_kernel_log).transpose()?;
     let flags = if agent_config.telemetry {
         SETTINGS_F_TELEMETRY
     } else {
@@ -487,6 +489,22 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     server.abort();
     info!("stopping; the data path stays in place (`mesh cleanup` removes it)");
     Ok(())
+}
+
+/// Polls the kernel programs' log ring buffer and writes its records to the agent's log.
+fn forward_kernel_log(
+    logger: crate::datapath::KernelLogger,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut fd = tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE)?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok(mut ready) = fd.readable_mut().await else {
+                return;
+            };
+            ready.get_inner_mut().flush();
+            ready.clear_ready();
+        }
+    }))
 }
 
 /// Sends a message when `path` may have changed. Watches the directory, because editors and

@@ -47,6 +47,21 @@ pub struct AgentConfig {
     /// Count per-backend bytes and TCP round-trip times in the kernel (a few map updates per
     /// closed connection; see BENCHMARKS.md for its cost).
     pub telemetry: bool,
+    /// Which log records of the kernel programs reach the agent's log (they are written only
+    /// on rare events: a connect without backend, a failed connect, a full map).
+    pub kernel_log: KernelLog,
+}
+
+/// `kernel_log`: the most verbose level of kernel program records forwarded to the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelLog {
+    Off,
+    Error,
+    #[default]
+    Warn,
+    Info,
+    Debug,
 }
 
 impl Default for AgentConfig {
@@ -58,6 +73,7 @@ impl Default for AgentConfig {
             admin: None,
             limits: Limits::default(),
             telemetry: true,
+            kernel_log: KernelLog::default(),
         }
     }
 }

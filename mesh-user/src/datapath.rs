@@ -30,7 +30,7 @@ use mesh_common::{
 };
 
 use crate::{
-    config::Limits,
+    config::{KernelLog, Limits},
     reconcile::{Applied, AppliedService, MapOp},
     state::Vip,
 };
@@ -450,13 +450,19 @@ pub struct Datapath {
     // Keeps the program fds open while the agent runs; the pinned links keep them attached.
     _ebpf: Ebpf,
     pub maps: Maps,
+    /// Taken by the agent, which polls it.
+    pub logger: Option<KernelLogger>,
 }
 
 pub struct LoadOptions<'a> {
     pub bpffs: &'a Path,
     pub cgroup: &'a Path,
     pub limits: &'a Limits,
+    pub kernel_log: KernelLog,
 }
+
+/// Reads the kernel programs' log records (aya-log) into the agent's log.
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 impl Datapath {
     /// Loads the programs, creates or reuses the pinned maps, and attaches the programs to the
@@ -484,6 +490,15 @@ impl Datapath {
             (map_names::ACTIVE, limits.max_backends),
         ];
         let mut loader = EbpfLoader::new();
+        // Records above this level are skipped in the kernel before any work is done.
+        let log_level: u8 = match opts.kernel_log {
+            KernelLog::Off => 0,
+            KernelLog::Error => aya_log::Level::Error as u8,
+            KernelLog::Warn => aya_log::Level::Warn as u8,
+            KernelLog::Info => aya_log::Level::Info as u8,
+            KernelLog::Debug => aya_log::Level::Debug as u8,
+        };
+        loader.override_global(aya_log::LEVEL, &log_level, true);
         for (name, capacity) in capacities {
             loader.map_max_entries(name, capacity);
         }
@@ -505,7 +520,12 @@ impl Datapath {
                 .with_context(|| format!("attaching {name} to {}", opts.cgroup.display()))?;
         }
         let maps = Maps::take(&mut ebpf)?;
-        Ok(Self { _ebpf: ebpf, maps })
+        let logger = aya_log::EbpfLogger::init(&mut ebpf).context("kernel log ring buffer")?;
+        Ok(Self {
+            _ebpf: ebpf,
+            maps,
+            logger: Some(logger),
+        })
     }
 }
 

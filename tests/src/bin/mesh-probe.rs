@@ -21,6 +21,19 @@
 //!     `peer <getpeername() or ERR ..>`, `original_dst <getsockopt SO_ORIGINAL_DST or ERR ..>`
 //!     and `reply <reply> from <source>` (or `reply ERR ..`), one per line. With --hold-ms it
 //!     keeps the socket open that long before closing it and exiting.
+//! mesh-probe http --addr IP:PORT --count N [--path P] [--timeout-ms T] [--summary]
+//!     N sequential HTTP/1.1 GETs of P (default `/`), each on a new connection
+//!     (`Connection: close`). Prints per request the first line of a 2xx response's body (a
+//!     backend's name), `ERR HTTP <status>` for other statuses, the first line of a reply that
+//!     is not HTTP at all (a decoy), or `ERR <errno name or message>`.
+//! mesh-probe http-until --addr IP:PORT --stop-file PATH --max-ms M [--path P] [--timeout-ms T]
+//!     As `http`, in a loop until PATH exists or M ms have passed. Always prints a summary.
+//! mesh-probe hold --addr IP:PORT --count N --every-ms E [--timeout-ms T]
+//!     One TCP connection held open: every E ms it sends `ping <i>\n` and reads one line,
+//!     which must be `<name> ping <i>`; N times, then it closes. Prints per exchange `<name>`
+//!     or `ERR <errno name or message>` (after an error the connection is given up: the
+//!     remaining exchanges print `ERR closed`); `ERR connect <errno>` alone if it cannot
+//!     connect.
 //! mesh-probe serve-tcp --addr IP:PORT --name NAME --max-ms M
 //!     A TCP backend: writes `NAME\n` to each connection and closes it.
 //! mesh-probe serve-udp --addr IP:PORT --name NAME --max-ms M
@@ -58,6 +71,9 @@ enum Mode {
     Peer,
     ServeTcp,
     ServeUdp,
+    Http,
+    HttpUntil,
+    Hold,
 }
 
 struct Args {
@@ -71,12 +87,17 @@ struct Args {
     proto_udp: bool,
     name: String,
     hold: Duration,
+    path: String,
+    every: Duration,
 }
 
 const USAGE: &str =
     "usage: mesh-probe connect|udp|udp-fresh|udp-connected --addr IP:PORT --count N \
 [--timeout-ms T] [--summary]
        mesh-probe connect-until --addr IP:PORT --stop-file PATH --max-ms M [--timeout-ms T]
+       mesh-probe http --addr IP:PORT --count N [--path P] [--timeout-ms T] [--summary]
+       mesh-probe http-until --addr IP:PORT --stop-file PATH --max-ms M [--path P] [--timeout-ms T]
+       mesh-probe hold --addr IP:PORT --count N --every-ms E [--timeout-ms T]
        mesh-probe peer --addr IP:PORT --proto tcp|udp [--timeout-ms T] [--hold-ms H]
        mesh-probe serve-tcp|serve-udp --addr IP:PORT --name NAME --max-ms M";
 
@@ -101,6 +122,9 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         "peer" => Mode::Peer,
         "serve-tcp" => Mode::ServeTcp,
         "serve-udp" => Mode::ServeUdp,
+        "http" => Mode::Http,
+        "http-until" => Mode::HttpUntil,
+        "hold" => Mode::Hold,
         other => return Err(format!("unknown command {other:?}")),
     };
     let mut flags: HashMap<&str, &str> = HashMap::new();
@@ -120,6 +144,8 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--proto",
             "--name",
             "--hold-ms",
+            "--path",
+            "--every-ms",
         ];
         if !known.contains(&flag.as_str()) {
             return Err(format!("unknown flag {flag:?}"));
@@ -134,7 +160,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         .map_err(|e| format!("--addr: {e}"))?;
     let needs_count = matches!(
         mode,
-        Mode::Connect | Mode::Udp | Mode::UdpFresh | Mode::UdpConnected
+        Mode::Connect | Mode::Udp | Mode::UdpFresh | Mode::UdpConnected | Mode::Http | Mode::Hold
     );
     let count = match flags.get("--count") {
         Some(v) => v
@@ -147,7 +173,10 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         Some(v) => parse_ms("--timeout-ms", v)?,
         None => Duration::from_millis(2000),
     };
-    let needs_max = matches!(mode, Mode::ConnectUntil | Mode::ServeTcp | Mode::ServeUdp);
+    let needs_max = matches!(
+        mode,
+        Mode::ConnectUntil | Mode::HttpUntil | Mode::ServeTcp | Mode::ServeUdp
+    );
     let max = match flags.get("--max-ms") {
         Some(v) => parse_ms("--max-ms", v)?,
         None if needs_max => return Err("--max-ms is required".into()),
@@ -157,8 +186,19 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         Some(v) => parse_ms("--hold-ms", v)?,
         None => Duration::ZERO,
     };
+    let every = match flags.get("--every-ms") {
+        Some(v) => parse_ms("--every-ms", v)?,
+        None if mode == Mode::Hold => return Err("--every-ms is required".into()),
+        None => Duration::ZERO,
+    };
+    let path = flags.get("--path").copied().unwrap_or("/").to_owned();
+    if !path.starts_with('/') || path.contains(char::is_whitespace) {
+        return Err(format!(
+            "--path must start with / and have no spaces, got {path:?}"
+        ));
+    }
     let stop_file = flags.get("--stop-file").map(PathBuf::from);
-    if mode == Mode::ConnectUntil && stop_file.is_none() {
+    if matches!(mode, Mode::ConnectUntil | Mode::HttpUntil) && stop_file.is_none() {
         return Err("--stop-file is required".into());
     }
     let proto_udp = match (mode, flags.get("--proto").copied()) {
@@ -176,12 +216,14 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         addr,
         count,
         timeout,
-        summary: summary || mode == Mode::ConnectUntil,
+        summary: summary || matches!(mode, Mode::ConnectUntil | Mode::HttpUntil),
         stop_file,
         max,
         proto_udp,
         name: name.unwrap_or_default(),
         hold,
+        path,
+        every,
     })
 }
 
@@ -201,6 +243,7 @@ fn main() -> ExitCode {
         Mode::ServeTcp => serve_tcp(&args, &mut out),
         Mode::ServeUdp => serve_udp(&args, &mut out),
         Mode::Peer => peer(&args, &mut out),
+        Mode::Hold => hold(&args, &mut out),
         _ => client(&args, &mut out),
     };
     if let Err(e) = result.and_then(|()| out.flush()) {
@@ -277,7 +320,7 @@ fn client(args: &Args, out: &mut impl Write) -> std::io::Result<()> {
     };
     let mut i = 0usize;
     loop {
-        if args.mode == Mode::ConnectUntil {
+        if matches!(args.mode, Mode::ConnectUntil | Mode::HttpUntil) {
             let stop = args.stop_file.as_ref().is_some_and(|f| f.exists());
             if stop || started.elapsed() >= args.max {
                 break;
@@ -297,7 +340,10 @@ fn client(args: &Args, out: &mut impl Write) -> std::io::Result<()> {
                 Err(e) => failed(&e),
             },
             Mode::UdpConnected => udp_connected_once(args, i),
-            Mode::Peer | Mode::ServeTcp | Mode::ServeUdp => unreachable!("not a client loop"),
+            Mode::Http | Mode::HttpUntil => http_once(args.addr, &args.path, args.timeout),
+            Mode::Peer | Mode::ServeTcp | Mode::ServeUdp | Mode::Hold => {
+                unreachable!("not a client loop")
+            }
         };
         if args.summary {
             summary.add(&attempt);
@@ -333,6 +379,116 @@ fn connect_once(addr: SocketAddr, timeout: Duration) -> Attempt {
         .and_then(|stream| read_reply(&stream, timeout))
         .map(|reply| (reply, None));
     Attempt { outcome, connect }
+}
+
+/// One HTTP GET on a new connection (`Connection: close`), read until EOF.
+fn http_once(addr: SocketAddr, path: &str, timeout: Duration) -> Attempt {
+    let started = Instant::now();
+    let connected = TcpStream::connect_timeout(&addr, timeout);
+    let connect = Some(started.elapsed());
+    let outcome = connected
+        .map_err(|e| errno_name(&e))
+        .and_then(|mut stream| {
+            stream
+                .set_write_timeout(Some(timeout))
+                .map_err(|e| errno_name(&e))?;
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+            stream
+                .write_all(request.as_bytes())
+                .map_err(|e| errno_name(&e))?;
+            stream
+                .set_read_timeout(Some(timeout))
+                .map_err(|e| errno_name(&e))?;
+            let mut reply = Vec::new();
+            (&stream)
+                .take(MAX_REPLY)
+                .read_to_end(&mut reply)
+                .map_err(|e| errno_name(&e))?;
+            http_reply(&reply)
+        })
+        .map(|reply| (reply, None));
+    Attempt { outcome, connect }
+}
+
+/// A 2xx response's first body line; `HTTP <status>` as an error otherwise; a reply that is not
+/// HTTP (a decoy that writes its name) as it is.
+fn http_reply(reply: &[u8]) -> Result<String, String> {
+    if !reply.starts_with(b"HTTP/1.") {
+        return first_line(reply).ok_or_else(|| "empty".to_owned());
+    }
+    let text = String::from_utf8_lossy(reply);
+    let status = text
+        .lines()
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| "bad HTTP status line".to_owned())?;
+    if !(200..300).contains(&status) {
+        return Err(format!("HTTP {status}"));
+    }
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body)
+        .ok_or_else(|| "truncated HTTP response".to_owned())?;
+    first_line(body.as_bytes()).ok_or_else(|| "empty HTTP body".to_owned())
+}
+
+/// `hold`: one connection, `count` ping/reply exchanges `every` apart.
+fn hold(args: &Args, out: &mut impl Write) -> std::io::Result<()> {
+    let stream = match TcpStream::connect_timeout(&args.addr, args.timeout) {
+        Ok(stream) => stream,
+        Err(e) => {
+            writeln!(out, "ERR connect {}", errno_name(&e))?;
+            return Ok(());
+        }
+    };
+    stream.set_read_timeout(Some(args.timeout))?;
+    stream.set_write_timeout(Some(args.timeout))?;
+    let mut reader = std::io::BufReader::new(stream.try_clone()?);
+    let mut broken = false;
+    for i in 0..args.count {
+        if i > 0 {
+            std::thread::sleep(args.every);
+        }
+        if broken {
+            writeln!(out, "ERR closed")?;
+            continue;
+        }
+        let result = exchange(&stream, &mut reader, i);
+        match result {
+            Ok(name) => writeln!(out, "{name}")?,
+            Err(e) => {
+                broken = true;
+                writeln!(out, "ERR {e}")?;
+            }
+        }
+        // Each line as it happens: the harness may read the output of a killed probe.
+        out.flush()?;
+    }
+    Ok(())
+}
+
+fn exchange(
+    mut stream: &TcpStream,
+    reader: &mut std::io::BufReader<TcpStream>,
+    i: usize,
+) -> Result<String, String> {
+    let ping = format!("ping {i}");
+    stream
+        .write_all(format!("{ping}\n").as_bytes())
+        .map_err(|e| errno_name(&e))?;
+    let mut line = String::new();
+    match std::io::BufRead::read_line(reader, &mut line) {
+        Ok(0) => return Err("EOF".to_owned()),
+        Ok(_) => {}
+        Err(e) => return Err(errno_name(&e)),
+    }
+    let line = line.trim_end();
+    match line.strip_suffix(&format!(" {ping}")) {
+        Some(name) if !name.is_empty() => Ok(name.to_owned()),
+        _ => Err(format!("unexpected reply {line:?}")),
+    }
 }
 
 fn read_reply(stream: &TcpStream, timeout: Duration) -> Result<String, String> {
