@@ -108,12 +108,7 @@ impl Reconciler {
     /// (VIP, backend) pairs that take connections now: at start, what an earlier agent left
     /// active keeps its traffic until a health check says otherwise.
     pub fn active_backends(&self) -> BTreeSet<(Vip, SocketAddr)> {
-        let addr_of: BTreeMap<u32, SocketAddr> = self
-            .applied
-            .backends
-            .iter()
-            .map(|(&addr, &id)| (id, addr))
-            .collect();
+        let addr_of = self.applied.backend_addrs();
         self.applied
             .services
             .iter()
@@ -158,12 +153,7 @@ impl Reconciler {
     /// (service id, backend address) of UDP services whose backend left the rotation in `ops`,
     /// unless the service opted out of terminating its flows.
     fn udp_backends_left(&self, ops: &[MapOp], desired: &DesiredState) -> Vec<(u32, SocketAddr)> {
-        let addr_of: BTreeMap<u32, SocketAddr> = self
-            .applied
-            .backends
-            .iter()
-            .map(|(&addr, &id)| (id, addr))
-            .collect();
+        let addr_of = self.applied.backend_addrs();
         let udp: BTreeMap<u32, &Vip> = self
             .applied
             .services
@@ -230,12 +220,7 @@ impl Reconciler {
             .iter()
             .filter_map(|(vip, svc)| thresholds.get(vip).map(|&t| (svc.id, (vip, t))))
             .collect();
-        let addr_of: BTreeMap<u32, SocketAddr> = self
-            .applied
-            .backends
-            .iter()
-            .map(|(&addr, &id)| (id, addr))
-            .collect();
+        let addr_of = self.applied.backend_addrs();
         let candidates = match self.datapath.maps.passive_failures(lowest) {
             Ok(found) => found,
             Err(err) => {
@@ -268,6 +253,8 @@ struct Agent {
     reconciler: Reconciler,
     health: HealthMonitor,
     metrics: Arc<AgentMetrics>,
+    /// [sources] The merged registry by source, for the admin API: published after each change.
+    published: tokio::sync::watch::Sender<crate::sources::Listing>,
 }
 
 impl Agent {
@@ -344,6 +331,9 @@ impl Agent {
     }
 
     fn apply_registry(&mut self, why: &str) {
+        // [sources] The admin API lists what is now in force.
+        self.published
+            .send_replace(crate::sources::listing(&self.registry));
         self.update_health_targets();
         if let Err(err) = self.reconcile(why) {
             self.metrics.config_rejected();
@@ -414,7 +404,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         limits: &agent_config.limits,
         kernel_log: agent_config.kernel_log,
     })?;
-    let _kernel_log = datapath.logger.take().map(forward_kernel_log).transpose()?;
+    let _kernel_log = datapath
+        .logger
+        .take()
+        .map(crate::datapath::forward_kernel_log)
+        .transpose()?;
     let flags = if agent_config.telemetry {
         SETTINGS_F_TELEMETRY
     } else {
@@ -440,18 +434,27 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let (health_tx, mut health_rx) = mpsc::unbounded_channel::<Transition>();
     let mut health = HealthMonitor::new(MAX_CONCURRENT_CHECKS, health_tx);
     health.on_check(metrics.health_check_observer());
+    let registry = Registry::new(config);
+    let (published, listing) = tokio::sync::watch::channel(crate::sources::listing(&registry));
     let mut agent = Agent {
         args: args.clone(),
-        registry: Registry::new(config),
+        registry,
         reconciler,
         health,
         metrics: metrics.clone(),
+        published,
     };
+    // [sources] Started before the first reconcile: the services they saved (admin API, last
+    // Redis read) are applied together with the file's, so a restart keeps their VIPs mapped.
+    let (sources_tx, mut sources_rx) = mpsc::channel::<SourceUpdate>(16);
+    let _sources =
+        crate::sources::start(&agent_config, sources_tx, listing, metrics.clone()).await?;
+    while let Ok(update) = sources_rx.try_recv() {
+        agent.source_update(update);
+    }
     agent.update_health_targets();
     agent.reconcile(&format!("services from {}", args.config.display()))?;
 
-    let (sources_tx, mut sources_rx) = mpsc::channel::<SourceUpdate>(16);
-    let _sources = crate::sources::start(&agent_config, sources_tx, metrics.clone()).await?;
     let server = http::serve(agent_config.metrics, metrics.clone()).await?;
     let (changed_tx, mut changed_rx) = mpsc::channel(1);
     let _watcher = watch_file(&args.config, changed_tx)?;
@@ -489,22 +492,6 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     server.abort();
     info!("stopping; the data path stays in place (`mesh cleanup` removes it)");
     Ok(())
-}
-
-/// Polls the kernel programs' log ring buffer and writes its records to the agent's log.
-fn forward_kernel_log(
-    logger: crate::datapath::KernelLogger,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let mut fd = tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE)?;
-    Ok(tokio::spawn(async move {
-        loop {
-            let Ok(mut ready) = fd.readable_mut().await else {
-                return;
-            };
-            ready.get_inner_mut().flush();
-            ready.clear_ready();
-        }
-    }))
 }
 
 /// Sends a message when `path` may have changed. Watches the directory, because editors and

@@ -77,16 +77,7 @@ fn live_slots(snap: &Snapshot, svc: &Service) -> BTreeMap<u32, u32> {
 /// Every backend with a counter for the service (configured ones, active or not), by id.
 fn members<'a>(snap: &'a Snapshot, svc: &Service) -> Vec<Member<'a>> {
     let held = live_slots(snap, svc);
-    snap.backend_stats
-        .range(
-            BackendStatsKey {
-                service_id: svc.id,
-                backend_id: 0,
-            }..=BackendStatsKey {
-                service_id: svc.id,
-                backend_id: u32::MAX,
-            },
-        )
+    snap.members_of(svc.id)
         .map(|(k, stats)| Member {
             id: k.backend_id,
             addr: snap.backends.get(&k.backend_id).copied(),

@@ -42,6 +42,12 @@ pub struct AgentConfig {
     pub metrics: SocketAddr,
     /// Listen address of the local admin API; `None` turns it off.
     pub admin: Option<SocketAddr>,
+    /// Directory for what must survive a restart: the admin API's services and the last
+    /// services read from Redis (sent to the registry again at start).
+    pub state_dir: PathBuf,
+    /// `[agent.redis]`: a Redis hash as a registry source; `None` turns it off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisConfig>,
     /// `[agent.limits]`: map capacities.
     pub limits: Limits,
     /// Count per-backend bytes and TCP round-trip times in the kernel (a few map updates per
@@ -71,9 +77,68 @@ impl Default for AgentConfig {
             cgroup: None,
             metrics: SocketAddr::from(([127, 0, 0, 1], 9464)),
             admin: None,
+            state_dir: PathBuf::from("/var/lib/mesh"),
+            redis: None,
             limits: Limits::default(),
             telemetry: true,
             kernel_log: KernelLog::default(),
+        }
+    }
+}
+
+/// `[agent.redis]`: services from a Redis hash (field = service name, value = the service as
+/// JSON), re-read on every message on the channel `<key>:changed` and every `resync`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[[user]:password@]host[:port][/db]` (no TLS).
+    pub url: String,
+    /// The hash holding the services.
+    #[serde(default = "default_redis_key")]
+    pub key: String,
+    /// How often the whole hash is read even without a change message.
+    #[serde(default = "default_redis_resync", with = "humantime_serde")]
+    pub resync: Duration,
+}
+
+fn default_redis_key() -> String {
+    "mesh:services".to_owned()
+}
+
+fn default_redis_resync() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl RedisConfig {
+    fn check(&self, p: &mut Problems) {
+        // Never echo the URL: it may hold a password.
+        match self.url.split_once("://") {
+            Some(("redis", _)) => {
+                if let Err(err) = redis::Client::open(self.url.as_str()) {
+                    p.agent(
+                        "agent.redis.url",
+                        format!("is not a valid Redis URL: {err}"),
+                    );
+                }
+            }
+            Some(("rediss", _)) => p.agent(
+                "agent.redis.url",
+                "rediss:// (TLS) is not supported; use redis://".to_owned(),
+            ),
+            _ => p.agent(
+                "agent.redis.url",
+                "must start with redis://, like \"redis://127.0.0.1:6379/\"".to_owned(),
+            ),
+        }
+        if self.key.is_empty() {
+            p.agent("agent.redis.key", "must not be empty".to_owned());
+        }
+        if let Some(reason) = duration_range(
+            self.resync,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        ) {
+            p.agent("agent.redis.resync", reason);
         }
     }
 }
@@ -399,6 +464,7 @@ fn fmt_problems(origin: &str, problems: &[Problem]) -> String {
 
 impl ConfigError {
     /// The validation problems (empty for read and parse errors).
+    #[cfg(test)]
     pub fn problems(&self) -> &[Problem] {
         match self {
             ConfigError::Invalid { problems, .. } => problems,
@@ -494,6 +560,18 @@ impl Config {
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         let mut p = Problems::default();
         self.agent.limits.check(&mut p);
+        if !self.agent.state_dir.is_absolute() {
+            p.agent(
+                "agent.state_dir",
+                format!(
+                    "must be an absolute path, got {:?}",
+                    self.agent.state_dir.display().to_string()
+                ),
+            );
+        }
+        if let Some(redis) = &self.agent.redis {
+            redis.check(&mut p);
+        }
         let mut total_slots: u64 = 0;
         for (i, svc) in self.services.iter().enumerate() {
             svc.check(i, &mut p);
@@ -1801,5 +1879,105 @@ on_empty = "passthrough"
             err.to_string(),
             "built-in: services[0] \"code\": health.expect: status codes must be between 100 and 599, got 0"
         );
+    }
+
+    // ---- registry sources: state_dir and [agent.redis] ----
+
+    #[test]
+    fn sources_default_to_off_with_state_in_var_lib() {
+        let c = ok("");
+        assert_eq!(c.agent.state_dir, PathBuf::from("/var/lib/mesh"));
+        assert_eq!(c.agent.redis, None);
+    }
+
+    #[test]
+    fn redis_table_parses_with_defaults() {
+        let c = ok(
+            "[agent]\nstate_dir = \"/tmp/mesh-state\"\n[agent.redis]\nurl = \"redis://127.0.0.1:6390/\"\n",
+        );
+        assert_eq!(c.agent.state_dir, PathBuf::from("/tmp/mesh-state"));
+        assert_eq!(
+            c.agent.redis,
+            Some(RedisConfig {
+                url: "redis://127.0.0.1:6390/".to_owned(),
+                key: "mesh:services".to_owned(),
+                resync: Duration::from_secs(5),
+            })
+        );
+        let c = ok(
+            "[agent.redis]\nurl = \"redis://:secret@127.0.0.1/2\"\nkey = \"lb:a\"\nresync = \"250ms\"\n",
+        );
+        let redis = c.agent.redis.unwrap();
+        assert_eq!(redis.key, "lb:a");
+        assert_eq!(redis.resync, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn redis_url_is_required_and_keys_are_checked() {
+        let msg = parse_error("[agent.redis]\nkey = \"k\"\n");
+        assert!(msg.contains("missing field `url`"), "{msg}");
+        let msg = parse_error("[agent.redis]\nurl = \"redis://127.0.0.1/\"\nchannel = \"x\"\n");
+        assert!(msg.contains("unknown field `channel`"), "{msg}");
+    }
+
+    #[test]
+    fn redis_url_must_be_plain_redis_and_is_never_echoed() {
+        for (url, want) in [
+            (
+                "rediss://:pw@127.0.0.1/",
+                "rediss:// (TLS) is not supported; use redis://",
+            ),
+            (
+                "http://:pw@127.0.0.1/",
+                "must start with redis://, like \"redis://127.0.0.1:6379/\"",
+            ),
+            (
+                "127.0.0.1:6379",
+                "must start with redis://, like \"redis://127.0.0.1:6379/\"",
+            ),
+        ] {
+            let (field, reason) = only_problem(&format!("[agent.redis]\nurl = \"{url}\"\n"));
+            assert_eq!(field, "agent.redis.url");
+            assert_eq!(reason, want, "{url}");
+        }
+        let (field, reason) =
+            only_problem("[agent.redis]\nurl = \"redis://:pw@127.0.0.1:notaport/\"\n");
+        assert_eq!(field, "agent.redis.url");
+        assert!(reason.starts_with("is not a valid Redis URL"), "{reason}");
+        assert!(
+            !reason.contains("pw"),
+            "the reason must not show the password: {reason}"
+        );
+    }
+
+    #[test]
+    fn redis_key_and_resync_are_checked() {
+        let ps = problems(
+            "[agent.redis]\nurl = \"redis://127.0.0.1/\"\nkey = \"\"\nresync = \"50ms\"\n",
+        );
+        let got: Vec<(&str, &str)> = ps
+            .iter()
+            .map(|p| (p.field.as_str(), p.reason.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("agent.redis.key", "must not be empty"),
+                (
+                    "agent.redis.resync",
+                    "must be between 100ms and 1h, got 50ms"
+                ),
+            ]
+        );
+        let (field, _) =
+            only_problem("[agent.redis]\nurl = \"redis://127.0.0.1/\"\nresync = \"2h\"\n");
+        assert_eq!(field, "agent.redis.resync");
+    }
+
+    #[test]
+    fn state_dir_must_be_absolute() {
+        let (field, reason) = only_problem("[agent]\nstate_dir = \"state\"\n");
+        assert_eq!(field, "agent.state_dir");
+        assert_eq!(reason, "must be an absolute path, got \"state\"");
     }
 }

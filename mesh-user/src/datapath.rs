@@ -135,6 +135,22 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Counters of every backend of a service (configured ones, active or not), by backend id.
+    pub fn members_of(
+        &self,
+        service_id: u32,
+    ) -> impl Iterator<Item = (&BackendStatsKey, &BackendStats)> {
+        self.backend_stats.range(
+            BackendStatsKey {
+                service_id,
+                backend_id: 0,
+            }..=BackendStatsKey {
+                service_id,
+                backend_id: u32::MAX,
+            },
+        )
+    }
+
     /// The applied state the maps describe, and the slots no live service points at (left by
     /// an agent that died between writing a slot set and switching to it).
     pub fn applied(&self) -> (Applied, Vec<SlotKey>) {
@@ -463,6 +479,24 @@ pub struct LoadOptions<'a> {
 
 /// Reads the kernel programs' log records (aya-log) into the agent's log.
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+/// Polls the kernel programs' log ring buffer and writes its records to the agent's log.
+pub fn forward_kernel_log(logger: KernelLogger) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use tokio::io::{Interest, unix::AsyncFd};
+    // SAFETY: the logger owns the ring buffer's fd, which stays open and the same for as long
+    // as the AsyncFd (which owns the logger) lives.
+    let mut fd = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+        .map_err(|err| anyhow::anyhow!("polling the kernel log: {err}"))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok(mut ready) = fd.readable_mut().await else {
+                return;
+            };
+            ready.get_inner_mut().flush();
+            ready.clear_ready();
+        }
+    }))
+}
 
 impl Datapath {
     /// Loads the programs, creates or reuses the pinned maps, and attaches the programs to the

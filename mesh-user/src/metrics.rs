@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_common::{BackendStats, BackendStatsKey, RTT_BUCKET_BASE_US, RTT_BUCKETS};
+use mesh_common::{BackendStats, RTT_BUCKET_BASE_US, RTT_BUCKETS};
 use prometheus::{
     Encoder as _, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -375,15 +375,7 @@ impl KernelCounters {
                     .with_label_values(&labels)
                     .inc_by(stats.no_backend);
             }
-            let members = snap.backend_stats.range(
-                BackendStatsKey {
-                    service_id: svc.id,
-                    backend_id: 0,
-                }..=BackendStatsKey {
-                    service_id: svc.id,
-                    backend_id: u32::MAX,
-                },
-            );
+            let members = snap.members_of(svc.id);
             let mut configured = 0;
             let mut active = 0;
             for (key, stats) in members {

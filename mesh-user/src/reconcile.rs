@@ -51,6 +51,16 @@ pub struct Applied {
     pub backends: BTreeMap<SocketAddr, u32>,
 }
 
+impl Applied {
+    /// Backend id -> address.
+    pub fn backend_addrs(&self) -> BTreeMap<u32, SocketAddr> {
+        self.backends
+            .iter()
+            .map(|(&addr, &id)| (id, addr))
+            .collect()
+    }
+}
+
 /// One write to the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {

@@ -19,7 +19,9 @@ use std::collections::HashSet;
 use std::io;
 use std::mem::size_of;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+#[cfg(test)]
+use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 // ---------------------------------------------------------------------------------------------
@@ -28,6 +30,7 @@ use std::time::Duration;
 
 /// `SO_COOKIE` (asm-generic/socket.h; the value differs only on mips/sparc/parisc, which
 /// this agent does not target).
+#[cfg(test)]
 const SO_COOKIE: libc::c_int = 57;
 
 /// `SOCK_DIAG_BY_FAMILY`: dump/query request and reply message type.
@@ -435,7 +438,8 @@ fn malformed() -> io::Error {
 ///
 /// Sockets that vanished meanwhile are not errors. A failure to destroy one socket does not
 /// stop the others: all are tried and the first error is returned. Bounded: each dump is read
-/// until `NLMSG_DONE`, with a receive timeout.
+/// until `NLMSG_DONE`, with a receive timeout. (The agent uses [`destroy_udp_sockets_to`].)
+#[cfg(test)]
 pub fn destroy_udp_sockets(cookies: &HashSet<u64>) -> io::Result<usize> {
     destroy_matching(cookies, None)
 }
@@ -448,6 +452,7 @@ pub fn destroy_udp_sockets_to(cookies: &HashSet<u64>, backend: SocketAddr) -> io
 }
 
 /// The cookie of a socket (`SO_COOKIE`), as the datapath and `sock_diag` report it.
+#[cfg(test)]
 pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut cookie: u64 = 0;
     let mut len = size_of::<u64>() as libc::socklen_t;
