@@ -15,17 +15,25 @@
 //! Binaries: `$MESH_BIN` (the `mesh` CLI/agent) and `$MESH_PROBE_BIN` (this crate's
 //! `mesh-probe`), set by `cargo xtask test`; see [`mesh_bin`] and [`probe_bin`] for fallbacks.
 
+pub mod admin;
 pub mod agent;
 pub mod backend;
 pub mod bpffs;
 pub mod cgroup;
+pub mod clients;
 pub mod config;
+pub mod exchange;
 pub mod http;
+pub mod http_backend;
 pub mod maps;
 pub mod netns;
+pub mod observe;
 pub mod probe;
 pub mod process;
+pub mod prom;
+pub mod redis;
 pub mod services;
+pub mod tools;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -35,7 +43,9 @@ pub use agent::Agent;
 pub use backend::{TcpBackend, UdpBackend};
 pub use bpffs::BpffsDir;
 pub use cgroup::CgroupGuard;
+pub use clients::ClientLoop;
 pub use config::{ServiceSpec, render_config};
+pub use http_backend::{HealthReply, HttpBackend};
 pub use netns::{NetNs, ProbeServer, ServerKind};
 pub use probe::{
     ProbeLine, ProbeResult, ProbeSummary, probe_connect_in, probe_summary_in, run_probe_in,
