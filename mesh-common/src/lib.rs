@@ -105,8 +105,9 @@ pub struct BackendStatsKey {
 }
 
 /// Buckets of the per-backend TCP round-trip-time histogram: bucket `i` counts connections
-/// whose smoothed RTT at close was below `RTT_BUCKET_BASE_US << i` microseconds; the last
-/// bucket counts the rest.
+/// whose smoothed RTT at close was above the previous bound and at most
+/// `RTT_BUCKET_BASE_US << i` microseconds (Prometheus `le` semantics); the last bucket counts
+/// the rest.
 pub const RTT_BUCKETS: usize = 16;
 pub const RTT_BUCKET_BASE_US: u64 = 16;
 
@@ -118,8 +119,8 @@ pub struct BackendStats {
     pub connections: u64,
     /// TCP connects to this backend that failed (refused, timed out) before establishing.
     pub connect_failures: u64,
-    /// Telemetry (when on): bytes of closed TCP connections, as the client's socket counted
-    /// them (acknowledged bytes sent, bytes received).
+    /// Telemetry (when on): payload bytes of closed TCP connections, as the client's socket
+    /// counted them (acknowledged bytes sent, bytes received; SYN and FIN not counted).
     pub bytes_sent: u64,
     pub bytes_received: u64,
     /// Telemetry: closed TCP connections measured, and the sum of their smoothed RTTs (us).

@@ -275,7 +275,12 @@ pub fn getsockopt(ctx: SockoptContext) -> i32 {
 }
 
 const TCP_SYN_SENT: u32 = 2;
+const TCP_FIN_WAIT1: u32 = 4;
+const TCP_FIN_WAIT2: u32 = 5;
 const TCP_CLOSE: u32 = 7;
+const TCP_CLOSE_WAIT: u32 = 8;
+const TCP_LAST_ACK: u32 = 9;
+const TCP_CLOSING: u32 = 11;
 
 /// Sees how connections the load balancer made turn out: failed connects feed passive health
 /// detection; closed connections feed the bytes and RTT telemetry.
@@ -383,7 +388,7 @@ fn record_close(key: &BackendStatsKey, sent: u64, received: u64, rtt_us: u64) {
     stats.rtt_samples += 1;
     stats.rtt_sum_us += rtt_us;
     let mut bucket = 0;
-    while bucket < RTT_BUCKETS - 1 && rtt_us >= RTT_BUCKET_BASE_US << bucket {
+    while bucket < RTT_BUCKETS - 1 && rtt_us > RTT_BUCKET_BASE_US << bucket {
         bucket += 1;
     }
     if let Some(count) = stats.rtt_buckets.get_mut(bucket) {

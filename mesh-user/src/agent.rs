@@ -283,6 +283,15 @@ impl Agent {
         self.health.set_targets(targets, &active);
     }
 
+    fn service_names(&self) -> BTreeMap<Vip, String> {
+        self.registry
+            .merged()
+            .services
+            .iter()
+            .map(|svc| (vip_of(svc), svc.name.clone()))
+            .collect()
+    }
+
     fn passive_thresholds(&self) -> BTreeMap<Vip, u32> {
         self.registry
             .merged()
@@ -487,7 +496,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             }
             _ = passive.tick() => agent.passive_tick(),
         }
-        metrics.set_health(agent.health.snapshot());
+        metrics.set_health(agent.health.snapshot(), &agent.service_names());
     }
     server.abort();
     info!("stopping; the data path stays in place (`mesh cleanup` removes it)");

@@ -24,9 +24,9 @@ use aya::{
     programs::Program,
 };
 use mesh_common::{
-    Backend, BackendStats, BackendStatsKey, DatapathStats, FAMILY_V4, FAMILY_V6, LAYOUT_VERSION,
-    PassiveState, SERVICE_NAME_LEN, Service, ServiceKey, ServiceName, ServiceStats, Settings,
-    SlotKey, UdpFlow, map_names,
+    AffinityKey, AffinityValue, Backend, BackendStats, BackendStatsKey, DatapathStats, FAMILY_V4,
+    FAMILY_V6, LAYOUT_VERSION, PassiveState, SERVICE_NAME_LEN, Service, ServiceKey, ServiceName,
+    ServiceStats, Settings, SlotKey, UdpFlow, map_names,
 };
 
 use crate::{
@@ -117,6 +117,7 @@ pub struct Maps {
     datapath_stats: PerCpuArray<MapData, DatapathStats>,
     passive: HashMap<MapData, BackendStatsKey, PassiveState>,
     settings: Array<MapData, Settings>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     nr_cpus: usize,
 }
 
@@ -255,6 +256,7 @@ impl Maps {
             datapath_stats: PerCpuArray::try_from(map(map_names::DATAPATH_STATS)?)?,
             passive: HashMap::try_from(map(map_names::PASSIVE)?)?,
             settings: Array::try_from(map(map_names::SETTINGS)?)?,
+            affinity: HashMap::try_from(map(map_names::AFFINITY)?)?,
             nr_cpus: aya::util::nr_cpus()
                 .map_err(|(what, err)| anyhow::anyhow!("{what}: {err}"))?,
         })
@@ -271,6 +273,15 @@ impl Maps {
                 udp_flows_added: a.udp_flows_added + s.udp_flows_added,
                 udp_flows_full: a.udp_flows_full + s.udp_flows_full,
             }))
+    }
+
+    /// Entries of the maps the snapshot does not hold.
+    pub fn extra_entry_counts(&self) -> [(&'static str, usize); 3] {
+        [
+            ("affinity", self.affinity.keys().count()),
+            ("udp_flows", self.udp_flows.keys().count()),
+            ("passive", self.passive.keys().count()),
+        ]
     }
 
     pub fn set_settings(&mut self, settings: Settings) -> anyhow::Result<()> {
@@ -606,6 +617,18 @@ fn check_capacities(layout: &PinLayout, capacities: &[(&str, u32)]) -> anyhow::R
         }
     }
     Ok(())
+}
+
+/// `max_entries` of each pinned map with a capacity (socket storage has none).
+pub fn map_capacities(bpffs: &Path) -> anyhow::Result<Vec<(String, u32)>> {
+    let layout = PinLayout::new(bpffs);
+    MAPS.iter()
+        .filter(|&&name| name != SOCK_REV)
+        .map(|&name| {
+            let info = aya::maps::MapInfo::from_pin(layout.map(name))?;
+            Ok((name.to_ascii_lowercase(), info.max_entries()))
+        })
+        .collect()
 }
 
 /// Removes the pinned links (which detaches the programs) and maps.

@@ -361,8 +361,10 @@ struct Checker {
 impl Checker {
     async fn run(self) {
         let mut rng = Rng::seeded();
-        // Spread the first checks so that targets added together are not checked in lockstep.
-        tokio::time::sleep(rng.below(self.check.interval)).await;
+        // Spread the first checks so that targets added together are not checked in lockstep,
+        // but over at most 100 ms: a new backend gets no traffic before its first success.
+        let spread = self.check.interval.min(Duration::from_millis(100));
+        tokio::time::sleep(rng.below(spread)).await;
         loop {
             let Ok(permit) = self.permits.acquire().await else {
                 return; // The semaphore is never closed.

@@ -1,6 +1,7 @@
 //! `mesh`: the node agent and the operator CLI.
 
 mod agent;
+mod api;
 mod cli;
 mod config;
 mod datapath;
@@ -8,6 +9,7 @@ mod health;
 mod http;
 mod metrics;
 mod reconcile;
+mod redis_source;
 mod registry;
 mod slots;
 mod sockdiag;

@@ -2,6 +2,7 @@
 //! scrape time (so they stay monotonic across agent restarts: the maps outlive the agent).
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{
@@ -94,14 +95,14 @@ impl AgentMetrics {
                 "mesh_backend_health",
                 "Health of each checked backend: 1 healthy, 0 unhealthy, -1 unknown (no result yet)",
             ),
-            &["vip", "protocol", "backend"],
+            &["service", "vip", "protocol", "backend"],
         )?;
         let check_failures = IntGaugeVec::new(
             Opts::new(
                 "mesh_backend_check_consecutive_failures",
                 "Consecutive failed active checks of each checked backend",
             ),
-            &["vip", "protocol", "backend"],
+            &["service", "vip", "protocol", "backend"],
         )?;
         let source_up = IntGaugeVec::new(
             Opts::new(
@@ -175,16 +176,26 @@ impl AgentMetrics {
     }
 
     /// Replaces the per-backend health gauges (backends no longer checked disappear).
-    pub fn set_health(&self, snapshot: Vec<(Vip, SocketAddr, Health, u32)>) {
+    pub fn set_health(
+        &self,
+        snapshot: Vec<(Vip, SocketAddr, Health, u32)>,
+        names: &BTreeMap<Vip, String>,
+    ) {
         self.backend_health.reset();
         self.check_failures.reset();
         for (vip, backend, health, failures) in snapshot {
             let labels = [
+                names.get(&vip).cloned().unwrap_or_default(),
                 vip.addr.to_string(),
                 vip.protocol_name().to_string(),
                 backend.to_string(),
             ];
-            let labels = [labels[0].as_str(), labels[1].as_str(), labels[2].as_str()];
+            let labels = [
+                labels[0].as_str(),
+                labels[1].as_str(),
+                labels[2].as_str(),
+                labels[3].as_str(),
+            ];
             let value = match health {
                 Health::Healthy => 1,
                 Health::Unhealthy => 0,
@@ -253,6 +264,7 @@ struct Families {
     backends: IntGaugeVec,
     datapath: IntCounterVec,
     map_entries: IntGaugeVec,
+    map_capacity: IntGaugeVec,
 }
 
 const BACKEND_LABELS: &[&str] = &["service", "backend", "protocol"];
@@ -317,10 +329,15 @@ impl Families {
                 "Entries in each pinned map (per-CPU maps count keys)",
                 &["map"],
             )?,
+            map_capacity: gauge(
+                "mesh_map_capacity",
+                "max_entries of each pinned map (alert before entries reach it)",
+                &["map"],
+            )?,
         })
     }
 
-    fn collectors(&self) -> [&dyn Collector; 10] {
+    fn collectors(&self) -> [&dyn Collector; 11] {
         [
             &self.connections,
             &self.connect_failures,
@@ -332,6 +349,7 @@ impl Families {
             &self.backends,
             &self.datapath,
             &self.map_entries,
+            &self.map_capacity,
         ]
     }
 }
@@ -424,8 +442,17 @@ impl KernelCounters {
             ("backends", snap.backends.len()),
             ("backend_stats", snap.backend_stats.len()),
             ("active", snap.active.len()),
-        ] {
+            ("service_names", snap.names.len()),
+        ]
+        .into_iter()
+        .chain(maps.extra_entry_counts())
+        {
             f.map_entries.with_label_values(&[map]).set(entries as i64);
+        }
+        for (map, capacity) in crate::datapath::map_capacities(&self.bpffs)? {
+            f.map_capacity
+                .with_label_values(&[&map])
+                .set(i64::from(capacity));
         }
         let mut families: Vec<MetricFamily> =
             f.collectors().iter().flat_map(|c| c.collect()).collect();

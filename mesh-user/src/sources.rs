@@ -118,13 +118,16 @@ pub async fn send(
     }
 }
 
+/// The agent's verdict on an update: applied, or why not.
+pub type Verdict = oneshot::Receiver<Result<(), String>>;
+
 /// Queues `services` as `source`'s first update without waiting (the agent is not reading
 /// yet); the returned receiver gets the verdict.
 pub fn send_initial(
     updates: &mpsc::Sender<SourceUpdate>,
     source: Source,
     services: Vec<ServiceConfig>,
-) -> anyhow::Result<oneshot::Receiver<Result<(), String>>> {
+) -> anyhow::Result<Verdict> {
     let (reply, verdict) = oneshot::channel();
     updates
         .try_send(SourceUpdate {
@@ -273,7 +276,10 @@ mod tests {
             br#"{"vip": "127.100.0.1:80", "backends": [{"adr": "127.0.0.1:1"}]}"#,
         )
         .unwrap_err();
-        assert!(err.starts_with("backends[0]: unknown field `adr`"), "{err}");
+        assert!(
+            err.starts_with("backends[0].adr: unknown field `adr`, expected one of"),
+            "{err}"
+        );
         let err = parse_service("web", br#"{"backends": []}"#).unwrap_err();
         assert_eq!(err, "missing field `vip`");
         let err = parse_service("web", br#"{"vip": "nowhere"}"#).unwrap_err();

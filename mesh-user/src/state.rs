@@ -124,9 +124,10 @@ fn desired_service(svc: &ServiceConfig) -> DesiredService {
     }
 }
 
-/// Takes backends that fail their health checks out of rotation. With every backend of a
-/// service unhealthy, `all_unhealthy` decides: fail-open keeps all non-draining backends,
-/// fail-closed leaves none.
+/// Takes backends that are not known healthy out of rotation. When every candidate of a
+/// service has failed its checks, `all_unhealthy` decides: fail-open keeps all non-draining
+/// backends, fail-closed leaves none. Backends without a result yet (just added, or the agent
+/// just started with nothing adopted) never trigger fail-open: they wait for their first check.
 pub fn apply_health(
     desired: &mut DesiredState,
     config: &Config,
@@ -140,20 +141,19 @@ pub fn apply_health(
         let Some(want) = desired.services.get_mut(&vip) else {
             continue;
         };
-        let healthy: Vec<bool> = want
+        let states: Vec<Option<Health>> = want
             .members
             .iter()
-            .map(|m| m.active && health(&vip, &m.addr) == Health::Healthy)
+            .map(|m| m.active.then(|| health(&vip, &m.addr)))
             .collect();
-        let any_candidate = want.members.iter().any(|m| m.active);
-        if !healthy.contains(&true)
-            && any_candidate
-            && check.all_unhealthy == AllUnhealthy::FailOpen
-        {
+        let candidates: Vec<Health> = states.iter().flatten().copied().collect();
+        let all_failing =
+            !candidates.is_empty() && candidates.iter().all(|&h| h == Health::Unhealthy);
+        if all_failing && check.all_unhealthy == AllUnhealthy::FailOpen {
             continue;
         }
-        for (member, ok) in want.members.iter_mut().zip(healthy) {
-            member.active = ok;
+        for (member, state) in want.members.iter_mut().zip(states) {
+            member.active = state == Some(Health::Healthy);
         }
     }
 }
@@ -229,6 +229,20 @@ addr = "127.0.0.1:2"
         let config = config::parse(&closed, "test").unwrap();
         let mut desired = DesiredState::from_config(&config);
         apply_health(&mut desired, &config, |_, _| Health::Unhealthy);
+        assert_eq!(active(&desired), vec![false, false]);
+    }
+
+    #[test]
+    fn backends_without_a_result_never_fail_open() {
+        let config = config::parse(TWO_CHECKED, "test").unwrap();
+        let mut desired = DesiredState::from_config(&config);
+        apply_health(&mut desired, &config, |_, addr| {
+            if addr.port() == 1 {
+                Health::Unhealthy
+            } else {
+                Health::Unknown
+            }
+        });
         assert_eq!(active(&desired), vec![false, false]);
     }
 
