@@ -275,7 +275,6 @@ pub fn getsockopt(ctx: SockoptContext) -> i32 {
 }
 
 const TCP_SYN_SENT: u32 = 2;
-const TCP_FIN_WAIT1: u32 = 4;
 const TCP_FIN_WAIT2: u32 = 5;
 const TCP_CLOSE: u32 = 7;
 const TCP_CLOSE_WAIT: u32 = 8;
@@ -313,16 +312,33 @@ pub fn tcp_outcome(ctx: SockOpsContext) -> u32 {
             );
         } else if telemetry_on() {
             let ops = unsafe { &*ctx.ops };
+            // bytes_acked and bytes_received count SYN and FIN as one byte each (they follow
+            // snd_una and rcv_nxt). The state left tells which of them were exchanged.
+            let (flags_acked, fin_received) = closed_flags(ctx.arg(0));
             // srtt_us holds 8 times the smoothed RTT, as in tcp_sock.
             record_close(
                 &key,
-                ops.bytes_acked,
-                ops.bytes_received,
+                ops.bytes_acked.saturating_sub(flags_acked),
+                ops.bytes_received.saturating_sub(fin_received),
                 u64::from(ops.srtt_us >> 3),
             );
         }
     }
     1
+}
+
+/// (our SYN and FIN acknowledged by the peer, peer FIN received) for a connection that
+/// reaches CLOSE from `old_state`.
+#[inline(always)]
+fn closed_flags(old_state: u32) -> (u64, u64) {
+    match old_state {
+        // Orderly close: our FIN was acknowledged and the peer's FIN received.
+        TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK => (2, 1),
+        // Reset after the peer's FIN.
+        TCP_CLOSE_WAIT => (1, 1),
+        // Reset from ESTABLISHED or FIN_WAIT1: only the SYN was acknowledged.
+        _ => (1, 0),
+    }
 }
 
 /// (service, backend) of a socket whose connect the load balancer translated.
