@@ -84,6 +84,22 @@ impl HttpBackend {
     /// Starts on 127.0.0.1 with an ephemeral port, health endpoint `health_path` answering as
     /// `health` says.
     pub fn start_with(name: &str, health_path: &str, health: HealthReply) -> HttpBackend {
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        HttpBackend::start_on(name, any_port, health_path, health)
+    }
+
+    /// Starts on `addr` (a 127.0.0.0/8 address, e.g. a VIP to catch connects that were not
+    /// translated; port 0 picks an ephemeral port).
+    pub fn start_on(
+        name: &str,
+        addr: SocketAddr,
+        health_path: &str,
+        health: HealthReply,
+    ) -> HttpBackend {
+        assert!(
+            addr.ip().is_loopback(),
+            "test backends listen only on loopback addresses, not {addr}"
+        );
         assert!(
             !name.is_empty()
                 && !name.contains(char::is_whitespace)
@@ -91,8 +107,11 @@ impl HttpBackend {
                 && !name.starts_with("HTTP"),
             "backend name {name:?} would be ambiguous in mesh-probe output"
         );
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind an HTTP test backend");
-        let addr = listener.local_addr().expect("bound listener has an address");
+        let listener = TcpListener::bind(addr)
+            .unwrap_or_else(|e| panic!("cannot bind an HTTP test backend on {addr}: {e}"));
+        let addr = listener
+            .local_addr()
+            .expect("bound listener has an address");
         let mut backend = HttpBackend {
             addr,
             shared: Arc::new(Shared {
@@ -198,10 +217,15 @@ impl HttpBackend {
         let listener = loop {
             match TcpListener::bind(self.addr) {
                 Ok(listener) => break listener,
-                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
+                {
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(e) => panic!("cannot bind the HTTP test backend again on {}: {e}", self.addr),
+                Err(e) => panic!(
+                    "cannot bind the HTTP test backend again on {}: {e}",
+                    self.addr
+                ),
             }
         };
         self.run(listener);
@@ -269,8 +293,10 @@ fn serve(stream: TcpStream, shared: &Shared) {
     };
     let mut parts = first.split(' ');
     let (method, path, version) = (parts.next(), parts.next(), parts.next());
-    let is_http = matches!(method, Some("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "OPTIONS"))
-        && path.is_some()
+    let is_http = matches!(
+        method,
+        Some("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "OPTIONS")
+    ) && path.is_some()
         && version.is_some_and(|v| v.starts_with("HTTP/1."));
     if is_http {
         serve_http(&mut reader, stream, shared, path.unwrap_or("/"));
@@ -279,7 +305,12 @@ fn serve(stream: TcpStream, shared: &Shared) {
     }
 }
 
-fn serve_http(reader: &mut BufReader<TcpStream>, mut stream: TcpStream, shared: &Shared, path: &str) {
+fn serve_http(
+    reader: &mut BufReader<TcpStream>,
+    mut stream: TcpStream,
+    shared: &Shared,
+    path: &str,
+) {
     // The rest of the head, up to the empty line; the request has no body.
     loop {
         match read_line(reader, &stream, shared, REQUEST_TIMEOUT) {
@@ -336,7 +367,9 @@ fn hang(stream: &TcpStream, shared: &Shared) {
                     libc::MSG_DONTWAIT,
                 )
             };
-            if n == 0 || (n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock)
+            if n == 0
+                || (n < 0
+                    && std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock)
             {
                 return; // The checker gave up and closed.
             }
@@ -344,7 +377,12 @@ fn hang(stream: &TcpStream, shared: &Shared) {
     }
 }
 
-fn serve_echo(reader: &mut BufReader<TcpStream>, mut stream: TcpStream, shared: &Shared, first: String) {
+fn serve_echo(
+    reader: &mut BufReader<TcpStream>,
+    mut stream: TcpStream,
+    shared: &Shared,
+    first: String,
+) {
     shared.echo_sessions.fetch_add(1, Ordering::SeqCst);
     shared.echo_open.fetch_add(1, Ordering::SeqCst);
     let mut line = Some(first);
@@ -450,8 +488,8 @@ mod tests {
     fn hang_answers_nothing_until_the_client_gives_up() {
         let backend = HttpBackend::start_with("slow", "/healthz", HealthReply::Hang);
         let started = Instant::now();
-        let err = get_with_timeout(backend.addr(), Duration::from_millis(200))
-            .expect_err("no answer");
+        let err =
+            get_with_timeout(backend.addr(), Duration::from_millis(200)).expect_err("no answer");
         assert!(
             matches!(
                 err.kind(),
