@@ -33,7 +33,7 @@ use crate::{
 };
 
 /// How often the kernel's connect-failure counters are read for passive detection.
-const PASSIVE_POLL: Duration = Duration::from_millis(50);
+const PASSIVE_POLL: Duration = Duration::from_millis(10);
 /// At most this many health checks run at once, whatever the number of backends.
 const MAX_CONCURRENT_CHECKS: usize = 256;
 
@@ -283,6 +283,33 @@ impl Agent {
         self.health.set_targets(targets, &active);
     }
 
+    /// At a fresh start nothing is known about checked backends, and unknown backends get no
+    /// traffic. Give their first checks (spread over 100 ms) time to answer before the first
+    /// write, so a new service does not start out refusing connects. Bounded by the slowest
+    /// check's timeout.
+    async fn await_first_checks(&self) {
+        let longest = self
+            .registry
+            .merged()
+            .services
+            .iter()
+            .filter_map(|svc| svc.health.as_ref())
+            .filter(|check| check.kind != HealthKind::None)
+            .map(|check| check.timeout)
+            .max();
+        let Some(longest) = longest else { return };
+        let deadline = Instant::now() + Duration::from_millis(150) + longest;
+        while Instant::now() < deadline
+            && self
+                .health
+                .snapshot()
+                .iter()
+                .any(|(_, _, health, _)| *health == crate::health::Health::Unknown)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     fn service_names(&self) -> BTreeMap<Vip, String> {
         self.registry
             .merged()
@@ -462,6 +489,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         agent.source_update(update);
     }
     agent.update_health_targets();
+    agent.await_first_checks().await;
     agent.reconcile(&format!("services from {}", args.config.display()))?;
 
     let server = http::serve(agent_config.metrics, metrics.clone()).await?;

@@ -136,6 +136,19 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Every backend id a counter or a live slot names is known.
+    fn is_consistent(&self) -> bool {
+        self.backend_stats
+            .keys()
+            .all(|k| self.backends.contains_key(&k.backend_id))
+            && self.services.values().all(|svc| {
+                self.slots
+                    .iter()
+                    .filter(|(k, _)| k.service_id == svc.id && k.generation == svc.generation)
+                    .all(|(_, id)| self.backends.contains_key(id))
+            })
+    }
+
     /// Counters of every backend of a service (configured ones, active or not), by backend id.
     pub fn members_of(
         &self,
@@ -317,7 +330,22 @@ impl Maps {
         Ok(cookies)
     }
 
+    /// Everything the maps hold. The maps are read one after the other while the agent may be
+    /// writing them; a read that catches a half-done update (a counter or slot naming a backend
+    /// it did not see) is retried, a few times at most.
     pub fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let mut snap = self.read_all()?;
+        for _ in 0..3 {
+            if snap.is_consistent() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            snap = self.read_all()?;
+        }
+        Ok(snap)
+    }
+
+    fn read_all(&self) -> anyhow::Result<Snapshot> {
         let mut snap = Snapshot::default();
         for entry in self.services.iter() {
             let (key, svc) = entry?;
