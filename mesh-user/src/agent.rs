@@ -34,6 +34,8 @@ use crate::{
 
 /// How often the kernel's connect-failure counters are read for passive detection.
 const PASSIVE_POLL: Duration = Duration::from_millis(10);
+/// How often the per-backend health gauges are refreshed.
+const HEALTH_GAUGES: Duration = Duration::from_secs(1);
 /// At most this many health checks run at once, whatever the number of backends.
 const MAX_CONCURRENT_CHECKS: usize = 256;
 
@@ -214,6 +216,15 @@ impl Reconciler {
         let Some(&lowest) = thresholds.values().min() else {
             return Vec::new();
         };
+        // Runs every few ms: look at the kernel's (usually empty) map before anything else.
+        let candidates = match self.datapath.maps.passive_failures(lowest) {
+            Ok(found) if found.is_empty() => return Vec::new(),
+            Ok(found) => found,
+            Err(err) => {
+                warn!("reading passive failure counts: {err:#}");
+                return Vec::new();
+            }
+        };
         let by_id: BTreeMap<u32, (&Vip, u32)> = self
             .applied
             .services
@@ -221,13 +232,6 @@ impl Reconciler {
             .filter_map(|(vip, svc)| thresholds.get(vip).map(|&t| (svc.id, (vip, t))))
             .collect();
         let addr_of = self.applied.backend_addrs();
-        let candidates = match self.datapath.maps.passive_failures(lowest) {
-            Ok(found) => found,
-            Err(err) => {
-                warn!("reading passive failure counts: {err:#}");
-                return Vec::new();
-            }
-        };
         let mut failing = Vec::new();
         for (key, count) in candidates {
             let (Some(&(vip, threshold)), Some(&addr)) =
@@ -250,6 +254,10 @@ impl Reconciler {
 struct Agent {
     args: AgentArgs,
     registry: Registry,
+    /// Views of the merged registry, recomputed when it changes (not on every tick).
+    merged: Config,
+    names: BTreeMap<Vip, String>,
+    passive_thresholds: BTreeMap<Vip, u32>,
     reconciler: Reconciler,
     health: HealthMonitor,
     metrics: Arc<AgentMetrics>,
@@ -259,12 +267,32 @@ struct Agent {
 
 impl Agent {
     fn desired(&self) -> DesiredState {
-        let config = self.registry.merged();
-        let mut desired = DesiredState::from_config(&config);
-        apply_health(&mut desired, &config, |vip, addr| {
+        let mut desired = DesiredState::from_config(&self.merged);
+        apply_health(&mut desired, &self.merged, |vip, addr| {
             self.health.health(vip, addr)
         });
         desired
+    }
+
+    /// Recomputes the views of the merged registry after it changed.
+    fn registry_changed(&mut self) {
+        self.merged = self.registry.merged();
+        self.names = self
+            .merged
+            .services
+            .iter()
+            .map(|svc| (vip_of(svc), svc.name.clone()))
+            .collect();
+        self.passive_thresholds = self
+            .merged
+            .services
+            .iter()
+            .filter_map(|svc| {
+                let check = svc.health.as_ref()?;
+                (check.kind != HealthKind::None && check.passive_failures > 0)
+                    .then(|| (vip_of(svc), check.passive_failures))
+            })
+            .collect();
     }
 
     fn reconcile(&mut self, why: &str) -> anyhow::Result<()> {
@@ -278,7 +306,7 @@ impl Agent {
 
     /// Points the health checks at the backends of the merged registry.
     fn update_health_targets(&mut self) {
-        let targets = health_targets(&self.registry.merged());
+        let targets = health_targets(&self.merged);
         let active = self.reconciler.active_backends();
         self.health.set_targets(targets, &active);
     }
@@ -289,8 +317,7 @@ impl Agent {
     /// check's timeout.
     async fn await_first_checks(&self) {
         let longest = self
-            .registry
-            .merged()
+            .merged
             .services
             .iter()
             .filter_map(|svc| svc.health.as_ref())
@@ -308,28 +335,6 @@ impl Agent {
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-    }
-
-    fn service_names(&self) -> BTreeMap<Vip, String> {
-        self.registry
-            .merged()
-            .services
-            .iter()
-            .map(|svc| (vip_of(svc), svc.name.clone()))
-            .collect()
-    }
-
-    fn passive_thresholds(&self) -> BTreeMap<Vip, u32> {
-        self.registry
-            .merged()
-            .services
-            .iter()
-            .filter_map(|svc| {
-                let check = svc.health.as_ref()?;
-                (check.kind != HealthKind::None && check.passive_failures > 0)
-                    .then(|| (vip_of(svc), check.passive_failures))
-            })
-            .collect()
     }
 
     fn reload_file(&mut self) {
@@ -367,6 +372,7 @@ impl Agent {
     }
 
     fn apply_registry(&mut self, why: &str) {
+        self.registry_changed();
         // [sources] The admin API lists what is now in force.
         self.published
             .send_replace(crate::sources::listing(&self.registry));
@@ -385,8 +391,7 @@ impl Agent {
     }
 
     fn passive_tick(&mut self) {
-        let thresholds = self.passive_thresholds();
-        let failing = self.reconciler.passive_failures(&thresholds);
+        let failing = self.reconciler.passive_failures(&self.passive_thresholds);
         for (vip, addr, count) in &failing {
             self.health.force_unhealthy(
                 vip,
@@ -475,11 +480,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut agent = Agent {
         args: args.clone(),
         registry,
+        merged: Config::default(),
+        names: BTreeMap::new(),
+        passive_thresholds: BTreeMap::new(),
         reconciler,
         health,
         metrics: metrics.clone(),
         published,
     };
+    agent.registry_changed();
     // [sources] Started before the first reconcile: the services they saved (admin API, last
     // Redis read) are applied together with the file's, so a restart keeps their VIPs mapped.
     let (sources_tx, mut sources_rx) = mpsc::channel::<SourceUpdate>(16);
@@ -502,6 +511,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut passive = tokio::time::interval(PASSIVE_POLL);
     passive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut health_gauges = tokio::time::interval(HEALTH_GAUGES);
+    health_gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
@@ -523,8 +534,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 }
             }
             _ = passive.tick() => agent.passive_tick(),
+            _ = health_gauges.tick() => {
+                metrics.set_health(agent.health.snapshot(), &agent.names);
+            }
         }
-        metrics.set_health(agent.health.snapshot(), &agent.service_names());
     }
     server.abort();
     info!("stopping; the data path stays in place (`mesh cleanup` removes it)");

@@ -16,8 +16,7 @@ use mesh_common::{BackendStats, RTT_BUCKET_BASE_US, RTT_BUCKETS};
 use prometheus::{
     Encoder as _, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
-    core::{Collector, Desc},
-    proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType},
+    core::Collector,
 };
 
 use crate::{
@@ -28,6 +27,7 @@ use crate::{
 
 pub struct AgentMetrics {
     registry: Registry,
+    kernel: KernelCounters,
     ready: AtomicBool,
     ready_gauge: IntGauge,
     reconcile_runs: IntCounterVec,
@@ -134,9 +134,11 @@ impl AgentMetrics {
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(config_rejected.clone()))?;
         registry.register(Box::new(build_info))?;
-        registry.register(Box::new(KernelCounters::new(bpffs.to_path_buf())?))?;
         Ok(Self {
             registry,
+            kernel: KernelCounters {
+                bpffs: bpffs.to_path_buf(),
+            },
             ready: AtomicBool::new(false),
             ready_gauge,
             reconcile_runs,
@@ -241,201 +243,209 @@ impl AgentMetrics {
     pub fn render(&self) -> anyhow::Result<String> {
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
-        Ok(String::from_utf8(out)?)
+        let mut out = String::from_utf8(out)?;
+        if let Err(err) = self.kernel.render(&mut out) {
+            // The agent's own metrics still tell what is wrong.
+            tracing::warn!("reading kernel counters for /metrics: {err:#}");
+        }
+        Ok(out)
     }
 }
 
-/// Reads the kernel's per-CPU counters from the pinned maps on every scrape and builds fresh
-/// metric families, so a removed backend stops being exported.
+/// Renders the kernel's counters from the pinned maps on every scrape, straight into the
+/// exposition text: a node with 10k services has ~40k backends and ~300k series, and building
+/// them as metric objects first cost hundreds of MB per scrape. A removed backend stops being
+/// exported because it is no longer in the maps.
 struct KernelCounters {
     bpffs: PathBuf,
-    descs: Vec<Desc>,
 }
 
-/// The families built from one snapshot of the maps.
-struct Families {
-    connections: IntCounterVec,
-    connect_failures: IntCounterVec,
-    bytes_sent: IntCounterVec,
-    bytes_received: IntCounterVec,
-    backend_active: IntGaugeVec,
-    no_backend: IntCounterVec,
-    slots: IntGaugeVec,
-    backends: IntGaugeVec,
-    datapath: IntCounterVec,
-    map_entries: IntGaugeVec,
-    map_capacity: IntGaugeVec,
+/// One backend of one service, with its labels already formatted.
+struct Row<'a> {
+    labels: String,
+    stats: &'a BackendStats,
+    active: bool,
 }
-
-const BACKEND_LABELS: &[&str] = &["service", "backend", "protocol"];
-const SERVICE_LABELS: &[&str] = &["service", "vip", "protocol"];
-
-impl Families {
-    fn new() -> prometheus::Result<Self> {
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            IntCounterVec::new(Opts::new(name, help), labels)
-        };
-        let gauge = |name: &str, help: &str, labels: &[&str]| {
-            IntGaugeVec::new(Opts::new(name, help), labels)
-        };
-        Ok(Self {
-            connections: counter(
-                "mesh_backend_connections_total",
-                "Connections (and unconnected UDP datagrams) the kernel sent to the backend",
-                BACKEND_LABELS,
-            )?,
-            connect_failures: counter(
-                "mesh_backend_connect_failures_total",
-                "TCP connects to the backend that failed before establishing (passive detection)",
-                BACKEND_LABELS,
-            )?,
-            bytes_sent: counter(
-                "mesh_backend_sent_bytes_total",
-                "Bytes clients sent to the backend on closed TCP connections (telemetry)",
-                BACKEND_LABELS,
-            )?,
-            bytes_received: counter(
-                "mesh_backend_received_bytes_total",
-                "Bytes clients received from the backend on closed TCP connections (telemetry)",
-                BACKEND_LABELS,
-            )?,
-            backend_active: gauge(
-                "mesh_backend_active",
-                "1 when the backend takes new connections (in the live slot set), else 0",
-                BACKEND_LABELS,
-            )?,
-            no_backend: counter(
-                "mesh_service_no_backend_total",
-                "Connects to the VIP that found no backend",
-                SERVICE_LABELS,
-            )?,
-            slots: gauge(
-                "mesh_service_slots",
-                "Round-robin slots of the service's live slot set (0: no backend)",
-                SERVICE_LABELS,
-            )?,
-            backends: gauge(
-                "mesh_service_backends",
-                "Backends of the service by state: configured, or active (taking connections)",
-                &["service", "vip", "protocol", "state"],
-            )?,
-            datapath: counter(
-                "mesh_datapath_events_total",
-                "Node-wide data path events: reverse state created/released, UDP flows tracked/untracked (map full)",
-                &["event"],
-            )?,
-            map_entries: gauge(
-                "mesh_map_entries",
-                "Entries in each pinned map (per-CPU maps count keys)",
-                &["map"],
-            )?,
-            map_capacity: gauge(
-                "mesh_map_capacity",
-                "max_entries of each pinned map (alert before entries reach it)",
-                &["map"],
-            )?,
-        })
-    }
-
-    fn collectors(&self) -> [&dyn Collector; 11] {
-        [
-            &self.connections,
-            &self.connect_failures,
-            &self.bytes_sent,
-            &self.bytes_received,
-            &self.backend_active,
-            &self.no_backend,
-            &self.slots,
-            &self.backends,
-            &self.datapath,
-            &self.map_entries,
-            &self.map_capacity,
-        ]
-    }
-}
-
-const RTT_NAME: &str = "mesh_backend_rtt_seconds";
-const RTT_HELP: &str =
-    "Smoothed TCP round-trip time of closed connections to the backend, at close (telemetry)";
 
 impl KernelCounters {
-    fn new(bpffs: PathBuf) -> anyhow::Result<Self> {
-        let families = Families::new()?;
-        let mut descs: Vec<Desc> = families
-            .collectors()
-            .iter()
-            .flat_map(|c| c.desc().into_iter().cloned())
-            .collect();
-        descs.push(Desc::new(
-            RTT_NAME.into(),
-            RTT_HELP.into(),
-            BACKEND_LABELS.iter().map(|l| l.to_string()).collect(),
-            Default::default(),
-        )?);
-        Ok(Self { bpffs, descs })
-    }
-
-    fn read(&self) -> anyhow::Result<Vec<MetricFamily>> {
+    fn render(&self, out: &mut String) -> anyhow::Result<()> {
+        use std::fmt::Write as _;
         let maps = Maps::open_pinned(&self.bpffs)?;
         let snap = maps.snapshot()?;
-        let f = Families::new()?;
-        let mut rtt = Vec::new();
+
+        let mut services = Vec::new();
+        let mut rows = Vec::new();
         for (vip, svc) in &snap.services {
             let name = snap.names.get(&svc.id).map(String::as_str).unwrap_or("");
             let proto = protocol_name(vip.proto);
-            let vip_label = vip.addr.to_string();
-            let labels = [name, vip_label.as_str(), proto];
-            f.slots
-                .with_label_values(&labels)
-                .set(i64::from(svc.slot_count));
-            if let Some(stats) = snap.service_stats.get(&svc.id) {
-                f.no_backend
-                    .with_label_values(&labels)
-                    .inc_by(stats.no_backend);
-            }
-            let members = snap.members_of(svc.id);
+            let labels = labels(&[
+                ("service", name),
+                ("vip", &vip.addr.to_string()),
+                ("protocol", proto),
+            ]);
             let mut configured = 0;
             let mut active = 0;
-            for (key, stats) in members {
+            for (key, stats) in snap.members_of(svc.id) {
                 let Some(addr) = snap.backends.get(&key.backend_id) else {
                     continue;
                 };
-                configured += 1;
                 let is_active = snap.active.contains_key(key);
-                active += i64::from(is_active);
-                let addr = addr.to_string();
-                let b = [name, addr.as_str(), proto];
-                f.connections
-                    .with_label_values(&b)
-                    .inc_by(stats.connections);
-                f.connect_failures
-                    .with_label_values(&b)
-                    .inc_by(stats.connect_failures);
-                f.bytes_sent.with_label_values(&b).inc_by(stats.bytes_sent);
-                f.bytes_received
-                    .with_label_values(&b)
-                    .inc_by(stats.bytes_received);
-                f.backend_active
-                    .with_label_values(&b)
-                    .set(i64::from(is_active));
-                rtt.push(rtt_histogram(&b, stats));
+                configured += 1;
+                active += u32::from(is_active);
+                rows.push(Row {
+                    labels: labels_inner(&[
+                        ("service", name),
+                        ("backend", &addr.to_string()),
+                        ("protocol", proto),
+                    ]),
+                    stats,
+                    active: is_active,
+                });
             }
-            f.backends
-                .with_label_values(&[name, &vip_label, proto, "configured"])
-                .set(configured);
-            f.backends
-                .with_label_values(&[name, &vip_label, proto, "active"])
-                .set(active);
+            let no_backend = snap.service_stats.get(&svc.id).map_or(0, |s| s.no_backend);
+            services.push((labels, svc.slot_count, no_backend, configured, active));
         }
+
+        let backend_family =
+            |out: &mut String, name: &str, kind: &str, help: &str, value: &dyn Fn(&Row) -> u64| {
+                header(out, name, kind, help);
+                for row in &rows {
+                    let _ = writeln!(out, "{name}{{{}}} {}", row.labels, value(row));
+                }
+            };
+        backend_family(
+            out,
+            "mesh_backend_connections_total",
+            "counter",
+            "Connections (and unconnected UDP datagrams) the kernel sent to the backend",
+            &|r| r.stats.connections,
+        );
+        backend_family(
+            out,
+            "mesh_backend_connect_failures_total",
+            "counter",
+            "TCP connects to the backend that failed before establishing (passive detection)",
+            &|r| r.stats.connect_failures,
+        );
+        backend_family(
+            out,
+            "mesh_backend_sent_bytes_total",
+            "counter",
+            "Payload bytes clients sent to the backend on closed TCP connections (telemetry)",
+            &|r| r.stats.bytes_sent,
+        );
+        backend_family(
+            out,
+            "mesh_backend_received_bytes_total",
+            "counter",
+            "Payload bytes clients received from the backend on closed TCP connections (telemetry)",
+            &|r| r.stats.bytes_received,
+        );
+        backend_family(
+            out,
+            "mesh_backend_active",
+            "gauge",
+            "1 when the backend takes new connections (in the live slot set), else 0",
+            &|r| u64::from(r.active),
+        );
+
+        // A histogram is 18 series: only backends with measured connections get one.
+        header(out, RTT_NAME, "histogram", RTT_HELP);
+        for row in rows.iter().filter(|r| r.stats.rtt_samples > 0) {
+            let mut cumulative = 0;
+            for (i, count) in row
+                .stats
+                .rtt_buckets
+                .iter()
+                .enumerate()
+                .take(RTT_BUCKETS - 1)
+            {
+                cumulative += count;
+                let le = (RTT_BUCKET_BASE_US << i) as f64 / 1e6;
+                let _ = writeln!(
+                    out,
+                    "{RTT_NAME}_bucket{{{},le=\"{le}\"}} {cumulative}",
+                    row.labels
+                );
+            }
+            let _ = writeln!(
+                out,
+                "{RTT_NAME}_bucket{{{},le=\"+Inf\"}} {}",
+                row.labels, row.stats.rtt_samples
+            );
+            let _ = writeln!(
+                out,
+                "{RTT_NAME}_sum{{{}}} {}",
+                row.labels,
+                row.stats.rtt_sum_us as f64 / 1e6
+            );
+            let _ = writeln!(
+                out,
+                "{RTT_NAME}_count{{{}}} {}",
+                row.labels, row.stats.rtt_samples
+            );
+        }
+
+        header(
+            out,
+            "mesh_service_no_backend_total",
+            "counter",
+            "Connects to the VIP that found no backend",
+        );
+        for (labels, _, no_backend, _, _) in &services {
+            let _ = writeln!(out, "mesh_service_no_backend_total{labels} {no_backend}");
+        }
+        header(
+            out,
+            "mesh_service_slots",
+            "gauge",
+            "Round-robin slots of the service's live slot set (0: no backend)",
+        );
+        for (labels, slots, _, _, _) in &services {
+            let _ = writeln!(out, "mesh_service_slots{labels} {slots}");
+        }
+        header(
+            out,
+            "mesh_service_backends",
+            "gauge",
+            "Backends of the service by state: configured, or active (taking connections)",
+        );
+        for (labels, _, _, configured, active) in &services {
+            let inner = &labels[1..labels.len() - 1];
+            let _ = writeln!(
+                out,
+                "mesh_service_backends{{{inner},state=\"configured\"}} {configured}"
+            );
+            let _ = writeln!(
+                out,
+                "mesh_service_backends{{{inner},state=\"active\"}} {active}"
+            );
+        }
+
         let dp = maps.datapath_stats()?;
+        header(
+            out,
+            "mesh_datapath_events_total",
+            "counter",
+            "Node-wide data path events: reverse state created/released, UDP flows tracked/untracked (map full)",
+        );
         for (event, value) in [
             ("reverse_state_created", dp.rev_created),
             ("reverse_state_released", dp.rev_released),
             ("udp_flow_tracked", dp.udp_flows_added),
             ("udp_flow_untracked_map_full", dp.udp_flows_full),
         ] {
-            f.datapath.with_label_values(&[event]).inc_by(value);
+            let _ = writeln!(
+                out,
+                "mesh_datapath_events_total{{event=\"{event}\"}} {value}"
+            );
         }
+        header(
+            out,
+            "mesh_map_entries",
+            "gauge",
+            "Entries in each pinned map (per-CPU maps count keys)",
+        );
         for (map, entries) in [
             ("services", snap.services.len()),
             ("slots", snap.slots.len()),
@@ -447,71 +457,66 @@ impl KernelCounters {
         .into_iter()
         .chain(maps.extra_entry_counts())
         {
-            f.map_entries.with_label_values(&[map]).set(entries as i64);
+            let _ = writeln!(out, "mesh_map_entries{{map=\"{map}\"}} {entries}");
         }
+        header(
+            out,
+            "mesh_map_capacity",
+            "gauge",
+            "max_entries of each pinned map (alert before entries reach it)",
+        );
         for (map, capacity) in crate::datapath::map_capacities(&self.bpffs)? {
-            f.map_capacity
-                .with_label_values(&[&map])
-                .set(i64::from(capacity));
+            let _ = writeln!(out, "mesh_map_capacity{{map=\"{map}\"}} {capacity}");
         }
-        let mut families: Vec<MetricFamily> =
-            f.collectors().iter().flat_map(|c| c.collect()).collect();
-        if !rtt.is_empty() {
-            let mut family = MetricFamily::default();
-            family.set_name(RTT_NAME.into());
-            family.set_help(RTT_HELP.into());
-            family.set_field_type(MetricType::HISTOGRAM);
-            family.set_metric(rtt);
-            families.push(family);
-        }
-        Ok(families)
+        Ok(())
     }
 }
 
-/// The kernel's log2 RTT buckets as a cumulative Prometheus histogram in seconds.
-fn rtt_histogram(labels: &[&str; 3], stats: &BackendStats) -> Metric {
-    let mut buckets = Vec::with_capacity(RTT_BUCKETS);
-    let mut cumulative = 0;
-    for (i, count) in stats.rtt_buckets.iter().enumerate().take(RTT_BUCKETS - 1) {
-        cumulative += count;
-        let mut bucket = Bucket::default();
-        bucket.set_upper_bound((RTT_BUCKET_BASE_US << i) as f64 / 1e6);
-        bucket.set_cumulative_count(cumulative);
-        buckets.push(bucket);
-    }
-    let mut histogram = Histogram::default();
-    histogram.set_bucket(buckets);
-    histogram.set_sample_count(stats.rtt_samples);
-    histogram.set_sample_sum(stats.rtt_sum_us as f64 / 1e6);
-    let mut metric = Metric::default();
-    metric.set_label(
-        BACKEND_LABELS
-            .iter()
-            .zip(labels)
-            .map(|(name, value)| {
-                let mut pair = LabelPair::default();
-                pair.set_name(name.to_string());
-                pair.set_value(value.to_string());
-                pair
-            })
-            .collect(),
-    );
-    metric.set_histogram(histogram);
-    metric
+const RTT_NAME: &str = "mesh_backend_rtt_seconds";
+const RTT_HELP: &str =
+    "Smoothed TCP round-trip time of closed connections to the backend, at close (telemetry)";
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-impl Collector for KernelCounters {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
-    }
+/// `{a="x",b="y"}`.
+fn labels(pairs: &[(&str, &str)]) -> String {
+    format!("{{{}}}", labels_inner(pairs))
+}
 
-    fn collect(&self) -> Vec<MetricFamily> {
-        match self.read() {
-            Ok(families) => families,
-            Err(err) => {
-                tracing::warn!("reading kernel counters for /metrics: {err:#}");
-                Vec::new()
+/// `a="x",b="y"`, values escaped as the text format requires.
+fn labels_inner(pairs: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for (i, (name, value)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(name);
+        out.push_str("=\"");
+        for c in value.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
             }
         }
+        out.push('"');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(
+            labels(&[("a", "x\"y\\z\n"), ("b", "1")]),
+            r#"{a="x\"y\\z\n",b="1"}"#
+        );
     }
 }
