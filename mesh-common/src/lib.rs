@@ -40,6 +40,8 @@ pub const SERVICE_NAME_LEN: usize = 64;
 pub const SVC_F_REJECT_EMPTY: u32 = 1 << 0;
 /// `Service::flags`: pin each client to the backend it got first (session affinity).
 pub const SVC_F_AFFINITY: u32 = 1 << 1;
+/// `Service::flags`: watch how TCP connects to its backends turn out (passive detection).
+pub const SVC_F_PASSIVE: u32 = 1 << 2;
 
 /// Key of the `services` map: what a client connects to.
 #[repr(C)]

@@ -36,8 +36,8 @@ use mesh_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, BackendStatsKey, DEFAULT_MAX_AFFINITY,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, DEFAULT_MAX_UDP_FLOWS,
     DatapathStats, FAMILY_V4, FAMILY_V6, PROTO_UDP, PassiveState, RTT_BUCKET_BASE_US, RTT_BUCKETS,
-    SETTINGS_F_TELEMETRY, SVC_F_AFFINITY, SVC_F_REJECT_EMPTY, Service, ServiceKey, ServiceName,
-    ServiceStats, Settings, SlotKey, UdpFlow,
+    SETTINGS_F_TELEMETRY, SVC_F_AFFINITY, SVC_F_PASSIVE, SVC_F_REJECT_EMPTY, Service, ServiceKey,
+    ServiceName, ServiceStats, Settings, SlotKey, UdpFlow,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -144,6 +144,9 @@ struct SockRev {
     /// Who the connect went to (with `has_peer`), for the counters of `sock_ops`.
     service_id: u32,
     backend_id: u32,
+    /// 1 when `sock_ops` should follow this connection's states (passive detection of its
+    /// service, or telemetry); otherwise the connection costs no state callbacks.
+    observe: u32,
 }
 
 /// A parsed destination address in the context's raw form.
@@ -297,8 +300,10 @@ pub fn tcp_outcome(ctx: SockOpsContext) -> u32 {
         return 1;
     };
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        // Ask for state changes of this connection only.
-        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        // Ask for state changes of this connection only, and only when someone reads them.
+        if observed(sk) {
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        }
     } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         if let Some(state) = PASSIVE.get_ptr_mut(&key) {
             unsafe { (*state).consecutive_failures = 0 };
@@ -339,6 +344,20 @@ fn closed_flags(old_state: u32) -> (u64, u64) {
         // Reset from ESTABLISHED or FIN_WAIT1: only the SYN was acknowledged.
         _ => (1, 0),
     }
+}
+
+/// Whether the connection's states feed passive detection or telemetry.
+#[inline(always)]
+fn observed(sk: *mut bpf_sock) -> bool {
+    let rev = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::addr_of!(SOCK_REV) as *mut c_void,
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    } as *const SockRev;
+    !rev.is_null() && unsafe { (*rev).observe } != 0
 }
 
 /// (service, backend) of a socket whose connect the load balancer translated.
@@ -425,6 +444,7 @@ fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
             service_id,
             backend_id,
             backend,
+            passive,
         } => {
             let dest = write_dest(sa, &backend, family);
             if let Some(rev) = sock_rev(ctx) {
@@ -438,6 +458,7 @@ fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
                     (*rev).has_peer = 1;
                     (*rev).service_id = service_id;
                     (*rev).backend_id = backend_id;
+                    (*rev).observe = u32::from(passive || telemetry_on());
                 }
             }
             if sa.protocol == u32::from(PROTO_UDP) {
@@ -617,6 +638,7 @@ enum Verdict {
         service_id: u32,
         backend_id: u32,
         backend: Backend,
+        passive: bool,
     },
 }
 
@@ -661,6 +683,7 @@ fn translate(ctx: &SockAddrContext, sa: &bpf_sock_addr, dest: &Dest, family: u8)
                 service_id: service.id,
                 backend_id,
                 backend,
+                passive: service.flags & SVC_F_PASSIVE != 0,
             }
         }
         _ => {

@@ -532,6 +532,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 if let Err(err) = agent.reconcile("health change") {
                     error!("health change could not be applied: {err:#}");
                 }
+                metrics.set_health(agent.health.snapshot(), &agent.names);
             }
             _ = passive.tick() => agent.passive_tick(),
             _ = health_gauges.tick() => {

@@ -15,8 +15,7 @@ use std::{
 use mesh_common::{BackendStats, RTT_BUCKET_BASE_US, RTT_BUCKETS};
 use prometheus::{
     Encoder as _, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
-    core::Collector,
+    TextEncoder, core::Collector,
 };
 
 use crate::{

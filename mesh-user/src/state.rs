@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr};
 
-use mesh_common::{PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY, SVC_F_REJECT_EMPTY};
+use mesh_common::{PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY, SVC_F_PASSIVE, SVC_F_REJECT_EMPTY};
 
 use crate::{
     config::{AllUnhealthy, Config, EmptyPolicy, HealthKind, ServiceConfig},
@@ -101,6 +101,13 @@ fn desired_service(svc: &ServiceConfig) -> DesiredService {
     let mut flags = 0;
     if svc.on_empty == EmptyPolicy::Reject {
         flags |= SVC_F_REJECT_EMPTY;
+    }
+    if svc
+        .health
+        .as_ref()
+        .is_some_and(|h| h.kind != HealthKind::None && h.passive_failures > 0)
+    {
+        flags |= SVC_F_PASSIVE;
     }
     let mut affinity_timeout_secs = 0;
     if let Some(affinity) = &svc.affinity {
