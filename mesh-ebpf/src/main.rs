@@ -202,16 +202,9 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock(sock_release)]
 pub fn sock_release(ctx: SockContext) -> i32 {
+    // The kernel hands a valid socket to sock_release programs.
     let sk = ctx.sock;
-    // SAFETY: the kernel hands a valid socket to sock_release programs.
-    let storage = unsafe {
-        bpf_sk_storage_get(
-            core::ptr::addr_of!(SOCK_REV) as *mut c_void,
-            sk.cast(),
-            core::ptr::null_mut(),
-            0,
-        )
-    };
+    let storage = existing_sock_rev(sk);
     if !storage.is_null() {
         count(|s| s.rev_released += 1);
         if unsafe { (*sk).protocol } == u32::from(PROTO_UDP) {
@@ -230,14 +223,7 @@ pub fn getsockopt(ctx: SockoptContext) -> i32 {
         return 1;
     }
     let sk = unsafe { opt.__bindgen_anon_1.sk };
-    let rev = unsafe {
-        bpf_sk_storage_get(
-            core::ptr::addr_of!(SOCK_REV) as *mut c_void,
-            sk.cast(),
-            core::ptr::null_mut(),
-            0,
-        )
-    } as *const SockRev;
+    let rev = existing_sock_rev(sk);
     if rev.is_null() || unsafe { (*rev).has_peer } == 0 {
         return 1;
     }
@@ -346,17 +332,25 @@ fn closed_flags(old_state: u32) -> (u64, u64) {
     }
 }
 
-/// Whether the connection's states feed passive detection or telemetry.
+/// The reverse-translation state of `sk`, if the load balancer gave it one (never creates).
 #[inline(always)]
-fn observed(sk: *mut bpf_sock) -> bool {
-    let rev = unsafe {
+fn existing_sock_rev(sk: *mut bpf_sock) -> *const SockRev {
+    // SAFETY: callers pass a socket the kernel handed to the program, checked non-null.
+    unsafe {
         bpf_sk_storage_get(
             core::ptr::addr_of!(SOCK_REV) as *mut c_void,
             sk.cast(),
             core::ptr::null_mut(),
             0,
         )
-    } as *const SockRev;
+    }
+    .cast()
+}
+
+/// Whether the connection's states feed passive detection or telemetry.
+#[inline(always)]
+fn observed(sk: *mut bpf_sock) -> bool {
+    let rev = existing_sock_rev(sk);
     !rev.is_null() && unsafe { (*rev).observe } != 0
 }
 
@@ -366,14 +360,7 @@ fn translated_peer(sk: *mut bpf_sock) -> Option<BackendStatsKey> {
     if sk.is_null() {
         return None;
     }
-    let rev = unsafe {
-        bpf_sk_storage_get(
-            core::ptr::addr_of!(SOCK_REV) as *mut c_void,
-            sk.cast(),
-            core::ptr::null_mut(),
-            0,
-        )
-    } as *const SockRev;
+    let rev = existing_sock_rev(sk);
     if rev.is_null() || unsafe { (*rev).has_peer } == 0 {
         return None;
     }
