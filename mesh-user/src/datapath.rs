@@ -394,10 +394,28 @@ impl Maps {
                 switched = false;
             }
             switched |= op.is_switch();
-            self.apply_one(op)
+            self.apply_with_retry(op)
                 .with_context(|| format!("map write failed: {op:?}"))?;
         }
         Ok(())
+    }
+
+    /// Non-preallocated maps take their elements from per-CPU caches that the kernel refills
+    /// in the background (bpf_mem_alloc); a burst of inserts from user space can drain them and
+    /// get ENOMEM although memory is plentiful. Such a write is retried after a short pause
+    /// (every op is idempotent), for a bounded time.
+    fn apply_with_retry(&mut self, op: &MapOp) -> anyhow::Result<()> {
+        let mut pause = std::time::Duration::from_micros(200);
+        let deadline = std::time::Instant::now() + ENOMEM_RETRY_FOR;
+        loop {
+            match self.apply_one(op) {
+                Err(err) if is_enomem(&err) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
     }
 
     fn apply_one(&mut self, op: &MapOp) -> anyhow::Result<()> {
@@ -704,6 +722,17 @@ fn sum_backend_stats<'a>(per_cpu: impl Iterator<Item = &'a BackendStats>) -> Bac
             *total += count;
         }
         sum
+    })
+}
+
+/// How long a map write that fails with ENOMEM is retried before the error stands.
+const ENOMEM_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn is_enomem(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<MapError>()
+            .is_some_and(|e| is_errno(e, libc::ENOMEM))
     })
 }
 
