@@ -1,7 +1,393 @@
-//! `cargo xtask bench`: not implemented yet.
+//! `cargo xtask bench [--quick]`: mesh side by side with its alternatives, in one run, with the
+//! same backends and the same client for every path.
+//!
+//! Paths: `direct-rr` (the client rotates over the backends itself: the fair ceiling),
+//! `direct-1` (one backend), `mesh` (VIP rewritten at connect() by the agent's programs; only
+//! this client runs inside the agent's cgroup), `iptables` (nat OUTPUT DNAT with statistic nth,
+//! like kube-proxy's iptables mode), `nftables` (verdict map + numgen, like kube-proxy's
+//! nftables mode) and `haproxy` (mode tcp, roundrobin). Backends and client are `loadgen`
+//! (xtask/src/bin/loadgen.rs).
+//!
+//! Measured: connection rate (TCP_CRR-like) with per-connection latency and whole-machine CPU
+//! per connection, 1-byte request latency on an established connection (TCP_RR-like), bulk
+//! upload throughput over 1 and 4 connections, the connection rate with 1..10k other services
+//! configured (mesh, iptables, nftables), and the control plane (programming time, config edit
+//! to data path, agent RSS/CPU, health checks if the agent has them).
+//!
+//! Rounds interleave every case and rotate the order; a warm-up pass is not counted. Reports
+//! medians and min-max spreads. Nothing here asserts a timing: a run that completes exits 0.
+//! Output: a printed report, `target/bench/results.json` (every raw number),
+//! `target/bench/results.md` and `target/bench/ratios.svg`.
 
-pub fn run(quick: bool) -> anyhow::Result<()> {
-    let _ = quick;
-    println!("bench: not implemented yet");
-    std::process::exit(1);
+mod baselines;
+mod chart;
+mod control;
+mod dataplane;
+mod mesh;
+mod procs;
+mod proto;
+mod report;
+mod system;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+
+use crate::build::{self, Profile};
+use crate::util::{Run as _, cargo, cmd, target_dir};
+use crate::{setup, signal};
+
+use control::{ControlPlane, ControlResults};
+use dataplane::{Case, DataPlane, MAIN_PATHS, Run, SCALED_PATHS};
+use procs::Proc;
+use system::{Cgroup, scratch_name};
+
+/// How much to measure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub quick: bool,
+    /// Measured rounds (each runs every case once).
+    pub rounds: usize,
+    /// Concurrent client threads of the connection-rate test.
+    pub threads: usize,
+    /// Measured window of each connection-rate run, seconds.
+    pub crr_secs: f64,
+    /// Unmeasured warm-up at the start of each connection-rate run, seconds.
+    pub crr_warmup: f64,
+    /// Length of each run of the warm-up pass (not counted), seconds.
+    pub warmup_pass_secs: f64,
+    /// Round trips of the request-latency test.
+    pub rr_count: u64,
+    /// Bytes per bulk run (split over the connections).
+    pub bulk_bytes: u64,
+    /// Numbers of other services for the scaling row.
+    pub scale_levels: Vec<usize>,
+    /// Service counts of the cold-start measurements.
+    pub cp_sizes: Vec<usize>,
+    pub cp_repeats: usize,
+    /// Repeats of the +1k diff.
+    pub diff_repeats: usize,
+    /// Config edits for edit-to-data-path latency (1 service / 10k other services).
+    pub changes: usize,
+    pub changes_10k: usize,
+    /// Window for agent CPU measurements, seconds.
+    pub idle_secs: f64,
+}
+
+impl Settings {
+    fn full() -> Self {
+        Settings {
+            quick: false,
+            rounds: 5,
+            threads: 8,
+            crr_secs: 4.0,
+            crr_warmup: 1.0,
+            warmup_pass_secs: 1.5,
+            rr_count: 20_000,
+            bulk_bytes: 1 << 30,
+            scale_levels: vec![1, 100, 1_000, 10_000],
+            cp_sizes: vec![1_000, 10_000, 50_000],
+            cp_repeats: 3,
+            diff_repeats: 5,
+            changes: 50,
+            changes_10k: 20,
+            idle_secs: 5.0,
+        }
+    }
+
+    fn quick() -> Self {
+        Settings {
+            quick: true,
+            rounds: 1,
+            threads: 8,
+            crr_secs: 1.0,
+            crr_warmup: 0.3,
+            warmup_pass_secs: 0.5,
+            rr_count: 3_000,
+            bulk_bytes: 256 << 20,
+            scale_levels: vec![1, 100, 1_000, 10_000],
+            cp_sizes: vec![1_000, 10_000],
+            cp_repeats: 1,
+            diff_repeats: 1,
+            changes: 10,
+            changes_10k: 5,
+            idle_secs: 2.0,
+        }
+    }
+}
+
+const BACKEND_PORTS: [u16; 3] = [21901, 21902, 21903];
+const VICTIM_PORT: u16 = 21904;
+const HAPROXY_PORT: u16 = 21900;
+const DATAPLANE_METRICS_PORT: u16 = 21910;
+const CONTROL_METRICS_PORT: u16 = 21911;
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A scratch directory for configs and logs, removed on drop.
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Builds `mesh` (release) and `loadgen`. `MESH_BIN=/path/to/mesh` benchmarks that binary
+/// instead of building one (e.g. an older build to compare with).
+fn build_binaries() -> Result<(PathBuf, PathBuf)> {
+    let mesh = match std::env::var_os("MESH_BIN").filter(|v| !v.is_empty()) {
+        Some(bin) => {
+            let bin = std::path::absolute(PathBuf::from(bin))?;
+            println!("bench: MESH_BIN is set: benchmarking {}", bin.display());
+            if !bin.is_file() {
+                anyhow::bail!("MESH_BIN={} is not a file", bin.display());
+            }
+            bin
+        }
+        None => {
+            cargo(["build", "--release", "-p", "mesh-user"]).run()?;
+            build::bin(Profile::Release, "mesh")
+        }
+    };
+    cargo(["build", "--release", "-p", "xtask", "--bin", "loadgen"]).run()?;
+    Ok((mesh, build::bin(Profile::Release, "loadgen")))
+}
+
+fn start_backend(loadgen: &Path, dir: &Path, id: usize, addr: SocketAddr) -> Result<Proc> {
+    let mut command = cmd(loadgen, ["serve", "--id"]);
+    command
+        .arg(id.to_string())
+        .arg("--addr")
+        .arg(addr.to_string());
+    let proc = Proc::spawn(
+        &format!("backend {id} ({addr})"),
+        command,
+        &dir.join(format!("backend-{id}.log")),
+    )?;
+    system::wait_listening(addr, Duration::from_secs(10))?;
+    Ok(proc)
+}
+
+#[derive(Serialize)]
+struct Results<'a> {
+    schema: u32,
+    command: String,
+    settings: &'a Settings,
+    machine: &'a system::Machine,
+    backends: Vec<String>,
+    paths: BTreeMap<&'static str, &'static str>,
+    loadavg_1m_start: f64,
+    loadavg_1m_end: f64,
+    elapsed_secs: f64,
+    summaries: &'a [report::CaseSummary],
+    targets: &'a [report::Target],
+    control: &'a ControlResults,
+    warnings: &'a [String],
+    errors: &'a [String],
+    runs: &'a [Run],
+    warmup_runs: &'a [Run],
+}
+
+fn path_descriptions() -> BTreeMap<&'static str, &'static str> {
+    BTreeMap::from([
+        (
+            "direct-rr",
+            "client rotates over the 3 backend ports itself (the fair ceiling)",
+        ),
+        ("direct-1", "client connects to backend 0 only"),
+        (
+            "mesh",
+            "client in the agent's cgroup connects to VIP 127.101.1.1:80; connect4 rewrites it",
+        ),
+        (
+            "iptables",
+            "nat OUTPUT jump (127.101.0.0/16) -> MESH-BENCH (others first) -> statistic nth DNAT",
+        ),
+        (
+            "nftables",
+            "table ip mesh_bench: daddr . l4proto . dport verdict map -> numgen inc mod 3 -> dnat",
+        ),
+        (
+            "haproxy",
+            "HAProxy 127.0.0.1:21900, mode tcp, balance roundrobin, nbthread 2",
+        ),
+    ])
+}
+
+pub fn run(quick: bool) -> Result<()> {
+    let started = Instant::now();
+    let settings = if quick {
+        Settings::quick()
+    } else {
+        Settings::full()
+    };
+    setup::run()?;
+    let (mesh, loadgen) = build_binaries()?;
+    signal::check()?;
+
+    println!("\n==> bench: preparing");
+    system::clean_leftovers(&mesh)?;
+    let nat = baselines::prepare_netfilter()?;
+    let machine = system::machine(&mesh);
+    let loadavg_start = dataplane::loadavg_1m();
+    if loadavg_start > 1.0 {
+        println!(
+            "bench: note: 1-minute load average is {loadavg_start:.2} before the bench: other work on \
+             this 2-core machine will show up as noise"
+        );
+    }
+    let out_dir = target_dir().join("bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let scratch = ScratchDir(std::env::temp_dir().join(scratch_name("")));
+    std::fs::create_dir_all(&scratch.0)?;
+    let backends: Vec<SocketAddr> = BACKEND_PORTS.iter().map(|&p| local(p)).collect();
+    for port in BACKEND_PORTS.iter().chain(&[
+        VICTIM_PORT,
+        HAPROXY_PORT,
+        DATAPLANE_METRICS_PORT,
+        CONTROL_METRICS_PORT,
+    ]) {
+        system::require_free(local(*port))?;
+    }
+
+    let _servers = backends
+        .iter()
+        .enumerate()
+        .map(|(i, &addr)| start_backend(&loadgen, &scratch.0, i, addr))
+        .collect::<Result<Vec<_>>>()?;
+
+    let mut warnings = Vec::new();
+    let mut errors = Vec::new();
+    let (warmups, runs) = {
+        let haproxy = baselines::Haproxy::start(&scratch.0, local(HAPROXY_PORT), &backends)?;
+        let cgroup = Cgroup::create(&scratch_name(""))?;
+        let bpffs = Path::new(system::BPFFS).join(scratch_name("dataplane"));
+        let mut agent = mesh::Agent::start(
+            &mesh,
+            &scratch.0,
+            "dataplane",
+            &DataPlane::initial_mesh_config(&backends),
+            cgroup.path(),
+            &bpffs,
+            local(DATAPLANE_METRICS_PORT),
+        )?;
+        agent.wait_ready(Duration::from_secs(60))?;
+        let mut dp = DataPlane {
+            settings: &settings,
+            loadgen: loadgen.clone(),
+            backends: backends.clone(),
+            cgroup: cgroup.path().to_path_buf(),
+            agent,
+            agent_others: 0,
+            haproxy: local(HAPROXY_PORT),
+            nat,
+            warnings: Vec::new(),
+        };
+        let result = dp.rounds();
+        warnings.append(&mut dp.warnings);
+        drop(dp);
+        drop(cgroup);
+        drop(haproxy);
+        result?
+    };
+
+    let mut cp = ControlPlane {
+        settings: &settings,
+        mesh: mesh.clone(),
+        loadgen: loadgen.clone(),
+        dir: scratch.0.clone(),
+        backends: backends.clone(),
+        victim: local(VICTIM_PORT),
+        metrics: local(CONTROL_METRICS_PORT),
+        agents_started: 0,
+        results: ControlResults::default(),
+    };
+    let cp_result = cp.run();
+    let control = cp.results;
+    if let Err(e) = &cp_result {
+        if e.downcast_ref::<signal::Interrupted>().is_some() {
+            return cp_result;
+        }
+        errors.push(format!("control plane: {e:#}"));
+    }
+
+    println!("\n==> bench: report");
+    let main_cases: Vec<Case> = MAIN_PATHS
+        .iter()
+        .map(|&path| Case { path, others: 0 })
+        .chain(SCALED_PATHS.iter().flat_map(|&path| {
+            settings
+                .scale_levels
+                .iter()
+                .map(move |&others| Case { path, others })
+        }))
+        .collect();
+    let summaries = report::summarize(&runs, &main_cases);
+    let targets = report::targets(&runs, &control, &settings.scale_levels);
+    let markdown = report::markdown(
+        &summaries,
+        &runs,
+        &control,
+        &targets,
+        &settings.scale_levels,
+    );
+    println!("\n{markdown}");
+    for w in &warnings {
+        println!("warning: {w}");
+    }
+    for e in control.errors.iter().chain(&errors) {
+        println!("error: {e}");
+    }
+
+    let results = Results {
+        schema: 1,
+        command: if quick {
+            "cargo xtask bench --quick".into()
+        } else {
+            "cargo xtask bench".into()
+        },
+        settings: &settings,
+        machine: &machine,
+        backends: backends.iter().map(ToString::to_string).collect(),
+        paths: path_descriptions(),
+        loadavg_1m_start: loadavg_start,
+        loadavg_1m_end: dataplane::loadavg_1m(),
+        elapsed_secs: started.elapsed().as_secs_f64(),
+        summaries: &summaries,
+        targets: &targets,
+        control: &control,
+        warnings: &warnings,
+        errors: &errors,
+        runs: &runs,
+        warmup_runs: &warmups,
+    };
+    let json_path = out_dir.join("results.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    let md_path = out_dir.join("results.md");
+    std::fs::write(&md_path, &markdown)?;
+    let svg_path = out_dir.join("ratios.svg");
+    let title = format!(
+        "mesh bench {} ({}; {} x {}; kernel {})",
+        machine.date_utc, results.command, machine.cores, machine.cpu_model, machine.kernel
+    );
+    if let Err(e) = chart::draw(&svg_path, &summaries, &settings.scale_levels, &title) {
+        errors.push(format!("{e:#}"));
+        println!("error: {e:#}");
+    }
+    println!(
+        "bench: wrote {}, {} and {} in {:.0} s",
+        json_path.display(),
+        md_path.display(),
+        svg_path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    cp_result
 }

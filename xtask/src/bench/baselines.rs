@@ -177,7 +177,11 @@ impl NftDnat {
             NFT_VIP.port()
         );
         for i in 0..others {
-            let _ = write!(text, ",\n\t\t\t{} . tcp . 80 : goto svc-other", other_vip(i));
+            let _ = write!(
+                text,
+                ",\n\t\t\t{} . tcp . 80 : goto svc-other",
+                other_vip(i)
+            );
         }
         let _ = writeln!(text, " }}\n\t}}");
         let _ = writeln!(

@@ -47,11 +47,7 @@ fn draw_inner(
         .filter_map(|&p| Some((p, ratio_of(summaries, p, 0)?)))
         .collect();
     let n = bars.len() as i32;
-    let xmax = bars
-        .iter()
-        .map(|(_, s)| s.max)
-        .fold(1.2f64, f64::max)
-        * 1.15;
+    let xmax = bars.iter().map(|(_, s)| s.max).fold(1.2f64, f64::max) * 1.15;
     let mut chart = ChartBuilder::on(&left)
         .caption(
             "new connections/s vs direct-rr (1 service)",
@@ -60,11 +56,12 @@ fn draw_inner(
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(80)
-        .build_cartesian_2d(0f64..xmax, (0..n).into_segmented())?;
+        .build_cartesian_2d(0f64..xmax, (0..n - 1).into_segmented())?;
     let names: Vec<&str> = bars.iter().map(|(p, _)| p.name()).collect();
     chart
         .configure_mesh()
         .disable_y_mesh()
+        .light_line_style(WHITE.mix(0.0))
         .y_labels(bars.len())
         .y_label_formatter(&|v| match v {
             SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => {
@@ -77,7 +74,10 @@ fn draw_inner(
     chart.draw_series(bars.iter().enumerate().map(|(i, (p, s))| {
         let i = i as i32;
         let mut bar = Rectangle::new(
-            [(0.0, SegmentValue::Exact(i)), (s.median, SegmentValue::Exact(i + 1))],
+            [
+                (0.0, SegmentValue::Exact(i)),
+                (s.median, SegmentValue::Exact(i + 1)),
+            ],
             color(*p).filled(),
         );
         bar.set_margin(6, 6, 0, 0);
@@ -129,6 +129,7 @@ fn draw_inner(
         .build_cartesian_2d((0.8f64..xmax).log_scale(), 0f64..ymax)?;
     chart
         .configure_mesh()
+        .light_line_style(WHITE.mix(0.0))
         .x_desc("services configured (bench service + others), log scale")
         .y_desc("ratio to direct-rr")
         .x_label_formatter(&|x| format!("{x:.0}"))

@@ -28,6 +28,11 @@ pub struct ColdRun {
     pub ready_secs: f64,
     /// The agent's own reconcile time (mesh_reconcile_duration_seconds_sum), if exposed.
     pub reconcile_secs: Option<f64>,
+    /// The first GET /metrics after ready: duration and body size.
+    pub scrape_secs: Option<f64>,
+    pub scrape_bytes: Option<usize>,
+    /// VmRSS after that scrape.
+    pub rss_after_scrape_kib: Option<u64>,
     /// `mesh services` listed exactly `services` right after ready.
     pub listed_all: bool,
     /// How long that `mesh services -o json` call took.
@@ -35,6 +40,14 @@ pub struct ColdRun {
     pub rss_kib: Option<u64>,
     /// CPU the agent used from start to ready, seconds.
     pub startup_cpu_secs: Option<f64>,
+}
+
+/// An agent start that did not reach ready.
+#[derive(Debug, Clone, Serialize)]
+pub struct ColdFailure {
+    pub services: usize,
+    pub attempt: usize,
+    pub error: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -68,6 +81,8 @@ pub struct DiffResults {
     pub add_to_listed_secs: Vec<f64>,
     /// Rename of the config (-1k services) until the removed VIP is no longer translated.
     pub remove_to_data_path_secs: Vec<f64>,
+    /// Repeats whose edit the agent did not apply.
+    pub failures: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -85,6 +100,7 @@ pub struct HealthResults {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ControlResults {
     pub cold: Vec<ColdRun>,
+    pub cold_failures: Vec<ColdFailure>,
     pub idle_10k: Option<AgentUsage>,
     pub diff: Option<DiffResults>,
     pub change_small: Option<ChangeResults>,
@@ -115,6 +131,27 @@ impl Probe {
         })
     }
 
+    /// [`Probe::wait_for`], failing early if `agent` logs (after byte `offset`) that it could
+    /// not apply the config.
+    fn wait_applied(
+        &self,
+        agent: &Agent,
+        offset: u64,
+        want: impl Fn(u8) -> bool + Copy,
+        limit: Duration,
+    ) -> Result<Option<(u64, bool)>> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(found) = self.wait_for(want, Duration::from_millis(200))? {
+                return Ok(Some(found));
+            }
+            if let Some(line) = agent.failure_since(offset) {
+                bail!("the agent did not apply the config: {line}");
+            }
+        }
+        Ok(None)
+    }
+
     fn drain(&self) {
         while self.lines.try_recv().is_ok() {}
     }
@@ -129,7 +166,10 @@ impl Probe {
             if left.is_zero() {
                 return Ok(None);
             }
-            match self.lines.recv_timeout(left.min(Duration::from_millis(100))) {
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(100)))
+            {
                 Ok(line) => {
                     let mut parts = line.split_ascii_whitespace();
                     let id: u8 = parts.next().and_then(|v| v.parse().ok()).unwrap_or(255);
@@ -177,55 +217,126 @@ impl ControlPlane<'_> {
         )
     }
 
+    /// Runs every measurement; one that fails is recorded in `results.errors` and the next
+    /// one still runs (a signal stops everything).
     pub fn run(&mut self) -> Result<()> {
         let cgroup = Cgroup::create(&scratch_name("cp"))?;
         let sizes = self.settings.cp_sizes.clone();
         for &size in &sizes {
-            println!("\n==> bench: control plane: {size} services, cold start");
-            let services = catalog_services(size, None);
-            let refs: Vec<&ServiceConf> = services.iter().collect();
-            let text = config_text(&refs);
-            for repeat in 0..self.settings.cp_repeats {
-                let mut agent = self.start_agent(&cgroup, &text)?;
-                let cold = cold_run(&mut agent, size, repeat)?;
-                println!(
-                    "  {size} services: ready in {:.3} s (reconcile {}), listed: {}, RSS {} MiB",
-                    cold.ready_secs,
-                    cold.reconcile_secs
-                        .map_or_else(|| "n/a".to_owned(), |s| format!("{s:.3} s")),
-                    cold.listed_all,
-                    cold.rss_kib.map_or(0, |k| k / 1024)
-                );
-                self.results.cold.push(cold);
-                if size == 10_000 && repeat == 0 {
-                    self.at_10k(&cgroup, &mut agent, &services)?;
+            let result = self.cold_size(&cgroup, size);
+            self.keep_going(result, &format!("cold start with {size} services"))?;
+        }
+        let result = self.change_small(&cgroup);
+        self.keep_going(result, "config edit to data path (1 service)")?;
+        let result = self.health(&cgroup);
+        self.keep_going(result, "health checks")?;
+        Ok(())
+    }
+
+    fn keep_going(&mut self, result: Result<()>, what: &str) -> Result<()> {
+        match result {
+            Err(e) if e.downcast_ref::<signal::Interrupted>().is_some() => Err(e),
+            Err(e) => {
+                self.error(format!("{what}: {e:#}"));
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    fn cold_size(&mut self, cgroup: &Cgroup, size: usize) -> Result<()> {
+        println!("\n==> bench: control plane: {size} services, cold start");
+        let services = catalog_services(size, None);
+        let refs: Vec<&ServiceConf> = services.iter().collect();
+        let text = config_text(&refs);
+        // A start that fails is recorded and retried, up to two extra attempts in all.
+        let wanted = self.settings.cp_repeats;
+        let mut repeat = 0;
+        let mut attempts = 0;
+        let mut measured_10k = false;
+        while repeat < wanted && attempts < wanted + 2 {
+            attempts += 1;
+            let mut agent = self.start_agent(cgroup, &text)?;
+            let mut cold = match cold_run(&mut agent, size, repeat) {
+                Ok(cold) => cold,
+                Err(e) if e.downcast_ref::<signal::Interrupted>().is_some() => return Err(e),
+                Err(e) => {
+                    let tail = agent.log_tail();
+                    let lines: Vec<&str> = tail
+                        .lines()
+                        .filter(|l| l.starts_with("Error:") || l.contains("os error"))
+                        .map(str::trim)
+                        .collect();
+                    let why = if lines.is_empty() {
+                        format!("{e:#}")
+                    } else {
+                        lines.join(" / ")
+                    };
+                    self.error(format!("cold start with {size} services failed: {why}"));
+                    self.results.cold_failures.push(ColdFailure {
+                        services: size,
+                        attempt: attempts,
+                        error: why,
+                    });
+                    continue;
                 }
+            };
+            let at_10k = size == 10_000 && !measured_10k;
+            if at_10k {
+                // Before anything scrapes /metrics.
+                self.idle_10k(&agent, size)?;
+            }
+            scrape(&agent, &mut cold);
+            println!(
+                "  {size} services: ready in {:.3} s (reconcile {}), listed: {}, RSS {:.1} MB, \
+                 after one /metrics scrape ({:.1} MB in {:.2} s) {:.1} MB",
+                cold.ready_secs,
+                cold.reconcile_secs
+                    .map_or_else(|| "n/a".to_owned(), |s| format!("{s:.3} s")),
+                cold.listed_all,
+                mb(cold.rss_kib),
+                cold.scrape_bytes.unwrap_or(0) as f64 / 1e6,
+                cold.scrape_secs.unwrap_or(f64::NAN),
+                mb(cold.rss_after_scrape_kib),
+            );
+            self.results.cold.push(cold);
+            repeat += 1;
+            if at_10k {
+                measured_10k = true;
+                let result = self.at_10k(cgroup, &mut agent, &services);
+                self.keep_going(result, "diff +1k services at 10k")?;
+                drop(agent);
+                let result = self.change_10k(cgroup, &services);
+                self.keep_going(result, "config edits at 10k services")?;
             }
         }
+        Ok(())
+    }
 
+    fn change_small(&mut self, cgroup: &Cgroup) -> Result<()> {
         println!("\n==> bench: control plane: config edit to data path (1 service)");
-        let agent = self.start_agent(&cgroup, &config_text(&[]))?;
+        let mut agent = self.start_agent(cgroup, &config_text(&[]))?;
+        agent.wait_ready(Duration::from_secs(60))?;
         let probe = Probe::start(&self.loadgen, cgroup.path(), PROBE_VIP, &self.dir)?;
         let small = self.change_latency(&agent, &probe, &[], self.settings.changes)?;
         print_change(&small);
         self.results.change_small = Some(small);
-        drop(probe);
-        drop(agent);
-
-        self.health(&cgroup)?;
         Ok(())
     }
 
-    /// With the 10k-service agent: idle usage, the diff (+1k services), edits at 10k.
-    fn at_10k(&mut self, cgroup: &Cgroup, agent: &mut Agent, base: &[ServiceConf]) -> Result<()> {
-        let usage = measure_usage(agent, base.len(), self.settings.idle_secs)?;
+    fn idle_10k(&mut self, agent: &Agent, services: usize) -> Result<()> {
+        let usage = measure_usage(agent, services, self.settings.idle_secs)?;
         println!(
-            "  idle at 10k: RSS {} MiB, CPU {:.2}% of a core",
-            usage.rss_kib.unwrap_or(0) / 1024,
+            "  idle at 10k: RSS {:.1} MB, CPU {:.2}% of a core",
+            mb(usage.rss_kib),
             usage.cpu_percent.unwrap_or(0.0)
         );
         self.results.idle_10k = Some(usage);
+        Ok(())
+    }
 
+    /// With the 10k-service agent: the diff (+1k services, then -1k).
+    fn at_10k(&mut self, cgroup: &Cgroup, agent: &mut Agent, base: &[ServiceConf]) -> Result<()> {
         println!("\n==> bench: control plane: diff, 10k -> 11k services");
         let probe = Probe::start(&self.loadgen, cgroup.path(), PROBE_VIP, &self.dir)?;
         let all = catalog_services(base.len() + 999, None);
@@ -241,28 +352,38 @@ impl ControlPlane<'_> {
         };
         // The probe sees "refused" while its VIP is not configured.
         probe.wait_for(|id| id == 255, Duration::from_secs(10))?;
-        for _ in 0..self.settings.diff_repeats {
-            probe.drain();
-            let written = agent.write_config(&grown_text)?;
-            match probe.wait_for(|id| id != 255, Duration::from_secs(60))? {
-                Some((at, _)) => diff
-                    .add_to_data_path_secs
-                    .push(at.saturating_sub(written) as f64 / 1e9),
-                None => self.error("diff: the added probe service never took traffic".into()),
+        for repeat in 0..self.settings.diff_repeats {
+            match self.diff_once(
+                agent,
+                &probe,
+                &grown_text,
+                grown.len(),
+                &base_text,
+                base.len(),
+            ) {
+                Ok((add, listed, remove)) => {
+                    diff.add_to_data_path_secs.push(add);
+                    diff.add_to_listed_secs.push(listed);
+                    diff.remove_to_data_path_secs.push(remove);
+                }
+                Err(e) if e.downcast_ref::<signal::Interrupted>().is_some() => return Err(e),
+                Err(e) => {
+                    let why = format!("repeat {}: {e:#}", repeat + 1);
+                    self.error(format!("diff +{} services: {why}", diff.added));
+                    diff.failures.push(why);
+                    // Back to the base config, cold, so the next repeat starts clean.
+                    let restarted = agent
+                        .restart(&base_text)
+                        .and_then(|()| agent.wait_ready(Duration::from_secs(300)));
+                    if let Err(e) = restarted {
+                        let why = format!("restart after repeat {}: {e:#}", repeat + 1);
+                        self.error(format!("diff +{} services: {why}", diff.added));
+                        diff.failures.push(why);
+                        break;
+                    }
+                    probe.drain();
+                }
             }
-            agent.wait_services(grown.len(), Duration::from_secs(120))?;
-            diff.add_to_listed_secs
-                .push(monotonic_ns().saturating_sub(written) as f64 / 1e9);
-
-            probe.drain();
-            let written = agent.write_config(&base_text)?;
-            match probe.wait_for(|id| id == 255, Duration::from_secs(60))? {
-                Some((at, _)) => diff
-                    .remove_to_data_path_secs
-                    .push(at.saturating_sub(written) as f64 / 1e9),
-                None => self.error("diff: the removed probe service kept taking traffic".into()),
-            }
-            agent.wait_services(base.len(), Duration::from_secs(120))?;
         }
         println!(
             "  +{} services: data path {:?} s, listed {:?} s; -{}: data path {:?} s",
@@ -274,11 +395,54 @@ impl ControlPlane<'_> {
         );
         self.results.diff = Some(diff);
 
+        Ok(())
+    }
+
+    /// Config edits with 10k other services, on a fresh agent (whatever the diff left behind
+    /// does not carry over).
+    fn change_10k(&mut self, cgroup: &Cgroup, base: &[ServiceConf]) -> Result<()> {
         println!("\n==> bench: control plane: config edit to data path (10k other services)");
-        let change = self.change_latency(agent, &probe, base, self.settings.changes_10k)?;
+        let probe_svc = ServiceConf::new("probe", PROBE_VIP, vec![self.backends[0]]);
+        let all: Vec<&ServiceConf> = base.iter().chain([&probe_svc]).collect();
+        let mut agent = self.start_agent(cgroup, &config_text(&all))?;
+        agent.wait_ready(Duration::from_secs(300))?;
+        let probe = Probe::start(&self.loadgen, cgroup.path(), PROBE_VIP, &self.dir)?;
+        let change = self.change_latency(&agent, &probe, base, self.settings.changes_10k)?;
         print_change(&change);
         self.results.change_10k = Some(change);
         Ok(())
+    }
+
+    /// One +1k / -1k edit pair: (add to data path, add to listed, remove to data path), s.
+    fn diff_once(
+        &mut self,
+        agent: &mut Agent,
+        probe: &Probe,
+        grown_text: &str,
+        grown: usize,
+        base_text: &str,
+        base: usize,
+    ) -> Result<(f64, f64, f64)> {
+        let limit = Duration::from_secs(60);
+        probe.drain();
+        let offset = agent.log_len();
+        let written = agent.write_config(grown_text)?;
+        let (at, _) = probe
+            .wait_applied(agent, offset, |id| id != 255, limit)?
+            .context("the added probe service never took traffic")?;
+        let add = at.saturating_sub(written) as f64 / 1e9;
+        agent.wait_services(grown, Duration::from_secs(120), offset)?;
+        let listed = monotonic_ns().saturating_sub(written) as f64 / 1e9;
+
+        probe.drain();
+        let offset = agent.log_len();
+        let written = agent.write_config(base_text)?;
+        let (at, _) = probe
+            .wait_applied(agent, offset, |id| id == 255, limit)?
+            .context("the removed probe service kept taking traffic")?;
+        let remove = at.saturating_sub(written) as f64 / 1e9;
+        agent.wait_services(base, Duration::from_secs(120), offset)?;
+        Ok((add, listed, remove))
     }
 
     /// Switches the probe service between backend 0 and backend 1 by config edits; the time
@@ -346,7 +510,8 @@ impl ControlPlane<'_> {
     /// Time to ejection of a killed backend with tcp checks, and usage at 10k with checks.
     fn health(&mut self, cgroup: &Cgroup) -> Result<()> {
         println!("\n==> bench: control plane: health checks (tcp)");
-        let settings = "type = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"50ms\"\nfall = 2\nrise = 1";
+        let settings =
+            "type = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"50ms\"\nfall = 2\nrise = 1";
         self.results.health.ejection_settings = settings.replace('\n', ", ");
         let mut svc = ServiceConf::new("eject", EJECT_VIP, vec![self.backends[0], self.victim]);
         svc.health = Some(settings.to_owned());
@@ -385,7 +550,10 @@ impl ControlPlane<'_> {
                 if slots.unwrap_or(0) == 0 {
                     let secs = killed.elapsed().as_secs_f64();
                     self.results.health.ejection_secs = Some(secs);
-                    println!("  killed backend ejected after {:.3} s ({settings:?})", secs);
+                    println!(
+                        "  killed backend ejected after {:.3} s ({settings:?})",
+                        secs
+                    );
                     break;
                 }
                 if killed.elapsed() >= limit {
@@ -412,8 +580,8 @@ impl ControlPlane<'_> {
                 let usage = measure_usage(&agent, size, self.settings.idle_secs)?;
                 println!(
                     "  10k services with tcp checks (default interval, 40k backends that refuse): \
-                     RSS {} MiB, CPU {:.1}% of a core",
-                    usage.rss_kib.unwrap_or(0) / 1024,
+                     RSS {:.1} MB, CPU {:.1}% of a core",
+                    mb(usage.rss_kib),
                     usage.cpu_percent.unwrap_or(0.0)
                 );
                 self.results.health.usage_with_checks = Some(usage);
@@ -432,7 +600,10 @@ fn first_line(text: &str) -> &str {
 }
 
 fn rounded(values: &[f64]) -> Vec<f64> {
-    values.iter().map(|v| (v * 1000.0).round() / 1000.0).collect()
+    values
+        .iter()
+        .map(|v| (v * 1000.0).round() / 1000.0)
+        .collect()
 }
 
 fn print_change(c: &ChangeResults) {
@@ -457,20 +628,41 @@ fn print_change(c: &ChangeResults) {
     );
 }
 
+/// RSS in MB (10^6 bytes).
+pub fn mb(kib: Option<u64>) -> f64 {
+    kib.map_or(f64::NAN, |k| k as f64 * 1024.0 / 1e6)
+}
+
+/// One GET /metrics: its time and size, the reconcile time it reports, and RSS after it.
+fn scrape(agent: &Agent, cold: &mut ColdRun) {
+    let t = Instant::now();
+    if let Ok((200, body)) = super::system::http_get(agent.metrics, "/metrics") {
+        cold.scrape_secs = Some(t.elapsed().as_secs_f64());
+        cold.scrape_bytes = Some(body.len());
+        cold.reconcile_secs = body
+            .lines()
+            .find(|l| l.starts_with("mesh_reconcile_duration_seconds_sum"))
+            .and_then(|l| l.split_ascii_whitespace().last()?.parse().ok());
+    }
+    cold.rss_after_scrape_kib = agent.rss_kib();
+}
+
 fn cold_run(agent: &mut Agent, size: usize, repeat: usize) -> Result<ColdRun> {
     let ready = agent
         .wait_ready(Duration::from_secs(300))
         .with_context(|| format!("cold start with {size} services"))?;
     let startup_cpu_secs = agent.cpu_secs();
     let rss_kib = agent.rss_kib();
-    let reconcile_secs = agent.reconcile_secs();
     let t = Instant::now();
     let listed = agent.service_count()?;
     Ok(ColdRun {
         services: size,
         repeat,
         ready_secs: ready.as_secs_f64(),
-        reconcile_secs,
+        reconcile_secs: None,
+        scrape_secs: None,
+        scrape_bytes: None,
+        rss_after_scrape_kib: None,
         listed_all: listed == size,
         list_secs: t.elapsed().as_secs_f64(),
         rss_kib,
@@ -491,9 +683,7 @@ fn measure_usage(agent: &Agent, services: usize, secs: f64) -> Result<AgentUsage
     Ok(AgentUsage {
         services,
         rss_kib: agent.rss_kib(),
-        cpu_percent: cpu0
-            .zip(cpu1)
-            .map(|(a, b)| (b - a) / window * 100.0),
+        cpu_percent: cpu0.zip(cpu1).map(|(a, b)| (b - a) / window * 100.0),
         window_secs: window,
     })
 }

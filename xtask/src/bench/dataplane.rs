@@ -13,12 +13,14 @@ use super::baselines::{self, IptablesDnat, NatBefore, NftDnat};
 use super::mesh::{Agent, ServiceConf, config_text, other_services};
 use super::procs::run_captured;
 use super::proto::{BulkResult, CrrResult, RrResult};
+use super::system::conntrack_count;
 use crate::signal;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PathKind {
     DirectRr,
+    #[serde(rename = "direct-1")]
     Direct1,
     Mesh,
     Iptables,
@@ -81,6 +83,12 @@ pub struct Run {
     pub setup_secs: f64,
     /// 1-minute load average when the run started (other load on the machine shows here).
     pub loadavg_1m: f64,
+    /// nf_conntrack_count before and after the connection-rate run: growth means connection
+    /// tracking was on for this path.
+    pub conntrack_before: Option<u64>,
+    pub conntrack_after: Option<u64>,
+    /// CPU the mesh agent used during the connection-rate run (any path), % of one core.
+    pub agent_cpu_percent: Option<f64>,
     pub crr: CrrResult,
     pub rr: Option<RrResult>,
     pub bulk_1conn: Option<BulkResult>,
@@ -106,7 +114,7 @@ pub struct DataPlane<'a> {
 enum Installed {
     Nothing,
     Iptables(#[expect(dead_code, reason = "a guard: dropping it removes the rules")] IptablesDnat),
-    Nftables(#[expect(dead_code, reason = "a guard: dropping it removes the table")] NftDnat),
+    Nftables(NftDnat),
 }
 
 pub fn loadavg_1m() -> f64 {
@@ -131,11 +139,58 @@ impl DataPlane<'_> {
         if others == self.agent_others {
             return Ok(());
         }
-        self.agent.write_config(&self.mesh_config(others))?;
-        self.agent
-            .wait_services(others + 1, Duration::from_secs(300))
-            .with_context(|| format!("mesh agent with {others} other services"))?;
+        // Unknown until the agent has applied it.
+        self.agent_others = usize::MAX;
+        let text = self.mesh_config(others);
+        let limit = Duration::from_secs(300);
+        let mut applied = false;
+        for attempt in 1..=2 {
+            let offset = self.agent.log_len();
+            self.agent.write_config(&text)?;
+            match self.agent.wait_services(others + 1, limit, offset) {
+                Ok(_) => {
+                    applied = true;
+                    break;
+                }
+                Err(e) if e.downcast_ref::<signal::Interrupted>().is_some() => return Err(e),
+                Err(e) => self.warn(format!(
+                    "mesh agent, config edit to {others} other services, attempt {attempt}: {e:#}"
+                )),
+            }
+        }
+        if !applied {
+            // The edit failed twice: measure the data path with these services anyway, loaded
+            // by a cold start (the failure stays in the warnings).
+            self.warn(format!(
+                "mesh agent restarted cold with {others} other services after the config edit failed"
+            ));
+            self.agent.restart(&text)?;
+            self.agent.wait_ready(limit)?;
+            self.agent
+                .wait_services(others + 1, limit, 0)
+                .with_context(|| format!("mesh agent with {others} other services"))?;
+        }
         self.agent_others = others;
+        self.settle_agent()
+    }
+
+    /// Waits (at most 10 s) until the agent's CPU use drops under 15% of a core, so work left
+    /// over from a reconfiguration does not land in the next measurement.
+    fn settle_agent(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            signal::check()?;
+            let (Some(a), t) = (self.agent.cpu_secs(), Instant::now()) else {
+                break;
+            };
+            std::thread::sleep(Duration::from_millis(250));
+            let Some(b) = self.agent.cpu_secs() else {
+                break;
+            };
+            if (b - a) / t.elapsed().as_secs_f64() < 0.15 {
+                break;
+            }
+        }
         Ok(())
     }
 
@@ -145,14 +200,21 @@ impl DataPlane<'_> {
     }
 
     fn install(&mut self, case: Case) -> Result<Installed> {
+        if case.path != PathKind::Mesh {
+            // An agent holding thousands of services uses CPU of its own (2 cores here): the
+            // other paths run next to an agent with just the bench service, which idles.
+            self.set_mesh_others(0)?;
+        }
         Ok(match case.path {
             PathKind::Mesh => {
                 self.set_mesh_others(case.others)?;
                 Installed::Nothing
             }
-            PathKind::Iptables => {
-                Installed::Iptables(IptablesDnat::install(self.nat, case.others, &self.backends)?)
-            }
+            PathKind::Iptables => Installed::Iptables(IptablesDnat::install(
+                self.nat,
+                case.others,
+                &self.backends,
+            )?),
             PathKind::Nftables => {
                 Installed::Nftables(NftDnat::install(case.others, &self.backends)?)
             }
@@ -183,6 +245,7 @@ impl DataPlane<'_> {
         limit: Duration,
     ) -> Result<T> {
         let mut command = crate::util::cmd(&self.loadgen, args);
+        command.env("RUST_BACKTRACE", "0");
         if let Some(cgroup) = self.cgroup_for(path) {
             command.arg("--cgroup").arg(cgroup);
         }
@@ -249,7 +312,16 @@ impl DataPlane<'_> {
         let installed = self.install(case)?;
         let setup_secs = started.elapsed().as_secs_f64();
         let loadavg = loadavg_1m();
+        let conntrack_before = conntrack_count();
+        let agent_cpu = self.agent.cpu_secs();
+        let t = Instant::now();
         let crr = self.crr(case.path, secs, warmup)?;
+        let agent_cpu_percent = self
+            .agent
+            .cpu_secs()
+            .zip(agent_cpu)
+            .map(|(b, a)| (b - a) / t.elapsed().as_secs_f64() * 100.0);
+        let conntrack_after = conntrack_count();
         let (rr, bulk_1conn, bulk_4conn) = if full {
             (
                 Some(self.rr(case.path)?),
@@ -268,6 +340,9 @@ impl DataPlane<'_> {
             others: case.others,
             setup_secs,
             loadavg_1m: loadavg,
+            conntrack_before,
+            conntrack_after,
+            agent_cpu_percent,
             crr,
             rr,
             bulk_1conn,
@@ -315,7 +390,11 @@ impl DataPlane<'_> {
             .collect();
         let scaled: Vec<Case> = SCALED_PATHS
             .iter()
-            .flat_map(|&path| s.scale_levels.iter().map(move |&others| Case { path, others }))
+            .flat_map(|&path| {
+                s.scale_levels
+                    .iter()
+                    .map(move |&others| Case { path, others })
+            })
             .collect();
         let cases: Vec<Case> = main.iter().chain(&scaled).copied().collect();
 
@@ -326,13 +405,18 @@ impl DataPlane<'_> {
         );
         let mut warmups = Vec::new();
         for (i, &case) in main.iter().enumerate() {
-            let run = self.run_case(case, 0, i, false, s.warmup_pass_secs, 0.2)?;
-            println!(
-                "  warm-up {:<16} {:>9.0} conn/s",
-                case.label(),
-                run.crr.conns_per_sec
-            );
-            warmups.push(run);
+            match self.run_case(case, 0, i, false, s.warmup_pass_secs, 0.2) {
+                Ok(run) => {
+                    println!(
+                        "  warm-up {:<16} {:>9.0} conn/s",
+                        case.label(),
+                        run.crr.conns_per_sec
+                    );
+                    warmups.push(run);
+                }
+                Err(e) if e.downcast_ref::<signal::Interrupted>().is_some() => return Err(e),
+                Err(e) => self.warn(format!("warm-up: {} failed: {e:#}", case.label())),
+            }
         }
 
         let mut runs = Vec::new();
@@ -342,17 +426,23 @@ impl DataPlane<'_> {
                 "\n==> bench: round {}/{} (order: {})",
                 round + 1,
                 s.rounds,
-                order
-                    .iter()
-                    .map(Case::label)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                order.iter().map(Case::label).collect::<Vec<_>>().join(", ")
             );
             for (position, &case) in order.iter().enumerate() {
                 let full = case.others == 0;
-                let run = self.run_case(case, round, position, full, s.crr_secs, s.crr_warmup)?;
-                print_run(&run);
-                runs.push(run);
+                match self.run_case(case, round, position, full, s.crr_secs, s.crr_warmup) {
+                    Ok(run) => {
+                        print_run(&run);
+                        runs.push(run);
+                    }
+                    Err(e) if e.downcast_ref::<signal::Interrupted>().is_some() => return Err(e),
+                    // One failed case must not lose the whole run: it is reported and skipped.
+                    Err(e) => self.warn(format!(
+                        "round {}: {} skipped: {e:#}",
+                        round + 1,
+                        case.label()
+                    )),
+                }
             }
         }
         self.set_mesh_others(0)?;
@@ -396,4 +486,36 @@ fn print_run(run: &Run) {
         ));
     }
     println!("{line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cases(n: usize) -> Vec<Case> {
+        (0..n)
+            .map(|others| Case {
+                path: PathKind::Mesh,
+                others,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_round_runs_every_case_once_and_starts_elsewhere() {
+        let all = cases(18);
+        let firsts: Vec<usize> = (0..5)
+            .map(|round| {
+                let order = round_order(&all, round, 5);
+                let mut seen: Vec<usize> = order.iter().map(|c| c.others).collect();
+                seen.sort_unstable();
+                assert_eq!(seen, (0..18).collect::<Vec<_>>());
+                order[0].others
+            })
+            .collect();
+        let mut distinct = firsts.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), firsts.len(), "first cases: {firsts:?}");
+    }
 }

@@ -101,9 +101,12 @@ pub fn config_text(services: &[&ServiceConf]) -> String {
 /// `mesh cleanup` detaches the programs and removes the pins, and the directory goes.
 pub struct Agent {
     proc: Option<Proc>,
+    name: String,
     mesh: PathBuf,
     bpffs: PathBuf,
+    cgroup: PathBuf,
     config: PathBuf,
+    log: PathBuf,
     pub metrics: SocketAddr,
     started: Instant,
 }
@@ -119,37 +122,68 @@ impl Agent {
         bpffs: &Path,
         metrics: SocketAddr,
     ) -> Result<Agent> {
-        system::require_free(metrics)?;
-        if bpffs.exists() {
-            bail!("{} already exists", bpffs.display());
-        }
-        let path = dir.join(format!("{name}.toml"));
-        std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
-        let mut command = cmd(mesh, ["agent", "--config"]);
-        command
-            .arg(&path)
-            .arg("--cgroup")
-            .arg(cgroup)
-            .arg("--bpffs")
-            .arg(bpffs)
-            .arg("--metrics")
-            .arg(metrics.to_string())
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info");
-        let started = Instant::now();
-        let proc = Proc::spawn(
-            &format!("mesh agent ({name})"),
-            command,
-            &dir.join(format!("{name}.log")),
-        )?;
-        Ok(Agent {
-            proc: Some(proc),
+        let mut agent = Agent {
+            proc: None,
+            name: name.to_owned(),
             mesh: mesh.to_path_buf(),
             bpffs: bpffs.to_path_buf(),
-            config: path,
+            cgroup: cgroup.to_path_buf(),
+            config: dir.join(format!("{name}.toml")),
+            log: dir.join(format!("{name}.log")),
             metrics,
-            started,
-        })
+            started: Instant::now(),
+        };
+        agent.spawn(config)?;
+        Ok(agent)
+    }
+
+    fn spawn(&mut self, config: &str) -> Result<()> {
+        system::require_free(self.metrics)?;
+        if self.bpffs.exists() {
+            bail!("{} already exists", self.bpffs.display());
+        }
+        std::fs::write(&self.config, config)
+            .with_context(|| format!("writing {}", self.config.display()))?;
+        let mut command = cmd(&self.mesh, ["agent", "--config"]);
+        command
+            .arg(&self.config)
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--metrics")
+            .arg(self.metrics.to_string())
+            .env("NO_COLOR", "1")
+            .env("RUST_BACKTRACE", "0")
+            .env("RUST_LOG", "info");
+        self.started = Instant::now();
+        self.proc = Some(Proc::spawn(
+            &format!("mesh agent ({})", self.name),
+            command,
+            &self.log,
+        )?);
+        Ok(())
+    }
+
+    /// Stops the agent, removes its pins and starts it afresh on `config` (a cold start).
+    pub fn restart(&mut self, config: &str) -> Result<()> {
+        self.stop();
+        self.spawn(config)
+    }
+
+    fn stop(&mut self) {
+        drop(self.proc.take());
+        let mut cleanup = cmd(&self.mesh, ["cleanup", "--bpffs"]);
+        cleanup.arg(&self.bpffs);
+        if let Err(e) = run_cleanup(cleanup, Duration::from_secs(30)) {
+            eprintln!("bench: warning: {e:#}");
+        }
+        if self.bpffs.exists()
+            && let Err(e) = std::fs::remove_dir_all(&self.bpffs)
+        {
+            eprintln!("bench: warning: removing {}: {e}", self.bpffs.display());
+        }
+        eprintln!("bench: removed pins {}", self.bpffs.display());
     }
 
     pub fn pid(&self) -> u32 {
@@ -203,21 +237,46 @@ impl Agent {
     }
 
     pub fn service_count(&self) -> Result<usize> {
-        Ok(self.services()?["services"]
-            .as_array()
-            .map_or(0, Vec::len))
+        Ok(self.services()?["services"].as_array().map_or(0, Vec::len))
     }
 
-    /// Polls `mesh services` until it lists `n` services (bounded); the time it took.
-    pub fn wait_services(&mut self, n: usize, limit: Duration) -> Result<Duration> {
+    /// Size of the agent's log so far (see [`Agent::failure_since`]).
+    pub fn log_len(&self) -> u64 {
+        std::fs::metadata(&self.log).map_or(0, |m| m.len())
+    }
+
+    /// The first line the agent logged after byte `offset` saying a config edit failed.
+    pub fn failure_since(&self, offset: u64) -> Option<String> {
+        let text = std::fs::read(&self.log).ok()?;
+        let new = text.get(usize::try_from(offset).ok()?..)?;
+        String::from_utf8_lossy(new)
+            .lines()
+            .find(|l| l.contains("could not be applied") || l.contains("rejected"))
+            .map(str::to_owned)
+    }
+
+    /// Polls `mesh services` until it lists `n` services (bounded); the time it took. Fails
+    /// early if the agent logs, after byte `log_offset`, that it could not apply the config.
+    pub fn wait_services(
+        &mut self,
+        n: usize,
+        limit: Duration,
+        log_offset: u64,
+    ) -> Result<Duration> {
         let start = Instant::now();
         loop {
             signal::check()?;
             if self.service_count()? == n {
                 return Ok(start.elapsed());
             }
+            if let Some(line) = self.failure_since(log_offset) {
+                bail!("the agent did not apply the config: {line}");
+            }
             if let Some(status) = self.proc_mut().exited() {
-                bail!("mesh agent exited ({status}):\n{}", self.proc_mut().log_tail());
+                bail!(
+                    "mesh agent exited ({status}):\n{}",
+                    self.proc_mut().log_tail()
+                );
             }
             if start.elapsed() >= limit {
                 bail!(
@@ -243,14 +302,6 @@ impl Agent {
         Ok(slots)
     }
 
-    /// Sum of `mesh_reconcile_duration_seconds` from /metrics, if exposed.
-    pub fn reconcile_secs(&self) -> Option<f64> {
-        let (_, body) = http_get(self.metrics, "/metrics").ok()?;
-        body.lines()
-            .find(|l| l.starts_with("mesh_reconcile_duration_seconds_sum"))
-            .and_then(|l| l.split_ascii_whitespace().last()?.parse().ok())
-    }
-
     pub fn rss_kib(&self) -> Option<u64> {
         system::rss_kib(self.pid())
     }
@@ -266,17 +317,42 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        drop(self.proc.take());
-        let mut cleanup = cmd(&self.mesh, ["cleanup", "--bpffs"]);
-        cleanup.arg(&self.bpffs);
-        if let Err(e) = run_cleanup(cleanup, Duration::from_secs(30)) {
-            eprintln!("bench: warning: {e:#}");
-        }
-        if self.bpffs.exists()
-            && let Err(e) = std::fs::remove_dir_all(&self.bpffs)
-        {
-            eprintln!("bench: warning: removing {}: {e}", self.bpffs.display());
-        }
-        eprintln!("bench: removed pins {}", self.bpffs.display());
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_services_stay_in_their_range() {
+        let backends = [SocketAddr::from(([127, 0, 0, 1], 21901))];
+        let others = other_services(10_000, &backends);
+        assert_eq!(others[0].vip.to_string(), "127.102.0.1:80");
+        assert_eq!(others[9_999].vip.to_string(), "127.102.39.16:80");
+        let catalog = catalog_services(50_000, None);
+        let last = catalog.last().unwrap();
+        assert_eq!(last.backends.len(), 4);
+        assert!(
+            last.backends
+                .iter()
+                .all(|b| matches!(b.ip(), std::net::IpAddr::V4(ip) if ip.octets()[0] == 127))
+        );
+    }
+
+    #[test]
+    fn config_text_has_one_table_per_service_and_backend() {
+        let backends = vec![
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            SocketAddr::from(([127, 0, 0, 1], 2)),
+        ];
+        let mut svc = ServiceConf::new("web", "127.101.1.1:80".parse().unwrap(), backends);
+        svc.health = Some("type = \"tcp\"".into());
+        let text = config_text(&[&svc]);
+        assert_eq!(text.matches("[[services]]").count(), 1);
+        assert_eq!(text.matches("[[services.backends]]").count(), 2);
+        assert!(text.contains("vip = \"127.101.1.1:80\""));
+        assert!(text.contains("[services.health]\ntype = \"tcp\""));
     }
 }

@@ -49,8 +49,8 @@ pub struct Proc {
 impl Proc {
     /// Starts `command` with its stdout and stderr in the file `log`.
     pub fn spawn(name: &str, mut command: Command, log: &Path) -> Result<Proc> {
-        let file = std::fs::File::create(log)
-            .with_context(|| format!("creating {}", log.display()))?;
+        let file =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         command
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
@@ -67,9 +67,13 @@ impl Proc {
     }
 
     /// Starts `command` with a pipe on its stdout (stderr to `log`).
-    pub fn spawn_piped(name: &str, mut command: Command, log: &Path) -> Result<(Proc, ChildStdout)> {
-        let file = std::fs::File::create(log)
-            .with_context(|| format!("creating {}", log.display()))?;
+    pub fn spawn_piped(
+        name: &str,
+        mut command: Command,
+        log: &Path,
+    ) -> Result<(Proc, ChildStdout)> {
+        let file =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -159,8 +163,14 @@ fn capture(mut command: Command, limit: Duration, interruptible: bool) -> Result
         .spawn()
         .with_context(|| format!("cannot start `{shown}`"))?;
     let pipes = [
-        child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-        child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
     ];
     let readers: Vec<_> = pipes
         .into_iter()

@@ -15,31 +15,6 @@ pub struct Percentiles {
     pub max: f64,
 }
 
-impl Percentiles {
-    /// Nearest-rank percentiles of `samples_ns` (sorted in place), converted to microseconds.
-    pub fn from_ns(samples_ns: &mut [u64]) -> Self {
-        if samples_ns.is_empty() {
-            return Self::default();
-        }
-        samples_ns.sort_unstable();
-        let n = samples_ns.len();
-        let at = |q: f64| {
-            let rank = ((q * n as f64).ceil() as usize).clamp(1, n);
-            samples_ns[rank - 1] as f64 / 1_000.0
-        };
-        let sum: u128 = samples_ns.iter().map(|&s| u128::from(s)).sum();
-        Self {
-            count: n as u64,
-            mean: sum as f64 / n as f64 / 1_000.0,
-            p50: at(0.50),
-            p90: at(0.90),
-            p99: at(0.99),
-            p999: at(0.999),
-            max: samples_ns[n - 1] as f64 / 1_000.0,
-        }
-    }
-}
-
 /// Whole-machine CPU time from /proc/stat over the measured window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct CpuWindow {

@@ -231,7 +231,10 @@ pub struct Machine {
     pub iptables: String,
     pub nft: String,
     pub haproxy: String,
+    pub mesh_binary: String,
+    pub mesh_version: String,
     pub mesh_commit: String,
+    /// The work tree had uncommitted changes when the bench ran.
     pub mesh_tree_dirty: bool,
     pub conntrack_max: Option<u64>,
     pub tcp_tw_reuse: String,
@@ -252,7 +255,7 @@ fn read_trim(path: &str) -> String {
         .unwrap_or_else(|_| "?".to_owned())
 }
 
-pub fn machine() -> Machine {
+pub fn machine(mesh: &Path) -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu_model = cpuinfo
         .lines()
@@ -287,6 +290,8 @@ pub fn machine() -> Machine {
         iptables: first_line(cmd("iptables", ["-V"]).stdout_if_ok()),
         nft: first_line(cmd("nft", ["--version"]).stdout_if_ok()),
         haproxy: first_line(cmd("haproxy", ["-v"]).stdout_if_ok()),
+        mesh_binary: mesh.display().to_string(),
+        mesh_version: first_line(cmd(mesh, ["--version"]).stdout_if_ok()),
         mesh_commit: first_line(git(&["rev-parse", "--short=12", "HEAD"])),
         mesh_tree_dirty: dirty,
         conntrack_max: std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")

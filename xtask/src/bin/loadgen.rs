@@ -4,8 +4,9 @@
 //! Backends (`serve`) speak a tiny protocol chosen by the first byte a client sends:
 //! - `i`: identify: every byte received is answered with one byte, the backend's `--id`;
 //! - `e`: echo: every byte received is sent back;
-//! - `s`: sink: bytes are counted and dropped; at EOF the count (u64, little endian) is sent
-//!   and the connection closed.
+//! - `s` + a u64 length N (little endian): sink: the next N bytes are counted and dropped, then
+//!   the count (u64, little endian) is sent back. No half-close is needed, so proxies that
+//!   close abruptly (HAProxy with `option nolinger`) carry it unchanged.
 //!
 //! Clients: `crr` (connect, 1-byte request/reply, close: TCP_CRR), `rr` (1-byte round trips on
 //! one connection: TCP_RR), `bulk` (upload throughput) and `probe` (connects in a loop and
@@ -17,7 +18,7 @@ mod proto;
 
 use std::collections::HashMap;
 use std::io::{self, Read as _, Write as _};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -206,6 +207,9 @@ fn check(rc: libc::c_int, what: &str) -> Result<libc::c_int> {
 struct Conn {
     /// The first byte received (0 before it).
     mode: u8,
+    /// Sink mode: the length header as it arrives.
+    header: [u8; 8],
+    header_len: usize,
     /// Bytes counted in sink mode.
     sunk: u64,
 }
@@ -360,15 +364,14 @@ fn serve_readable(
         return errno() == libc::EAGAIN;
     }
     if n == 0 {
-        if conn.mode == b's' {
-            send_small(fd, &conn.sunk.to_le_bytes());
-        }
         return false;
     }
-    let data = &buf[..n as usize];
-    let first = conn.mode == 0;
-    if first {
+    let mut data = &buf[..n as usize];
+    if conn.mode == 0 {
         conn.mode = data[0];
+        if conn.mode == b's' {
+            data = &data[1..];
+        }
     }
     match conn.mode {
         b'i' => {
@@ -377,9 +380,16 @@ fn serve_readable(
         }
         b'e' => send_small(fd, data),
         b's' => {
-            // The mode byte itself is not counted.
-            conn.sunk += data.len() as u64 - u64::from(first);
-            true
+            let take = (8 - conn.header_len).min(data.len());
+            conn.header[conn.header_len..conn.header_len + take].copy_from_slice(&data[..take]);
+            conn.header_len += take;
+            conn.sunk += (data.len() - take) as u64;
+            let expected = u64::from_le_bytes(conn.header);
+            if conn.header_len == 8 && conn.sunk >= expected {
+                send_small(fd, &conn.sunk.to_le_bytes())
+            } else {
+                true
+            }
         }
         _ => false,
     }
@@ -387,6 +397,29 @@ fn serve_readable(
 
 // ---------------------------------------------------------------------------------------------
 // Clients
+
+/// Nearest-rank percentiles of `samples_ns` (sorted in place), in microseconds.
+fn percentiles(samples_ns: &mut [u64]) -> Percentiles {
+    if samples_ns.is_empty() {
+        return Percentiles::default();
+    }
+    samples_ns.sort_unstable();
+    let n = samples_ns.len();
+    let at = |q: f64| {
+        let rank = ((q * n as f64).ceil() as usize).clamp(1, n);
+        samples_ns[rank - 1] as f64 / 1_000.0
+    };
+    let sum: u128 = samples_ns.iter().map(|&s| u128::from(s)).sum();
+    Percentiles {
+        count: n as u64,
+        mean: sum as f64 / n as f64 / 1_000.0,
+        p50: at(0.50),
+        p90: at(0.90),
+        p99: at(0.99),
+        p999: at(0.999),
+        max: samples_ns[n - 1] as f64 / 1_000.0,
+    }
+}
 
 /// SO_LINGER {on, 0}: close() sends RST, so no TIME_WAIT piles up on the client's ports.
 fn linger_zero(stream: &TcpStream) {
@@ -536,8 +569,8 @@ fn crr(targets: &[SocketAddr], threads: usize, duration: f64, warmup: f64) -> Re
         window_secs,
         conns_per_sec: conns as f64 / window_secs,
         errors: merged.errors,
-        latency_us: Percentiles::from_ns(&mut merged.latency_ns),
-        connect_us: Percentiles::from_ns(&mut merged.connect_ns),
+        latency_us: percentiles(&mut merged.latency_ns),
+        connect_us: percentiles(&mut merged.connect_ns),
         per_backend: merged.per_backend[..used].to_vec(),
         cpu: CpuWindow {
             busy_ticks: busy1.saturating_sub(busy0),
@@ -567,7 +600,7 @@ fn rr(target: SocketAddr, count: u64, warmup: u64) -> Result<RrResult> {
     linger_zero(&s);
     Ok(RrResult {
         round_trips: samples.len() as u64,
-        latency_us: Percentiles::from_ns(&mut samples),
+        latency_us: percentiles(&mut samples),
     })
 }
 
@@ -586,13 +619,13 @@ fn bulk(targets: &[SocketAddr], conns: usize, bytes: u64) -> Result<BulkResult> 
                 s.set_write_timeout(Some(Duration::from_secs(60)))?;
                 let chunk = vec![0x5au8; 256 * 1024];
                 s.write_all(b"s")?;
+                s.write_all(&per_conn.to_le_bytes())?;
                 let mut left = per_conn;
                 while left > 0 {
                     let n = left.min(chunk.len() as u64) as usize;
                     s.write_all(&chunk[..n])?;
                     left -= n as u64;
                 }
-                s.shutdown(Shutdown::Write)?;
                 let mut count = [0u8; 8];
                 s.read_exact(&mut count)?;
                 let got = u64::from_le_bytes(count);
