@@ -135,18 +135,24 @@ pub struct Snapshot {
     pub active: BTreeMap<BackendStatsKey, u32>,
 }
 
+/// Every (service, backend) key of one service, for range lookups in ordered maps.
+fn service_range(service_id: u32) -> std::ops::RangeInclusive<BackendStatsKey> {
+    BackendStatsKey {
+        service_id,
+        backend_id: 0,
+    }..=BackendStatsKey {
+        service_id,
+        backend_id: u32::MAX,
+    }
+}
+
 impl Snapshot {
-    /// Every backend id a counter or a live slot names is known.
+    /// Every backend id a counter or a slot names is known.
     fn is_consistent(&self) -> bool {
         self.backend_stats
             .keys()
             .all(|k| self.backends.contains_key(&k.backend_id))
-            && self.services.values().all(|svc| {
-                self.slots
-                    .iter()
-                    .filter(|(k, _)| k.service_id == svc.id && k.generation == svc.generation)
-                    .all(|(_, id)| self.backends.contains_key(id))
-            })
+            && self.slots.values().all(|id| self.backends.contains_key(id))
     }
 
     /// Counters of every backend of a service (configured ones, active or not), by backend id.
@@ -154,15 +160,7 @@ impl Snapshot {
         &self,
         service_id: u32,
     ) -> impl Iterator<Item = (&BackendStatsKey, &BackendStats)> {
-        self.backend_stats.range(
-            BackendStatsKey {
-                service_id,
-                backend_id: 0,
-            }..=BackendStatsKey {
-                service_id,
-                backend_id: u32::MAX,
-            },
-        )
+        self.backend_stats.range(service_range(service_id))
     }
 
     /// The applied state the maps describe, and the slots no live service points at (left by
@@ -202,15 +200,12 @@ impl Snapshot {
                 })
                 .collect();
             let members = self
-                .backend_stats
-                .keys()
-                .filter(|k| k.service_id == svc.id)
-                .map(|k| k.backend_id)
+                .members_of(svc.id)
+                .map(|(k, _)| k.backend_id)
                 .collect::<BTreeSet<u32>>();
             let active = self
                 .active
-                .iter()
-                .filter(|(k, _)| k.service_id == svc.id)
+                .range(service_range(svc.id))
                 .map(|(k, &slots)| (k.backend_id, slots))
                 .collect();
             applied.services.insert(
