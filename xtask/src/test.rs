@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Context as _, Result, bail};
 
 use crate::build::{self, Profile};
-use crate::util::{Run as _, cargo};
+use crate::util::{Run as _, TestTotals, cargo};
 use crate::{cleanup, services, setup, signal};
 
 const REDIS_PORT: u16 = 6390;
@@ -18,6 +18,7 @@ pub fn run(skip_lint: bool, extra: &[String]) -> Result<()> {
     let result = run_steps(&mut steps, skip_lint, extra);
     let elapsed = start.elapsed().as_secs();
     let passed = steps.passed.join(", ");
+    let totals = steps.totals;
     match (&result, steps.current) {
         (Ok(()), _) => println!("xtask test: OK in {elapsed}s ({passed})"),
         (Err(e), step) => {
@@ -32,6 +33,11 @@ pub fn run(skip_lint: bool, extra: &[String]) -> Result<()> {
             );
         }
     }
+    // The closing line CI reads: every test of every `cargo test` run above.
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
     result
 }
 
@@ -39,6 +45,7 @@ pub fn run(skip_lint: bool, extra: &[String]) -> Result<()> {
 struct Steps {
     passed: Vec<&'static str>,
     current: Option<&'static str>,
+    totals: TestTotals,
 }
 
 impl Steps {
@@ -77,7 +84,8 @@ fn run_steps(steps: &mut Steps, skip_lint: bool, extra: &[String]) -> Result<()>
             .run()
         })?;
     }
-    steps.run("unit tests", || {
+    let mut totals = TestTotals::default();
+    let unit = steps.run("unit tests", || {
         cargo([
             "test",
             "--release",
@@ -87,14 +95,20 @@ fn run_steps(steps: &mut Steps, skip_lint: bool, extra: &[String]) -> Result<()>
             "--exclude",
             "mesh-ebpf",
         ])
-        .run()
-    })?;
+        .run_tests(&mut totals)
+    });
+    steps.totals = totals;
+    unit?;
     // Dropped at the end of this function, whatever happens after this line.
     let _redis = steps.run("start redis", || services::redis(REDIS_PORT))?;
-    steps.run("integration tests", || integration_tests(extra))
+    let e2e = steps.run("integration tests", || {
+        integration_tests(extra, &mut totals)
+    });
+    steps.totals = totals;
+    e2e
 }
 
-fn integration_tests(extra: &[String]) -> Result<()> {
+fn integration_tests(extra: &[String], totals: &mut TestTotals) -> Result<()> {
     let mesh = build::bin(Profile::Release, "mesh");
     let probe = build::bin(Profile::Release, "mesh-probe");
     require_file(&mesh)?;
@@ -105,7 +119,7 @@ fn integration_tests(extra: &[String]) -> Result<()> {
         .env("MESH_BIN", &mesh)
         .env("MESH_PROBE_BIN", &probe)
         .env("MESH_TEST_REDIS", format!("127.0.0.1:{REDIS_PORT}"))
-        .run()
+        .run_tests(totals)
         .context("end-to-end tests failed")
 }
 

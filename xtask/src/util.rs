@@ -100,6 +100,42 @@ pub trait Run {
     fn run(&mut self) -> Result<()>;
     /// Runs the command quietly, capturing its output; `None` if it cannot start or fails.
     fn stdout_if_ok(&mut self) -> Option<String>;
+    /// Like `run`, for `cargo test`: its output passes through unchanged, and the counts of
+    /// its `test result:` lines are added to `totals`.
+    fn run_tests(&mut self, totals: &mut TestTotals) -> Result<()>;
+}
+
+/// Tests counted over every `cargo test` run of `xtask test`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TestTotals {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+impl TestTotals {
+    /// Adds the counts of one libtest summary line
+    /// (`test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; ...`).
+    pub fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(kind), Some(count)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<u64>() else {
+                continue;
+            };
+            match kind {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                "ignored" => self.ignored += count,
+                _ => {}
+            }
+        }
+    }
 }
 
 impl Run for Command {
@@ -113,6 +149,40 @@ impl Run for Command {
             .with_context(|| format!("cannot start `{shown}`"))?;
         let status = signal::wait_foreground(&mut child)
             .with_context(|| format!("waiting for `{shown}`"))?;
+        signal::check()?;
+        if !status.success() {
+            bail!("`{shown}` failed: {status}");
+        }
+        Ok(())
+    }
+
+    fn run_tests(&mut self, totals: &mut TestTotals) -> Result<()> {
+        use std::io::{BufRead as _, Write as _};
+        let shown = display(self);
+        println!("$ {shown}");
+        signal::check()?;
+        let mut child = self
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("cannot start `{shown}`"))?;
+        let stdout = child.stdout.take().context("test output")?;
+        let reader = std::thread::spawn(move || {
+            let mut counted = TestTotals::default();
+            let mut out = std::io::stdout();
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                counted.add_line(&line);
+                let _ = writeln!(out, "{line}");
+            }
+            counted
+        });
+        let status = signal::wait_foreground(&mut child)
+            .with_context(|| format!("waiting for `{shown}`"))?;
+        let counted = reader.join().unwrap_or_default();
+        totals.passed += counted.passed;
+        totals.failed += counted.failed;
+        totals.ignored += counted.ignored;
         signal::check()?;
         if !status.success() {
             bail!("`{shown}` failed: {status}");
@@ -248,6 +318,29 @@ mod tests {
         assert_eq!(
             display(&c),
             "DEBIAN_FRONTEND=noninteractive redis-server --save '' --port 6390"
+        );
+    }
+}
+
+#[cfg(test)]
+mod test_totals {
+    use super::TestTotals;
+
+    #[test]
+    fn libtest_summaries_are_summed() {
+        let mut totals = TestTotals::default();
+        totals.add_line("test result: ok. 146 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 1.53s");
+        totals.add_line(
+            "test result: FAILED. 3 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        totals.add_line("running 9 tests");
+        assert_eq!(
+            totals,
+            TestTotals {
+                passed: 149,
+                failed: 1,
+                ignored: 2
+            }
         );
     }
 }
