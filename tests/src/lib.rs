@@ -48,8 +48,8 @@ pub use config::{ServiceSpec, render_config};
 pub use http_backend::{HealthReply, HttpBackend};
 pub use netns::{NetNs, ProbeServer, ServerKind};
 pub use probe::{
-    ProbeLine, ProbeResult, ProbeSummary, probe_connect_in, probe_summary_in, run_probe_in,
-    run_probe_outside, spawn_probe_in,
+    ProbeLine, ProbeResult, ProbeSummary, assert_split, probe_connect_in, probe_summary_in,
+    run_probe_in, run_probe_outside, spawn_probe_in,
 };
 pub use services::{
     BackendStatus, ServiceStatus, service_status, services, services_json, wait_for_backends,

@@ -15,7 +15,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::CgroupGuard;
+use crate::{CgroupGuard, TcpBackend};
 
 /// A probe run is killed after this long.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -493,6 +493,23 @@ pub fn errno_name(error: &std::io::Error) -> String {
         std::io::ErrorKind::TimedOut => "ETIMEDOUT".to_owned(),
         _ => error.to_string(),
     }
+}
+
+/// Asserts the probe saw no error and each backend answered exactly its count (0: never).
+#[track_caller]
+pub fn assert_split(result: &ProbeResult, expected: &[(&TcpBackend, usize)]) {
+    assert!(
+        result.errors().is_empty(),
+        "probe errors {:?}; replies {:?}",
+        result.error_counts(),
+        result.counts()
+    );
+    let want: BTreeMap<String, usize> = expected
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(b, n)| (b.name().to_owned(), *n))
+        .collect();
+    assert_eq!(result.counts(), want, "replies per backend");
 }
 
 #[cfg(test)]

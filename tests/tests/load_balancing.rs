@@ -11,7 +11,8 @@ use std::time::Duration;
 use integration_tests::agent::is_warn_or_error;
 use integration_tests::probe::probe_connect_outside;
 use integration_tests::{
-    ProbeResult, ServiceSpec, TcpBackend, TestEnv, render_config, service_status, wait_for_backends,
+    ServiceSpec, TcpBackend, TestEnv, assert_split, render_config, service_status,
+    wait_for_backends,
 };
 
 /// A config edit must be in the datapath within this long.
@@ -30,24 +31,6 @@ fn service(name: &str, vip: &str, backends: &[(&TcpBackend, i64)]) -> ServiceSpe
         .fold(ServiceSpec::tcp(name, vip), |spec, (b, weight)| {
             spec.backend(b.addr(), *weight)
         })
-}
-
-/// Asserts the probe saw no error and exactly `expected` replies per backend name (backends
-/// expected to get 0 must not appear at all).
-#[track_caller]
-fn assert_split(result: &ProbeResult, expected: &[(&TcpBackend, usize)]) {
-    assert!(
-        result.errors().is_empty(),
-        "probe errors {:?}; replies {:?}",
-        result.error_counts(),
-        result.counts()
-    );
-    let want: BTreeMap<String, usize> = expected
-        .iter()
-        .filter(|(_, n)| *n > 0)
-        .map(|(b, n)| (b.name().to_owned(), *n))
-        .collect();
-    assert_eq!(result.counts(), want, "replies per backend");
 }
 
 /// Accepted-connection counts of `backends`, to compare before/after a probe run.

@@ -17,7 +17,7 @@ use integration_tests::admin::{AdminApi, free_loopback_addr};
 use integration_tests::agent::is_warn_or_error;
 use integration_tests::redis::{KeyGuard, RedisClient, RedisServer, test_redis_addr};
 use integration_tests::{
-    ProbeResult, ProbeSummary, ServiceSpec, TcpBackend, TestEnv, render_config, services,
+    ProbeSummary, ServiceSpec, TcpBackend, TestEnv, assert_split, render_config, services,
     spawn_probe_in, wait_for_backends, wait_until,
 };
 
@@ -114,23 +114,6 @@ fn service_json(vip: impl Display, backends: &[&TcpBackend]) -> String {
 
 fn addrs(backends: &[&TcpBackend]) -> Vec<SocketAddr> {
     backends.iter().map(|b| b.addr()).collect()
-}
-
-/// Asserts the probe saw no error and exactly `expected` replies per backend name.
-#[track_caller]
-fn assert_split(result: &ProbeResult, expected: &[(&TcpBackend, usize)]) {
-    assert!(
-        result.errors().is_empty(),
-        "probe errors {:?}; replies {:?}",
-        result.error_counts(),
-        result.counts()
-    );
-    let want: BTreeMap<String, usize> = expected
-        .iter()
-        .filter(|(_, n)| *n > 0)
-        .map(|(b, n)| (b.name().to_owned(), *n))
-        .collect();
-    assert_eq!(result.counts(), want, "replies per backend");
 }
 
 /// Polls `mesh services` until it has no service `name`; returns how long that took.
