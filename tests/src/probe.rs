@@ -278,6 +278,26 @@ pub struct ProbeSummary {
 }
 
 impl ProbeSummary {
+    /// The summaries of several probe runs added up (slowest connect and longest run kept).
+    pub fn total(runs: &[ProbeSummary]) -> ProbeSummary {
+        let mut total = ProbeSummary::default();
+        for run in runs {
+            total.attempts += run.attempts;
+            for (into, from) in [
+                (&mut total.replies, &run.replies),
+                (&mut total.sources, &run.sources),
+                (&mut total.errors, &run.errors),
+            ] {
+                for (k, v) in from {
+                    *into.entry(k.clone()).or_default() += v;
+                }
+            }
+            total.max_connect_us = total.max_connect_us.max(run.max_connect_us);
+            total.elapsed_ms = total.elapsed_ms.max(run.elapsed_ms);
+        }
+        total
+    }
+
     /// Parses the last non-empty line of the probe's stdout.
     pub fn parse(stdout: &str) -> Result<ProbeSummary, String> {
         let line = stdout

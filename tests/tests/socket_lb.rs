@@ -650,17 +650,12 @@ fn backend_swaps_under_load_never_misroute() {
         .collect();
     let _ = std::fs::remove_dir_all(&stop_dir);
 
-    let mut replies: BTreeMap<String, u64> = BTreeMap::new();
-    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-    for r in &results {
-        for (k, v) in &r.replies {
-            *replies.entry(k.clone()).or_default() += v;
-        }
-        for (k, v) in &r.errors {
-            *errors.entry(k.clone()).or_default() += v;
-        }
-    }
-    let connects: u64 = results.iter().map(|r| r.attempts).sum();
+    let ProbeSummary {
+        attempts: connects,
+        replies,
+        errors,
+        ..
+    } = ProbeSummary::total(&results);
     let applied = generation - start_generation;
     eprintln!(
         "swaps: {writes} writes, {applied} generations applied in {writing:?} (slowest apply \

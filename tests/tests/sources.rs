@@ -7,7 +7,6 @@
 //! cgroup, bpffs directory, state directory and Redis key (deleted afterwards); the outage test
 //! runs its own redis-server on 127.0.0.1:6391.
 
-use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -432,17 +431,12 @@ fn admin_api_services_survive_an_agent_restart() {
         .collect();
     let _ = std::fs::remove_dir_all(&stop_dir);
 
-    let mut replies: BTreeMap<String, u64> = BTreeMap::new();
-    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-    for r in &results {
-        for (k, v) in &r.replies {
-            *replies.entry(k.clone()).or_default() += v;
-        }
-        for (k, v) in &r.errors {
-            *errors.entry(k.clone()).or_default() += v;
-        }
-    }
-    let connects: u64 = results.iter().map(|r| r.attempts).sum();
+    let ProbeSummary {
+        attempts: connects,
+        replies,
+        errors,
+        ..
+    } = ProbeSummary::total(&results);
     eprintln!(
         "restart took {restart_took:?}; {connects} connects across it: replies {replies:?}, \
          errors {errors:?}"
