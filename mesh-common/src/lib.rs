@@ -8,9 +8,11 @@
 //! - Ids are allocated by the agent; id 0 is reserved to mean "none".
 #![no_std]
 
+pub mod capacity;
+
 /// Bump when any map key or value below changes layout. It is part of every pin path, so a new
 /// agent never reuses a pinned map with an old layout.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Address family tags stored in keys (not the kernel's AF_* values, which differ by OS).
 pub const FAMILY_V4: u8 = 4;
@@ -146,6 +148,10 @@ pub struct PassiveState {
 pub struct Settings {
     /// `SETTINGS_F_*` bits.
     pub flags: u32,
+    /// The next service and backend ids the agent hands out. Kept here so ids are not reused
+    /// across agent restarts while sockets may still carry them (only the agent reads these).
+    pub next_service_id: u32,
+    pub next_backend_id: u32,
     pub _pad: u32,
 }
 
@@ -274,7 +280,7 @@ const _: () = {
     assert!(core::mem::size_of::<BackendStatsKey>() == 8);
     assert!(core::mem::size_of::<BackendStats>() == 8 * (6 + RTT_BUCKETS));
     assert!(core::mem::size_of::<PassiveState>() == 8);
-    assert!(core::mem::size_of::<Settings>() == 8);
+    assert!(core::mem::size_of::<Settings>() == 16);
     assert!(core::mem::size_of::<ServiceStats>() == 8);
     assert!(core::mem::size_of::<ServiceName>() == SERVICE_NAME_LEN);
     assert!(core::mem::size_of::<DatapathStats>() == 32);

@@ -1,22 +1,16 @@
 //! `mesh`: the node agent and the operator CLI.
 
+// Lowest layer first: each module imports only the ones above it.
 mod agent;
-mod api;
 mod cli;
 mod config;
 mod datapath;
+mod desired;
 mod health;
-mod http;
-mod metrics;
+mod model;
+mod observe;
 mod reconcile;
-mod redis_source;
 mod registry;
-mod slots;
-mod sockdiag;
-mod sources;
-mod state;
-mod system;
-mod top;
 
 use std::path::PathBuf;
 
@@ -93,10 +87,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Agent(args) => {
             init_tracing();
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(agent::run(args))
+            agent::run(args)
         }
         Command::Services { pins, output } => cli::services(&pins.bpffs, output),
         Command::Backends {
@@ -113,7 +104,7 @@ fn main() -> anyhow::Result<()> {
             pins,
             interval,
             iterations,
-        } => top::run(&pins.bpffs, interval, iterations),
+        } => cli::top::run(&pins.bpffs, interval, iterations),
         Command::Cleanup { pins } => {
             for path in datapath::cleanup(&pins.bpffs)? {
                 println!("removed {}", path.display());
@@ -128,11 +119,14 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn init_tracing() {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::EnvFilter;
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
+        // Colour codes only for a person at a terminal, never in files or the journal.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }

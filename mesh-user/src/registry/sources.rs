@@ -16,30 +16,11 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::{
-    config::{AgentConfig, ServiceConfig},
-    metrics::AgentMetrics,
-    registry::{Registry, Source, SourceUpdate},
-};
+use super::{Listing, Outcome, Source, SourceObserver, SourceUpdate};
+use crate::config::{AgentConfig, ServiceConfig};
 
 /// The merged registry by source, as the admin API lists it. The agent publishes a new one
 /// after every applied change.
-pub type Listing = Vec<(Source, ServiceConfig)>;
-
-/// The merged registry in listing order: the file's services, then the API's, then Redis's.
-pub fn listing(registry: &Registry) -> Listing {
-    [Source::File, Source::Api, Source::Redis]
-        .into_iter()
-        .flat_map(|source| {
-            registry
-                .services_of(source)
-                .iter()
-                .map(move |svc| (source, svc.clone()))
-        })
-        .collect()
-}
-
-/// Keeps the started sources running; dropping it stops them.
 pub struct Sources {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -58,7 +39,7 @@ pub async fn start(
     agent: &AgentConfig,
     updates: mpsc::Sender<SourceUpdate>,
     registry: watch::Receiver<Listing>,
-    metrics: Arc<AgentMetrics>,
+    metrics: Arc<dyn SourceObserver>,
 ) -> anyhow::Result<Sources> {
     let mut tasks = Vec::new();
     if agent.admin.is_none() && agent.redis.is_none() {
@@ -69,7 +50,7 @@ pub async fn start(
     if let Some(addr) = agent.admin {
         let saved = SavedServices::new(&agent.state_dir, "api-services.json");
         tasks.push(
-            crate::api::start(
+            super::api::start(
                 addr,
                 saved,
                 updates.clone(),
@@ -81,22 +62,12 @@ pub async fn start(
     }
     if let Some(redis) = &agent.redis {
         let saved = SavedServices::new(&agent.state_dir, "redis-services.json");
-        tasks.push(crate::redis_source::start(redis, saved, updates, registry, metrics).await?);
+        tasks.push(super::redis::start(redis, saved, updates, registry, metrics).await?);
     }
     Ok(Sources { tasks })
 }
 
 /// How an update sent to the agent ended.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
-    Applied,
-    /// The merged registry would be invalid; the message names the service, field and reason.
-    Rejected(String),
-    /// The agent is stopping: nobody applies updates any more.
-    AgentGone,
-}
-
-/// Sends `services` as `source`'s complete set and waits for the agent's verdict.
 pub async fn send(
     updates: &mpsc::Sender<SourceUpdate>,
     source: Source,
@@ -111,15 +82,11 @@ pub async fn send(
     if updates.send(update).await.is_err() {
         return Outcome::AgentGone;
     }
-    match verdict.await {
-        Ok(Ok(())) => Outcome::Applied,
-        Ok(Err(reason)) => Outcome::Rejected(reason),
-        Err(_) => Outcome::AgentGone,
-    }
+    verdict.await.unwrap_or(Outcome::AgentGone)
 }
 
 /// The agent's verdict on an update: applied, or why not.
-pub type Verdict = oneshot::Receiver<Result<(), String>>;
+pub type Verdict = oneshot::Receiver<Outcome>;
 
 /// Queues `services` as `source`'s first update without waiting (the agent is not reading
 /// yet); the returned receiver gets the verdict.
@@ -237,6 +204,7 @@ impl SavedServices {
 mod tests {
     use super::*;
     use crate::config::{Config, Protocol};
+    use crate::registry::{Registry, listing};
 
     const WEB: &str = r#"{"vip": "127.100.0.1:80", "backends": [{"addr": "127.0.0.1:9001"}]}"#;
 

@@ -27,12 +27,11 @@ use serde_json::json;
 use tokio::sync::{Mutex, mpsc, watch};
 use tracing::{error, info, warn};
 
-use crate::{
-    config::ServiceConfig,
-    metrics::AgentMetrics,
-    registry::{Source, SourceUpdate},
-    sources::{self, Listing, Outcome, SavedServices},
+use super::{
+    Listing, Outcome, Source, SourceObserver, SourceUpdate,
+    sources::{self, SavedServices},
 };
+use crate::config::ServiceConfig;
 
 struct Api {
     /// The API's services by name: the set the agent last applied (or the saved set at start).
@@ -41,7 +40,7 @@ struct Api {
     updates: mpsc::Sender<SourceUpdate>,
     registry: watch::Receiver<Listing>,
     saved: SavedServices,
-    metrics: Arc<AgentMetrics>,
+    metrics: Arc<dyn SourceObserver>,
 }
 
 /// Binds `addr`, queues the saved services as the API's first update and serves.
@@ -50,7 +49,7 @@ pub async fn start(
     saved: SavedServices,
     updates: mpsc::Sender<SourceUpdate>,
     registry: watch::Receiver<Listing>,
-    metrics: Arc<AgentMetrics>,
+    metrics: Arc<dyn SourceObserver>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let initial = saved.load().with_context(|| {
         format!(
@@ -91,11 +90,15 @@ pub async fn start(
     Ok(tokio::spawn(async move {
         match verdict {
             Some(verdict) => match verdict.await {
-                Ok(Ok(())) => {
+                Ok(Outcome::Applied { .. }) => {
                     info!(services = count, "admin API: saved services applied");
                     api.metrics.source_state(Source::Api.name(), true, count);
                 }
-                Ok(Err(reason)) => {
+                Ok(Outcome::Failed(reason)) => {
+                    error!("admin API: the saved services are not yet in the maps: {reason}");
+                    api.metrics.source_state(Source::Api.name(), false, count);
+                }
+                Ok(Outcome::Rejected(reason)) => {
                     // The set stays the API's: changes are rejected until the clash is resolved,
                     // instead of silently forgetting the saved services.
                     error!(
@@ -105,7 +108,7 @@ pub async fn start(
                     );
                     api.metrics.source_state(Source::Api.name(), false, 0);
                 }
-                Err(_) => return,
+                Ok(Outcome::AgentGone) | Err(_) => return,
             },
             None => api.metrics.source_state(Source::Api.name(), true, 0),
         }
@@ -171,8 +174,12 @@ impl Api {
         next: BTreeMap<String, ServiceConfig>,
     ) -> Response {
         let services: Vec<ServiceConfig> = next.values().cloned().collect();
-        match sources::send(&self.updates, Source::Api, services.clone()).await {
-            Outcome::Applied => {}
+        let outcome = sources::send(&self.updates, Source::Api, services.clone()).await;
+        let generation = match outcome {
+            Outcome::Applied { generation } => Some(generation),
+            // Accepted into the registry: it is the API's set now, saved like an applied one,
+            // but the answer says the maps do not hold it yet.
+            Outcome::Failed(_) => None,
             Outcome::Rejected(reason) => return error(StatusCode::BAD_REQUEST, reason),
             Outcome::AgentGone => {
                 return error(
@@ -180,22 +187,44 @@ impl Api {
                     "the agent is stopping".to_owned(),
                 );
             }
-        }
+        };
         *current = next;
         self.metrics
-            .source_state(Source::Api.name(), true, current.len());
-        if let Err(err) = self.saved.save(&services) {
+            .source_state(Source::Api.name(), generation.is_some(), current.len());
+        // fsync blocks: off the async workers.
+        let saved = self.saved.clone();
+        let save = tokio::task::spawn_blocking(move || saved.save(&services))
+            .await
+            .unwrap_or_else(|err| Err(anyhow::anyhow!("saving task failed: {err}")));
+        if let Outcome::Failed(reason) = outcome {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({
+                    "applied": false,
+                    "error": format!(
+                        "accepted, but the maps do not hold it yet (the agent retries): {reason}"
+                    ),
+                })),
+            )
+                .into_response();
+        }
+        if let Err(err) = save {
             error!("admin API: {err:#}");
             return (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 Json(json!({
                     "applied": true,
+                    "generation": generation,
                     "error": format!("applied, but it will not survive a restart: {err:#}"),
                 })),
             )
                 .into_response();
         }
-        (StatusCode::OK, Json(json!({ "applied": true }))).into_response()
+        (
+            StatusCode::OK,
+            Json(json!({ "applied": true, "generation": generation })),
+        )
+            .into_response()
     }
 }
 

@@ -11,7 +11,7 @@ use std::{
 use humantime_serde::re::humantime;
 
 use crate::{
-    cli::{Sample, StatsView, display_name, fmt_rate, stats_view, write_table},
+    cli::views::{Sample, StatsView, display_name, fmt_rate, stats_view, write_table},
     datapath::Maps,
 };
 
@@ -160,7 +160,7 @@ pub fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::tests::{fixture_after, fixture_before};
+    use crate::cli::views::tests::{fixture_after, fixture_before};
 
     #[test]
     fn top_frame_clears_the_screen_and_aligns_services_and_backends() {

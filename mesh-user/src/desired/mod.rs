@@ -1,43 +1,17 @@
 //! Desired state: what the data path should hold, built from the registry sources and health.
 //! Pure data; no I/O.
 
-use std::{collections::BTreeMap, fmt, net::SocketAddr};
+use std::{collections::BTreeMap, net::SocketAddr};
 
-use mesh_common::{PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY, SVC_F_PASSIVE, SVC_F_REJECT_EMPTY};
+use mesh_common::{SVC_F_AFFINITY, SVC_F_PASSIVE, SVC_F_REJECT_EMPTY};
+
+pub mod slots;
 
 use crate::{
     config::{AllUnhealthy, Config, EmptyPolicy, HealthKind, ServiceConfig},
     health::Health,
-    slots,
+    model::Vip,
 };
-
-/// What a client connects to: a virtual IP, port and protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Vip {
-    pub addr: SocketAddr,
-    /// IP protocol number (`PROTO_TCP` or `PROTO_UDP`).
-    pub proto: u8,
-}
-
-impl Vip {
-    pub fn protocol_name(&self) -> &'static str {
-        protocol_name(self.proto)
-    }
-}
-
-pub fn protocol_name(proto: u8) -> &'static str {
-    match proto {
-        PROTO_TCP => "tcp",
-        PROTO_UDP => "udp",
-        _ => "unknown",
-    }
-}
-
-impl fmt::Display for Vip {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.protocol_name())
-    }
-}
 
 /// A backend as a member of one service.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,16 +58,9 @@ impl DesiredState {
         let services = config
             .services
             .iter()
-            .map(|svc| (vip_of(svc), desired_service(svc)))
+            .map(|svc| (svc.vip(), desired_service(svc)))
             .collect();
         Self { services }
-    }
-}
-
-pub fn vip_of(svc: &ServiceConfig) -> Vip {
-    Vip {
-        addr: svc.vip,
-        proto: svc.protocol.ip_proto(),
     }
 }
 
@@ -144,7 +111,7 @@ pub fn apply_health(
         let Some(check) = svc.health.as_ref().filter(|h| h.kind != HealthKind::None) else {
             continue;
         };
-        let vip = vip_of(svc);
+        let vip = svc.vip();
         let Some(want) = desired.services.get_mut(&vip) else {
             continue;
         };

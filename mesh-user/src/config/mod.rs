@@ -5,19 +5,21 @@
 //! otherwise refuse at run time (or silently mishandle), and reports every problem at once,
 //! each naming the file, the service, the field and the reason.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mesh_common::{
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, MAX_BACKENDS_PER_SERVICE,
-    MAX_SLOTS_PER_SERVICE, MAX_WEIGHT, PROTO_TCP, PROTO_UDP, SERVICE_NAME_LEN,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, PROTO_TCP, PROTO_UDP,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::slots;
+mod validate;
+
+use crate::model::Vip;
+
+pub use validate::ConfigError;
 
 /// The whole config file.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -56,7 +58,15 @@ pub struct AgentConfig {
     /// Which log records of the kernel programs reach the agent's log (they are written only
     /// on rare events: a connect without backend, a failed connect, a full map).
     pub kernel_log: KernelLog,
+    /// How often the control loop reads every map back and repairs what differs from the
+    /// desired state (an entry deleted or changed behind the agent's back).
+    #[serde(with = "humantime_serde")]
+    pub resync: Duration,
 }
+
+/// Bounds of `[agent] resync`.
+pub const RESYNC_MIN: Duration = Duration::from_millis(100);
+pub const RESYNC_MAX: Duration = Duration::from_secs(3600);
 
 /// `kernel_log`: the most verbose level of kernel program records forwarded to the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -82,6 +92,7 @@ impl Default for AgentConfig {
             limits: Limits::default(),
             telemetry: true,
             kernel_log: KernelLog::default(),
+            resync: Duration::from_secs(30),
         }
     }
 }
@@ -109,48 +120,18 @@ fn default_redis_resync() -> Duration {
     Duration::from_secs(5)
 }
 
-impl RedisConfig {
-    fn check(&self, p: &mut Problems) {
-        // Never echo the URL: it may hold a password.
-        match self.url.split_once("://") {
-            Some(("redis", _)) => {
-                if let Err(err) = redis::Client::open(self.url.as_str()) {
-                    p.agent(
-                        "agent.redis.url",
-                        format!("is not a valid Redis URL: {err}"),
-                    );
-                }
-            }
-            Some(("rediss", _)) => p.agent(
-                "agent.redis.url",
-                "rediss:// (TLS) is not supported; use redis://".to_owned(),
-            ),
-            _ => p.agent(
-                "agent.redis.url",
-                "must start with redis://, like \"redis://127.0.0.1:6379/\"".to_owned(),
-            ),
-        }
-        if self.key.is_empty() {
-            p.agent("agent.redis.key", "must not be empty".to_owned());
-        }
-        if let Some(reason) = duration_range(
-            self.resync,
-            Duration::from_millis(100),
-            Duration::from_secs(3600),
-        ) {
-            p.agent("agent.redis.resync", reason);
-        }
-    }
-}
-
-/// `[agent.limits]`: `max_entries` of the maps, fixed when they are created.
+/// `[agent.limits]`: `max_entries` of the maps, fixed when they are created. Every map's
+/// capacity follows from these in one table (`mesh_common::capacity::Limits::table`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Entries of the services map and the per-service arrays (id 0 is reserved).
     pub max_services: u32,
-    /// Entries of the backends map (id 0 is reserved).
+    /// Entries of the backends map: distinct backend addresses (id 0 is reserved).
     pub max_backends: u32,
+    /// Entries of the per-(service, backend) maps: counters, active and passive state. A
+    /// backend shared by two services is two entries.
+    pub max_service_backends: u32,
     /// Entries of the slots map, shared by all services and both generations.
     pub max_slots: u32,
 }
@@ -160,7 +141,20 @@ impl Default for Limits {
         Self {
             max_services: DEFAULT_MAX_SERVICES,
             max_backends: DEFAULT_MAX_BACKENDS,
+            max_service_backends: DEFAULT_MAX_BACKENDS,
             max_slots: DEFAULT_MAX_SLOTS,
+        }
+    }
+}
+
+impl Limits {
+    /// The capacity table the maps are created with.
+    pub fn capacities(&self) -> mesh_common::capacity::Limits {
+        mesh_common::capacity::Limits {
+            max_services: self.max_services,
+            max_backends: self.max_backends,
+            max_service_backends: self.max_service_backends,
+            max_slots: self.max_slots,
         }
     }
 }
@@ -190,6 +184,16 @@ pub struct ServiceConfig {
     /// balancer pointed at it, so clients notice and reconnect.
     #[serde(default = "default_true")]
     pub terminate_udp_flows: bool,
+}
+
+impl ServiceConfig {
+    /// What clients connect to: the VIP with this service's protocol.
+    pub fn vip(&self) -> Vip {
+        Vip {
+            addr: self.vip,
+            proto: self.protocol.ip_proto(),
+        }
+    }
 }
 
 fn default_true() -> bool {
@@ -399,80 +403,6 @@ mod status_ranges {
     }
 }
 
-/// Which service a problem is about: `services[1] "web"`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceRef {
-    pub index: usize,
-    pub name: String,
-}
-
-impl fmt::Display for ServiceRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "services[{}] {:?}", self.index, self.name)
-    }
-}
-
-/// One validation problem.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// The service it is in, or `None` for `[agent]` and whole-config problems.
-    pub service: Option<ServiceRef>,
-    /// Path of the field, relative to the service when there is one: `backends[0].weight`,
-    /// `agent.limits.max_slots`.
-    pub field: String,
-    /// What is wrong, with the value found.
-    pub reason: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(service) = &self.service {
-            write!(f, "{service}: ")?;
-        }
-        write!(f, "{}: {}", self.field, self.reason)
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{origin}: cannot read: {source}")]
-    Read {
-        origin: String,
-        source: std::io::Error,
-    },
-    /// TOML syntax, a wrong type or an unknown key; toml's message names the key and line.
-    #[error("{origin}: {source}")]
-    Parse {
-        origin: String,
-        source: toml::de::Error,
-    },
-    /// Every validation problem, one per line.
-    #[error("{}", fmt_problems(origin, problems))]
-    Invalid {
-        origin: String,
-        problems: Vec<Problem>,
-    },
-}
-
-fn fmt_problems(origin: &str, problems: &[Problem]) -> String {
-    problems
-        .iter()
-        .map(|p| format!("{origin}: {p}"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-impl ConfigError {
-    /// The validation problems (empty for read and parse errors).
-    #[cfg(test)]
-    pub fn problems(&self) -> &[Problem] {
-        match self {
-            ConfigError::Invalid { problems, .. } => problems,
-            ConfigError::Read { .. } | ConfigError::Parse { .. } => &[],
-        }
-    }
-}
-
 /// Parses and validates a config; `origin` (usually the file name) prefixes every message.
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
@@ -493,462 +423,13 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse(&text, &origin)
 }
 
-/// Collects problems with their context while walking the config.
-#[derive(Default)]
-struct Problems(Vec<Problem>);
-
-impl Problems {
-    fn agent(&mut self, field: &str, reason: String) {
-        self.0.push(Problem {
-            service: None,
-            field: field.to_owned(),
-            reason,
-        });
-    }
-
-    fn service(&mut self, index: usize, svc: &ServiceConfig, field: &str, reason: String) {
-        self.0.push(Problem {
-            service: Some(ServiceRef {
-                index,
-                name: svc.name.clone(),
-            }),
-            field: field.to_owned(),
-            reason,
-        });
-    }
-}
-
-/// Why `ip` cannot be a VIP or backend address, if it cannot.
-fn bad_ip(ip: IpAddr) -> Option<&'static str> {
-    if ip.is_unspecified() {
-        Some("is the unspecified address")
-    } else if ip.is_multicast() {
-        Some("is a multicast address")
-    } else if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
-        Some("is the broadcast address")
-    } else {
-        None
-    }
-}
-
-fn family(addr: &SocketAddr) -> &'static str {
-    if addr.is_ipv4() { "IPv4" } else { "IPv6" }
-}
-
-fn fmt_duration(d: Duration) -> humantime_serde::re::humantime::FormattedDuration {
-    humantime_serde::re::humantime::format_duration(d)
-}
-
-/// Checks `value` is within `lo..=hi` (durations).
-fn duration_range(value: Duration, lo: Duration, hi: Duration) -> Option<String> {
-    (!(lo..=hi).contains(&value)).then(|| {
-        format!(
-            "must be between {} and {}, got {}",
-            fmt_duration(lo),
-            fmt_duration(hi),
-            fmt_duration(value)
-        )
-    })
-}
-
-fn u32_range(value: u32, lo: u32, hi: u32) -> Option<String> {
-    (!(lo..=hi).contains(&value)).then(|| format!("must be between {lo} and {hi}, got {value}"))
-}
-
-impl Config {
-    /// Checks everything parsing cannot; returns all problems found, not only the first.
-    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let mut p = Problems::default();
-        self.agent.limits.check(&mut p);
-        if !self.agent.state_dir.is_absolute() {
-            p.agent(
-                "agent.state_dir",
-                format!(
-                    "must be an absolute path, got {:?}",
-                    self.agent.state_dir.display().to_string()
-                ),
-            );
-        }
-        if let Some(redis) = &self.agent.redis {
-            redis.check(&mut p);
-        }
-        let mut total_slots: u64 = 0;
-        for (i, svc) in self.services.iter().enumerate() {
-            svc.check(i, &mut p);
-            total_slots += u64::from(slots::slot_count(&valid_weights(svc)));
-        }
-        self.check_unique(&mut p);
-        self.check_capacity(total_slots, &mut p);
-        if p.0.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid {
-                origin: origin.to_owned(),
-                problems: p.0,
-            })
-        }
-    }
-
-    /// Names and (vip, protocol) pairs are keys in the agent's state and the services map.
-    fn check_unique(&self, p: &mut Problems) {
-        let mut names: BTreeMap<&str, usize> = BTreeMap::new();
-        let mut vips: BTreeMap<(SocketAddr, Protocol), usize> = BTreeMap::new();
-        for (i, svc) in self.services.iter().enumerate() {
-            if let Some(&first) = names.get(svc.name.as_str()) {
-                p.service(
-                    i,
-                    svc,
-                    "name",
-                    format!("duplicate name, already used by services[{first}]"),
-                );
-            } else {
-                names.insert(&svc.name, i);
-            }
-            if let Some(&first) = vips.get(&(svc.vip, svc.protocol)) {
-                p.service(
-                    i,
-                    svc,
-                    "vip",
-                    format!(
-                        "{}/{} is already the vip of services[{first}] {:?}",
-                        svc.vip, svc.protocol, self.services[first].name
-                    ),
-                );
-            } else {
-                vips.insert((svc.vip, svc.protocol), i);
-            }
-        }
-    }
-
-    /// The whole config must fit in the maps sized by `[agent.limits]`.
-    fn check_capacity(&self, total_slots: u64, p: &mut Problems) {
-        let limits = &self.agent.limits;
-        // Id 0 is reserved in both the services and backends maps, hence the +1.
-        let services = self.services.len() as u64;
-        if services + 1 > u64::from(limits.max_services) {
-            p.agent(
-                "agent.limits.max_services",
-                format!(
-                    "is {} but the config has {services} services, which needs at least {} (id 0 is reserved)",
-                    limits.max_services,
-                    services + 1
-                ),
-            );
-        }
-        // Backends are shared between services, so only distinct addresses take an entry.
-        let backends = self
-            .services
-            .iter()
-            .flat_map(|s| s.backends.iter().map(|b| b.addr))
-            .collect::<BTreeSet<_>>()
-            .len() as u64;
-        if backends + 1 > u64::from(limits.max_backends) {
-            p.agent(
-                "agent.limits.max_backends",
-                format!(
-                    "is {} but the config has {backends} distinct backend addresses, which needs at least {} (id 0 is reserved)",
-                    limits.max_backends,
-                    backends + 1
-                ),
-            );
-        }
-        // The old and the new slot set of a service coexist while it is updated. The full
-        // backend set gives the longest layout (a subset's gcd is a multiple of the full set's),
-        // so health changes never need more than this.
-        if total_slots * 2 > u64::from(limits.max_slots) {
-            p.agent(
-                "agent.limits.max_slots",
-                format!(
-                    "is {} but the services have {total_slots} slots, and old and new generations coexist during an update, which needs at least {}",
-                    limits.max_slots,
-                    total_slots * 2
-                ),
-            );
-        }
-    }
-}
-
-/// The weights that are in range, so the slot counts of the other checks stay meaningful when
-/// some weight is already reported as wrong.
-fn valid_weights(svc: &ServiceConfig) -> Vec<u32> {
-    svc.backends
-        .iter()
-        .map(|b| b.weight)
-        .filter(|w| (1..=MAX_WEIGHT).contains(w))
-        .collect()
-}
-
-impl Limits {
-    fn check(&self, p: &mut Problems) {
-        for (field, value) in [
-            ("agent.limits.max_services", self.max_services),
-            ("agent.limits.max_backends", self.max_backends),
-            ("agent.limits.max_slots", self.max_slots),
-        ] {
-            if let Some(reason) = u32_range(value, LIMIT_MIN, LIMIT_MAX) {
-                p.agent(field, reason);
-            }
-        }
-    }
-}
-
-impl ServiceConfig {
-    fn check(&self, i: usize, p: &mut Problems) {
-        self.check_name(i, p);
-        if self.vip.port() == 0 {
-            p.service(i, self, "vip", format!("{}: port must not be 0", self.vip));
-        }
-        if let Some(why) = bad_ip(self.vip.ip()) {
-            p.service(i, self, "vip", format!("{} {why}", self.vip));
-        }
-        self.check_backends(i, p);
-        if let Some(affinity) = &self.affinity {
-            let t = affinity.timeout;
-            if let Some(reason) =
-                duration_range(t, Duration::from_secs(1), Duration::from_secs(24 * 3600))
-            {
-                p.service(i, self, "affinity.timeout", reason);
-            } else if t.subsec_nanos() != 0 {
-                // The kernel keeps the timeout in whole seconds.
-                p.service(
-                    i,
-                    self,
-                    "affinity.timeout",
-                    format!("must be a whole number of seconds, got {}", fmt_duration(t)),
-                );
-            }
-        }
-        if let Some(health) = &self.health {
-            health.check(i, self, p);
-        }
-    }
-
-    fn check_name(&self, i: usize, p: &mut Problems) {
-        let name = &self.name;
-        // One byte of the kernel's name buffer stays for the terminating zero.
-        let max = SERVICE_NAME_LEN - 1;
-        if name.is_empty() {
-            p.service(i, self, "name", "must not be empty".to_owned());
-        } else if name.len() > max {
-            p.service(
-                i,
-                self,
-                "name",
-                format!("must be at most {max} bytes, got {}", name.len()),
-            );
-        }
-        // Names appear in metrics labels, map dumps and URLs: keep them to a safe alphabet.
-        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-');
-        if let Some(c) = name.chars().find(|&c| !allowed(c)) {
-            p.service(
-                i,
-                self,
-                "name",
-                format!("may only contain A-Z a-z 0-9 . _ / -, got {c:?}"),
-            );
-        }
-    }
-
-    fn check_backends(&self, i: usize, p: &mut Problems) {
-        let max_backends = MAX_BACKENDS_PER_SERVICE as usize;
-        if self.backends.len() > max_backends {
-            p.service(
-                i,
-                self,
-                "backends",
-                format!(
-                    "at most {max_backends} backends per service, got {}",
-                    self.backends.len()
-                ),
-            );
-        }
-        let mut seen: BTreeMap<SocketAddr, usize> = BTreeMap::new();
-        for (j, b) in self.backends.iter().enumerate() {
-            let field = format!("backends[{j}].addr");
-            if b.addr.port() == 0 {
-                p.service(i, self, &field, format!("{}: port must not be 0", b.addr));
-            }
-            if let Some(why) = bad_ip(b.addr.ip()) {
-                p.service(i, self, &field, format!("{} {why}", b.addr));
-            }
-            // connect4 can only rewrite to an IPv4 address, connect6 to an IPv6 one.
-            if b.addr.is_ipv4() != self.vip.is_ipv4() {
-                p.service(
-                    i,
-                    self,
-                    &field,
-                    format!(
-                        "{} is {} but the vip {} is {}; a backend must have the vip's address family",
-                        b.addr,
-                        family(&b.addr),
-                        self.vip,
-                        family(&self.vip)
-                    ),
-                );
-            }
-            if let Some(&first) = seen.get(&b.addr) {
-                p.service(
-                    i,
-                    self,
-                    &field,
-                    format!("{} is already backends[{first}]", b.addr),
-                );
-            } else {
-                seen.insert(b.addr, j);
-            }
-            if let Some(reason) = u32_range(b.weight, 1, MAX_WEIGHT) {
-                p.service(i, self, &format!("backends[{j}].weight"), reason);
-            }
-        }
-        let slot_count = slots::slot_count(&valid_weights(self));
-        if slot_count > MAX_SLOTS_PER_SERVICE {
-            p.service(
-                i,
-                self,
-                "backends",
-                format!(
-                    "the weights need {slot_count} slots (sum of weights divided by their gcd), at most {MAX_SLOTS_PER_SERVICE} are allowed per service"
-                ),
-            );
-        }
-    }
-}
-
-impl HealthConfig {
-    fn check(&self, i: usize, svc: &ServiceConfig, p: &mut Problems) {
-        let defaults = HealthConfig::default();
-        if self.kind == HealthKind::Http {
-            if !self.path.starts_with('/') {
-                p.service(
-                    i,
-                    svc,
-                    "health.path",
-                    format!("must start with '/', got {:?}", self.path),
-                );
-            }
-            // The path goes verbatim into the request line.
-            if self
-                .path
-                .chars()
-                .any(|c| c.is_whitespace() || c.is_control())
-            {
-                p.service(
-                    i,
-                    svc,
-                    "health.path",
-                    format!(
-                        "must not contain whitespace or control characters, got {:?}",
-                        self.path
-                    ),
-                );
-            }
-            self.check_expect(i, svc, p);
-        } else {
-            // Non-default http-only settings on another check type are almost surely a mistake.
-            if self.path != defaults.path {
-                p.service(
-                    i,
-                    svc,
-                    "health.path",
-                    format!(
-                        "is only used with type = \"http\", not {:?}",
-                        self.kind_name()
-                    ),
-                );
-            }
-            if self.expect != defaults.expect {
-                p.service(
-                    i,
-                    svc,
-                    "health.expect",
-                    format!(
-                        "is only used with type = \"http\", not {:?}",
-                        self.kind_name()
-                    ),
-                );
-            }
-        }
-        if let Some(reason) = duration_range(
-            self.interval,
-            Duration::from_millis(10),
-            Duration::from_secs(3600),
-        ) {
-            p.service(i, svc, "health.interval", reason);
-        }
-        if self.timeout.is_zero() {
-            p.service(
-                i,
-                svc,
-                "health.timeout",
-                "must be greater than 0".to_owned(),
-            );
-        } else if self.timeout > self.interval {
-            p.service(
-                i,
-                svc,
-                "health.timeout",
-                format!(
-                    "must be at most the interval ({}), got {}",
-                    fmt_duration(self.interval),
-                    fmt_duration(self.timeout)
-                ),
-            );
-        }
-        if let Some(reason) = u32_range(self.rise, 1, 100) {
-            p.service(i, svc, "health.rise", reason);
-        }
-        if let Some(reason) = u32_range(self.fall, 1, 100) {
-            p.service(i, svc, "health.fall", reason);
-        }
-        if let Some(reason) = u32_range(self.passive_failures, 0, 1000) {
-            p.service(i, svc, "health.passive_failures", reason);
-        }
-    }
-
-    fn check_expect(&self, i: usize, svc: &ServiceConfig, p: &mut Problems) {
-        if self.expect.is_empty() {
-            p.service(
-                i,
-                svc,
-                "health.expect",
-                "must list at least one status code".to_owned(),
-            );
-        }
-        for &(lo, hi) in &self.expect {
-            // A single code is stored as (code, code): report it once.
-            let codes: &[u16] = if lo == hi { &[lo] } else { &[lo, hi] };
-            for &code in codes {
-                if !(100..=599).contains(&code) {
-                    p.service(
-                        i,
-                        svc,
-                        "health.expect",
-                        format!("status codes must be between 100 and 599, got {code}"),
-                    );
-                }
-            }
-            if lo > hi {
-                p.service(
-                    i,
-                    svc,
-                    "health.expect",
-                    format!("range {lo}-{hi} is reversed, write {hi}-{lo}"),
-                );
-            }
-        }
-    }
-
-    fn kind_name(&self) -> &'static str {
-        match self.kind {
-            HealthKind::Tcp => "tcp",
-            HealthKind::Http => "http",
-            HealthKind::None => "none",
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use mesh_common::{
+        MAX_BACKENDS_PER_SERVICE, MAX_SLOTS_PER_SERVICE, MAX_WEIGHT, SERVICE_NAME_LEN,
+    };
+
+    use super::validate::{Problem, ServiceRef};
     use super::*;
 
     const ORIGIN: &str = "test.toml";
@@ -1024,6 +505,7 @@ backends = [
             Limits {
                 max_services: DEFAULT_MAX_SERVICES,
                 max_backends: DEFAULT_MAX_BACKENDS,
+                max_service_backends: DEFAULT_MAX_BACKENDS,
                 max_slots: DEFAULT_MAX_SLOTS,
             }
         );
@@ -1564,7 +1046,10 @@ on_empty = "passthrough"
         // Exactly the maximum is accepted.
         let mut weights = vec![MAX_WEIGHT; 16];
         weights.extend([MAX_SLOTS_PER_SERVICE - 16 * MAX_WEIGHT - 1, 1]);
-        assert_eq!(slots::slot_count(&weights), MAX_SLOTS_PER_SERVICE);
+        assert_eq!(
+            mesh_common::capacity::slot_count(&weights),
+            MAX_SLOTS_PER_SERVICE
+        );
         assert_eq!(validation_problems(&weighted_service(&weights)), []);
     }
 

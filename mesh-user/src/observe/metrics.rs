@@ -5,10 +5,7 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     time::Duration,
 };
 
@@ -21,13 +18,13 @@ use prometheus::{
 use crate::{
     datapath::Maps,
     health::{Health, Transition},
-    state::{Vip, protocol_name},
+    model::{Vip, protocol_name},
+    registry::SourceObserver,
 };
 
 pub struct AgentMetrics {
     registry: Registry,
     kernel: KernelCounters,
-    ready: AtomicBool,
     ready_gauge: IntGauge,
     reconcile_runs: IntCounterVec,
     reconcile_duration: prometheus::Histogram,
@@ -39,6 +36,10 @@ pub struct AgentMetrics {
     check_failures: IntGaugeVec,
     source_up: IntGaugeVec,
     source_services: IntGaugeVec,
+    resync_repairs: IntCounterVec,
+    resync_runs: IntCounterVec,
+    desired_generation: IntGauge,
+    applied_generation: IntGauge,
 }
 
 impl AgentMetrics {
@@ -117,8 +118,34 @@ impl AgentMetrics {
             ),
             &["source"],
         )?;
+        let resync_repairs = IntCounterVec::new(
+            Opts::new(
+                "mesh_resync_repairs_total",
+                "Map entries the periodic resync found different from the desired state and rewrote or deleted, by map",
+            ),
+            &["map"],
+        )?;
+        let resync_runs = IntCounterVec::new(
+            Opts::new(
+                "mesh_resync_runs_total",
+                "Periodic resyncs of the maps, by result",
+            ),
+            &["result"],
+        )?;
+        let desired_generation = IntGauge::new(
+            "mesh_desired_generation",
+            "Version of the desired state (registry and health); bumped on every change",
+        )?;
+        let applied_generation = IntGauge::new(
+            "mesh_applied_generation",
+            "Version of the desired state the maps hold; equal to mesh_desired_generation when in sync",
+        )?;
         for c in [
-            Box::new(udp_flows_terminated.clone()) as Box<dyn Collector>,
+            Box::new(resync_repairs.clone()) as Box<dyn Collector>,
+            Box::new(resync_runs.clone()),
+            Box::new(desired_generation.clone()),
+            Box::new(applied_generation.clone()),
+            Box::new(udp_flows_terminated.clone()),
             Box::new(check_duration.clone()),
             Box::new(health_transitions.clone()),
             Box::new(backend_health.clone()),
@@ -138,7 +165,6 @@ impl AgentMetrics {
             kernel: KernelCounters {
                 bpffs: bpffs.to_path_buf(),
             },
-            ready: AtomicBool::new(false),
             ready_gauge,
             reconcile_runs,
             reconcile_duration,
@@ -150,7 +176,30 @@ impl AgentMetrics {
             check_failures,
             source_up,
             source_services,
+            resync_repairs,
+            resync_runs,
+            desired_generation,
+            applied_generation,
         })
+    }
+
+    pub fn resync(&self, repairs: Option<&BTreeMap<&'static str, u64>>) {
+        match repairs {
+            Some(repairs) => {
+                self.resync_runs.with_label_values(&["ok"]).inc();
+                for (map, count) in repairs {
+                    self.resync_repairs.with_label_values(&[map]).inc_by(*count);
+                }
+            }
+            None => self.resync_runs.with_label_values(&["error"]).inc(),
+        }
+    }
+
+    pub fn generations(&self, desired: u64, applied: u64) {
+        self.desired_generation
+            .set(i64::try_from(desired).unwrap_or(i64::MAX));
+        self.applied_generation
+            .set(i64::try_from(applied).unwrap_or(i64::MAX));
     }
 
     pub fn udp_flows_terminated(&self, count: u64) {
@@ -209,7 +258,7 @@ impl AgentMetrics {
         }
     }
 
-    pub fn source_state(&self, source: &str, up: bool, services: usize) {
+    fn set_source_state(&self, source: &str, up: bool, services: usize) {
         self.source_up
             .with_label_values(&[source])
             .set(i64::from(up));
@@ -219,12 +268,7 @@ impl AgentMetrics {
     }
 
     pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Release);
         self.ready_gauge.set(i64::from(ready));
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
     }
 
     pub fn observe_reconcile(&self, took: Duration, ok: bool) {
@@ -234,7 +278,7 @@ impl AgentMetrics {
             .inc();
     }
 
-    pub fn config_rejected(&self) {
+    pub fn count_rejected(&self) {
         self.config_rejected.inc();
     }
 
@@ -517,5 +561,15 @@ mod tests {
             labels(&[("a", "x\"y\\z\n"), ("b", "1")]),
             r#"{a="x\"y\\z\n",b="1"}"#
         );
+    }
+}
+
+impl SourceObserver for AgentMetrics {
+    fn source_state(&self, source: &str, up: bool, services: usize) {
+        self.set_source_state(source, up, services);
+    }
+
+    fn config_rejected(&self) {
+        self.count_rejected();
     }
 }

@@ -45,7 +45,7 @@ use tracing::{debug, info};
 
 use crate::{
     config::{HealthConfig, HealthKind},
-    state::Vip,
+    model::Vip,
 };
 
 /// One backend of one service to check, and how.

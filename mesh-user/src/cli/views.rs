@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::{
     datapath::{Maps, Snapshot},
-    state::{Vip, protocol_name},
+    model::{Vip, protocol_name},
 };
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default)]

@@ -19,12 +19,11 @@ use tokio::{
 };
 use tracing::{debug, error, info, warn};
 
-use crate::{
-    config::{RedisConfig, ServiceConfig},
-    metrics::AgentMetrics,
-    registry::{Source, SourceUpdate},
-    sources::{self, Listing, Outcome, SavedServices, Verdict},
+use super::{
+    Listing, Outcome, Source, SourceObserver, SourceUpdate,
+    sources::{self, SavedServices, Verdict},
 };
+use crate::config::{RedisConfig, ServiceConfig};
 
 /// Connecting (and subscribing) gives up after this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -46,7 +45,7 @@ pub async fn start(
     saved: SavedServices,
     updates: mpsc::Sender<SourceUpdate>,
     registry: watch::Receiver<Listing>,
-    metrics: Arc<AgentMetrics>,
+    metrics: Arc<dyn SourceObserver>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let client = redis::Client::open(config.url.as_str()).context("[agent.redis] url")?;
     // The address only: the URL may hold a password.
@@ -93,7 +92,7 @@ struct RedisSource {
     resync: Duration,
     updates: mpsc::Sender<SourceUpdate>,
     registry: watch::Receiver<Listing>,
-    metrics: Arc<AgentMetrics>,
+    metrics: Arc<dyn SourceObserver>,
     saved: SavedServices,
     /// What the agent has from this source.
     applied: Option<Vec<ServiceConfig>>,
@@ -124,7 +123,7 @@ impl RedisSource {
     async fn run(mut self, initial: Option<(Vec<ServiceConfig>, Verdict)>) {
         if let Some((services, verdict)) = initial {
             match verdict.await {
-                Ok(Ok(())) => {
+                Ok(Outcome::Applied { .. } | Outcome::Failed(_)) => {
                     info!(
                         services = services.len(),
                         "redis: the last known services stay in force until Redis is read"
@@ -132,8 +131,8 @@ impl RedisSource {
                     self.applied = Some(services);
                 }
                 // The agent logged why.
-                Ok(Err(_)) => {}
-                Err(_) => return,
+                Ok(Outcome::Rejected(_)) => {}
+                Ok(Outcome::AgentGone) | Err(_) => return,
             }
         }
         self.report();
@@ -287,10 +286,15 @@ impl RedisSource {
         }
         let count = services.len();
         match sources::send(&self.updates, Source::Redis, services.clone()).await {
-            Outcome::Applied => {
-                info!(services = count, "redis: services applied");
-                if let Err(err) = self.saved.save(&services) {
-                    warn!("redis: {err:#}");
+            Outcome::Applied { generation } => {
+                info!(services = count, generation, "redis: services applied");
+                // fsync blocks: off the async workers.
+                let saved = self.saved.clone();
+                let copy = services.clone();
+                match tokio::task::spawn_blocking(move || saved.save(&copy)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => warn!("redis: {err:#}"),
+                    Err(err) => warn!("redis: saving task failed: {err}"),
                 }
                 self.applied = Some(services);
                 self.rejected = None;
@@ -302,6 +306,14 @@ impl RedisSource {
                 self.registry.borrow_and_update();
                 self.rejected = Some(services);
                 self.problem = Some(reason);
+                self.set_up(false);
+            }
+            Outcome::Failed(reason) => {
+                // Accepted: the agent holds the set and retries the map writes itself. Not up
+                // until the maps hold it; the next read or resync asks again.
+                warn!("redis: services accepted but not yet in the maps: {reason}");
+                self.applied = Some(services);
+                self.rejected = None;
                 self.set_up(false);
             }
             Outcome::AgentGone => return Err(End::AgentGone),

@@ -6,6 +6,11 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+pub mod api;
+pub mod file;
+pub mod redis;
+pub mod sources;
+
 use crate::config::{Config, ConfigError, ServiceConfig};
 
 /// Where services come from.
@@ -37,7 +42,42 @@ pub struct SourceUpdate {
     pub source: Source,
     pub services: Vec<ServiceConfig>,
     /// Told whether the update was applied, and why not.
-    pub reply: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    pub reply: Option<tokio::sync::oneshot::Sender<Outcome>>,
+}
+
+/// What became of an update, as the control loop saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The maps hold it: the desired state of this generation is applied.
+    Applied { generation: u64 },
+    /// Invalid: nothing changed; the reasons name the source, the field and the problem.
+    Rejected(String),
+    /// Valid and accepted, but writing the maps failed; the control loop retries. The maps do
+    /// not hold it yet.
+    Failed(String),
+    /// The agent is stopping.
+    AgentGone,
+}
+
+/// Where sources report their state (the metrics, in the agent).
+pub trait SourceObserver: Send + Sync {
+    fn source_state(&self, source: &str, up: bool, services: usize);
+    fn config_rejected(&self);
+}
+
+/// The merged registry by source, for the admin API.
+pub type Listing = Vec<(Source, ServiceConfig)>;
+
+pub fn listing(registry: &Registry) -> Listing {
+    [Source::File, Source::Api, Source::Redis]
+        .into_iter()
+        .flat_map(|source| {
+            registry
+                .services_of(source)
+                .iter()
+                .map(move |svc| (source, svc.clone()))
+        })
+        .collect()
 }
 
 #[derive(Clone, Debug, Default)]

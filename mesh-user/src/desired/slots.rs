@@ -24,12 +24,9 @@ fn reduce(weights: &[u32]) -> Vec<u32> {
     weights.iter().map(|w| w / g).collect()
 }
 
-/// Number of slots `layout(weights)` returns: the sum of the weights divided by their gcd.
-/// Saturates at `u32::MAX` (validation rejects anything near that long before).
-pub fn slot_count(weights: &[u32]) -> u32 {
-    let sum: u64 = reduce(weights).iter().map(|&w| u64::from(w)).sum();
-    u32::try_from(sum).unwrap_or(u32::MAX)
-}
+// The capacity rule validation uses; the tests check `layout` agrees with it.
+#[cfg(test)]
+use mesh_common::capacity::slot_count;
 
 /// The backend index (into `weights`) of each slot, in slot order.
 ///

@@ -1,0 +1,478 @@
+//! The control loop: the one owner of the registry, the health targets and the maps, on its own
+//! OS thread (map syscalls, ENOMEM retry sleeps, netlink and file reads never block the async
+//! runtime).
+//!
+//! It is fed commands (source updates, file reloads, health transitions) and coalesces them:
+//! everything queued is taken in before one reconcile, so a burst of edits costs one map diff.
+//! Every source update gets the real outcome back: rejected (invalid, nothing changed), applied
+//! (with the desired-state generation the maps now hold) or failed (the maps do not hold it; the
+//! loop retries with a backoff). A periodic resync reads every map back and repairs what
+//! differs. Each turn of the loop beats the heartbeat `/healthz` reports.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc::{Receiver, RecvTimeoutError, Sender},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{oneshot, watch};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{Config, ConfigError, HealthKind},
+    desired::{DesiredState, apply_health},
+    health::{Health, HealthMonitor, Target, Transition},
+    model::Vip,
+    observe::metrics::AgentMetrics,
+    reconcile::Executor,
+    registry::{Listing, Outcome, Registry, SourceObserver as _, SourceUpdate, listing},
+};
+
+/// How often the kernel's connect-failure counters are read for passive detection.
+const PASSIVE_POLL: Duration = Duration::from_millis(10);
+/// How often the per-backend health gauges are refreshed.
+const HEALTH_GAUGES: Duration = Duration::from_secs(1);
+/// Editors write files in several steps; a reload waits this long after the last change.
+const FILE_SETTLE: Duration = Duration::from_millis(15);
+/// Retries of a failed apply start at this pause and double up to the maximum.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+pub enum Command {
+    Source(SourceUpdate),
+    /// The config file changed (`settle`: wait for the writer to finish) or SIGHUP asked.
+    ReloadFile {
+        settle: bool,
+    },
+    Health(Transition),
+    Stop,
+}
+
+/// When the control loop last finished a turn, and whether it has applied a first state.
+#[derive(Debug)]
+pub struct Heartbeat {
+    started: Instant,
+    last_ms: AtomicU64,
+    ready: AtomicBool,
+}
+
+impl Heartbeat {
+    pub fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    fn beat(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the loop last finished a turn.
+    pub fn age(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+
+    /// The first full apply is done (`/readyz`).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// What the control loop is built from.
+pub struct ControlLoop {
+    pub registry: Registry,
+    pub executor: Executor,
+    pub health: HealthMonitor,
+    pub metrics: Arc<AgentMetrics>,
+    pub heartbeat: Arc<Heartbeat>,
+    /// The merged registry by source, for the admin API: published after each change.
+    pub published: watch::Sender<Listing>,
+    /// Reads and validates the config file again (with the command-line overrides).
+    pub reload: Box<dyn Fn() -> Result<Config, ConfigError> + Send>,
+    /// Where the file is, for messages.
+    pub file_origin: String,
+    pub resync_every: Duration,
+    /// Updates queued before the loop started (saved API and Redis services): applied together
+    /// with the file's in the first reconcile.
+    pub initial: Vec<SourceUpdate>,
+}
+
+struct State {
+    parts: ControlLoop,
+    merged: Config,
+    names: BTreeMap<Vip, String>,
+    passive_thresholds: BTreeMap<Vip, u32>,
+    /// Bumped on every accepted registry change and health transition.
+    desired_generation: u64,
+    applied_generation: u64,
+    /// Something changed since the last successful apply.
+    dirty: bool,
+    /// Replies owed once the maps hold the current desired state.
+    pending: Vec<oneshot::Sender<Outcome>>,
+    retry: Option<(Instant, Duration)>,
+    reload_at: Option<Instant>,
+}
+
+impl ControlLoop {
+    /// Runs until `Stop` or until every sender is gone. Call on a dedicated thread inside the
+    /// runtime's context (health checks are tokio tasks).
+    pub fn run(self, commands: Receiver<Command>) {
+        let mut state = State::new(self);
+        state.start();
+        let now = Instant::now();
+        let mut next_passive = now + PASSIVE_POLL;
+        let mut next_gauges = now + HEALTH_GAUGES;
+        let mut next_resync = now + state.parts.resync_every;
+        loop {
+            state.parts.heartbeat.beat();
+            let mut wake = next_passive.min(next_gauges).min(next_resync);
+            if let Some((at, _)) = state.retry {
+                wake = wake.min(at);
+            }
+            if let Some(at) = state.reload_at {
+                wake = wake.min(at);
+            }
+            let mut stop = false;
+            match commands.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+                Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => stop = true,
+                Ok(command) => state.handle(command),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            // Coalesce: everything already queued goes into the same reconcile.
+            while !stop && let Ok(command) = commands.try_recv() {
+                match command {
+                    Command::Stop => stop = true,
+                    command => state.handle(command),
+                }
+            }
+            let now = Instant::now();
+            if state.reload_at.is_some_and(|at| at <= now) {
+                state.reload_at = None;
+                state.reload_file();
+            }
+            let retry_due = state.retry.is_some_and(|(at, _)| at <= now);
+            if state.dirty || retry_due {
+                state.reconcile();
+            }
+            if now >= next_passive {
+                state.passive_tick();
+                next_passive = now + PASSIVE_POLL;
+            }
+            if now >= next_gauges {
+                state.refresh_health_gauges();
+                next_gauges = now + HEALTH_GAUGES;
+            }
+            if now >= next_resync {
+                state.resync();
+                next_resync = now + state.parts.resync_every;
+            }
+            if stop {
+                break;
+            }
+        }
+        for reply in state.pending.drain(..) {
+            let _ = reply.send(Outcome::AgentGone);
+        }
+    }
+}
+
+impl State {
+    fn new(parts: ControlLoop) -> Self {
+        let mut state = Self {
+            parts,
+            merged: Config::default(),
+            names: BTreeMap::new(),
+            passive_thresholds: BTreeMap::new(),
+            desired_generation: 0,
+            applied_generation: 0,
+            dirty: true,
+            pending: Vec::new(),
+            retry: None,
+            reload_at: None,
+        };
+        state.registry_changed();
+        state
+    }
+
+    /// The first apply: the file's services and what sources saved, after the first health
+    /// results, then ready.
+    fn start(&mut self) {
+        for update in std::mem::take(&mut self.parts.initial) {
+            self.source_update(update);
+        }
+        self.update_health_targets();
+        self.await_first_checks();
+        self.reconcile();
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Source(update) => self.source_update(update),
+            Command::ReloadFile { settle: true } => {
+                self.reload_at = Some(Instant::now() + FILE_SETTLE);
+            }
+            Command::ReloadFile { settle: false } => self.reload_file(),
+            Command::Health(transition) => {
+                self.parts.metrics.health_transition(&transition);
+                self.desired_changed();
+            }
+            Command::Stop => {}
+        }
+    }
+
+    fn desired_changed(&mut self) {
+        self.desired_generation += 1;
+        self.dirty = true;
+    }
+
+    fn desired(&self) -> DesiredState {
+        let mut desired = DesiredState::from_config(&self.merged);
+        apply_health(&mut desired, &self.merged, |vip, addr| {
+            self.parts.health.health(vip, addr)
+        });
+        desired
+    }
+
+    /// Recomputes the views of the merged registry after it changed.
+    fn registry_changed(&mut self) {
+        self.merged = self.parts.registry.merged();
+        self.names = self
+            .merged
+            .services
+            .iter()
+            .map(|svc| (svc.vip(), svc.name.clone()))
+            .collect();
+        self.passive_thresholds = self
+            .merged
+            .services
+            .iter()
+            .filter_map(|svc| {
+                let check = svc.health.as_ref()?;
+                (check.kind != HealthKind::None && check.passive_failures > 0)
+                    .then(|| (svc.vip(), check.passive_failures))
+            })
+            .collect();
+        // The admin API lists what is now in force.
+        self.parts
+            .published
+            .send_replace(listing(&self.parts.registry));
+        self.update_health_targets();
+        self.desired_changed();
+    }
+
+    fn reconcile(&mut self) {
+        let desired = self.desired();
+        let generation = self.desired_generation;
+        self.dirty = false;
+        match self.parts.executor.apply(&desired) {
+            Ok(report) => {
+                self.parts.metrics.observe_reconcile(report.took, true);
+                self.parts
+                    .metrics
+                    .udp_flows_terminated(report.udp_terminated);
+                if report.writes > 0 {
+                    info!(
+                        writes = report.writes,
+                        services = desired.services.len(),
+                        generation,
+                        took_ms = report.took.as_secs_f64() * 1e3,
+                        "applied"
+                    );
+                }
+                self.applied_generation = generation;
+                self.retry = None;
+                for reply in self.pending.drain(..) {
+                    let _ = reply.send(Outcome::Applied { generation });
+                }
+                if !self.parts.heartbeat.ready.swap(true, Ordering::Relaxed) {
+                    self.parts.metrics.set_ready(true);
+                    info!(
+                        services = desired.services.len(),
+                        "first state applied: ready"
+                    );
+                }
+            }
+            Err(err) => {
+                self.parts.metrics.observe_reconcile(Duration::ZERO, false);
+                let pause = self
+                    .retry
+                    .map_or(RETRY_MIN, |(_, pause)| (pause * 2).min(RETRY_MAX));
+                error!(
+                    generation,
+                    retry_in_ms = pause.as_millis() as u64,
+                    "writing the maps failed; the data path keeps its last consistent state: {err:#}"
+                );
+                self.retry = Some((Instant::now() + pause, pause));
+                let reason = format!("{err:#}");
+                for reply in self.pending.drain(..) {
+                    let _ = reply.send(Outcome::Failed(reason.clone()));
+                }
+            }
+        }
+        self.parts
+            .metrics
+            .generations(self.desired_generation, self.applied_generation);
+    }
+
+    fn resync(&mut self) {
+        match self.parts.executor.resync() {
+            Ok(repairs) => {
+                if !repairs.is_empty() {
+                    warn!(
+                        ?repairs,
+                        "resync: the maps differed from the desired state and were repaired"
+                    );
+                }
+                self.parts.metrics.resync(Some(&repairs));
+            }
+            Err(err) => {
+                self.parts.metrics.resync(None);
+                error!("resync failed: {err:#}");
+            }
+        }
+    }
+
+    fn source_update(&mut self, update: SourceUpdate) {
+        let source = update.source;
+        match self.parts.registry.replace(source, update.services) {
+            Ok(()) => {
+                self.registry_changed();
+                if let Some(reply) = update.reply {
+                    self.pending.push(reply);
+                }
+            }
+            Err(err) => {
+                let reasons = err.to_string();
+                self.rejected(source.name(), &reasons);
+                if let Some(reply) = update.reply {
+                    let _ = reply.send(Outcome::Rejected(reasons));
+                }
+            }
+        }
+    }
+
+    fn reload_file(&mut self) {
+        let config = match (self.parts.reload)() {
+            Ok(config) => config,
+            Err(err) => return self.rejected("config edit", &err.to_string()),
+        };
+        let running = self.parts.registry.file_config().agent.clone();
+        if config.agent != running {
+            warn!("changes to [agent] take effect when the agent restarts");
+        }
+        let mut config = config;
+        config.agent = running;
+        let origin = self.parts.file_origin.clone();
+        match self.parts.registry.replace_file(config, &origin) {
+            Ok(()) => self.registry_changed(),
+            Err(err) => self.rejected("config edit", &err.to_string()),
+        }
+    }
+
+    fn rejected(&self, what: &str, reasons: &str) {
+        self.parts.metrics.config_rejected();
+        // One line, so line-based log readers keep the reason with the level.
+        let reasons = reasons.replace('\n', "; ");
+        error!("{what} rejected, the running services stay in force: {reasons}");
+    }
+
+    /// Points the health checks at the backends of the merged registry.
+    fn update_health_targets(&mut self) {
+        let targets = health_targets(&self.merged);
+        let active = self.parts.executor.active_backends();
+        self.parts.health.set_targets(targets, &active);
+    }
+
+    /// At a fresh start nothing is known about checked backends, and unknown backends get no
+    /// traffic. Give their first checks (spread over 100 ms) time to answer before the first
+    /// write, so a new service does not start out refusing connects. Bounded by the slowest
+    /// check's timeout.
+    fn await_first_checks(&self) {
+        let longest = self
+            .merged
+            .services
+            .iter()
+            .filter_map(|svc| svc.health.as_ref())
+            .filter(|check| check.kind != HealthKind::None)
+            .map(|check| check.timeout)
+            .max();
+        let Some(longest) = longest else { return };
+        let deadline = Instant::now() + Duration::from_millis(150) + longest;
+        while Instant::now() < deadline
+            && self
+                .parts
+                .health
+                .snapshot()
+                .iter()
+                .any(|(_, _, health, _)| *health == Health::Unknown)
+        {
+            self.parts.heartbeat.beat();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn passive_tick(&mut self) {
+        let failing = self
+            .parts
+            .executor
+            .passive_failures(&self.passive_thresholds);
+        for (vip, addr, count) in &failing {
+            self.parts.health.force_unhealthy(
+                vip,
+                addr,
+                &format!("{count} consecutive failed connects seen by the kernel"),
+            );
+        }
+        if !failing.is_empty() {
+            self.desired_changed();
+            self.reconcile();
+        }
+    }
+
+    fn refresh_health_gauges(&self) {
+        self.parts
+            .metrics
+            .set_health(self.parts.health.snapshot(), &self.names);
+    }
+}
+
+fn health_targets(config: &Config) -> Vec<Target> {
+    config
+        .services
+        .iter()
+        .filter_map(|svc| {
+            let check = svc.health.as_ref()?;
+            Some(
+                svc.backends
+                    .iter()
+                    .filter(|b| !b.drain)
+                    .map(|b| Target {
+                        vip: svc.vip(),
+                        backend: b.addr,
+                        check: check.clone(),
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .flatten()
+        .collect()
+}
+
+/// A cheap handle for sending commands to the loop from any thread or task.
+#[derive(Clone)]
+pub struct ControlHandle(pub Sender<Command>);
+
+impl ControlHandle {
+    /// False once the loop has stopped.
+    pub fn send(&self, command: Command) -> bool {
+        self.0.send(command).is_ok()
+    }
+}

@@ -1,0 +1,236 @@
+//! `mesh agent`: builds the components from the config and runs them until a signal.
+//!
+//! State flows one way: sources (config file, admin API, Redis) -> registry -> desired state
+//! (with health) -> reconcile -> maps. The control loop (`control`) is the only writer of the
+//! maps and runs on its own thread; the async runtime serves HTTP, the sources, health checks
+//! and signals.
+
+pub mod control;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use mesh_common::SETTINGS_F_TELEMETRY;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, watch},
+};
+use tracing::{info, warn};
+
+use self::control::{Command, ControlHandle, ControlLoop, Heartbeat};
+use crate::{
+    config::{self, Config, KernelLog},
+    datapath::{self, Datapath, LoadOptions, PinsLock, system},
+    health::HealthMonitor,
+    observe::{http, metrics::AgentMetrics},
+    reconcile::Executor,
+    registry::{Registry, SourceObserver, SourceUpdate, file, listing, sources},
+};
+
+/// At most this many health checks run at once, whatever the number of backends.
+const MAX_CONCURRENT_CHECKS: usize = 256;
+/// How long a stopping agent waits for the control loop to finish its turn.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// The config file: `[agent]` settings and the embedded service registry. Watched for edits
+    /// and re-read on SIGHUP.
+    #[arg(long, short, default_value = "/etc/mesh/mesh.toml")]
+    pub config: PathBuf,
+    /// Overrides `[agent] bpffs`: directory under bpffs for the pinned maps and links.
+    #[arg(long)]
+    pub bpffs: Option<PathBuf>,
+    /// Overrides `[agent] cgroup`: cgroup v2 directory to attach to (default: cgroup v2 root).
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// Overrides `[agent] metrics`: address of /metrics, /readyz and /healthz.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+}
+
+impl AgentArgs {
+    fn load_config(&self) -> Result<Config, config::ConfigError> {
+        let mut config = config::load(&self.config)?;
+        if let Some(bpffs) = &self.bpffs {
+            config.agent.bpffs = bpffs.clone();
+        }
+        if let Some(cgroup) = &self.cgroup {
+            config.agent.cgroup = Some(cgroup.clone());
+        }
+        if let Some(metrics) = self.metrics {
+            config.agent.metrics = metrics;
+        }
+        Ok(config)
+    }
+}
+
+/// The data path as the agent starts it: programs attached, maps adopted, pins locked.
+struct Started {
+    _lock: PinsLock,
+    datapath: Datapath,
+    executor: Executor,
+}
+
+fn kernel_log_level(level: KernelLog) -> datapath::KernelLogLevel {
+    match level {
+        KernelLog::Off => 0,
+        KernelLog::Error => aya_log::Level::Error as u8,
+        KernelLog::Warn => aya_log::Level::Warn as u8,
+        KernelLog::Info => aya_log::Level::Info as u8,
+        KernelLog::Debug => aya_log::Level::Debug as u8,
+    }
+}
+
+/// Everything that must happen before the runtime starts: it blocks on syscalls.
+fn start_datapath(config: &Config) -> anyhow::Result<Started> {
+    let agent = &config.agent;
+    system::ensure_bpffs(&agent.bpffs)?;
+    let lock = PinsLock::acquire(&agent.bpffs)?;
+    let cgroup = match &agent.cgroup {
+        Some(cgroup) => cgroup.clone(),
+        None => system::cgroup2_root()?,
+    };
+    let capacities = agent.limits.capacities();
+    let mut datapath = Datapath::load(&LoadOptions {
+        bpffs: &agent.bpffs,
+        cgroup: &cgroup,
+        capacities,
+        kernel_log: kernel_log_level(agent.kernel_log),
+    })?;
+    let flags = if agent.telemetry {
+        SETTINGS_F_TELEMETRY
+    } else {
+        0
+    };
+    let maps = datapath.take_maps().context("maps already taken")?;
+    let executor = Executor::adopt(maps, capacities, flags).context("adopting the maps")?;
+    info!(
+        bpffs = %agent.bpffs.display(),
+        cgroup = %cgroup.display(),
+        telemetry = agent.telemetry,
+        "programs attached"
+    );
+    Ok(Started {
+        _lock: lock,
+        datapath,
+        executor,
+    })
+}
+
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let config = args
+        .load_config()
+        .map_err(|err| anyhow::anyhow!("invalid config:\n{err}"))?;
+    let started = start_datapath(&config)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(args, config, started))
+}
+
+async fn serve(args: AgentArgs, config: Config, started: Started) -> anyhow::Result<()> {
+    let Started {
+        _lock,
+        mut datapath,
+        executor,
+    } = started;
+    let agent_config = config.agent.clone();
+    let _kernel_log = datapath
+        .logger
+        .take()
+        .map(datapath::forward_kernel_log)
+        .transpose()?;
+    let metrics = Arc::new(AgentMetrics::new(&agent_config.bpffs)?);
+    let heartbeat = Arc::new(Heartbeat::new());
+
+    let (health_tx, mut health_rx) = mpsc::unbounded_channel();
+    let mut health = HealthMonitor::new(MAX_CONCURRENT_CHECKS, health_tx);
+    health.on_check(metrics.health_check_observer());
+    let registry = Registry::new(config);
+    let (published, listing_rx) = watch::channel(listing(&registry));
+    // Started before the first reconcile: the services they saved (admin API, last Redis read)
+    // are applied together with the file's, so a restart keeps their VIPs mapped.
+    let (sources_tx, mut sources_rx) = mpsc::channel::<SourceUpdate>(16);
+    let observer: Arc<dyn SourceObserver> = metrics.clone();
+    let _sources = sources::start(&agent_config, sources_tx, listing_rx, observer).await?;
+    let mut initial = Vec::new();
+    while let Ok(update) = sources_rx.try_recv() {
+        initial.push(update);
+    }
+
+    let (commands_tx, commands) = std::sync::mpsc::channel();
+    let control = ControlHandle(commands_tx);
+    let forward = control.clone();
+    tokio::spawn(async move {
+        while let Some(update) = sources_rx.recv().await {
+            if !forward.send(Command::Source(update)) {
+                return;
+            }
+        }
+    });
+    let forward = control.clone();
+    tokio::spawn(async move {
+        while let Some(transition) = health_rx.recv().await {
+            if !forward.send(Command::Health(transition)) {
+                return;
+            }
+        }
+    });
+    let forward = control.clone();
+    let _watcher = file::watch(&args.config, move || {
+        forward.send(Command::ReloadFile { settle: true });
+    })?;
+
+    let reload_args = args.clone();
+    let control_loop = ControlLoop {
+        registry,
+        executor,
+        health,
+        metrics: metrics.clone(),
+        heartbeat: heartbeat.clone(),
+        published,
+        reload: Box::new(move || reload_args.load_config()),
+        file_origin: args.config.display().to_string(),
+        resync_every: agent_config.resync,
+        initial,
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let thread = std::thread::Builder::new()
+        .name("mesh-control".into())
+        .spawn(move || {
+            let _context = runtime.enter();
+            control_loop.run(commands);
+        })
+        .context("starting the control loop")?;
+
+    let server = http::serve(agent_config.metrics, metrics.clone(), heartbeat.clone()).await?;
+    info!(metrics = %agent_config.metrics, "mesh agent running");
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sighup.recv() => {
+                info!("SIGHUP: re-reading {}", args.config.display());
+                control.send(Command::ReloadFile { settle: false });
+            }
+        }
+    }
+    control.send(Command::Stop);
+    let joined = tokio::time::timeout(
+        STOP_TIMEOUT,
+        tokio::task::spawn_blocking(move || thread.join()),
+    )
+    .await;
+    if joined.is_err() {
+        warn!("the control loop did not stop within {STOP_TIMEOUT:?}");
+    }
+    server.abort();
+    drop(datapath);
+    info!("stopping; the data path stays in place (`mesh cleanup` removes it)");
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! Raw bpf(2) commands aya 0.14 does not expose: cgroup links made, pinned, opened and
+//! updated as plain file descriptors (aya cannot turn a sockopt link into a pinnable one), and
+//! the program id behind a link (to replace it with `BPF_F_REPLACE`).
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::Path,
+};
+
+use anyhow::Context as _;
+
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+/// `BPF_LINK_UPDATE` flag: fail unless the link still runs `old_prog_fd`'s program, so two
+/// writers never silently replace each other's program.
+const BPF_F_REPLACE: u32 = 1 << 2;
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+/// The BPF_OBJ_PIN / BPF_OBJ_GET part of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct InfoByFdAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The head of `struct bpf_link_info`; the kernel copies only as much as we ask for.
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfoHead {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct GetFdByIdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+fn bpf_syscall<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a repr(C) prefix of `union bpf_attr` for `cmd`, and its size is passed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn owned_fd(fd: libc::c_long) -> OwnedFd {
+    // SAFETY: the bpf command returned a new file descriptor that nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// Attaches `program` to `cgroup` through a new (multi-attach) link.
+pub fn link_create(
+    program: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> anyhow::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        flags: 0,
+    };
+    let fd = bpf_syscall(BPF_LINK_CREATE, &mut attr).context("BPF_LINK_CREATE")?;
+    Ok(owned_fd(fd))
+}
+
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> anyhow::Result<()> {
+    let cpath = CString::new(path.as_os_str().as_bytes())?;
+    let mut attr = ObjGetAttr {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf_syscall(BPF_OBJ_PIN, &mut attr).context("BPF_OBJ_PIN")?;
+    Ok(())
+}
+
+pub fn obj_get(path: &Path) -> anyhow::Result<OwnedFd> {
+    let cpath = CString::new(path.as_os_str().as_bytes())?;
+    let mut attr = ObjGetAttr {
+        pathname: cpath.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd = bpf_syscall(BPF_OBJ_GET, &mut attr)
+        .with_context(|| format!("opening pin {}", path.display()))?;
+    Ok(owned_fd(fd))
+}
+
+/// Id of the program a link runs.
+pub fn link_prog_id(link: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut info = LinkInfoHead::default();
+    let mut attr = InfoByFdAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<LinkInfoHead>() as u32,
+        info: &raw mut info as u64,
+    };
+    bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info.prog_id)
+}
+
+fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut attr = GetFdByIdAttr {
+        id,
+        ..Default::default()
+    };
+    bpf_syscall(BPF_PROG_GET_FD_BY_ID, &mut attr).map(owned_fd)
+}
+
+/// Swaps the program behind an attached link for `program`, atomically (the cgroup is never
+/// without a program) and only if the link still runs the program it ran when we looked.
+pub fn link_replace(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
+    let old = prog_fd_by_id(link_prog_id(link)?)?;
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: program.as_raw_fd() as u32,
+        flags: BPF_F_REPLACE,
+        old_prog_fd: old.as_raw_fd() as u32,
+    };
+    bpf_syscall(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}

@@ -1,0 +1,386 @@
+//! Typed handles on every pinned map: reading them all (`snapshot`) and writing `MapOp`s.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+};
+use mesh_common::{
+    AffinityKey, AffinityValue, Backend, BackendStats, BackendStatsKey, DatapathStats,
+    PassiveState, Service, ServiceKey, ServiceName, ServiceStats, Settings, SlotKey, UdpFlow,
+    map_names,
+};
+
+use super::{
+    PinLayout,
+    layout::{addr_of_backend, backend_of_addr, key_of_vip, name_of, service_name, vip_of_key},
+    ops::MapOp,
+};
+use crate::model::Vip;
+
+/// `flags` of a map update: fail if the key exists.
+const BPF_NOEXIST: u64 = 1;
+
+/// How long a map write that fails with ENOMEM is retried before the error stands.
+const ENOMEM_RETRY_FOR: Duration = Duration::from_secs(2);
+
+/// Typed handles on every map.
+pub struct Maps {
+    services: HashMap<MapData, ServiceKey, Service>,
+    slots: HashMap<MapData, SlotKey, u32>,
+    backends: HashMap<MapData, u32, Backend>,
+    rr_state: Array<MapData, u64>,
+    backend_stats: PerCpuHashMap<MapData, BackendStatsKey, BackendStats>,
+    service_stats: PerCpuArray<MapData, ServiceStats>,
+    service_names: HashMap<MapData, u32, ServiceName>,
+    active: HashMap<MapData, BackendStatsKey, u32>,
+    udp_flows: HashMap<MapData, u64, UdpFlow>,
+    datapath_stats: PerCpuArray<MapData, DatapathStats>,
+    passive: HashMap<MapData, BackendStatsKey, PassiveState>,
+    settings: Array<MapData, Settings>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    nr_cpus: usize,
+}
+
+/// Everything the maps hold, with per-CPU counters summed.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub services: BTreeMap<Vip, Service>,
+    pub slots: BTreeMap<SlotKey, u32>,
+    pub backends: BTreeMap<u32, SocketAddr>,
+    pub names: BTreeMap<u32, String>,
+    pub backend_stats: BTreeMap<BackendStatsKey, BackendStats>,
+    /// Only for the ids of live services.
+    pub service_stats: BTreeMap<u32, ServiceStats>,
+    /// (service, backend) -> slots held, for backends taking new connections.
+    pub active: BTreeMap<BackendStatsKey, u32>,
+    /// (service, backend) -> consecutive failed connects.
+    pub passive: BTreeMap<BackendStatsKey, u32>,
+    /// Affinity entries: (service, client) -> backend id.
+    pub affinity: Vec<(AffinityKey, u32)>,
+    pub settings: Settings,
+}
+
+/// Every (service, backend) key of one service, for range lookups in ordered maps.
+pub fn service_range(service_id: u32) -> std::ops::RangeInclusive<BackendStatsKey> {
+    BackendStatsKey {
+        service_id,
+        backend_id: 0,
+    }..=BackendStatsKey {
+        service_id,
+        backend_id: u32::MAX,
+    }
+}
+
+impl Snapshot {
+    /// Every backend id a counter or a slot names is known.
+    fn is_consistent(&self) -> bool {
+        self.backend_stats
+            .keys()
+            .all(|k| self.backends.contains_key(&k.backend_id))
+            && self.slots.values().all(|id| self.backends.contains_key(id))
+    }
+
+    /// Counters of every backend of a service (configured ones, active or not), by backend id.
+    pub fn members_of(
+        &self,
+        service_id: u32,
+    ) -> impl Iterator<Item = (&BackendStatsKey, &BackendStats)> {
+        self.backend_stats.range(service_range(service_id))
+    }
+}
+
+impl Maps {
+    pub(super) fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+        Self::build(|name| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))
+        })
+    }
+
+    /// Opens the pinned maps without loading anything (CLI, metrics).
+    pub fn open_pinned(bpffs: &Path) -> anyhow::Result<Self> {
+        let layout = PinLayout::new(bpffs);
+        Self::build(|name| {
+            let path = layout.map(name);
+            let data = MapData::from_pin(&path).with_context(|| {
+                format!(
+                    "cannot open pinned map {} (is the mesh agent set up with --bpffs {}?)",
+                    path.display(),
+                    bpffs.display()
+                )
+            })?;
+            Ok(Map::from_map_data(data)?)
+        })
+    }
+
+    fn build(mut map: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
+        Ok(Self {
+            services: HashMap::try_from(map(map_names::SERVICES)?)?,
+            slots: HashMap::try_from(map(map_names::SLOTS)?)?,
+            backends: HashMap::try_from(map(map_names::BACKENDS)?)?,
+            rr_state: Array::try_from(map(map_names::RR_STATE)?)?,
+            backend_stats: PerCpuHashMap::try_from(map(map_names::BACKEND_STATS)?)?,
+            service_stats: PerCpuArray::try_from(map(map_names::SERVICE_STATS)?)?,
+            service_names: HashMap::try_from(map(map_names::SERVICE_NAMES)?)?,
+            active: HashMap::try_from(map(map_names::ACTIVE)?)?,
+            udp_flows: HashMap::try_from(map(map_names::UDP_FLOWS)?)?,
+            datapath_stats: PerCpuArray::try_from(map(map_names::DATAPATH_STATS)?)?,
+            passive: HashMap::try_from(map(map_names::PASSIVE)?)?,
+            settings: Array::try_from(map(map_names::SETTINGS)?)?,
+            affinity: HashMap::try_from(map(map_names::AFFINITY)?)?,
+            nr_cpus: aya::util::nr_cpus()
+                .map_err(|(what, err)| anyhow::anyhow!("{what}: {err}"))?,
+        })
+    }
+
+    /// Node-wide data path counters, summed over CPUs.
+    pub fn datapath_stats(&self) -> anyhow::Result<DatapathStats> {
+        let per_cpu = self.datapath_stats.get(&0, 0)?;
+        Ok(per_cpu
+            .iter()
+            .fold(DatapathStats::default(), |a, s| DatapathStats {
+                rev_created: a.rev_created + s.rev_created,
+                rev_released: a.rev_released + s.rev_released,
+                udp_flows_added: a.udp_flows_added + s.udp_flows_added,
+                udp_flows_full: a.udp_flows_full + s.udp_flows_full,
+            }))
+    }
+
+    /// Entries of the maps the snapshot does not hold.
+    pub fn extra_entry_counts(&self) -> [(&'static str, usize); 1] {
+        [("udp_flows", self.udp_flows.keys().count())]
+    }
+
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        Ok(self.settings.get(&0, 0)?)
+    }
+
+    pub fn set_settings(&mut self, settings: Settings) -> anyhow::Result<()> {
+        Ok(self.settings.set(0, settings, 0)?)
+    }
+
+    /// (service, backend) pairs with at least `threshold` consecutive failed connects.
+    pub fn passive_failures(&self, threshold: u32) -> anyhow::Result<Vec<(BackendStatsKey, u32)>> {
+        let mut failing = Vec::new();
+        for entry in self.passive.iter() {
+            let (key, state) = entry?;
+            if state.consecutive_failures >= threshold.max(1) {
+                failing.push((key, state.consecutive_failures));
+            }
+        }
+        Ok(failing)
+    }
+
+    /// Starts counting consecutive failures of `key` from zero (after acting on a run).
+    pub fn reset_passive(&mut self, key: &BackendStatsKey) -> anyhow::Result<()> {
+        Ok(self.passive.insert(key, PassiveState::default(), 0)?)
+    }
+
+    /// Cookies of the connected UDP sockets the kernel pointed at `backend_id` of `service_id`.
+    pub fn udp_flows_to(&self, service_id: u32, backend_id: u32) -> anyhow::Result<Vec<u64>> {
+        let mut cookies = Vec::new();
+        for entry in self.udp_flows.iter() {
+            let (cookie, flow) = entry?;
+            if flow.service_id == service_id && flow.backend_id == backend_id {
+                cookies.push(cookie);
+            }
+        }
+        Ok(cookies)
+    }
+
+    /// Everything the maps hold. The maps are read one after the other while the agent may be
+    /// writing them; a read that catches a half-done update (a counter or slot naming a backend
+    /// it did not see) is retried, a few times at most.
+    pub fn snapshot(&self) -> anyhow::Result<Snapshot> {
+        let mut snap = self.read_all()?;
+        for _ in 0..3 {
+            if snap.is_consistent() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            snap = self.read_all()?;
+        }
+        Ok(snap)
+    }
+
+    fn read_all(&self) -> anyhow::Result<Snapshot> {
+        let mut snap = Snapshot::default();
+        for entry in self.services.iter() {
+            let (key, svc) = entry?;
+            snap.services.insert(vip_of_key(&key)?, svc);
+        }
+        for entry in self.slots.iter() {
+            let (key, backend) = entry?;
+            snap.slots.insert(key, backend);
+        }
+        for entry in self.backends.iter() {
+            let (id, backend) = entry?;
+            snap.backends.insert(id, addr_of_backend(&backend)?);
+        }
+        for entry in self.service_names.iter() {
+            let (id, name) = entry?;
+            snap.names.insert(id, name_of(&name));
+        }
+        for entry in self.backend_stats.iter() {
+            let (key, per_cpu) = entry?;
+            snap.backend_stats
+                .insert(key, sum_backend_stats(per_cpu.iter()));
+        }
+        for entry in self.active.iter() {
+            let (key, slots) = entry?;
+            snap.active.insert(key, slots);
+        }
+        for entry in self.passive.iter() {
+            let (key, state) = entry?;
+            snap.passive.insert(key, state.consecutive_failures);
+        }
+        for entry in self.affinity.iter() {
+            let (key, value) = entry?;
+            snap.affinity.push((key, value.backend_id));
+        }
+        for svc in snap.services.values() {
+            let per_cpu = self.service_stats.get(&svc.id, 0)?;
+            let no_backend = per_cpu.iter().map(|s| s.no_backend).sum();
+            snap.service_stats
+                .insert(svc.id, ServiceStats { no_backend });
+        }
+        snap.settings = self.settings()?;
+        Ok(snap)
+    }
+
+    /// Writes `ops` in order. On error the maps may hold part of the ops; the caller re-reads
+    /// the applied state (the order of ops keeps the data path consistent at every step).
+    pub fn apply(&mut self, ops: &[MapOp]) -> anyhow::Result<()> {
+        for op in ops {
+            self.apply_with_retry(op)
+                .with_context(|| format!("map write failed: {op:?}"))?;
+        }
+        Ok(())
+    }
+
+    /// Non-preallocated maps take their elements from per-CPU caches that the kernel refills
+    /// in the background (bpf_mem_alloc); a burst of inserts from user space can drain them and
+    /// get ENOMEM although memory is plentiful. Such a write is retried after a short pause
+    /// (every op is idempotent), for a bounded time. This runs on the control loop's own
+    /// thread, never on the async runtime.
+    fn apply_with_retry(&mut self, op: &MapOp) -> anyhow::Result<()> {
+        let mut pause = Duration::from_micros(200);
+        let deadline = std::time::Instant::now() + ENOMEM_RETRY_FOR;
+        loop {
+            match self.apply_one(op) {
+                Err(err) if is_enomem(&err) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn apply_one(&mut self, op: &MapOp) -> anyhow::Result<()> {
+        match op {
+            MapOp::PutBackend { id, addr } => self.backends.insert(id, backend_of_addr(addr), 0)?,
+            MapOp::DeleteBackend { id } => ignore_missing(self.backends.remove(id))?,
+            MapOp::CreateCounter(key) => {
+                let zero = PerCpuValues::try_from(vec![BackendStats::default(); self.nr_cpus])?;
+                match self.backend_stats.insert(key, zero, BPF_NOEXIST) {
+                    Err(err) if is_errno(&err, libc::EEXIST) => {}
+                    other => other?,
+                }
+            }
+            MapOp::DeleteCounter(key) => {
+                ignore_missing(self.backend_stats.remove(key))?;
+                ignore_missing(self.passive.remove(key))?;
+            }
+            MapOp::ResetService { service_id } => {
+                self.rr_state.set(*service_id, 0, 0)?;
+                let zero = PerCpuValues::try_from(vec![ServiceStats::default(); self.nr_cpus])?;
+                self.service_stats.set(*service_id, zero, 0)?;
+            }
+            MapOp::PutSlots {
+                service_id,
+                generation,
+                backends,
+            } => {
+                for (slot, backend) in backends.iter().enumerate() {
+                    let key = SlotKey {
+                        service_id: *service_id,
+                        generation: *generation,
+                        slot: slot as u32,
+                    };
+                    self.slots.insert(key, backend, 0)?;
+                }
+            }
+            MapOp::DeleteSlots {
+                service_id,
+                generation,
+                count,
+            } => {
+                for slot in 0..*count {
+                    let key = SlotKey {
+                        service_id: *service_id,
+                        generation: *generation,
+                        slot,
+                    };
+                    ignore_missing(self.slots.remove(&key))?;
+                }
+            }
+            MapOp::PutSlot { key, backend_id } => self.slots.insert(key, backend_id, 0)?,
+            MapOp::DeleteSlot(key) => ignore_missing(self.slots.remove(key))?,
+            MapOp::PutName { service_id, name } => {
+                self.service_names
+                    .insert(service_id, service_name(name), 0)?
+            }
+            MapOp::DeleteName { service_id } => {
+                ignore_missing(self.service_names.remove(service_id))?
+            }
+            MapOp::PutService { vip, service } => {
+                self.services.insert(key_of_vip(vip), service, 0)?
+            }
+            MapOp::DeleteService { vip } => ignore_missing(self.services.remove(&key_of_vip(vip)))?,
+            MapOp::PutActive { key, slots } => self.active.insert(key, slots, 0)?,
+            MapOp::DeleteActive(key) => ignore_missing(self.active.remove(key))?,
+            MapOp::DeletePassive(key) => ignore_missing(self.passive.remove(key))?,
+            MapOp::DeleteAffinity(key) => ignore_missing(self.affinity.remove(key))?,
+        }
+        Ok(())
+    }
+}
+
+fn sum_backend_stats<'a>(per_cpu: impl Iterator<Item = &'a BackendStats>) -> BackendStats {
+    per_cpu.fold(BackendStats::default(), |mut sum, s| {
+        sum.connections += s.connections;
+        sum.connect_failures += s.connect_failures;
+        sum.bytes_sent += s.bytes_sent;
+        sum.bytes_received += s.bytes_received;
+        sum.rtt_samples += s.rtt_samples;
+        sum.rtt_sum_us += s.rtt_sum_us;
+        for (total, count) in sum.rtt_buckets.iter_mut().zip(s.rtt_buckets) {
+            *total += count;
+        }
+        sum
+    })
+}
+
+fn is_enomem(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<MapError>()
+            .is_some_and(|e| is_errno(e, libc::ENOMEM))
+    })
+}
+
+fn is_errno(err: &MapError, errno: i32) -> bool {
+    matches!(err, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(errno))
+        || (errno == libc::ENOENT && matches!(err, MapError::KeyNotFound))
+}
+
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(err) if is_errno(&err, libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}

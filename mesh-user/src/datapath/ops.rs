@@ -1,0 +1,92 @@
+//! The writes the data path knows how to make: the vocabulary the reconciler plans in. Each op
+//! is idempotent (a put writes the same value again, a delete of a missing key succeeds), so a
+//! failed batch can be retried from the start.
+
+use std::net::SocketAddr;
+
+use mesh_common::{AffinityKey, BackendStatsKey, Service, SlotKey};
+
+use crate::model::Vip;
+
+/// One write to the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    PutBackend {
+        id: u32,
+        addr: SocketAddr,
+    },
+    DeleteBackend {
+        id: u32,
+    },
+    /// Creates the (service, backend) counter if it is missing; never resets one.
+    CreateCounter(BackendStatsKey),
+    /// Deletes the pair's counter and its passive-detection state: the pair left the service.
+    DeleteCounter(BackendStatsKey),
+    /// Zeroes a service id's per-service counters and round-robin position before the id is
+    /// given to a new service.
+    ResetService {
+        service_id: u32,
+    },
+    /// Writes slots `0..backends.len()` of one generation.
+    PutSlots {
+        service_id: u32,
+        generation: u32,
+        backends: Vec<u32>,
+    },
+    /// Deletes slots `0..count` of one generation.
+    DeleteSlots {
+        service_id: u32,
+        generation: u32,
+        count: u32,
+    },
+    /// One slot (repairs).
+    PutSlot {
+        key: SlotKey,
+        backend_id: u32,
+    },
+    DeleteSlot(SlotKey),
+    PutName {
+        service_id: u32,
+        name: String,
+    },
+    DeleteName {
+        service_id: u32,
+    },
+    PutService {
+        vip: Vip,
+        service: Service,
+    },
+    DeleteService {
+        vip: Vip,
+    },
+    /// Marks a backend as taking new connections for a service (read by session affinity).
+    PutActive {
+        key: BackendStatsKey,
+        slots: u32,
+    },
+    DeleteActive(BackendStatsKey),
+    /// Passive-detection state of a pair that is not a member (a leak).
+    DeletePassive(BackendStatsKey),
+    /// Affinity of a client to a service or backend that is gone.
+    DeleteAffinity(AffinityKey),
+}
+
+impl MapOp {
+    /// The map this op writes, for logs and repair counts.
+    pub fn map(&self) -> &'static str {
+        match self {
+            MapOp::PutBackend { .. } | MapOp::DeleteBackend { .. } => "backends",
+            MapOp::CreateCounter(_) | MapOp::DeleteCounter(_) => "backend_stats",
+            MapOp::ResetService { .. } => "rr_state",
+            MapOp::PutSlots { .. }
+            | MapOp::DeleteSlots { .. }
+            | MapOp::PutSlot { .. }
+            | MapOp::DeleteSlot(_) => "slots",
+            MapOp::PutName { .. } | MapOp::DeleteName { .. } => "service_names",
+            MapOp::PutService { .. } | MapOp::DeleteService { .. } => "services",
+            MapOp::PutActive { .. } | MapOp::DeleteActive(_) => "active",
+            MapOp::DeletePassive(_) => "passive",
+            MapOp::DeleteAffinity(_) => "affinity",
+        }
+    }
+}

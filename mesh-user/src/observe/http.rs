@@ -1,0 +1,152 @@
+//! The agent's HTTP endpoint: /metrics (Prometheus), /readyz and /healthz.
+//!
+//! A scrape never runs on the async workers: a dedicated thread renders the exposition text
+//! (it reads every map). A scrape asks for a render that starts after it arrived and waits for
+//! it up to `FRESH_WAIT`; when rendering takes longer (tens of thousands of backends) it gets
+//! the latest finished render instead, so /metrics always answers quickly.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use tokio::sync::watch;
+
+use super::metrics::AgentMetrics;
+use crate::agent::control::Heartbeat;
+
+/// How long a scrape waits for a render that started after it arrived.
+const FRESH_WAIT: Duration = Duration::from_millis(60);
+/// `/healthz` fails when the control loop has not finished a turn for this long.
+pub const HEALTHZ_STALE: Duration = Duration::from_secs(10);
+
+/// A finished render: for which request ticket, and the text (or the error).
+#[derive(Clone)]
+struct Rendered {
+    ticket: u64,
+    text: Arc<Result<String, String>>,
+}
+
+struct Endpoint {
+    heartbeat: Arc<Heartbeat>,
+    tickets: AtomicU64,
+    wake: mpsc::SyncSender<()>,
+    rendered: watch::Receiver<Option<Rendered>>,
+}
+
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<AgentMetrics>,
+    heartbeat: Arc<Heartbeat>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let (wake, woken) = mpsc::sync_channel::<()>(1);
+    let (publish, rendered) = watch::channel(None);
+    let endpoint = Arc::new(Endpoint {
+        heartbeat,
+        tickets: AtomicU64::new(0),
+        wake,
+        rendered,
+    });
+    let requested = endpoint.clone();
+    std::thread::Builder::new()
+        .name("mesh-metrics".into())
+        .spawn(move || render_loop(&metrics, &requested.tickets, &woken, &publish))
+        .context("starting the metrics renderer")?;
+    let app = Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/readyz", get(readyz))
+        .route("/healthz", get(healthz))
+        .with_state(endpoint);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics address {addr}"))?;
+    Ok(tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, app).await {
+            tracing::error!("metrics server stopped: {err}");
+        }
+    }))
+}
+
+/// Renders whenever asked, covering every ticket handed out before the render started.
+fn render_loop(
+    metrics: &AgentMetrics,
+    tickets: &AtomicU64,
+    woken: &mpsc::Receiver<()>,
+    publish: &watch::Sender<Option<Rendered>>,
+) {
+    while woken.recv().is_ok() {
+        let ticket = tickets.load(Ordering::SeqCst);
+        let text = metrics.render().map_err(|err| format!("{err:#}\n"));
+        publish.send_replace(Some(Rendered {
+            ticket,
+            text: Arc::new(text),
+        }));
+    }
+}
+
+async fn render_metrics(State(endpoint): State<Arc<Endpoint>>) -> impl IntoResponse {
+    let ticket = endpoint.tickets.fetch_add(1, Ordering::SeqCst) + 1;
+    // A full channel means a render is already asked for; it will see this ticket.
+    let _ = endpoint.wake.try_send(());
+    let mut rendered = endpoint.rendered.clone();
+    let fresh = tokio::time::timeout(FRESH_WAIT, async move {
+        rendered
+            .wait_for(|r| r.as_ref().is_some_and(|r| r.ticket >= ticket))
+            .await
+            .map(|r| r.clone())
+    })
+    .await;
+    let latest = match fresh {
+        Ok(Ok(r)) => r,
+        // Slow render: the latest finished one, or the first one however long it takes.
+        _ => {
+            let mut rendered = endpoint.rendered.clone();
+            rendered
+                .wait_for(Option::is_some)
+                .await
+                .map(|r| r.clone())
+                .ok()
+                .flatten()
+        }
+    };
+    match latest.as_ref().map(|r| r.text.as_ref()) {
+        Some(Ok(text)) => (
+            StatusCode::OK,
+            [("content-type", "text/plain; version=0.0.4")],
+            text.clone(),
+        )
+            .into_response(),
+        Some(Err(err)) => (StatusCode::INTERNAL_SERVER_ERROR, err.clone()).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response(),
+    }
+}
+
+async fn readyz(State(endpoint): State<Arc<Endpoint>>) -> impl IntoResponse {
+    if endpoint.heartbeat.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+    }
+}
+
+async fn healthz(State(endpoint): State<Arc<Endpoint>>) -> impl IntoResponse {
+    let age = endpoint.heartbeat.age();
+    if age < HEALTHZ_STALE {
+        (StatusCode::OK, "ok\n".to_owned())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the control loop has not finished a turn for {:.1}s\n",
+                age.as_secs_f64()
+            ),
+        )
+    }
+}

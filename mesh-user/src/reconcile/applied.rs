@@ -1,0 +1,194 @@
+//! What the maps hold, as the reconciler models it: built by `plan`, or read back from the maps
+//! (`from_snapshot`) when the agent adopts existing pins or after a failed write. `entries`
+//! renders the model as the exact map entries it implies, which the resync compares with what
+//! the maps really hold.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+};
+
+use mesh_common::{BackendStatsKey, Service, SlotKey};
+
+use crate::{
+    datapath::{Snapshot, service_range},
+    model::Vip,
+};
+
+/// One generation of a service's round-robin slots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotSet {
+    pub generation: u32,
+    /// Backend id per slot; 0 marks a slot missing from the maps (never written).
+    pub backends: Vec<u32>,
+}
+
+/// A service as the maps hold it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedService {
+    pub id: u32,
+    pub name: String,
+    pub flags: u32,
+    pub affinity_timeout_secs: u32,
+    /// The live slot set (the service entry points at it).
+    pub live: SlotSet,
+    /// The slot set before it, kept until the next switch so a connect that read the service
+    /// entry just before the switch still finds its slot (no timing assumption).
+    pub previous: Option<SlotSet>,
+    /// Backends with a counter entry for this service.
+    pub members: BTreeSet<u32>,
+    /// Backends taking new connections -> the slots each holds (the `active` map).
+    pub active: BTreeMap<u32, u32>,
+}
+
+impl AppliedService {
+    pub fn entry(&self) -> Service {
+        Service {
+            id: self.id,
+            generation: self.live.generation,
+            slot_count: self.live.backends.len() as u32,
+            flags: self.flags,
+            affinity_timeout_secs: self.affinity_timeout_secs,
+            _pad: 0,
+        }
+    }
+
+    /// Slot sets in the maps: the live one and the previous one.
+    pub fn slot_sets(&self) -> impl Iterator<Item = &SlotSet> {
+        std::iter::once(&self.live).chain(self.previous.as_ref())
+    }
+}
+
+/// What the maps hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub services: BTreeMap<Vip, AppliedService>,
+    /// Backend address -> backend id, for every backend entry (members, and backends only a
+    /// previous slot set still points at).
+    pub backends: BTreeMap<SocketAddr, u32>,
+    /// Where the next id search starts: ids are handed out in increasing order and wrap, so an
+    /// id is not reused while sockets made with it may still be open.
+    pub next_service_id: u32,
+    pub next_backend_id: u32,
+}
+
+/// The exact entries of the maps the agent owns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Entries {
+    pub services: BTreeMap<Vip, Service>,
+    pub slots: BTreeMap<SlotKey, u32>,
+    pub backends: BTreeMap<u32, SocketAddr>,
+    pub names: BTreeMap<u32, String>,
+    pub counters: BTreeSet<BackendStatsKey>,
+    pub active: BTreeMap<BackendStatsKey, u32>,
+}
+
+impl Applied {
+    /// Backend id -> address.
+    pub fn backend_addrs(&self) -> BTreeMap<u32, SocketAddr> {
+        self.backends
+            .iter()
+            .map(|(&addr, &id)| (id, addr))
+            .collect()
+    }
+
+    /// The map entries this state implies.
+    pub fn entries(&self) -> Entries {
+        let mut entries = Entries {
+            backends: self.backend_addrs(),
+            ..Default::default()
+        };
+        for (vip, svc) in &self.services {
+            entries.services.insert(*vip, svc.entry());
+            entries.names.insert(svc.id, svc.name.clone());
+            for set in svc.slot_sets() {
+                for (slot, &backend_id) in set.backends.iter().enumerate() {
+                    if backend_id != 0 {
+                        let key = slot_key(svc.id, set.generation, slot as u32);
+                        entries.slots.insert(key, backend_id);
+                    }
+                }
+            }
+            for &backend_id in &svc.members {
+                entries.counters.insert(pair(svc.id, backend_id));
+            }
+            for (&backend_id, &slots) in &svc.active {
+                entries.active.insert(pair(svc.id, backend_id), slots);
+            }
+        }
+        entries
+    }
+
+    /// The state the maps describe. Slots of a service's generation before the live one are
+    /// its previous set; any other slot, counter, name or active entry no live service owns is
+    /// left out, so repairing against this state deletes it.
+    pub fn from_snapshot(snap: &Snapshot) -> Self {
+        let mut applied = Applied {
+            backends: snap
+                .backends
+                .iter()
+                .map(|(&id, &addr)| (addr, id))
+                .collect(),
+            next_service_id: snap.settings.next_service_id,
+            next_backend_id: snap.settings.next_backend_id,
+            ..Default::default()
+        };
+        for (vip, svc) in &snap.services {
+            let read_set = |generation: u32, count: u32| SlotSet {
+                generation,
+                backends: (0..count)
+                    .map(|slot| {
+                        let key = slot_key(svc.id, generation, slot);
+                        snap.slots.get(&key).copied().unwrap_or(0)
+                    })
+                    .collect(),
+            };
+            let live = read_set(svc.generation, svc.slot_count);
+            let before = svc.generation.wrapping_sub(1);
+            let previous_count = (0..)
+                .take_while(|&slot| snap.slots.contains_key(&slot_key(svc.id, before, slot)))
+                .count() as u32;
+            let previous = (previous_count > 0).then(|| read_set(before, previous_count));
+            let members = snap.members_of(svc.id).map(|(k, _)| k.backend_id).collect();
+            let active = snap
+                .active
+                .range(service_range(svc.id))
+                .map(|(k, &slots)| (k.backend_id, slots))
+                .collect();
+            applied.services.insert(
+                *vip,
+                AppliedService {
+                    id: svc.id,
+                    name: snap.names.get(&svc.id).cloned().unwrap_or_default(),
+                    flags: svc.flags,
+                    affinity_timeout_secs: svc.affinity_timeout_secs,
+                    live,
+                    previous,
+                    members,
+                    active,
+                },
+            );
+        }
+        // Ids must move past everything in use even if the saved cursors are older.
+        let max_service = applied.services.values().map(|s| s.id).max().unwrap_or(0);
+        let max_backend = applied.backends.values().copied().max().unwrap_or(0);
+        applied.next_service_id = applied.next_service_id.max(max_service.saturating_add(1));
+        applied.next_backend_id = applied.next_backend_id.max(max_backend.saturating_add(1));
+        applied
+    }
+}
+
+pub fn slot_key(service_id: u32, generation: u32, slot: u32) -> SlotKey {
+    SlotKey {
+        service_id,
+        generation,
+        slot,
+    }
+}
+
+pub fn pair(service_id: u32, backend_id: u32) -> BackendStatsKey {
+    BackendStatsKey {
+        service_id,
+        backend_id,
+    }
+}

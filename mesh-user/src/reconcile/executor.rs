@@ -1,0 +1,248 @@
+//! The one writer of the maps. Runs on the control loop's thread (map syscalls, retry sleeps
+//! and netlink never block the async runtime).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use mesh_common::{PROTO_UDP, Settings, capacity::Limits};
+use tracing::{debug, error, info, warn};
+
+use super::{
+    applied::{Applied, pair},
+    plan::plan,
+    repair::{count_by_map, repair},
+};
+use crate::{
+    datapath::{MapOp, Maps, sockdiag},
+    desired::DesiredState,
+    model::Vip,
+};
+
+/// What one apply did.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyReport {
+    pub writes: usize,
+    pub took: Duration,
+    /// Connected UDP sockets terminated because their backend left.
+    pub udp_terminated: u64,
+}
+
+pub struct Executor {
+    maps: Maps,
+    applied: Applied,
+    limits: Limits,
+    settings_flags: u32,
+}
+
+impl Executor {
+    /// Adopts whatever an earlier agent left in the pinned maps, so the first apply rewrites
+    /// only what differs (no window in which a service is empty). Entries no live service owns
+    /// (an agent died between writes) are deleted.
+    pub fn adopt(maps: Maps, limits: Limits, settings_flags: u32) -> anyhow::Result<Self> {
+        let snap = maps.snapshot()?;
+        let applied = Applied::from_snapshot(&snap);
+        if !applied.services.is_empty() {
+            info!(
+                services = applied.services.len(),
+                backends = applied.backends.len(),
+                "adopted the existing data path"
+            );
+        }
+        let mut executor = Self {
+            maps,
+            applied,
+            limits,
+            settings_flags,
+        };
+        let orphans = repair(&executor.applied.entries(), &snap);
+        if !orphans.is_empty() {
+            info!(writes = orphans.len(), by_map = ?count_by_map(&orphans), "deleting entries no service owns");
+            executor.maps.apply(&orphans)?;
+        }
+        executor.save_settings()?;
+        Ok(executor)
+    }
+
+    /// (VIP, backend) pairs that take connections now: at start, what an earlier agent left
+    /// active keeps its traffic until a health check says otherwise.
+    pub fn active_backends(&self) -> BTreeSet<(Vip, SocketAddr)> {
+        let addr_of = self.applied.backend_addrs();
+        self.applied
+            .services
+            .iter()
+            .flat_map(|(vip, svc)| {
+                svc.active
+                    .keys()
+                    .filter_map(|id| addr_of.get(id))
+                    .map(|&addr| (*vip, addr))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Makes the maps hold `desired`. On a planning error nothing is written; on a write error
+    /// the applied state is re-read from the maps, so the next apply repairs what is missing.
+    pub fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<ApplyReport> {
+        let started = Instant::now();
+        let (ops, next) = plan(desired, &self.applied, &self.limits)?;
+        if ops.is_empty() {
+            return Ok(ApplyReport {
+                took: started.elapsed(),
+                ..Default::default()
+            });
+        }
+        for op in &ops {
+            debug!(?op, "map write");
+        }
+        if let Err(err) = self.maps.apply(&ops) {
+            match self.maps.snapshot() {
+                Ok(snap) => self.applied = Applied::from_snapshot(&snap),
+                Err(read) => warn!("re-reading the maps after a failed write: {read:#}"),
+            }
+            return Err(err);
+        }
+        let left = self.udp_backends_left(&ops, desired);
+        let previous = std::mem::replace(&mut self.applied, next);
+        let udp_terminated = self.terminate_udp_flows(&left, &previous);
+        self.save_settings()?;
+        Ok(ApplyReport {
+            writes: ops.len(),
+            took: started.elapsed(),
+            udp_terminated,
+        })
+    }
+
+    /// Reads every map back and repairs what differs from what the agent wrote (an entry
+    /// deleted or changed behind its back), and deletes leaked kernel-created state. Returns
+    /// the repairs by map.
+    pub fn resync(&mut self) -> anyhow::Result<BTreeMap<&'static str, u64>> {
+        let snap = self.maps.snapshot()?;
+        let ops = repair(&self.applied.entries(), &snap);
+        if ops.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let counts = count_by_map(&ops);
+        self.maps.apply(&ops)?;
+        Ok(counts)
+    }
+
+    /// Keeps the id cursors in the pinned settings map, so a restarted agent does not hand out
+    /// ids that sockets may still carry.
+    fn save_settings(&mut self) -> anyhow::Result<()> {
+        let settings = Settings {
+            flags: self.settings_flags,
+            next_service_id: self.applied.next_service_id,
+            next_backend_id: self.applied.next_backend_id,
+            _pad: 0,
+        };
+        if self.maps.settings()? != settings {
+            self.maps.set_settings(settings)?;
+        }
+        Ok(())
+    }
+
+    /// (service id, backend address) of UDP services whose backend left the rotation in `ops`,
+    /// unless the service opted out of terminating its flows.
+    fn udp_backends_left(&self, ops: &[MapOp], desired: &DesiredState) -> Vec<(u32, SocketAddr)> {
+        let addr_of = self.applied.backend_addrs();
+        let udp: BTreeMap<u32, &Vip> = self
+            .applied
+            .services
+            .iter()
+            .filter(|(vip, _)| vip.proto == PROTO_UDP)
+            .map(|(vip, svc)| (svc.id, vip))
+            .collect();
+        ops.iter()
+            .filter_map(|op| match op {
+                MapOp::DeleteActive(key) => Some((key.service_id, key.backend_id)),
+                _ => None,
+            })
+            .filter(|(service_id, _)| {
+                udp.get(service_id).is_some_and(|vip| {
+                    desired
+                        .services
+                        .get(vip)
+                        .is_none_or(|s| s.terminate_udp_flows)
+                })
+            })
+            .filter_map(|(service_id, backend_id)| Some((service_id, *addr_of.get(&backend_id)?)))
+            .collect()
+    }
+
+    /// Terminates the connected UDP sockets the kernel pointed at backends that left, so their
+    /// clients notice (ECONNABORTED) and reconnect to a live backend. Only sockets still
+    /// connected to that backend are touched: one that disconnected since is left alone.
+    fn terminate_udp_flows(&self, left: &[(u32, SocketAddr)], previous: &Applied) -> u64 {
+        let mut by_backend: BTreeMap<SocketAddr, HashSet<u64>> = BTreeMap::new();
+        for &(service_id, backend) in left {
+            // The id the flows were recorded with (the backend may be gone from the maps now).
+            let Some(&backend_id) = previous.backends.get(&backend) else {
+                continue;
+            };
+            match self.maps.udp_flows_to(service_id, backend_id) {
+                Ok(found) => by_backend.entry(backend).or_default().extend(found),
+                Err(err) => warn!("reading udp_flows: {err:#}"),
+            }
+        }
+        let mut total = 0;
+        for (backend, cookies) in by_backend {
+            match sockdiag::destroy_udp_sockets_to(&cookies, backend) {
+                Ok(0) => {}
+                Ok(destroyed) => {
+                    info!(destroyed, %backend, "terminated connected UDP sockets of a removed backend");
+                    total += destroyed as u64;
+                }
+                Err(err) => error!(%backend, "terminating connected UDP sockets: {err}"),
+            }
+        }
+        total
+    }
+
+    /// (VIP, backend) pairs with at least their service's `passive_failures` consecutive
+    /// failed connects; their counts are reset.
+    pub fn passive_failures(
+        &mut self,
+        thresholds: &BTreeMap<Vip, u32>,
+    ) -> Vec<(Vip, SocketAddr, u32)> {
+        let Some(&lowest) = thresholds.values().min() else {
+            return Vec::new();
+        };
+        // Runs every few ms: look at the kernel's (usually empty) map before anything else.
+        let candidates = match self.maps.passive_failures(lowest) {
+            Ok(found) if found.is_empty() => return Vec::new(),
+            Ok(found) => found,
+            Err(err) => {
+                warn!("reading passive failure counts: {err:#}");
+                return Vec::new();
+            }
+        };
+        let by_id: BTreeMap<u32, (&Vip, u32)> = self
+            .applied
+            .services
+            .iter()
+            .filter_map(|(vip, svc)| thresholds.get(vip).map(|&t| (svc.id, (vip, t))))
+            .collect();
+        let addr_of = self.applied.backend_addrs();
+        let mut failing = Vec::new();
+        for (key, count) in candidates {
+            let (Some(&(vip, threshold)), Some(&addr)) =
+                (by_id.get(&key.service_id), addr_of.get(&key.backend_id))
+            else {
+                continue;
+            };
+            if count >= threshold {
+                if let Err(err) = self
+                    .maps
+                    .reset_passive(&pair(key.service_id, key.backend_id))
+                {
+                    warn!("resetting passive failure count: {err:#}");
+                }
+                failing.push((*vip, addr, count));
+            }
+        }
+        failing
+    }
+}

@@ -1,0 +1,834 @@
+//! The diff from desired state to map writes. Pure: (desired, applied) -> ordered writes plus
+//! the state the maps hold once the writes are done.
+//!
+//! Ordering is what keeps concurrent connects safe: backends, counters and the new slot set are
+//! written first, then the service entry is switched to the new slot set in one update. The
+//! slot set it switched away from stays until the service's next switch (when it is deleted
+//! before the new set is written), so a connect that read the entry just before a switch still
+//! finds its slot; the kernel also re-reads the entry once when a slot is missing. Nothing here
+//! waits for time to pass.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+};
+
+use mesh_common::capacity::Limits;
+
+use super::applied::{Applied, AppliedService, SlotSet, pair};
+use crate::{datapath::MapOp, desired::DesiredState};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("no free service id: the services map holds at most {max} services")]
+    ServicesFull { max: u32 },
+    #[error("no free backend id: the backends map holds at most {max} backends")]
+    BackendsFull { max: u32 },
+}
+
+/// When a write must happen relative to the others (sorted stably).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    /// Previous slot sets of services about to switch again: nothing points at them.
+    Retire,
+    Backends,
+    /// Counters, per-service state reset and active marks, before any slot names a backend.
+    Members,
+    Slots,
+    /// Service entries switch (or go): what concurrent connects read first.
+    Switch,
+    /// What a switched-away or removed entry pointed at.
+    Cleanup,
+    /// Backends last: no slot names them any more.
+    BackendsGone,
+}
+
+struct Ops(Vec<(Phase, MapOp)>);
+
+impl Ops {
+    fn push(&mut self, phase: Phase, op: MapOp) {
+        self.0.push((phase, op));
+    }
+
+    fn delete_set(&mut self, phase: Phase, service_id: u32, set: &SlotSet) {
+        if !set.backends.is_empty() {
+            self.push(
+                phase,
+                MapOp::DeleteSlots {
+                    service_id,
+                    generation: set.generation,
+                    count: set.backends.len() as u32,
+                },
+            );
+        }
+    }
+
+    fn into_sorted(mut self) -> Vec<MapOp> {
+        self.0.sort_by_key(|(phase, _)| *phase);
+        self.0.into_iter().map(|(_, op)| op).collect()
+    }
+}
+
+/// Plans the writes that turn `applied` into `desired`. Nothing that is already right is
+/// rewritten. On error nothing has been written (planning touches no map). When keeping every
+/// previous slot set would not fit the maps, previous sets are dropped first (connects then
+/// rely on the kernel's re-read of the service entry alone).
+pub fn plan(
+    desired: &DesiredState,
+    applied: &Applied,
+    limits: &Limits,
+) -> Result<(Vec<MapOp>, Applied), PlanError> {
+    let keeping = plan_with(desired, applied, limits, true)?;
+    if fits(&keeping.1, applied, limits) {
+        return Ok(keeping);
+    }
+    plan_with(desired, applied, limits, false)
+}
+
+/// Whether the maps can hold the old and the new state at the busiest moment of the plan.
+fn fits(next: &Applied, applied: &Applied, limits: &Limits) -> bool {
+    let slots_of =
+        |svc: &AppliedService| -> u64 { svc.slot_sets().map(|s| s.backends.len() as u64).sum() };
+    let kept: u64 = next.services.values().map(slots_of).sum();
+    // Removed services' slots go only after the switch.
+    let removed: u64 = applied
+        .services
+        .iter()
+        .filter(|(vip, _)| !next.services.contains_key(*vip))
+        .map(|(_, svc)| slots_of(svc))
+        .sum();
+    let backends = next
+        .backends
+        .keys()
+        .chain(applied.backends.keys())
+        .collect::<BTreeSet<_>>()
+        .len() as u64;
+    kept + removed <= u64::from(limits.max_slots) && backends < u64::from(limits.max_backends)
+}
+
+fn plan_with(
+    desired: &DesiredState,
+    applied: &Applied,
+    limits: &Limits,
+    keep_previous: bool,
+) -> Result<(Vec<MapOp>, Applied), PlanError> {
+    let mut ops = Ops(Vec::new());
+    let mut next = Applied::default();
+
+    // Backends: keep ids of addresses still in use, hand out fresh ids for new ones.
+    let wanted: BTreeSet<SocketAddr> = desired
+        .services
+        .values()
+        .flat_map(|s| s.members.iter().map(|m| m.addr))
+        .collect();
+    let mut backend_ids = IdCursor::new(
+        applied.next_backend_id,
+        limits.max_backends,
+        applied.backends.values().copied(),
+    );
+    let mut ids: BTreeMap<SocketAddr, u32> = BTreeMap::new();
+    for addr in &wanted {
+        let id = match applied.backends.get(addr) {
+            Some(&id) => id,
+            None => {
+                let id = backend_ids.take().ok_or(PlanError::BackendsFull {
+                    max: limits.max_backends,
+                })?;
+                ops.push(Phase::Backends, MapOp::PutBackend { id, addr: *addr });
+                id
+            }
+        };
+        ids.insert(*addr, id);
+    }
+
+    let mut service_ids = IdCursor::new(
+        applied.next_service_id,
+        limits.max_services,
+        applied.services.values().map(|s| s.id),
+    );
+    for (vip, want) in &desired.services {
+        let old = applied.services.get(vip);
+        let id = match old {
+            Some(old) => old.id,
+            None => {
+                let id = service_ids.take().ok_or(PlanError::ServicesFull {
+                    max: limits.max_services,
+                })?;
+                ops.push(Phase::Members, MapOp::ResetService { service_id: id });
+                id
+            }
+        };
+        let members: BTreeSet<u32> = want.members.iter().map(|m| ids[&m.addr]).collect();
+        let slots: Vec<u32> = want.slot_layout().iter().map(|addr| ids[addr]).collect();
+
+        let mut active = BTreeMap::new();
+        for &backend_id in &slots {
+            *active.entry(backend_id).or_insert(0u32) += 1;
+        }
+        let old_active = old.map(|o| o.active.clone()).unwrap_or_default();
+        for (&backend_id, &count) in &active {
+            if old_active.get(&backend_id) != Some(&count) {
+                let key = pair(id, backend_id);
+                ops.push(Phase::Members, MapOp::PutActive { key, slots: count });
+            }
+        }
+        for &backend_id in old_active.keys() {
+            if !active.contains_key(&backend_id) {
+                ops.push(Phase::Cleanup, MapOp::DeleteActive(pair(id, backend_id)));
+            }
+        }
+        let old_members = old.map(|o| o.members.clone()).unwrap_or_default();
+        for &backend_id in members.difference(&old_members) {
+            ops.push(Phase::Members, MapOp::CreateCounter(pair(id, backend_id)));
+        }
+        for &backend_id in old_members.difference(&members) {
+            ops.push(Phase::Cleanup, MapOp::DeleteCounter(pair(id, backend_id)));
+        }
+        if old.is_none_or(|o| o.name != want.name) {
+            let name = want.name.clone();
+            ops.push(
+                Phase::Slots,
+                MapOp::PutName {
+                    service_id: id,
+                    name,
+                },
+            );
+        }
+
+        let (live, previous) = match old {
+            None => (
+                SlotSet {
+                    generation: 1,
+                    backends: slots,
+                },
+                None,
+            ),
+            Some(o) if o.live.backends == slots => {
+                let previous = match &o.previous {
+                    Some(p) if !keep_previous => {
+                        ops.delete_set(Phase::Retire, id, p);
+                        None
+                    }
+                    other => other.clone(),
+                };
+                (o.live.clone(), previous)
+            }
+            Some(o) => {
+                if let Some(p) = &o.previous {
+                    ops.delete_set(Phase::Retire, id, p);
+                }
+                let live = SlotSet {
+                    generation: o.live.generation.wrapping_add(1),
+                    backends: slots,
+                };
+                let previous = if o.live.backends.is_empty() {
+                    None
+                } else if keep_previous {
+                    Some(o.live.clone())
+                } else {
+                    ops.delete_set(Phase::Cleanup, id, &o.live);
+                    None
+                };
+                (live, previous)
+            }
+        };
+        if old.is_none_or(|o| o.live != live) && !live.backends.is_empty() {
+            ops.push(
+                Phase::Slots,
+                MapOp::PutSlots {
+                    service_id: id,
+                    generation: live.generation,
+                    backends: live.backends.clone(),
+                },
+            );
+        }
+        let service = AppliedService {
+            id,
+            name: want.name.clone(),
+            flags: want.flags,
+            affinity_timeout_secs: want.affinity_timeout_secs,
+            live,
+            previous,
+            members,
+            active,
+        };
+        if old.is_none_or(|o| o.entry() != service.entry()) {
+            let entry = service.entry();
+            ops.push(
+                Phase::Switch,
+                MapOp::PutService {
+                    vip: *vip,
+                    service: entry,
+                },
+            );
+        }
+        next.services.insert(*vip, service);
+    }
+
+    // Services no longer wanted: the entry goes first so no connect can reach their slots.
+    for (vip, old) in &applied.services {
+        if desired.services.contains_key(vip) {
+            continue;
+        }
+        ops.push(Phase::Switch, MapOp::DeleteService { vip: *vip });
+        for set in old.slot_sets() {
+            ops.delete_set(Phase::Cleanup, old.id, set);
+        }
+        ops.push(Phase::Cleanup, MapOp::DeleteName { service_id: old.id });
+        for &backend_id in old.active.keys() {
+            ops.push(
+                Phase::Cleanup,
+                MapOp::DeleteActive(pair(old.id, backend_id)),
+            );
+        }
+        for &backend_id in &old.members {
+            ops.push(
+                Phase::Cleanup,
+                MapOp::DeleteCounter(pair(old.id, backend_id)),
+            );
+        }
+    }
+
+    // A backend entry stays while a member or a kept previous slot set names it.
+    let named: BTreeSet<u32> = next
+        .services
+        .values()
+        .flat_map(|s| s.slot_sets().flat_map(|set| set.backends.iter().copied()))
+        .collect();
+    next.backends = ids;
+    for (&addr, &id) in &applied.backends {
+        if next.backends.contains_key(&addr) {
+            continue;
+        }
+        if named.contains(&id) {
+            next.backends.insert(addr, id);
+        } else {
+            ops.push(Phase::BackendsGone, MapOp::DeleteBackend { id });
+        }
+    }
+    next.next_service_id = service_ids.cursor;
+    next.next_backend_id = backend_ids.cursor;
+    Ok((ops.into_sorted(), next))
+}
+
+/// Hands out ids in increasing order from a cursor, wrapping within 1..max and skipping ids in
+/// use, so an id freed now is the last to be handed out again.
+struct IdCursor {
+    used: BTreeSet<u32>,
+    max: u32,
+    cursor: u32,
+}
+
+impl IdCursor {
+    fn new(cursor: u32, max: u32, used: impl IntoIterator<Item = u32>) -> Self {
+        Self {
+            used: used.into_iter().collect(),
+            max,
+            cursor: if (1..max).contains(&cursor) {
+                cursor
+            } else {
+                1
+            },
+        }
+    }
+
+    fn take(&mut self) -> Option<u32> {
+        for _ in 1..self.max {
+            let id = self.cursor;
+            self.cursor = if id + 1 >= self.max { 1 } else { id + 1 };
+            if self.used.insert(id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use mesh_common::{PROTO_TCP, SVC_F_REJECT_EMPTY, SlotKey};
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::{
+        desired::{DesiredService, Member},
+        model::Vip,
+        reconcile::applied::Entries,
+    };
+
+    const LIMITS: Limits = Limits {
+        max_services: 16,
+        max_backends: 16,
+        max_service_backends: 64,
+        max_slots: 256,
+    };
+
+    fn vip(s: &str) -> Vip {
+        Vip {
+            addr: s.parse().unwrap(),
+            proto: PROTO_TCP,
+        }
+    }
+
+    fn service(name: &str, backends: &[(&str, u32, bool)]) -> DesiredService {
+        DesiredService {
+            name: name.into(),
+            flags: SVC_F_REJECT_EMPTY,
+            affinity_timeout_secs: 0,
+            terminate_udp_flows: true,
+            members: backends
+                .iter()
+                .map(|&(addr, weight, active)| Member {
+                    addr: addr.parse().unwrap(),
+                    weight,
+                    active,
+                })
+                .collect(),
+        }
+    }
+
+    fn desired(services: Vec<(&str, DesiredService)>) -> DesiredState {
+        DesiredState {
+            services: services.into_iter().map(|(v, s)| (vip(v), s)).collect(),
+        }
+    }
+
+    fn position(ops: &[MapOp], pred: impl Fn(&MapOp) -> bool) -> usize {
+        ops.iter().position(pred).expect("op present")
+    }
+
+    /// The maps as plain sets of entries, with the ops applied the way the kernel sees them.
+    #[derive(Default, Debug, Clone, PartialEq)]
+    struct Model(Entries);
+
+    impl Model {
+        fn apply(&mut self, op: &MapOp) {
+            let e = &mut self.0;
+            match op {
+                MapOp::PutBackend { id, addr } => {
+                    e.backends.insert(*id, *addr);
+                }
+                MapOp::DeleteBackend { id } => {
+                    e.backends.remove(id);
+                }
+                MapOp::CreateCounter(key) => {
+                    e.counters.insert(*key);
+                }
+                MapOp::DeleteCounter(key) => {
+                    e.counters.remove(key);
+                }
+                MapOp::ResetService { .. } | MapOp::DeletePassive(_) | MapOp::DeleteAffinity(_) => {
+                }
+                MapOp::PutSlots {
+                    service_id,
+                    generation,
+                    backends,
+                } => {
+                    for (slot, &b) in backends.iter().enumerate() {
+                        let key = SlotKey {
+                            service_id: *service_id,
+                            generation: *generation,
+                            slot: slot as u32,
+                        };
+                        e.slots.insert(key, b);
+                    }
+                }
+                MapOp::DeleteSlots {
+                    service_id,
+                    generation,
+                    count,
+                } => {
+                    for slot in 0..*count {
+                        e.slots.remove(&SlotKey {
+                            service_id: *service_id,
+                            generation: *generation,
+                            slot,
+                        });
+                    }
+                }
+                MapOp::PutSlot { key, backend_id } => {
+                    e.slots.insert(*key, *backend_id);
+                }
+                MapOp::DeleteSlot(key) => {
+                    e.slots.remove(key);
+                }
+                MapOp::PutName { service_id, name } => {
+                    e.names.insert(*service_id, name.clone());
+                }
+                MapOp::DeleteName { service_id } => {
+                    e.names.remove(service_id);
+                }
+                MapOp::PutService { vip, service } => {
+                    e.services.insert(*vip, *service);
+                }
+                MapOp::DeleteService { vip } => {
+                    e.services.remove(vip);
+                }
+                MapOp::PutActive { key, slots } => {
+                    e.active.insert(*key, *slots);
+                }
+                MapOp::DeleteActive(key) => {
+                    e.active.remove(key);
+                }
+            }
+        }
+
+        /// What a connect could see: every slot of every live entry names a known backend, and
+        /// every active mark names a member with a counter.
+        fn check_connectable(&self) -> Result<(), String> {
+            let e = &self.0;
+            for (vip, svc) in &e.services {
+                for slot in 0..svc.slot_count {
+                    let key = SlotKey {
+                        service_id: svc.id,
+                        generation: svc.generation,
+                        slot,
+                    };
+                    let Some(backend) = e.slots.get(&key) else {
+                        return Err(format!(
+                            "{vip}: slot {slot} of generation {} missing",
+                            svc.generation
+                        ));
+                    };
+                    if !e.backends.contains_key(backend) {
+                        return Err(format!(
+                            "{vip}: slot {slot} names unknown backend {backend}"
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        /// A connect that read the entry before the latest switch of its service (the previous
+        /// generation) still finds a slot and a backend.
+        fn check_previous(
+            &self,
+            before: &BTreeMap<Vip, mesh_common::Service>,
+        ) -> Result<(), String> {
+            let e = &self.0;
+            for (vip, old) in before {
+                let Some(now) = e.services.get(vip) else {
+                    continue;
+                };
+                if now.generation == old.generation || old.slot_count == 0 {
+                    continue;
+                }
+                for slot in 0..old.slot_count {
+                    let key = SlotKey {
+                        service_id: old.id,
+                        generation: old.generation,
+                        slot,
+                    };
+                    let found = e
+                        .slots
+                        .get(&key)
+                        .is_some_and(|b| e.backends.contains_key(b));
+                    if !found {
+                        return Err(format!(
+                            "{vip}: previous generation slot {slot} gone right after the switch"
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// Applies a plan op by op to the model, checking the invariants after every op.
+    fn apply_checked(model: &mut Model, ops: &[MapOp]) -> Result<(), String> {
+        let before = model.0.services.clone();
+        for (i, op) in ops.iter().enumerate() {
+            model.apply(op);
+            model
+                .check_connectable()
+                .map_err(|e| format!("after op {i} {op:?}: {e}"))?;
+        }
+        model.check_previous(&before)
+    }
+
+    #[test]
+    fn new_service_writes_backends_and_slots_before_the_entry() {
+        let want = desired(vec![(
+            "127.100.0.1:80",
+            service("web", &[("127.0.0.1:1", 1, true), ("127.0.0.1:2", 2, true)]),
+        )]);
+        let (ops, applied) = plan(&want, &Applied::default(), &LIMITS).unwrap();
+        let entry = position(&ops, |op| matches!(op, MapOp::PutService { .. }));
+        let slots = position(&ops, |op| matches!(op, MapOp::PutSlots { .. }));
+        let backend = position(&ops, |op| matches!(op, MapOp::PutBackend { .. }));
+        let counter = position(&ops, |op| matches!(op, MapOp::CreateCounter(_)));
+        assert!(backend < slots && counter < slots && slots < entry);
+        let svc = &applied.services[&vip("127.100.0.1:80")];
+        assert_eq!(svc.id, 1);
+        assert_eq!(svc.live.backends.len(), 3);
+        assert_eq!(applied.backends.len(), 2);
+    }
+
+    #[test]
+    fn unchanged_state_plans_no_writes() {
+        let want = desired(vec![(
+            "127.100.0.1:80",
+            service("web", &[("127.0.0.1:1", 1, true)]),
+        )]);
+        let (_, applied) = plan(&want, &Applied::default(), &LIMITS).unwrap();
+        let (ops, again) = plan(&want, &applied, &LIMITS).unwrap();
+        assert_eq!(ops, vec![]);
+        assert_eq!(again, applied);
+    }
+
+    #[test]
+    fn the_previous_slot_set_stays_until_the_next_switch() {
+        let v1 = desired(vec![(
+            "127.100.0.1:80",
+            service("web", &[("127.0.0.1:1", 1, true), ("127.0.0.1:2", 1, true)]),
+        )]);
+        let (_, applied) = plan(&v1, &Applied::default(), &LIMITS).unwrap();
+        let v2 = desired(vec![(
+            "127.100.0.1:80",
+            service("web", &[("127.0.0.1:1", 1, true), ("127.0.0.1:3", 1, true)]),
+        )]);
+        let (ops, next) = plan(&v2, &applied, &LIMITS).unwrap();
+        // Generation 1 is kept (no delete of it), and so is backend 2 its slots name.
+        assert!(!ops.iter().any(|op| matches!(op, MapOp::DeleteSlots { .. })));
+        assert!(
+            !ops.iter()
+                .any(|op| matches!(op, MapOp::DeleteBackend { .. }))
+        );
+        let new_slots = position(&ops, |op| {
+            matches!(op, MapOp::PutSlots { generation: 2, .. })
+        });
+        let entry = position(&ops, |op| matches!(op, MapOp::PutService { .. }));
+        assert!(new_slots < entry);
+        assert!(ops.contains(&MapOp::DeleteCounter(pair(1, 2))));
+        let svc = &next.services[&vip("127.100.0.1:80")];
+        assert_eq!(svc.live.generation, 2);
+        assert_eq!(svc.previous.as_ref().map(|p| p.generation), Some(1));
+
+        // The next switch deletes generation 1 (before writing 3) and then backend 2.
+        let v3 = desired(vec![(
+            "127.100.0.1:80",
+            service("web", &[("127.0.0.1:3", 1, true)]),
+        )]);
+        let (ops, last) = plan(&v3, &next, &LIMITS).unwrap();
+        let retire = position(&ops, |op| {
+            matches!(op, MapOp::DeleteSlots { generation: 1, .. })
+        });
+        let write = position(&ops, |op| {
+            matches!(op, MapOp::PutSlots { generation: 3, .. })
+        });
+        let gone = position(&ops, |op| matches!(op, MapOp::DeleteBackend { id: 2 }));
+        assert!(retire < write && write < gone);
+        assert_eq!(
+            last.services[&vip("127.100.0.1:80")]
+                .previous
+                .as_ref()
+                .map(|p| p.generation),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn ids_of_removed_backends_and_services_are_not_handed_out_again_soon() {
+        let v1 = desired(vec![
+            ("127.100.0.1:80", service("a", &[("127.0.0.1:1", 1, true)])),
+            ("127.100.0.2:80", service("b", &[("127.0.0.1:2", 1, true)])),
+        ]);
+        let (_, applied) = plan(&v1, &Applied::default(), &LIMITS).unwrap();
+        // Remove b and its backend, switch twice so nothing references them any more.
+        let v2 = desired(vec![(
+            "127.100.0.1:80",
+            service("a", &[("127.0.0.1:1", 1, true)]),
+        )]);
+        let (_, applied) = plan(&v2, &applied, &LIMITS).unwrap();
+        let v3 = desired(vec![
+            ("127.100.0.1:80", service("a", &[("127.0.0.1:1", 1, true)])),
+            ("127.100.0.3:80", service("c", &[("127.0.0.1:9", 1, true)])),
+        ]);
+        let (_, next) = plan(&v3, &applied, &LIMITS).unwrap();
+        assert_eq!(
+            next.services[&vip("127.100.0.3:80")].id,
+            3,
+            "service id 2 not reused"
+        );
+        assert_eq!(
+            next.backends[&"127.0.0.1:9".parse().unwrap()],
+            3,
+            "backend id 2 not reused"
+        );
+    }
+
+    #[test]
+    fn ids_wrap_around_skipping_those_in_use() {
+        let mut cursor = IdCursor::new(15, 16, [1, 2, 15]);
+        assert_eq!(cursor.take(), Some(3));
+        let mut cursor = IdCursor::new(14, 16, [1, 15]);
+        assert_eq!(cursor.take(), Some(14));
+        assert_eq!(cursor.take(), Some(2));
+        let mut full = IdCursor::new(1, 4, [1, 2, 3]);
+        assert_eq!(full.take(), None);
+    }
+
+    #[test]
+    fn inactive_member_keeps_its_counter_but_leaves_the_slots() {
+        let v1 = desired(vec![(
+            "127.100.0.1:80",
+            service("web", &[("127.0.0.1:1", 1, true), ("127.0.0.1:2", 1, true)]),
+        )]);
+        let (_, applied) = plan(&v1, &Applied::default(), &LIMITS).unwrap();
+        let v2 = desired(vec![(
+            "127.100.0.1:80",
+            service(
+                "web",
+                &[("127.0.0.1:1", 1, true), ("127.0.0.1:2", 1, false)],
+            ),
+        )]);
+        let (ops, next) = plan(&v2, &applied, &LIMITS).unwrap();
+        assert!(
+            !ops.iter()
+                .any(|op| matches!(op, MapOp::DeleteCounter(_) | MapOp::DeleteBackend { .. }))
+        );
+        assert_eq!(next.services[&vip("127.100.0.1:80")].live.backends, vec![1]);
+    }
+
+    #[test]
+    fn removed_service_entry_goes_before_its_slots_and_counters() {
+        let v1 = desired(vec![(
+            "127.100.0.1:80",
+            service("web", &[("127.0.0.1:1", 1, true)]),
+        )]);
+        let (_, applied) = plan(&v1, &Applied::default(), &LIMITS).unwrap();
+        let (ops, next) = plan(&DesiredState::default(), &applied, &LIMITS).unwrap();
+        let entry = position(&ops, |op| matches!(op, MapOp::DeleteService { .. }));
+        let slots = position(&ops, |op| matches!(op, MapOp::DeleteSlots { .. }));
+        let counter = position(&ops, |op| matches!(op, MapOp::DeleteCounter(_)));
+        let backend = position(&ops, |op| matches!(op, MapOp::DeleteBackend { .. }));
+        assert!(entry < slots && entry < counter && slots < backend && counter < backend);
+        assert!(next.services.is_empty() && next.backends.is_empty());
+        assert_eq!(next.entries(), Entries::default());
+    }
+
+    #[test]
+    fn backends_are_shared_between_services() {
+        let want = desired(vec![
+            ("127.100.0.1:80", service("a", &[("127.0.0.1:1", 1, true)])),
+            ("127.100.0.2:80", service("b", &[("127.0.0.1:1", 1, true)])),
+        ]);
+        let (ops, applied) = plan(&want, &Applied::default(), &LIMITS).unwrap();
+        let backend_puts = ops
+            .iter()
+            .filter(|op| matches!(op, MapOp::PutBackend { .. }))
+            .count();
+        assert_eq!(backend_puts, 1);
+        assert_eq!(applied.services.len(), 2);
+    }
+
+    #[test]
+    fn running_out_of_ids_is_an_error_not_a_partial_plan() {
+        let services = (1..=16)
+            .map(|i| (format!("127.100.0.{i}:80"), service(&format!("s{i}"), &[])))
+            .collect::<Vec<_>>();
+        let want = DesiredState {
+            services: services.iter().map(|(v, s)| (vip(v), s.clone())).collect(),
+        };
+        assert_eq!(
+            plan(&want, &Applied::default(), &LIMITS),
+            Err(PlanError::ServicesFull { max: 16 })
+        );
+    }
+
+    #[test]
+    fn empty_service_has_no_slots_but_an_entry() {
+        let want = desired(vec![("127.100.0.1:80", service("web", &[]))]);
+        let (ops, applied) = plan(&want, &Applied::default(), &LIMITS).unwrap();
+        assert!(!ops.iter().any(|op| matches!(op, MapOp::PutSlots { .. })));
+        assert_eq!(
+            applied.services[&vip("127.100.0.1:80")].entry().slot_count,
+            0
+        );
+    }
+
+    #[test]
+    fn previous_sets_are_dropped_when_keeping_them_would_not_fit() {
+        let tight = Limits {
+            max_slots: 4,
+            ..LIMITS
+        };
+        let v1 = desired(vec![(
+            "127.100.0.1:80",
+            service("web", &[("127.0.0.1:1", 1, true), ("127.0.0.1:2", 1, true)]),
+        )]);
+        let (_, applied) = plan(&v1, &Applied::default(), &tight).unwrap();
+        let v2 = desired(vec![(
+            "127.100.0.1:80",
+            service("web", &[("127.0.0.1:3", 1, true), ("127.0.0.1:4", 1, true)]),
+        )]);
+        let (_, applied) = plan(&v2, &applied, &tight).unwrap();
+        let v3 = desired(vec![(
+            "127.100.0.1:80",
+            service("web", &[("127.0.0.1:5", 1, true), ("127.0.0.1:6", 1, true)]),
+        )]);
+        let (ops, next) = plan(&v3, &applied, &tight).unwrap();
+        let mut model = Model(applied.entries());
+        apply_checked(&mut model, &ops).unwrap();
+        assert!(model.0.slots.len() <= 4);
+        assert_eq!(model.0, next.entries());
+    }
+
+    /// A registry of up to 6 services over 8 backend addresses, with weights and activity.
+    fn arb_desired() -> impl Strategy<Value = DesiredState> {
+        let member = (0u8..8, 1u32..4, any::<bool>());
+        let svc = (0u8..6, proptest::collection::vec(member, 0..5));
+        proptest::collection::vec(svc, 0..6).prop_map(|services| {
+            let mut state = DesiredState::default();
+            for (v, members) in services {
+                let mut seen = std::collections::BTreeSet::new();
+                let members = members
+                    .into_iter()
+                    .filter(|(b, _, _)| seen.insert(*b))
+                    .map(|(b, w, a)| Member {
+                        addr: format!("127.0.0.1:{}", 1000 + u16::from(b))
+                            .parse()
+                            .unwrap(),
+                        weight: w,
+                        active: a,
+                    })
+                    .collect();
+                state.services.insert(
+                    vip(&format!("127.100.0.{}:80", v + 1)),
+                    DesiredService {
+                        name: format!("s{v}"),
+                        flags: SVC_F_REJECT_EMPTY,
+                        affinity_timeout_secs: 0,
+                        terminate_udp_flows: true,
+                        members,
+                    },
+                );
+            }
+            state
+        })
+    }
+
+    proptest! {
+        /// Applying plans step by step never exposes a service whose slots or backends are
+        /// missing, keeps the previous generation readable right after each switch, and ends
+        /// with the maps holding exactly what the planned state implies.
+        #[test]
+        fn plans_never_expose_a_half_written_service(steps in proptest::collection::vec(arb_desired(), 1..12)) {
+            let mut applied = Applied::default();
+            let mut model = Model::default();
+            for desired in &steps {
+                let (ops, next) = plan(desired, &applied, &LIMITS).unwrap();
+                apply_checked(&mut model, &ops).map_err(TestCaseError::fail)?;
+                prop_assert_eq!(&model.0, &next.entries());
+                // What the maps hold is what a restarted agent reads back.
+                applied = next;
+            }
+            let (ops, _) = plan(&DesiredState::default(), &applied, &LIMITS).unwrap();
+            apply_checked(&mut model, &ops).map_err(TestCaseError::fail)?;
+            prop_assert_eq!(model.0, Entries::default());
+        }
+    }
+}

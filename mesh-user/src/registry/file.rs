@@ -1,0 +1,36 @@
+//! The config file as a registry source: loaded at start, watched for edits (also when it is
+//! replaced by a rename), re-read on SIGHUP.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+
+/// Calls `changed` when `path` may have changed. Watches the directory, because editors and
+/// config management replace files by renaming a new one over them.
+pub fn watch(
+    path: &Path,
+    changed: impl Fn() + Send + 'static,
+) -> anyhow::Result<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let path = std::path::absolute(path)?;
+    let dir = path
+        .parent()
+        .context("config file has no parent directory")?
+        .to_path_buf();
+    let name = path.file_name().map(ToOwned::to_owned);
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if event.kind.is_access() {
+            return;
+        }
+        if event
+            .paths
+            .iter()
+            .any(|p| p.file_name().map(ToOwned::to_owned) == name)
+        {
+            changed();
+        }
+    })?;
+    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}
