@@ -205,9 +205,13 @@ fn admin_api_adds_replaces_and_removes_a_service() {
     let put = api.put("api-web", &service_json(vip, &[&a, &b]));
     let add_took = started.elapsed();
     assert_eq!(
-        (put.status, &put.body),
-        (200, &serde_json::json!({"applied": true}))
+        (put.status, &put.body["applied"]),
+        (200, &serde_json::json!(true))
     );
+    // The generation the maps hold now: a number that later changes exceed.
+    let added_generation = put.body["generation"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no generation in {}", put.body));
     assert_split(&env.connect(vip, 100), &[(&a, 50), (&b, 50)]);
     assert_eq!(
         api.names(),
@@ -232,6 +236,11 @@ fn admin_api_adds_replaces_and_removes_a_service() {
     let put = api.put("api-web", &body);
     let replace_took = started.elapsed();
     assert_eq!(put.status, 200, "{}", put.raw);
+    assert!(
+        put.body["generation"].as_u64() > Some(added_generation),
+        "the replace is a later generation than the add: {}",
+        put.raw
+    );
     assert_split(&env.connect(vip, 30), &[(&c, 30)]);
     assert_eq!(
         services(&env.bpffs)

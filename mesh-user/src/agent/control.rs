@@ -119,6 +119,8 @@ struct State {
     pending: Vec<oneshot::Sender<Outcome>>,
     retry: Option<(Instant, Duration)>,
     reload_at: Option<Instant>,
+    /// A health transition arrived: refresh the health gauges this turn.
+    gauges_stale: bool,
 }
 
 impl ControlLoop {
@@ -166,8 +168,9 @@ impl ControlLoop {
                 state.passive_tick();
                 next_passive = now + PASSIVE_POLL;
             }
-            if now >= next_gauges {
+            if now >= next_gauges || state.gauges_stale {
                 state.refresh_health_gauges();
+                state.gauges_stale = false;
                 next_gauges = now + HEALTH_GAUGES;
             }
             if now >= next_resync {
@@ -197,6 +200,7 @@ impl State {
             pending: Vec::new(),
             retry: None,
             reload_at: None,
+            gauges_stale: true,
         };
         state.registry_changed();
         state
@@ -222,6 +226,7 @@ impl State {
             Command::ReloadFile { settle: false } => self.reload_file(),
             Command::Health(transition) => {
                 self.parts.metrics.health_transition(&transition);
+                self.gauges_stale = true;
                 self.desired_changed();
             }
             Command::Stop => {}
