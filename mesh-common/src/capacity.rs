@@ -4,6 +4,9 @@
 
 use crate::{DEFAULT_MAX_AFFINITY, DEFAULT_MAX_UDP_FLOWS, map_names};
 
+/// Default `max_service_backends`: (service, backend) pairs, old and new during an update.
+pub const DEFAULT_MAX_SERVICE_BACKENDS: u32 = 524_288;
+
 /// The limits an operator sets (`[agent.limits]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {

@@ -24,7 +24,7 @@ pub const PROTO_UDP: u8 = 17;
 
 /// Compile-time capacities of the maps. The agent overrides `max_entries` at load time from its
 /// config (`[agent.limits]`); these are the defaults for a big node.
-pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
+pub const DEFAULT_MAX_SERVICES: u32 = 131_072;
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 /// Total backend slots across all services and both generations in flight.
 pub const DEFAULT_MAX_SLOTS: u32 = 1_048_576;

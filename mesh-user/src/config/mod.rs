@@ -141,7 +141,7 @@ impl Default for Limits {
         Self {
             max_services: DEFAULT_MAX_SERVICES,
             max_backends: DEFAULT_MAX_BACKENDS,
-            max_service_backends: DEFAULT_MAX_BACKENDS,
+            max_service_backends: mesh_common::capacity::DEFAULT_MAX_SERVICE_BACKENDS,
             max_slots: DEFAULT_MAX_SLOTS,
         }
     }
@@ -505,7 +505,7 @@ backends = [
             Limits {
                 max_services: DEFAULT_MAX_SERVICES,
                 max_backends: DEFAULT_MAX_BACKENDS,
-                max_service_backends: DEFAULT_MAX_BACKENDS,
+                max_service_backends: mesh_common::capacity::DEFAULT_MAX_SERVICE_BACKENDS,
                 max_slots: DEFAULT_MAX_SLOTS,
             }
         );
@@ -1101,36 +1101,61 @@ on_empty = "passthrough"
     }
 
     #[test]
-    fn service_count_must_leave_id_0_free() {
+    fn services_need_room_twice_plus_id_0() {
         let two = format!(
             "{}{}",
             service("a", "127.100.0.1:80", &[]),
             service("b", "127.100.0.2:80", &[])
         );
-        ok(&format!("[agent.limits]\nmax_services = 3\n{two}"));
-        let (field, reason) = only_problem(&format!("[agent.limits]\nmax_services = 2\n{two}"));
+        ok(&format!("[agent.limits]\nmax_services = 5\n{two}"));
+        let (field, reason) = only_problem(&format!("[agent.limits]\nmax_services = 4\n{two}"));
         assert_eq!(field, "agent.limits.max_services");
         assert_eq!(
             reason,
-            "is 2 but the config has 2 services, which needs at least 3 (id 0 is reserved)"
+            "is 4 but the services have 2 services, which needs at least 5 (old and new entries \
+             coexist during an update, plus id 0 which is reserved)"
         );
     }
 
     #[test]
-    fn distinct_backends_must_leave_id_0_free() {
+    fn distinct_backends_need_room_twice_plus_id_0() {
         // Three backend entries but two distinct addresses: shared backends count once.
         let backends = format!(
             "{}{}",
             service("a", "127.100.0.1:80", &["127.0.0.1:1", "127.0.0.1:2"]),
             service("b", "127.100.0.2:80", &["127.0.0.1:1"])
         );
-        ok(&format!("[agent.limits]\nmax_backends = 3\n{backends}"));
+        ok(&format!("[agent.limits]\nmax_backends = 5\n{backends}"));
         let (field, reason) =
-            only_problem(&format!("[agent.limits]\nmax_backends = 2\n{backends}"));
+            only_problem(&format!("[agent.limits]\nmax_backends = 4\n{backends}"));
         assert_eq!(field, "agent.limits.max_backends");
         assert_eq!(
             reason,
-            "is 2 but the config has 2 distinct backend addresses, which needs at least 3 (id 0 is reserved)"
+            "is 4 but the services have 2 distinct backend addresses, which needs at least 5 (old \
+             and new entries coexist during an update, plus id 0 which is reserved)"
+        );
+    }
+
+    #[test]
+    fn shared_backends_count_once_per_service_in_the_pair_maps() {
+        // Two distinct addresses but three (service, backend) pairs: the counters, active and
+        // passive maps hold one entry per pair.
+        let backends = format!(
+            "{}{}",
+            service("a", "127.100.0.1:80", &["127.0.0.1:1", "127.0.0.1:2"]),
+            service("b", "127.100.0.2:80", &["127.0.0.1:1"])
+        );
+        ok(&format!(
+            "[agent.limits]\nmax_service_backends = 6\n{backends}"
+        ));
+        let (field, reason) = only_problem(&format!(
+            "[agent.limits]\nmax_service_backends = 5\n{backends}"
+        ));
+        assert_eq!(field, "agent.limits.max_service_backends");
+        assert_eq!(
+            reason,
+            "is 5 but the services have 3 (service, backend) pairs, which needs at least 6 (old \
+             and new entries coexist during an update)"
         );
     }
 
@@ -1154,7 +1179,8 @@ on_empty = "passthrough"
         assert_eq!(field, "agent.limits.max_slots");
         assert_eq!(
             reason,
-            "is 11 but the services have 6 slots, and old and new generations coexist during an update, which needs at least 12"
+            "is 11 but the services have 6 round-robin slots, which needs at least 12 (old and \
+             new entries coexist during an update)"
         );
     }
 

@@ -249,20 +249,14 @@ impl Config {
     }
 
     /// The whole config must fit in the maps sized by `[agent.limits]`.
+    /// The whole config must fit in the maps sized by `[agent.limits]`, also while it replaces
+    /// another one: during an update the entries of the old state stay until the new ones are
+    /// written (new ids are never an old one's), so every id space and map needs room for two
+    /// registries. The full backend set gives a service's longest slot layout (a subset's gcd is
+    /// a multiple of the full set's), so health changes never need more than this.
     fn check_capacity(&self, total_slots: u64, p: &mut Problems) {
         let limits = &self.agent.limits;
-        // Id 0 is reserved in both the services and backends maps, hence the +1.
         let services = self.services.len() as u64;
-        if services + 1 > u64::from(limits.max_services) {
-            p.agent(
-                "agent.limits.max_services",
-                format!(
-                    "is {} but the config has {services} services, which needs at least {} (id 0 is reserved)",
-                    limits.max_services,
-                    services + 1
-                ),
-            );
-        }
         // Backends are shared between services, so only distinct addresses take an entry.
         let backends = self
             .services
@@ -270,16 +264,6 @@ impl Config {
             .flat_map(|s| s.backends.iter().map(|b| b.addr))
             .collect::<BTreeSet<_>>()
             .len() as u64;
-        if backends + 1 > u64::from(limits.max_backends) {
-            p.agent(
-                "agent.limits.max_backends",
-                format!(
-                    "is {} but the config has {backends} distinct backend addresses, which needs at least {} (id 0 is reserved)",
-                    limits.max_backends,
-                    backends + 1
-                ),
-            );
-        }
         // Per-(service, backend) maps: a backend shared by services takes an entry in each.
         let pairs = self
             .services
@@ -292,27 +276,52 @@ impl Config {
                     .len() as u64
             })
             .sum::<u64>();
-        if pairs > u64::from(limits.max_service_backends) {
-            p.agent(
+        // Id 0 is reserved in the services and backends maps, hence the +1.
+        for (field, limit, what, count, reserved) in [
+            (
+                "agent.limits.max_services",
+                limits.max_services,
+                "services",
+                services,
+                1,
+            ),
+            (
+                "agent.limits.max_backends",
+                limits.max_backends,
+                "distinct backend addresses",
+                backends,
+                1,
+            ),
+            (
                 "agent.limits.max_service_backends",
-                format!(
-                    "is {} but the services have {pairs} (service, backend) pairs",
-                    limits.max_service_backends
-                ),
-            );
-        }
-        // The old and the new slot set of a service coexist while it is updated. The full
-        // backend set gives the longest layout (a subset's gcd is a multiple of the full set's),
-        // so health changes never need more than this.
-        if total_slots * 2 > u64::from(limits.max_slots) {
-            p.agent(
+                limits.max_service_backends,
+                "(service, backend) pairs",
+                pairs,
+                0,
+            ),
+            (
                 "agent.limits.max_slots",
-                format!(
-                    "is {} but the services have {total_slots} slots, and old and new generations coexist during an update, which needs at least {}",
-                    limits.max_slots,
-                    total_slots * 2
-                ),
-            );
+                limits.max_slots,
+                "round-robin slots",
+                total_slots,
+                0,
+            ),
+        ] {
+            let needed = 2 * count + reserved;
+            if needed > u64::from(limit) {
+                let id = if reserved > 0 {
+                    ", plus id 0 which is reserved"
+                } else {
+                    ""
+                };
+                p.agent(
+                    field,
+                    format!(
+                        "is {limit} but the services have {count} {what}, which needs at least \
+                         {needed} (old and new entries coexist during an update{id})"
+                    ),
+                );
+            }
         }
     }
 }

@@ -31,6 +31,9 @@ pub enum PlanError {
 enum Phase {
     /// Previous slot sets of services about to switch again: nothing points at them.
     Retire,
+    /// Backends nothing can read any more (no live or kept slot set, no member): gone before
+    /// new ones are written, so the backends map holds at most the old live and the new ones.
+    RetireBackends,
     Backends,
     /// Counters, per-service state reset and active marks, before any slot names a backend.
     Members,
@@ -79,31 +82,32 @@ pub fn plan(
     limits: &Limits,
 ) -> Result<(Vec<MapOp>, Applied), PlanError> {
     let keeping = plan_with(desired, applied, limits, true)?;
-    if fits(&keeping.1, applied, limits) {
+    if fits(&keeping.0, applied, limits) {
         return Ok(keeping);
     }
     plan_with(desired, applied, limits, false)
 }
 
-/// Whether the maps can hold the old and the new state at the busiest moment of the plan.
-fn fits(next: &Applied, applied: &Applied, limits: &Limits) -> bool {
+/// Whether the maps can hold the old and the new state at the busiest moment of the plan: slot
+/// sets and backend entries are written before the ones they replace are deleted.
+fn fits(ops: &[MapOp], applied: &Applied, limits: &Limits) -> bool {
     let slots_of =
         |svc: &AppliedService| -> u64 { svc.slot_sets().map(|s| s.backends.len() as u64).sum() };
-    let kept: u64 = next.services.values().map(slots_of).sum();
-    // Removed services' slots go only after the switch.
-    let removed: u64 = applied
-        .services
-        .iter()
-        .filter(|(vip, _)| !next.services.contains_key(*vip))
-        .map(|(_, svc)| slots_of(svc))
-        .sum();
-    let backends = next
-        .backends
-        .keys()
-        .chain(applied.backends.keys())
-        .collect::<BTreeSet<_>>()
-        .len() as u64;
-    kept + removed <= u64::from(limits.max_slots) && backends < u64::from(limits.max_backends)
+    let before: u64 = applied.services.values().map(slots_of).sum();
+    let (mut retired, mut written, mut early_backends, mut new_backends) = (0u64, 0u64, 0u64, 0u64);
+    for op in ops {
+        match op {
+            MapOp::PutSlots { backends, .. } => written += backends.len() as u64,
+            // Deletes before the first put are the retired previous sets.
+            MapOp::DeleteSlots { count, .. } if written == 0 => retired += u64::from(*count),
+            MapOp::DeleteBackend { .. } if new_backends == 0 && written == 0 => early_backends += 1,
+            MapOp::PutBackend { .. } => new_backends += 1,
+            _ => {}
+        }
+    }
+    let peak_slots = before - retired.min(before) + written;
+    let peak_backends = applied.backends.len() as u64 - early_backends + new_backends;
+    peak_slots <= u64::from(limits.max_slots) && peak_backends < u64::from(limits.max_backends)
 }
 
 fn plan_with(
@@ -289,11 +293,17 @@ fn plan_with(
         }
     }
 
-    // A backend entry stays while a member or a kept previous slot set names it.
+    // A backend entry stays while a member or a kept slot set names it. One that neither the
+    // old live sets nor anything kept names can go before the new backends are written.
     let named: BTreeSet<u32> = next
         .services
         .values()
         .flat_map(|s| s.slot_sets().flat_map(|set| set.backends.iter().copied()))
+        .collect();
+    let readable_now: BTreeSet<u32> = applied
+        .services
+        .values()
+        .flat_map(|s| s.live.backends.iter().copied())
         .collect();
     next.backends = ids;
     for (&addr, &id) in &applied.backends {
@@ -302,13 +312,29 @@ fn plan_with(
         }
         if named.contains(&id) {
             next.backends.insert(addr, id);
-        } else {
+        } else if readable_now.contains(&id) || kept_previous(applied, &next, id) {
             ops.push(Phase::BackendsGone, MapOp::DeleteBackend { id });
+        } else {
+            ops.push(Phase::RetireBackends, MapOp::DeleteBackend { id });
         }
     }
     next.next_service_id = service_ids.cursor;
     next.next_backend_id = backend_ids.cursor;
     Ok((ops.into_sorted(), next))
+}
+
+/// Whether a previous slot set that the plan does not retire names backend `id` (it stays
+/// readable until its own service switches again).
+fn kept_previous(applied: &Applied, next: &Applied, id: u32) -> bool {
+    applied.services.iter().any(|(vip, old)| {
+        old.previous
+            .as_ref()
+            .is_some_and(|p| p.backends.contains(&id))
+            && next
+                .services
+                .get(vip)
+                .is_some_and(|n| n.previous.as_ref() == old.previous.as_ref())
+    })
 }
 
 /// Hands out ids in increasing order from a cursor, wrapping within 1..max and skipping ids in
@@ -607,7 +633,8 @@ mod tests {
         assert_eq!(svc.live.generation, 2);
         assert_eq!(svc.previous.as_ref().map(|p| p.generation), Some(1));
 
-        // The next switch deletes generation 1 (before writing 3) and then backend 2.
+        // The next switch deletes generation 1 and backend 2 that only it named, before it
+        // writes generation 3.
         let v3 = desired(vec![(
             "127.100.0.1:80",
             service("web", &[("127.0.0.1:3", 1, true)]),
@@ -620,7 +647,7 @@ mod tests {
             matches!(op, MapOp::PutSlots { generation: 3, .. })
         });
         let gone = position(&ops, |op| matches!(op, MapOp::DeleteBackend { id: 2 }));
-        assert!(retire < write && write < gone);
+        assert!(retire < gone && gone < write);
         assert_eq!(
             last.services[&vip("127.100.0.1:80")]
                 .previous
@@ -829,6 +856,103 @@ mod tests {
             let (ops, _) = plan(&DesiredState::default(), &applied, &LIMITS).unwrap();
             apply_checked(&mut model, &ops).map_err(TestCaseError::fail)?;
             prop_assert_eq!(model.0, Entries::default());
+        }
+    }
+
+    /// The capacities of the maps at `limits`, checked after every single write.
+    fn check_capacity(model: &Model, limits: &Limits) -> Result<(), String> {
+        let e = &model.0;
+        for (map, len, max) in [
+            ("services", e.services.len(), limits.max_services),
+            ("slots", e.slots.len(), limits.max_slots),
+            ("backends", e.backends.len(), limits.max_backends),
+            (
+                "backend_stats",
+                e.counters.len(),
+                limits.max_service_backends,
+            ),
+            ("active", e.active.len(), limits.max_service_backends),
+        ] {
+            if len > max as usize {
+                return Err(format!("{map} holds {len} entries, its capacity is {max}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// A config over a pool of 10 addresses, rendered as TOML so the real parser and validator
+    /// decide whether it is accepted.
+    fn arb_config_text() -> impl Strategy<Value = String> {
+        let backend = (0u16..10, 1u32..6);
+        let svc = (0u8..8, proptest::collection::vec(backend, 0..5));
+        proptest::collection::vec(svc, 0..7).prop_map(|services| {
+            let mut text = String::from(
+                "[agent.limits]\nmax_services = 9\nmax_backends = 13\n\
+                 max_service_backends = 16\nmax_slots = 40\n",
+            );
+            let mut vips = std::collections::BTreeSet::new();
+            for (v, backends) in services {
+                if !vips.insert(v) {
+                    continue;
+                }
+                text += &format!(
+                    "[[services]]\nname = \"s{v}\"\nvip = \"127.100.0.{}:80\"\n",
+                    v + 1
+                );
+                let mut seen = std::collections::BTreeSet::new();
+                for (b, w) in backends {
+                    if seen.insert(b) {
+                        text += &format!(
+                            "[[services.backends]]\naddr = \"127.0.0.1:{}\"\nweight = {w}\n",
+                            1000 + b
+                        );
+                    }
+                }
+            }
+            text
+        })
+    }
+
+    proptest! {
+        /// Any sequence of registries the validator accepts, with any backends out of rotation,
+        /// is written without a map ever holding more than its capacity, and without running
+        /// out of ids. Rejected registries leave the previous state, as in the agent.
+        #[test]
+        fn accepted_registries_always_fit_the_maps(
+            steps in proptest::collection::vec((arb_config_text(), any::<u64>()), 1..16)
+        ) {
+            let limits = Limits {
+                max_services: 9,
+                max_backends: 13,
+                max_service_backends: 16,
+                max_slots: 40,
+            };
+            let mut applied = Applied::default();
+            let mut model = Model::default();
+            let mut accepted = 0;
+            for (text, health) in &steps {
+                let Ok(config) = crate::config::parse(text, "prop") else { continue };
+                accepted += 1;
+                let mut desired = DesiredState::from_config(&config);
+                let mut bit = 0;
+                for svc in desired.services.values_mut() {
+                    for member in &mut svc.members {
+                        member.active = health >> (bit % 64) & 1 == 1;
+                        bit += 1;
+                    }
+                }
+                let (ops, next) = plan(&desired, &applied, &limits)
+                    .map_err(|e| TestCaseError::fail(format!("{e} for\n{text}")))?;
+                for (i, op) in ops.iter().enumerate() {
+                    model.apply(op);
+                    check_capacity(&model, &limits)
+                        .map_err(|e| TestCaseError::fail(format!("after op {i} {op:?}: {e}\n{text}")))?;
+                }
+                model.check_connectable().map_err(TestCaseError::fail)?;
+                prop_assert_eq!(&model.0, &next.entries());
+                applied = next;
+            }
+            let _ = accepted;
         }
     }
 }
