@@ -13,7 +13,6 @@ use std::{
     collections::BTreeMap,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc::{Receiver, RecvTimeoutError, Sender},
     },
     time::{Duration, Instant},
@@ -27,7 +26,7 @@ use crate::{
     desired::{DesiredState, apply_health},
     health::{Health, HealthMonitor, Target, Transition},
     model::Vip,
-    observe::metrics::AgentMetrics,
+    observe::{heartbeat::Heartbeat, metrics::AgentMetrics},
     reconcile::Executor,
     registry::{Listing, Outcome, Registry, SourceObserver as _, SourceUpdate, listing},
 };
@@ -50,40 +49,6 @@ pub enum Command {
     },
     Health(Transition),
     Stop,
-}
-
-/// When the control loop last finished a turn, and whether it has applied a first state.
-#[derive(Debug)]
-pub struct Heartbeat {
-    started: Instant,
-    last_ms: AtomicU64,
-    ready: AtomicBool,
-}
-
-impl Heartbeat {
-    pub fn new() -> Self {
-        Self {
-            started: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            ready: AtomicBool::new(false),
-        }
-    }
-
-    fn beat(&self) {
-        let ms = self.started.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// Time since the loop last finished a turn.
-    pub fn age(&self) -> Duration {
-        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        self.started.elapsed().saturating_sub(last)
-    }
-
-    /// The first full apply is done (`/readyz`).
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-    }
 }
 
 /// What the control loop is built from.
@@ -297,7 +262,7 @@ impl State {
                 for reply in self.pending.drain(..) {
                     let _ = reply.send(Outcome::Applied { generation });
                 }
-                if !self.parts.heartbeat.ready.swap(true, Ordering::Relaxed) {
+                if self.parts.heartbeat.set_ready() {
                     self.parts.metrics.set_ready(true);
                     info!(
                         services = desired.services.len(),

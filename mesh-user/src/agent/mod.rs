@@ -17,12 +17,12 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use self::control::{Command, ControlHandle, ControlLoop, Heartbeat};
+use self::control::{Command, ControlHandle, ControlLoop};
 use crate::{
     config::{self, Config, KernelLog},
     datapath::{self, Datapath, LoadOptions, PinsLock, system},
     health::HealthMonitor,
-    observe::{http, metrics::AgentMetrics},
+    observe::{heartbeat::Heartbeat, http, metrics::AgentMetrics},
     reconcile::Executor,
     registry::{Registry, SourceObserver, SourceUpdate, file, listing, sources},
 };

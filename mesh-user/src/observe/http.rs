@@ -19,8 +19,7 @@ use anyhow::Context as _;
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use tokio::sync::watch;
 
-use super::metrics::AgentMetrics;
-use crate::agent::control::Heartbeat;
+use super::{heartbeat::Heartbeat, metrics::AgentMetrics};
 
 /// How long a scrape waits for a render that started after it arrived.
 const FRESH_WAIT: Duration = Duration::from_millis(60);

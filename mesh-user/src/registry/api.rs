@@ -29,7 +29,7 @@ use tracing::{error, info, warn};
 
 use super::{
     Listing, Outcome, Source, SourceObserver, SourceUpdate,
-    sources::{self, SavedServices},
+    update::{self, SavedServices},
 };
 use crate::config::ServiceConfig;
 
@@ -69,7 +69,7 @@ pub async fn start(
         .map(|svc| (svc.name.clone(), svc.clone()))
         .collect();
     let verdict = match initial {
-        Some(initial) => Some(sources::send_initial(&updates, Source::Api, initial)?),
+        Some(initial) => Some(update::send_initial(&updates, Source::Api, initial)?),
         None => None,
     };
     let count = services.len();
@@ -133,7 +133,7 @@ async fn put_service(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Response {
-    let service = match sources::parse_service(&name, &body) {
+    let service = match update::parse_service(&name, &body) {
         Ok(service) => service,
         Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
     };
@@ -174,7 +174,7 @@ impl Api {
         next: BTreeMap<String, ServiceConfig>,
     ) -> Response {
         let services: Vec<ServiceConfig> = next.values().cloned().collect();
-        let outcome = sources::send(&self.updates, Source::Api, services.clone()).await;
+        let outcome = update::send(&self.updates, Source::Api, services.clone()).await;
         let generation = match outcome {
             Outcome::Applied { generation } => Some(generation),
             // Accepted into the registry: it is the API's set now, saved like an applied one,

@@ -10,6 +10,7 @@ pub mod api;
 pub mod file;
 pub mod redis;
 pub mod sources;
+pub mod update;
 
 use crate::config::{Config, ConfigError, ServiceConfig};
 

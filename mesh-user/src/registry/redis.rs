@@ -21,7 +21,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{
     Listing, Outcome, Source, SourceObserver, SourceUpdate,
-    sources::{self, SavedServices, Verdict},
+    update::{self, SavedServices, Verdict},
 };
 use crate::config::{RedisConfig, ServiceConfig};
 
@@ -60,7 +60,7 @@ pub async fn start(
     };
     let initial = match initial {
         Some(services) => {
-            let verdict = sources::send_initial(&updates, Source::Redis, services.clone())?;
+            let verdict = update::send_initial(&updates, Source::Redis, services.clone())?;
             Some((services, verdict))
         }
         None => None,
@@ -285,7 +285,7 @@ impl RedisSource {
             return Ok(());
         }
         let count = services.len();
-        match sources::send(&self.updates, Source::Redis, services.clone()).await {
+        match update::send(&self.updates, Source::Redis, services.clone()).await {
             Outcome::Applied { generation } => {
                 info!(services = count, generation, "redis: services applied");
                 // fsync blocks: off the async workers.
@@ -355,7 +355,7 @@ fn parse_hash(
     let mut services = Vec::with_capacity(entries.len());
     let mut problems = Vec::new();
     for (name, json) in entries {
-        match sources::parse_service(name, json) {
+        match update::parse_service(name, json) {
             Ok(service) => services.push(service),
             Err(reason) => problems.push(format!("hash {key:?} field {name:?}: {reason}")),
         }
