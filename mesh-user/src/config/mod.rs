@@ -50,6 +50,10 @@ pub struct AgentConfig {
     /// `[agent.redis]`: a Redis hash as a registry source; `None` turns it off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisConfig>,
+    /// `[agent.kubernetes]`: Services and EndpointSlices as a registry source; `None` turns it
+    /// off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesConfig>,
     /// `[agent.limits]`: map capacities.
     pub limits: Limits,
     /// Count per-backend bytes and TCP round-trip times in the kernel (a few map updates per
@@ -89,6 +93,7 @@ impl Default for AgentConfig {
             admin: None,
             state_dir: PathBuf::from("/var/lib/mesh"),
             redis: None,
+            kubernetes: None,
             limits: Limits::default(),
             telemetry: true,
             kernel_log: KernelLog::default(),
@@ -118,6 +123,22 @@ fn default_redis_key() -> String {
 
 fn default_redis_resync() -> Duration {
     Duration::from_secs(5)
+}
+
+/// `[agent.kubernetes]`: the node's share of a cluster's Services, as kube-proxy serves them.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// Default: the in-cluster service account, else `$KUBECONFIG`, else `~/.kube/config`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Default: `$NODE_NAME` (the downward API), else the host name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// Like kube-proxy: serve only Services with this `service.kubernetes.io/service-proxy-name`
+    /// label; empty serves only Services without it.
+    #[serde(default)]
+    pub service_proxy_name: String,
 }
 
 /// `[agent.limits]`: `max_entries` of the maps, fixed when they are created. Every map's

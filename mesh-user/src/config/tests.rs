@@ -404,7 +404,9 @@ fn name_must_fit_the_kernel_buffer() {
 #[test]
 fn name_allows_only_a_safe_alphabet() {
     ok(&WEB.replace("\"web\"", "\"ns/web-v1.2_x\""));
-    for bad in ["web svc", "wéb", "web\\\"", "a:b", "web\\n"] {
+    // Kubernetes services are named `namespace/service:port@vip`.
+    ok(&WEB.replace("\"web\"", "\"default/web:http@10.0.0.1:80\""));
+    for bad in ["web svc", "wéb", "web\\\"", "a[b]", "web\\n", "a?b"] {
         let (field, reason) = only_problem(&WEB.replace("\"web\"", &format!("\"{bad}\"")));
         assert_eq!(field, "name", "{bad}");
         assert!(reason.starts_with("may only contain"), "{bad}: {reason}");

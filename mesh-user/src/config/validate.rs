@@ -400,13 +400,14 @@ impl ServiceConfig {
             );
         }
         // Names appear in metrics labels, map dumps and URLs: keep them to a safe alphabet.
-        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-');
+        let allowed =
+            |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-' | ':' | '@');
         if let Some(c) = name.chars().find(|&c| !allowed(c)) {
             p.service(
                 i,
                 self,
                 "name",
-                format!("may only contain A-Z a-z 0-9 . _ / -, got {c:?}"),
+                format!("may only contain A-Z a-z 0-9 . _ / - : @, got {c:?}"),
             );
         }
     }

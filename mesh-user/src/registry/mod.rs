@@ -8,6 +8,7 @@ use serde::Serialize;
 
 pub mod api;
 pub mod file;
+pub mod kubernetes;
 pub mod redis;
 pub mod sources;
 pub mod update;
@@ -24,6 +25,7 @@ pub enum Source {
     Api,
     /// A Redis hash.
     Redis,
+    Kubernetes,
 }
 
 impl Source {
@@ -32,6 +34,7 @@ impl Source {
             Source::File => "file",
             Source::Api => "api",
             Source::Redis => "redis",
+            Source::Kubernetes => "kubernetes",
         }
     }
 }
@@ -70,7 +73,7 @@ pub trait SourceObserver: Send + Sync {
 pub type Listing = Vec<(Source, ServiceConfig)>;
 
 pub fn listing(registry: &Registry) -> Listing {
-    [Source::File, Source::Api, Source::Redis]
+    [Source::File, Source::Api, Source::Redis, Source::Kubernetes]
         .into_iter()
         .flat_map(|source| {
             registry

@@ -35,6 +35,17 @@ pub async fn start(
     metrics: Arc<dyn SourceObserver>,
 ) -> anyhow::Result<Sources> {
     let mut tasks = Vec::new();
+    if let Some(kubernetes) = &agent.kubernetes {
+        tasks.push(
+            super::kubernetes::start(
+                kubernetes,
+                updates.clone(),
+                registry.clone(),
+                metrics.clone(),
+            )
+            .await?,
+        );
+    }
     if agent.admin.is_none() && agent.redis.is_none() {
         return Ok(Sources { tasks });
     }

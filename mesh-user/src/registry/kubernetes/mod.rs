@@ -1,0 +1,414 @@
+//! The Kubernetes source: kube-rs watchers for Services, EndpointSlices and this node's Node,
+//! translated (`translate`) into the source's complete set of services.
+//!
+//! - Start-up: nothing is sent until every watcher's initial list is done; then the whole
+//!   cluster is applied as one update (no half-programmed cluster).
+//! - A relist (reconnect, `410 Gone`) is buffered the same way and replaces the cache at once.
+//! - While the API server is unreachable the last applied services stay in force; the outage
+//!   is logged once and `mesh_registry_source_up{source="kubernetes"}` is 0.
+//! - A translated service whose VIP or name another source already has is a reported conflict:
+//!   it is left out (logged, counted as a rejection), never a silent override.
+
+pub mod translate;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+    sync::Arc,
+};
+
+use anyhow::Context as _;
+use futures_util::{FutureExt as _, StreamExt as _, stream::BoxStream};
+use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client, Resource,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use self::translate::{Filter, LABEL_HEADLESS, LABEL_PROXY_NAME, LABEL_SERVICE_NAME, NodeView};
+use super::{Listing, Outcome, Source, SourceObserver, SourceUpdate, update};
+use crate::config::{KubernetesConfig, ServiceConfig};
+
+/// Objects of one kind by (namespace, name), with the relist buffer.
+struct Cache<K> {
+    objects: BTreeMap<(String, String), K>,
+    relisting: Option<BTreeMap<(String, String), K>>,
+    synced: bool,
+}
+
+impl<K: Resource> Cache<K> {
+    fn new() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            relisting: None,
+            synced: false,
+        }
+    }
+
+    fn key(obj: &K) -> (String, String) {
+        let meta = obj.meta();
+        (
+            meta.namespace.clone().unwrap_or_default(),
+            meta.name.clone().unwrap_or_default(),
+        )
+    }
+
+    /// Applies one watcher event; true when the visible objects changed.
+    fn apply(&mut self, event: watcher::Event<K>) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.relisting = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(obj) => {
+                let key = Self::key(&obj);
+                self.relisting.get_or_insert_default().insert(key, obj);
+                false
+            }
+            watcher::Event::InitDone => {
+                self.objects = self.relisting.take().unwrap_or_default();
+                self.synced = true;
+                true
+            }
+            watcher::Event::Apply(obj) => {
+                self.objects.insert(Self::key(&obj), obj);
+                true
+            }
+            watcher::Event::Delete(obj) => self.objects.remove(&Self::key(&obj)).is_some(),
+        }
+    }
+
+    fn values(&self) -> Vec<K>
+    where
+        K: Clone,
+    {
+        self.objects.values().cloned().collect()
+    }
+}
+
+/// kube-proxy's label selector for the Services it serves.
+fn service_selector(service_proxy_name: &str) -> String {
+    if service_proxy_name.is_empty() {
+        format!("!{LABEL_PROXY_NAME},!{LABEL_HEADLESS}")
+    } else {
+        format!("{LABEL_PROXY_NAME}={service_proxy_name},!{LABEL_HEADLESS}")
+    }
+}
+
+/// The node this agent runs on: `node_name`, else `$NODE_NAME` (downward API), else the host
+/// name.
+pub fn node_name(config: &KubernetesConfig) -> String {
+    config
+        .node_name
+        .clone()
+        .or_else(|| std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()))
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_default()
+}
+
+async fn client(config: &KubernetesConfig) -> anyhow::Result<Client> {
+    let config = match &config.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        // In-cluster service account, else $KUBECONFIG, else ~/.kube/config.
+        None => kube::Config::infer()
+            .await
+            .context("no Kubernetes config (in-cluster, $KUBECONFIG or ~/.kube/config)")?,
+    };
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
+type Events<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
+
+fn watch_kind<K>(api: Api<K>, config: watcher::Config) -> Events<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    watcher(api, config).default_backoff().boxed()
+}
+
+/// Starts the source; it sends nothing until every initial list is done.
+pub async fn start(
+    config: &KubernetesConfig,
+    updates: mpsc::Sender<SourceUpdate>,
+    registry: watch::Receiver<Listing>,
+    metrics: Arc<dyn SourceObserver>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let client = client(config).await?;
+    let node = node_name(config);
+    let filter = Filter {
+        service_proxy_name: config.service_proxy_name.clone(),
+    };
+    let services = watch_kind(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default().labels(&service_selector(&filter.service_proxy_name)),
+    );
+    let slices = watch_kind(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default().labels(LABEL_SERVICE_NAME),
+    );
+    let nodes = watch_kind(
+        Api::<Node>::all(client),
+        watcher::Config::default().fields(&format!("metadata.name={node}")),
+    );
+    info!(node = %node, service_proxy_name = %filter.service_proxy_name, "kubernetes: watching");
+    metrics.source_state(Source::Kubernetes.name(), false, 0);
+    let source = KubernetesSource {
+        node,
+        filter,
+        updates,
+        registry,
+        metrics,
+        services: Cache::new(),
+        slices: Cache::new(),
+        nodes: Cache::new(),
+        sent: None,
+        down: None,
+        skipped: BTreeMap::new(),
+    };
+    Ok(tokio::spawn(source.run(services, slices, nodes)))
+}
+
+struct KubernetesSource {
+    node: String,
+    filter: Filter,
+    updates: mpsc::Sender<SourceUpdate>,
+    registry: watch::Receiver<Listing>,
+    metrics: Arc<dyn SourceObserver>,
+    services: Cache<Service>,
+    slices: Cache<EndpointSlice>,
+    nodes: Cache<Node>,
+    /// The last set the agent accepted.
+    sent: Option<Vec<ServiceConfig>>,
+    /// The watch error being reported, so an outage is logged once.
+    down: Option<String>,
+    skipped: BTreeMap<&'static str, usize>,
+}
+
+/// Which watcher an event came from.
+/// Objects are boxed: they are large and of very different sizes.
+enum Woken {
+    Services(Box<Result<watcher::Event<Service>, watcher::Error>>),
+    Slices(Box<Result<watcher::Event<EndpointSlice>, watcher::Error>>),
+    Nodes(Box<Result<watcher::Event<Node>, watcher::Error>>),
+    RegistryChanged,
+    Ended,
+}
+
+impl KubernetesSource {
+    async fn run(
+        mut self,
+        mut services: Events<Service>,
+        mut slices: Events<EndpointSlice>,
+        mut nodes: Events<Node>,
+    ) {
+        loop {
+            let woken = tokio::select! {
+                e = services.next() => e.map_or(Woken::Ended, |e| Woken::Services(Box::new(e))),
+                e = slices.next() => e.map_or(Woken::Ended, |e| Woken::Slices(Box::new(e))),
+                e = nodes.next() => e.map_or(Woken::Ended, |e| Woken::Nodes(Box::new(e))),
+                changed = self.registry.changed() => match changed {
+                    Ok(()) => Woken::RegistryChanged,
+                    Err(_) => Woken::Ended,
+                },
+            };
+            let mut changed = self.wake(woken);
+            if changed.is_none() {
+                return;
+            }
+            // Take in everything already queued before translating once.
+            for _ in 0..10_000 {
+                let more = if let Some(Some(e)) = services.next().now_or_never() {
+                    Woken::Services(Box::new(e))
+                } else if let Some(Some(e)) = slices.next().now_or_never() {
+                    Woken::Slices(Box::new(e))
+                } else if let Some(Some(e)) = nodes.next().now_or_never() {
+                    Woken::Nodes(Box::new(e))
+                } else {
+                    break;
+                };
+                match self.wake(more) {
+                    Some(c) => changed = Some(changed.unwrap_or(false) || c),
+                    None => return,
+                }
+            }
+            if changed == Some(true) && self.synced() && !self.publish().await {
+                return;
+            }
+        }
+    }
+
+    fn synced(&self) -> bool {
+        self.services.synced && self.slices.synced && self.nodes.synced
+    }
+
+    /// Folds one event into the caches: Some(changed), or None when the agent is gone.
+    fn wake(&mut self, woken: Woken) -> Option<bool> {
+        let result = match woken {
+            Woken::Services(e) => (*e).map(|e| self.services.apply(e)),
+            Woken::Slices(e) => (*e).map(|e| self.slices.apply(e)),
+            Woken::Nodes(e) => (*e).map(|e| self.nodes.apply(e)),
+            Woken::RegistryChanged => Ok(true),
+            Woken::Ended => return None,
+        };
+        match result {
+            Ok(changed) => {
+                if changed && self.down.take().is_some() {
+                    info!("kubernetes: the API server answers again");
+                }
+                Some(changed)
+            }
+            Err(err) => {
+                let reason = err.to_string();
+                if self.down.as_ref() != Some(&reason) {
+                    warn!("kubernetes: watch failed, the last services stay in force: {reason}");
+                    let count = self.sent.as_ref().map_or(0, Vec::len);
+                    self.metrics
+                        .source_state(Source::Kubernetes.name(), false, count);
+                }
+                self.down = Some(reason);
+                Some(false)
+            }
+        }
+    }
+
+    /// Translates the caches and sends the set if it differs from the last one accepted.
+    /// False when the agent is gone.
+    async fn publish(&mut self) -> bool {
+        let node = NodeView::from_node(&self.node, self.nodes.objects.values().next());
+        let translation = translate::translate(
+            &self.services.values(),
+            &self.slices.values(),
+            &node,
+            &self.filter,
+        );
+        if translation.skipped != self.skipped {
+            for (reason, count) in &translation.skipped {
+                info!(reason, count, "kubernetes: skipped");
+            }
+            self.skipped = translation.skipped.clone();
+        }
+        let services = self.without_conflicts(translation.services);
+        if self.sent.as_ref() == Some(&services) && self.down.is_none() {
+            return true;
+        }
+        let count = services.len();
+        match update::send(&self.updates, Source::Kubernetes, services.clone()).await {
+            Outcome::Applied { generation } => {
+                info!(services = count, generation, "kubernetes: services applied");
+                self.sent = Some(services);
+                self.metrics
+                    .source_state(Source::Kubernetes.name(), self.down.is_none(), count);
+            }
+            Outcome::Failed(reason) => {
+                warn!("kubernetes: services accepted but not yet in the maps: {reason}");
+                self.sent = Some(services);
+                self.metrics
+                    .source_state(Source::Kubernetes.name(), false, count);
+            }
+            Outcome::Rejected(reason) => {
+                // The agent logged the reasons; the previous services stay in force.
+                self.metrics
+                    .source_state(Source::Kubernetes.name(), false, count);
+                let _ = reason;
+            }
+            Outcome::AgentGone => return false,
+        }
+        true
+    }
+
+    /// Leaves out services whose VIP or name another source has, reporting each conflict.
+    fn without_conflicts(&self, services: Vec<ServiceConfig>) -> Vec<ServiceConfig> {
+        let others: Vec<(Source, ServiceConfig)> = self
+            .registry
+            .borrow()
+            .iter()
+            .filter(|(source, _)| *source != Source::Kubernetes)
+            .cloned()
+            .collect();
+        let vips: BTreeMap<_, _> = others
+            .iter()
+            .map(|(source, svc)| (svc.vip(), (*source, svc.name.clone())))
+            .collect();
+        let names: BTreeSet<&str> = others.iter().map(|(_, svc)| svc.name.as_str()).collect();
+        services
+            .into_iter()
+            .filter(|svc| {
+                if let Some((source, name)) = vips.get(&svc.vip()) {
+                    error!(
+                        "kubernetes: {} is not applied: its VIP {} is already service {name:?} of the {} source",
+                        svc.name,
+                        svc.vip(),
+                        source.name()
+                    );
+                    self.metrics.config_rejected();
+                    return false;
+                }
+                if names.contains(svc.name.as_str()) {
+                    error!(
+                        "kubernetes: {} is not applied: another source has a service of that name",
+                        svc.name
+                    );
+                    self.metrics.config_rejected();
+                    return false;
+                }
+                true
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_service_selector_matches_kube_proxy() {
+        assert_eq!(
+            service_selector(""),
+            "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
+        );
+        assert_eq!(
+            service_selector("mesh"),
+            "service.kubernetes.io/service-proxy-name=mesh,!service.kubernetes.io/headless"
+        );
+    }
+
+    #[test]
+    fn a_relist_replaces_the_cache_only_when_it_is_complete() {
+        let svc = |name: &str| -> Service {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "default"}
+            }))
+            .unwrap()
+        };
+        let mut cache = Cache::<Service>::new();
+        assert!(!cache.apply(watcher::Event::Init));
+        assert!(!cache.apply(watcher::Event::InitApply(svc("a"))));
+        assert!(!cache.synced && cache.objects.is_empty());
+        assert!(cache.apply(watcher::Event::InitDone));
+        assert_eq!(cache.objects.len(), 1);
+        // A relist in progress keeps the old objects visible until it is done.
+        cache.apply(watcher::Event::Init);
+        cache.apply(watcher::Event::InitApply(svc("b")));
+        assert!(cache.objects.contains_key(&("default".into(), "a".into())));
+        cache.apply(watcher::Event::InitDone);
+        let names: Vec<_> = cache.objects.keys().map(|k| k.1.clone()).collect();
+        assert_eq!(names, ["b"]);
+        assert!(cache.apply(watcher::Event::Delete(svc("b"))));
+        assert!(!cache.apply(watcher::Event::Delete(svc("b"))));
+    }
+}

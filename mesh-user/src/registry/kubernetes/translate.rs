@@ -1,0 +1,466 @@
+//! Kubernetes objects -> mesh services, with kube-proxy's semantics for clients on this node.
+//! Pure: (Services, EndpointSlices, this Node, settings) -> services and what was skipped.
+//!
+//! Per Service port and protocol, every VIP a local client can dial becomes one mesh service:
+//! each of `clusterIPs`, each `externalIPs` entry, each `status.loadBalancer.ingress` IP (unless
+//! `ipMode: Proxy`), and the NodePort on each of this node's addresses and on 127.0.0.1.
+//! Endpoints follow pkg/proxy/topology.go: ready endpoints serve; when none is usable,
+//! serving-and-terminating ones do (decided separately for the Cluster and the Local set);
+//! topology hints apply only when every ready endpoint carries them and one matches this node
+//! (PreferSameNode) or zone (PreferSameZone). The cluster IP uses the Local set with
+//! `internalTrafficPolicy: Local`. External VIPs dialled from this node use the Cluster set, as
+//! kube-proxy short-circuits node-local traffic to external destinations. Endpoints that are
+//! not used but still terminating stay as draining members: no new connections, and their
+//! connected UDP sockets are not terminated.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service, ServicePort},
+    discovery::v1::EndpointSlice,
+};
+use mesh_common::SERVICE_NAME_LEN;
+
+use crate::config::{Affinity, BackendConfig, EmptyPolicy, Protocol, ServiceConfig};
+
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+pub const LABEL_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+/// kube-proxy's default ClientIP affinity timeout (3 h).
+const DEFAULT_AFFINITY_SECS: i32 = 10_800;
+
+/// What the node and the agent's settings contribute.
+#[derive(Clone, Debug, Default)]
+pub struct NodeView {
+    pub name: String,
+    /// `topology.kubernetes.io/zone` of this node, if set.
+    pub zone: Option<String>,
+    /// This node's InternalIP and ExternalIP addresses (NodePorts listen there).
+    pub addresses: Vec<IpAddr>,
+}
+
+impl NodeView {
+    pub fn from_node(name: &str, node: Option<&Node>) -> Self {
+        let zone = node
+            .and_then(|n| n.metadata.labels.as_ref())
+            .and_then(|labels| labels.get(LABEL_ZONE).cloned());
+        let addresses = node
+            .and_then(|n| n.status.as_ref())
+            .and_then(|s| s.addresses.as_ref())
+            .map(|addresses| {
+                addresses
+                    .iter()
+                    .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+                    .filter_map(|a| a.address.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            name: name.to_owned(),
+            zone,
+            addresses,
+        }
+    }
+}
+
+/// Which Services this agent serves, as kube-proxy's `--service-proxy-name` decides.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// Empty: only Services without the `service-proxy-name` label.
+    pub service_proxy_name: String,
+}
+
+/// The translation of everything watched.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Translation {
+    pub services: Vec<ServiceConfig>,
+    /// Why objects (or ports of them) were left out: reason -> how many.
+    pub skipped: BTreeMap<&'static str, usize>,
+}
+
+/// One endpoint as kube-proxy sees it.
+#[derive(Clone, Debug)]
+struct Endpoint {
+    addr: SocketAddr,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    node: Option<String>,
+    zones: BTreeSet<String>,
+    nodes: BTreeSet<String>,
+}
+
+impl Endpoint {
+    fn is_local(&self, node: &NodeView) -> bool {
+        self.node.as_deref() == Some(node.name.as_str())
+    }
+}
+
+/// Translates every Service with its slices.
+pub fn translate(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeView,
+    filter: &Filter,
+) -> Translation {
+    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in slices {
+        let labels = slice.metadata.labels.as_ref();
+        let (Some(ns), Some(svc)) = (
+            slice.metadata.namespace.clone(),
+            labels.and_then(|l| l.get(LABEL_SERVICE_NAME)).cloned(),
+        ) else {
+            continue;
+        };
+        by_service.entry((ns, svc)).or_default().push(slice);
+    }
+    let mut out = Translation::default();
+    for service in services {
+        let key = (
+            service.metadata.namespace.clone().unwrap_or_default(),
+            service.metadata.name.clone().unwrap_or_default(),
+        );
+        let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+        translate_service(service, slices, node, filter, &mut out);
+    }
+    out.services.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+fn skip(out: &mut Translation, reason: &'static str) {
+    *out.skipped.entry(reason).or_default() += 1;
+}
+
+fn translate_service(
+    service: &Service,
+    slices: &[&EndpointSlice],
+    node: &NodeView,
+    filter: &Filter,
+    out: &mut Translation,
+) {
+    let labels = service.metadata.labels.clone().unwrap_or_default();
+    if labels.contains_key(LABEL_HEADLESS) {
+        return skip(out, "headless label");
+    }
+    match labels.get(LABEL_PROXY_NAME) {
+        Some(name) if *name != filter.service_proxy_name => {
+            return skip(out, "another service-proxy-name");
+        }
+        None if !filter.service_proxy_name.is_empty() => {
+            return skip(out, "another service-proxy-name");
+        }
+        _ => {}
+    }
+    let Some(spec) = &service.spec else {
+        return skip(out, "no spec");
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return skip(out, "ExternalName");
+    }
+    let cluster_ips: Vec<IpAddr> = spec
+        .cluster_ips
+        .clone()
+        .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    if spec.cluster_ip.as_deref() == Some("None") || cluster_ips.is_empty() {
+        return skip(out, "headless (clusterIP None)");
+    }
+    let ns = service.metadata.namespace.as_deref().unwrap_or_default();
+    let name = service.metadata.name.as_deref().unwrap_or_default();
+    let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        let secs = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .unwrap_or(DEFAULT_AFFINITY_SECS);
+        Affinity {
+            timeout: Duration::from_secs(u64::try_from(secs.max(1)).unwrap_or(1)),
+        }
+    });
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let publish_not_ready = spec.publish_not_ready_addresses == Some(true);
+    let external: Vec<IpAddr> = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .filter_map(|ip| ip.parse().ok())
+        .chain(
+            service
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref())
+                .into_iter()
+                .flatten()
+                .filter(|ingress| ingress.ip_mode.as_deref() != Some("Proxy"))
+                .filter_map(|ingress| ingress.ip.as_deref()?.parse().ok()),
+        )
+        .collect();
+    for port in spec.ports.iter().flatten() {
+        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            _ => {
+                skip(out, "protocol other than TCP and UDP (SCTP)");
+                continue;
+            }
+        };
+        let Ok(port_number) = u16::try_from(port.port) else {
+            skip(out, "port out of range");
+            continue;
+        };
+        let endpoints = endpoints_for(port, protocol, slices, publish_not_ready, out);
+        let base = format!(
+            "{ns}/{name}:{}",
+            port.name
+                .as_deref()
+                .filter(|n| !n.is_empty())
+                .map_or_else(|| port.port.to_string(), str::to_owned)
+        );
+        // kube-proxy runs one proxier per IP family: each categorizes its family's endpoints.
+        let family = |v4: bool| -> Vec<Endpoint> {
+            endpoints
+                .iter()
+                .filter(|e| e.addr.is_ipv4() == v4)
+                .cloned()
+                .collect()
+        };
+        let (v4_all, v6_all) = (family(true), family(false));
+        let (v4_cluster, v4_local) = categorize(&v4_all, node);
+        let (v6_cluster, v6_local) = categorize(&v6_all, node);
+        let sets = |ip: &IpAddr| {
+            if ip.is_ipv4() {
+                (&v4_cluster, &v4_local, &v4_all)
+            } else {
+                (&v6_cluster, &v6_local, &v6_all)
+            }
+        };
+        // (VIP, the endpoints it uses, every endpoint of its family)
+        let mut vips: Vec<(SocketAddr, &[Endpoint], &[Endpoint])> = Vec::new();
+        for ip in &cluster_ips {
+            let (cluster, local, all) = sets(ip);
+            let set = if internal_local { local } else { cluster };
+            vips.push((SocketAddr::new(*ip, port_number), set, all));
+        }
+        for ip in &external {
+            let (cluster, _, all) = sets(ip);
+            vips.push((SocketAddr::new(*ip, port_number), cluster, all));
+        }
+        if let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()) {
+            let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            for ip in node.addresses.iter().chain([&loopback]) {
+                let (cluster, _, all) = sets(ip);
+                vips.push((SocketAddr::new(*ip, node_port), cluster, all));
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for (i, (vip, set, all)) in vips.into_iter().enumerate() {
+            if !seen.insert(vip) {
+                continue;
+            }
+            let name = if i == 0 {
+                base.clone()
+            } else {
+                format!("{base}@{}:{}", vip.ip(), vip.port())
+            };
+            out.services.push(ServiceConfig {
+                name: fit_name(&name),
+                vip,
+                protocol,
+                backends: members(set, all),
+                on_empty: EmptyPolicy::Reject,
+                affinity: affinity.clone(),
+                health: None,
+                terminate_udp_flows: true,
+            });
+        }
+    }
+}
+
+/// The endpoints of one Service port over all its slices: the slice port with the Service
+/// port's name and protocol gives the number (named target ports differ per slice). The first
+/// address of each endpoint counts, as in kube-proxy; an address seen twice counts once.
+fn endpoints_for(
+    port: &ServicePort,
+    protocol: Protocol,
+    slices: &[&EndpointSlice],
+    publish_not_ready: bool,
+    out: &mut Translation,
+) -> Vec<Endpoint> {
+    let want_name = port.name.as_deref().unwrap_or_default();
+    let want_proto = match protocol {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+    };
+    let mut endpoints: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
+    for slice in slices {
+        if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+            skip(out, "FQDN EndpointSlice");
+            continue;
+        }
+        let Some(slice_port) = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or_default() == want_name
+                && p.protocol.as_deref().unwrap_or("TCP") == want_proto
+        }) else {
+            continue;
+        };
+        let Some(number) = slice_port.port.and_then(|p| u16::try_from(p).ok()) else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+                continue;
+            };
+            let conditions = ep.conditions.as_ref();
+            let ready = publish_not_ready || conditions.and_then(|c| c.ready).unwrap_or(true);
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            let hints = ep.hints.as_ref();
+            let endpoint = Endpoint {
+                addr: SocketAddr::new(ip, number),
+                ready,
+                serving,
+                terminating,
+                node: ep.node_name.clone(),
+                zones: hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|z| z.name.clone())
+                    .collect(),
+                nodes: hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.name.clone())
+                    .collect(),
+            };
+            // A ready copy wins over a not-ready one (an endpoint moving between slices).
+            match endpoints.get(&endpoint.addr) {
+                Some(existing) if existing.ready || !endpoint.ready => {}
+                _ => {
+                    endpoints.insert(endpoint.addr, endpoint);
+                }
+            }
+        }
+    }
+    endpoints.into_values().collect()
+}
+
+/// kube-proxy's topology mode from the hints of the ready endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    None,
+    SameNode,
+    SameZone,
+}
+
+fn topology_mode(endpoints: &[Endpoint], node: &NodeView) -> Topology {
+    let ready: Vec<&Endpoint> = endpoints.iter().filter(|e| e.ready).collect();
+    if ready.is_empty() {
+        return Topology::None;
+    }
+    if ready.iter().all(|e| !e.nodes.is_empty())
+        && ready.iter().any(|e| e.nodes.contains(&node.name))
+    {
+        return Topology::SameNode;
+    }
+    let zone = node.zone.as_deref().unwrap_or_default();
+    if ready.iter().all(|e| !e.zones.is_empty()) && ready.iter().any(|e| e.zones.contains(zone)) {
+        return Topology::SameZone;
+    }
+    Topology::None
+}
+
+fn available(endpoint: &Endpoint, mode: Topology, node: &NodeView) -> bool {
+    match mode {
+        Topology::None => true,
+        Topology::SameNode => endpoint.nodes.contains(&node.name),
+        Topology::SameZone => endpoint
+            .zones
+            .contains(node.zone.as_deref().unwrap_or_default()),
+    }
+}
+
+/// (Cluster set, Local set) of usable endpoints, as `CategorizeEndpoints` computes them.
+fn categorize(endpoints: &[Endpoint], node: &NodeView) -> (Vec<Endpoint>, Vec<Endpoint>) {
+    let mode = topology_mode(endpoints, node);
+    let mut cluster: Vec<Endpoint> = endpoints
+        .iter()
+        .filter(|e| e.ready && available(e, mode, node))
+        .cloned()
+        .collect();
+    if cluster.is_empty() {
+        cluster = endpoints
+            .iter()
+            .filter(|e| e.serving && e.terminating)
+            .cloned()
+            .collect();
+    }
+    let local_ready: Vec<Endpoint> = endpoints
+        .iter()
+        .filter(|e| e.is_local(node) && e.ready)
+        .cloned()
+        .collect();
+    let local = if local_ready.is_empty() {
+        endpoints
+            .iter()
+            .filter(|e| e.is_local(node) && e.serving && e.terminating)
+            .cloned()
+            .collect()
+    } else {
+        local_ready
+    };
+    (cluster, local)
+}
+
+/// The set's endpoints as active members, plus every other terminating endpoint of the VIP's
+/// family as a draining one (established connections go on, nothing new reaches it).
+fn members(set: &[Endpoint], all: &[Endpoint]) -> Vec<BackendConfig> {
+    let used: BTreeSet<SocketAddr> = set.iter().map(|e| e.addr).collect();
+    let active = set.iter().map(|e| BackendConfig {
+        addr: e.addr,
+        weight: 1,
+        drain: false,
+    });
+    let draining = all
+        .iter()
+        .filter(|e| e.terminating && !used.contains(&e.addr))
+        .map(|e| BackendConfig {
+            addr: e.addr,
+            weight: 1,
+            drain: true,
+        });
+    active.chain(draining).collect()
+}
+
+/// Names longer than the kernel's name buffer keep their start and a hash of the whole, so
+/// they stay unique and recognisable.
+fn fit_name(name: &str) -> String {
+    let max = SERVICE_NAME_LEN - 1;
+    if name.len() <= max {
+        return name.to_owned();
+    }
+    // FNV-1a: stable across builds, so a restarted agent names the service the same.
+    let hash = name.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let suffix = format!("~{hash:08x}");
+    let mut cut = max - suffix.len();
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{suffix}", &name[..cut])
+}
+
+#[cfg(test)]
+mod tests;
