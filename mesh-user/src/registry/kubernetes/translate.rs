@@ -25,12 +25,19 @@ use k8s_openapi::api::{
 };
 use mesh_common::SERVICE_NAME_LEN;
 
-use crate::config::{Affinity, BackendConfig, EmptyPolicy, Protocol, ServiceConfig};
+use crate::config::{
+    Affinity, BackendConfig, EmptyPolicy, HealthConfig, HealthKind, Protocol, ServiceConfig,
+};
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 pub const LABEL_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+/// Opt-in active health checks on a Service: `tcp` or `http` (EndpointSlice readiness is the
+/// health signal otherwise, as for kube-proxy). With a check, passive ejection applies too.
+pub const ANNOTATION_HEALTH: &str = "mesh.dev/health-check";
+/// The request path of `http` checks (default `/healthz`).
+pub const ANNOTATION_HEALTH_PATH: &str = "mesh.dev/health-check-path";
 /// kube-proxy's default ClientIP affinity timeout (3 h).
 const DEFAULT_AFFINITY_SECS: i32 = 10_800;
 
@@ -186,6 +193,13 @@ fn translate_service(
             timeout: Duration::from_secs(u64::try_from(secs.max(1)).unwrap_or(1)),
         }
     });
+    let health = match health_from_annotations(service) {
+        Ok(health) => health,
+        Err(reason) => {
+            skip(out, reason);
+            None
+        }
+    };
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     let publish_not_ready = spec.publish_not_ready_addresses == Some(true);
     let external: Vec<IpAddr> = spec
@@ -279,11 +293,32 @@ fn translate_service(
                 backends: members(set, all),
                 on_empty: EmptyPolicy::Reject,
                 affinity: affinity.clone(),
-                health: None,
+                health: health.clone(),
                 terminate_udp_flows: true,
             });
         }
     }
+}
+
+/// Active checks the Service's annotations ask for; an unknown kind is reported and ignored.
+fn health_from_annotations(service: &Service) -> Result<Option<HealthConfig>, &'static str> {
+    let annotations = service.metadata.annotations.as_ref();
+    let Some(kind) = annotations.and_then(|a| a.get(ANNOTATION_HEALTH)) else {
+        return Ok(None);
+    };
+    let kind = match kind.as_str() {
+        "tcp" => HealthKind::Tcp,
+        "http" => HealthKind::Http,
+        _ => return Err("unknown mesh.dev/health-check annotation (tcp or http), ignored"),
+    };
+    let mut health = HealthConfig {
+        kind,
+        ..HealthConfig::default()
+    };
+    if let Some(path) = annotations.and_then(|a| a.get(ANNOTATION_HEALTH_PATH)) {
+        health.path = path.clone();
+    }
+    Ok(Some(health))
 }
 
 /// The endpoints of one Service port over all its slices: the slice port with the Service

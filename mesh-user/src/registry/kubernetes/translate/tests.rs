@@ -518,3 +518,25 @@ fn long_names_are_cut_to_the_kernel_buffer_and_stay_unique() {
     assert_ne!(a, b);
     assert_eq!(fit_name("default/web:http"), "default/web:http");
 }
+
+#[test]
+fn active_checks_only_when_an_annotation_asks() {
+    assert!(run(&[web(json!({}))], &[]).services[0].health.is_none());
+    let mut svc = web(json!({}));
+    svc.metadata.annotations = Some(
+        [
+            (ANNOTATION_HEALTH.to_owned(), "http".to_owned()),
+            (ANNOTATION_HEALTH_PATH.to_owned(), "/ready".to_owned()),
+        ]
+        .into(),
+    );
+    let health = run(&[svc.clone()], &[]).services[0].health.clone().unwrap();
+    assert_eq!(
+        (health.kind, health.path.as_str()),
+        (HealthKind::Http, "/ready")
+    );
+    svc.metadata.annotations = Some([(ANNOTATION_HEALTH.to_owned(), "grpc".to_owned())].into());
+    let t = run(&[svc], &[]);
+    assert!(t.services[0].health.is_none());
+    assert_eq!(t.skipped.len(), 1);
+}
