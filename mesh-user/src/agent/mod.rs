@@ -136,6 +136,12 @@ async fn serve(args: AgentArgs, config: Config, started: Started) -> anyhow::Res
         executor,
     } = started;
     let agent_config = config.agent.clone();
+    if agent_config.vip_ranges.is_empty() {
+        warn!(
+            "[agent] vip_ranges is empty: any registry source may claim any address as a VIP; \
+             set it to the service address ranges"
+        );
+    }
     let _kernel_log = datapath
         .logger
         .take()

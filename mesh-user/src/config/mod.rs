@@ -66,6 +66,10 @@ pub struct AgentConfig {
     /// desired state (an entry deleted or changed behind the agent's back).
     #[serde(with = "humantime_serde")]
     pub resync: Duration,
+    /// The addresses services may claim as VIPs, from any source. Empty: no restriction (the
+    /// agent warns at start): whoever writes a registry could then redirect any destination of
+    /// the node, say 8.8.8.8:53.
+    pub vip_ranges: Vec<ipnet::IpNet>,
 }
 
 /// Bounds of `[agent] resync`.
@@ -98,6 +102,7 @@ impl Default for AgentConfig {
             telemetry: true,
             kernel_log: KernelLog::default(),
             resync: Duration::from_secs(30),
+            vip_ranges: Vec::new(),
         }
     }
 }

@@ -1062,3 +1062,20 @@ fn state_dir_must_be_absolute() {
     assert_eq!(field, "agent.state_dir");
     assert_eq!(reason, "must be an absolute path, got \"state\"");
 }
+
+#[test]
+fn vips_outside_vip_ranges_are_rejected_with_the_ranges_named() {
+    let ranges = "[agent]\nvip_ranges = [\"127.100.0.0/16\", \"fd00:96::/112\"]\n";
+    ok(&format!("{ranges}{WEB}"));
+    let hijack = WEB.replace("127.100.0.1:80", "8.8.8.8:53");
+    let (field, reason) = only_problem(&format!("{ranges}{hijack}"));
+    assert_eq!(field, "vip");
+    assert_eq!(
+        reason,
+        "8.8.8.8 is outside [agent] vip_ranges (127.100.0.0/16, fd00:96::/112)"
+    );
+    // No ranges: no restriction.
+    ok(&hijack);
+    let bad = "[agent]\nvip_ranges = [\"10.96.0.0/33\"]\n";
+    assert!(parse(&format!("{bad}{WEB}"), "test.toml").is_err());
+}

@@ -203,6 +203,7 @@ impl Config {
         let mut total_slots: u64 = 0;
         for (i, svc) in self.services.iter().enumerate() {
             svc.check(i, &mut p);
+            self.check_vip_range(i, svc, &mut p);
             total_slots += u64::from(mesh_common::capacity::slot_count(&valid_weights(svc)));
         }
         self.check_unique(&mut p);
@@ -215,6 +216,26 @@ impl Config {
                 problems: p.0,
             })
         }
+    }
+
+    /// A VIP outside `[agent] vip_ranges` would let a registry writer take over an address the
+    /// node's processes really mean to reach.
+    fn check_vip_range(&self, i: usize, svc: &ServiceConfig, p: &mut Problems) {
+        let ranges = &self.agent.vip_ranges;
+        if ranges.is_empty() || ranges.iter().any(|r| r.contains(&svc.vip.ip())) {
+            return;
+        }
+        let listed = ranges
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        p.service(
+            i,
+            svc,
+            "vip",
+            format!("{} is outside [agent] vip_ranges ({listed})", svc.vip.ip()),
+        );
     }
 
     /// Names and (vip, protocol) pairs are keys in the agent's state and the services map.

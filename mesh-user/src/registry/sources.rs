@@ -38,6 +38,7 @@ pub async fn start(
     if let Some(kubernetes) = &agent.kubernetes {
         tasks.push(
             super::kubernetes::start(
+                agent,
                 kubernetes,
                 updates.clone(),
                 registry.clone(),

@@ -31,7 +31,7 @@ use tracing::{error, info, warn};
 
 use self::translate::{Filter, LABEL_HEADLESS, LABEL_PROXY_NAME, LABEL_SERVICE_NAME, NodeView};
 use super::{Listing, Outcome, Source, SourceObserver, SourceUpdate, update};
-use crate::config::{KubernetesConfig, ServiceConfig};
+use crate::config::{AgentConfig, Config, KubernetesConfig, ServiceConfig};
 
 /// Objects of one kind by (namespace, name), with the relist buffer.
 struct Cache<K> {
@@ -142,6 +142,7 @@ where
 
 /// Starts the source; it sends nothing until every initial list is done.
 pub async fn start(
+    agent: &AgentConfig,
     config: &KubernetesConfig,
     updates: mpsc::Sender<SourceUpdate>,
     registry: watch::Receiver<Listing>,
@@ -167,6 +168,7 @@ pub async fn start(
     info!(node = %node, service_proxy_name = %filter.service_proxy_name, "kubernetes: watching");
     metrics.source_state(Source::Kubernetes.name(), false, 0);
     let source = KubernetesSource {
+        agent: agent.clone(),
         node,
         filter,
         updates,
@@ -183,6 +185,9 @@ pub async fn start(
 }
 
 struct KubernetesSource {
+    /// What each translated service is validated against on its own, so one bad Service is
+    /// reported and left out instead of rejecting the whole cluster.
+    agent: AgentConfig,
     node: String,
     filter: Filter,
     updates: mpsc::Sender<SourceUpdate>,
@@ -301,7 +306,7 @@ impl KubernetesSource {
             }
             self.skipped = translation.skipped.clone();
         }
-        let services = self.without_conflicts(translation.services);
+        let services = self.valid_only(self.without_conflicts(translation.services));
         if self.sent.as_ref() == Some(&services) && self.down.is_none() {
             return true;
         }
@@ -328,6 +333,31 @@ impl KubernetesSource {
             Outcome::AgentGone => return false,
         }
         true
+    }
+
+    /// Leaves out services that are invalid on their own (a VIP outside `vip_ranges`, ...).
+    fn valid_only(&self, services: Vec<ServiceConfig>) -> Vec<ServiceConfig> {
+        services
+            .into_iter()
+            .filter(|svc| {
+                let alone = Config {
+                    agent: self.agent.clone(),
+                    services: vec![svc.clone()],
+                };
+                match alone.validate("kubernetes") {
+                    Ok(()) => true,
+                    Err(err) => {
+                        error!(
+                            "kubernetes: {} is not applied: {}",
+                            svc.name,
+                            err.to_string().replace('\n', "; ")
+                        );
+                        self.metrics.config_rejected();
+                        false
+                    }
+                }
+            })
+            .collect()
     }
 
     /// Leaves out services whose VIP or name another source has, reporting each conflict.
