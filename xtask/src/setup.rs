@@ -9,7 +9,7 @@ use crate::util::{Run as _, cgroup2_mount, cmd, is_root, mounts, path_with};
 
 /// Debian packages for building (LLVM for bpf-linker, bpftool) and for the tests and
 /// benchmarks (network tools, the services they start, load generators). `prometheus` ships
-/// `promtool`.
+/// `promtool`; the JDK and curl are the dual-stack clients of the dual-stack tests.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -26,6 +26,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "wrk",
     "procps",
     "util-linux",
+    "openjdk-17-jdk-headless",
+    "curl",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
