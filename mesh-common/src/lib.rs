@@ -6,6 +6,10 @@
 //!   the first 4 bytes and leaves the rest zero. `bpftool` prints them as byte arrays.
 //! - Ports are in host order, so `bpftool` prints `80` for port 80.
 //! - Ids are allocated by the agent; id 0 is reserved to mean "none".
+//!
+//! It also holds the pure helpers of the kernel programs (address conversion, slot choice,
+//! TCP close accounting), so they are unit-tested on the host (`cargo test -p mesh-common`).
+//! They are `#[inline(always)]`: the BPF verifier sees them inlined into each program.
 #![no_std]
 
 pub mod capacity;
@@ -197,6 +201,21 @@ pub struct DatapathStats {
     pub udp_flows_added: u64,
     /// Connected UDP sockets that could not be recorded because `udp_flows` was full.
     pub udp_flows_full: u64,
+    /// Failed connects whose first failure could not be recorded because `passive` was full.
+    pub passive_full: u64,
+    /// Session-affinity picks that could not be remembered because inserting into `affinity`
+    /// failed.
+    pub affinity_full: u64,
+    /// Translated sockets that got no reverse-translation state (socket-local storage could not
+    /// be created): their getpeername/recvmsg show the backend, and a connected UDP socket is
+    /// not recorded in `udp_flows`.
+    pub rev_failed: u64,
+    /// Round-robin picks whose slot (or the backend it names) was gone, so the service entry
+    /// was read again and the pick retried in its live slot set (a generation switch raced the
+    /// connect).
+    pub slot_retries: u64,
+    /// Retried picks that found no slot either; the connect was treated as "no backend".
+    pub slot_misses: u64,
 }
 
 /// Value of the `udp_flows` map (key: socket cookie, u64): a connected UDP socket the load
@@ -283,8 +302,336 @@ const _: () = {
     assert!(core::mem::size_of::<Settings>() == 16);
     assert!(core::mem::size_of::<ServiceStats>() == 8);
     assert!(core::mem::size_of::<ServiceName>() == SERVICE_NAME_LEN);
-    assert!(core::mem::size_of::<DatapathStats>() == 32);
+    assert!(core::mem::size_of::<DatapathStats>() == 8 * 9);
     assert!(core::mem::size_of::<UdpFlow>() == 8);
     assert!(core::mem::size_of::<AffinityKey>() == 24);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
 };
+
+// ---------------------------------------------------------------------------------------------
+// Helpers of the kernel programs
+// ---------------------------------------------------------------------------------------------
+//
+// The sock_addr context holds an address as four u32 words (`user_ip4`, `user_ip6[0..4]`), each
+// the next 4 bytes of the address in network order loaded as a native-endian integer; a port is
+// the low 16 bits of `user_port`, network order. The helpers below take and give words in that
+// raw form ([`RawIp`]).
+
+/// An address as the sock_addr context holds it: IPv4 is `[ip, 0, 0, 0]`.
+pub type RawIp = [u32; 4];
+
+/// Third word of a v4-mapped address (`::ffff:a.b.c.d` is `[0, 0, V4_MAPPED_PREFIX, ip]`).
+pub const V4_MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// Whether an IPv6 address is v4-mapped (`::ffff:a.b.c.d`): an AF_INET6 socket with
+/// IPV6_V6ONLY=0 reaches IPv4 addresses that way.
+#[inline(always)]
+pub fn is_v4_mapped(ip: &RawIp) -> bool {
+    // Words 1 and 2 compared as one u64: LLVM 22 compiled `ip[2] == V4_MAPPED_PREFIX` for bpf
+    // (`--cpu generic` with ALU32, no JMP32) into a 64-bit compare of the zero-extended word
+    // with the sign-extended immediate 0xffff0000, which never matched.
+    let middle = u64::from(ip[1]) | (u64::from(ip[2]) << 32);
+    ip[0] == 0 && middle == u64::from(V4_MAPPED_PREFIX) << 32
+}
+
+/// The v4-mapped IPv6 form of an IPv4 address word.
+#[inline(always)]
+pub fn v4_mapped(ip4: u32) -> RawIp {
+    [0, 0, V4_MAPPED_PREFIX, ip4]
+}
+
+/// Host-order port of a raw `user_port`.
+#[inline(always)]
+pub fn port_from_raw(raw: u32) -> u16 {
+    let b = raw.to_ne_bytes();
+    u16::from_be_bytes([b[0], b[1]])
+}
+
+/// Raw `user_port` of a host-order port.
+#[inline(always)]
+pub fn port_to_raw(port: u16) -> u32 {
+    let b = port.to_be_bytes();
+    u32::from_ne_bytes([b[0], b[1], 0, 0])
+}
+
+impl ServiceKey {
+    /// The key a connect (or sendmsg) to `ip`:`raw_port` looks up. `family` is the hook's
+    /// (`FAMILY_V4` for connect4/sendmsg4, `FAMILY_V6` for the 6 hooks); a v4-mapped address
+    /// seen by a 6 hook is the IPv4 service.
+    #[inline(always)]
+    pub fn from_raw(family: u8, ip: &RawIp, raw_port: u32, proto: u32) -> ServiceKey {
+        let mut key = ServiceKey {
+            port: port_from_raw(raw_port),
+            proto: proto as u8,
+            ..ServiceKey::default()
+        };
+        if family == FAMILY_V4 || is_v4_mapped(ip) {
+            let v4 = if family == FAMILY_V4 { ip[0] } else { ip[3] };
+            key.family = FAMILY_V4;
+            let word = v4.to_ne_bytes();
+            key.ip[0] = word[0];
+            key.ip[1] = word[1];
+            key.ip[2] = word[2];
+            key.ip[3] = word[3];
+        } else {
+            key.family = FAMILY_V6;
+            let mut i = 0;
+            while i < 4 {
+                let word = ip[i].to_ne_bytes();
+                key.ip[i * 4] = word[0];
+                key.ip[i * 4 + 1] = word[1];
+                key.ip[i * 4 + 2] = word[2];
+                key.ip[i * 4 + 3] = word[3];
+                i += 1;
+            }
+        }
+        key
+    }
+}
+
+impl Backend {
+    /// The backend's address as a hook of `family` writes it: raw words, and an IPv4 backend
+    /// v4-mapped for a 6 hook (the form an AF_INET6 socket uses for IPv4 peers).
+    #[inline(always)]
+    pub fn raw_ip(&self, family: u8) -> RawIp {
+        let b = &self.ip;
+        let word =
+            |i: usize| u32::from_ne_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]]);
+        if self.family == FAMILY_V4 {
+            if family == FAMILY_V4 {
+                [word(0), 0, 0, 0]
+            } else {
+                v4_mapped(word(0))
+            }
+        } else {
+            [word(0), word(1), word(2), word(3)]
+        }
+    }
+
+    /// The backend's port in `user_port` form.
+    #[inline(always)]
+    pub fn raw_port(&self) -> u32 {
+        port_to_raw(self.port)
+    }
+}
+
+/// The slot of a service's live set that round-robin turn `turn` uses (0 when the set is
+/// empty; callers check `slot_count` first).
+#[inline(always)]
+pub fn slot_index(turn: u64, slot_count: u32) -> u32 {
+    if slot_count == 0 {
+        return 0;
+    }
+    (turn % u64::from(slot_count)) as u32
+}
+
+/// The `BackendStats::rtt_buckets` index of a smoothed RTT: the first bucket whose bound
+/// (`RTT_BUCKET_BASE_US << i`) is at least `rtt_us`, or the last one.
+#[inline(always)]
+pub fn rtt_bucket(rtt_us: u64) -> usize {
+    let mut bucket = 0;
+    // Bounded by RTT_BUCKETS, as the verifier needs.
+    while bucket < RTT_BUCKETS - 1 && rtt_us > RTT_BUCKET_BASE_US << bucket {
+        bucket += 1;
+    }
+    bucket
+}
+
+/// TCP states (`include/net/tcp_states.h`), as `sock_ops` state callbacks report them.
+pub mod tcp_state {
+    pub const ESTABLISHED: u32 = 1;
+    pub const SYN_SENT: u32 = 2;
+    pub const SYN_RECV: u32 = 3;
+    pub const FIN_WAIT1: u32 = 4;
+    pub const FIN_WAIT2: u32 = 5;
+    pub const TIME_WAIT: u32 = 6;
+    pub const CLOSE: u32 = 7;
+    pub const CLOSE_WAIT: u32 = 8;
+    pub const LAST_ACK: u32 = 9;
+    pub const LISTEN: u32 = 10;
+    pub const CLOSING: u32 = 11;
+}
+
+/// For a connection that reaches CLOSE from `old_state`: (our SYN and FIN acknowledged by the
+/// peer, peer FIN received). `bytes_acked` and `bytes_received` of `sock_ops` count SYN and FIN
+/// as one byte each (they follow snd_una and rcv_nxt); subtracting these gives payload bytes.
+#[inline(always)]
+pub fn closed_flags(old_state: u32) -> (u64, u64) {
+    match old_state {
+        // Orderly close: our FIN was acknowledged and the peer's FIN received.
+        tcp_state::FIN_WAIT2 | tcp_state::CLOSING | tcp_state::LAST_ACK => (2, 1),
+        // Reset after the peer's FIN.
+        tcp_state::CLOSE_WAIT => (1, 1),
+        // Reset from ESTABLISHED or FIN_WAIT1: only the SYN was acknowledged.
+        _ => (1, 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Raw words of an address, as the kernel lays them out in the context.
+    fn raw(octets: [u8; 16]) -> RawIp {
+        let w = |i: usize| {
+            u32::from_ne_bytes([
+                octets[i * 4],
+                octets[i * 4 + 1],
+                octets[i * 4 + 2],
+                octets[i * 4 + 3],
+            ])
+        };
+        [w(0), w(1), w(2), w(3)]
+    }
+
+    fn raw4(octets: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(octets)
+    }
+
+    fn mapped_octets(v4: [u8; 4]) -> [u8; 16] {
+        let mut o = [0u8; 16];
+        o[10] = 0xff;
+        o[11] = 0xff;
+        o[12..].copy_from_slice(&v4);
+        o
+    }
+
+    #[test]
+    fn detects_and_builds_v4_mapped_addresses() {
+        let mapped = raw(mapped_octets([127, 100, 70, 1]));
+        assert!(is_v4_mapped(&mapped));
+        assert_eq!(v4_mapped(raw4([127, 100, 70, 1])), mapped);
+        // ::1, fd00::ffff:7f64:4601 (prefix in the wrong word) and ::7f64:4601 (v4-compatible,
+        // not mapped) are not v4-mapped.
+        let mut loopback = [0u8; 16];
+        loopback[15] = 1;
+        assert!(!is_v4_mapped(&raw(loopback)));
+        let mut other = mapped_octets([127, 100, 70, 1]);
+        other[0] = 0xfd;
+        assert!(!is_v4_mapped(&raw(other)));
+        let mut compat = mapped_octets([127, 100, 70, 1]);
+        compat[10] = 0;
+        compat[11] = 0;
+        assert!(!is_v4_mapped(&raw(compat)));
+    }
+
+    #[test]
+    fn ports_convert_between_raw_and_host_order() {
+        // user_port holds the port's two network-order bytes first.
+        let raw_80 = u32::from_ne_bytes([0, 80, 0, 0]);
+        assert_eq!(port_from_raw(raw_80), 80);
+        assert_eq!(port_to_raw(80), raw_80);
+        assert_eq!(port_from_raw(port_to_raw(8443)), 8443);
+        assert_eq!(port_to_raw(0x1234).to_ne_bytes(), [0x12, 0x34, 0, 0]);
+    }
+
+    #[test]
+    fn service_key_of_an_ipv4_destination() {
+        let key = ServiceKey::from_raw(
+            FAMILY_V4,
+            &[raw4([127, 100, 70, 1]), 0, 0, 0],
+            port_to_raw(80),
+            u32::from(PROTO_TCP),
+        );
+        let mut ip = [0u8; 16];
+        ip[..4].copy_from_slice(&[127, 100, 70, 1]);
+        assert_eq!(
+            key,
+            ServiceKey {
+                ip,
+                port: 80,
+                proto: PROTO_TCP,
+                family: FAMILY_V4
+            }
+        );
+    }
+
+    #[test]
+    fn service_key_of_a_v4_mapped_destination_is_the_ipv4_service() {
+        let v4 = ServiceKey::from_raw(
+            FAMILY_V4,
+            &[raw4([127, 100, 70, 3]), 0, 0, 0],
+            port_to_raw(53),
+            u32::from(PROTO_UDP),
+        );
+        let mapped = ServiceKey::from_raw(
+            FAMILY_V6,
+            &raw(mapped_octets([127, 100, 70, 3])),
+            port_to_raw(53),
+            u32::from(PROTO_UDP),
+        );
+        assert_eq!(mapped, v4);
+        assert_eq!(mapped.family, FAMILY_V4);
+    }
+
+    #[test]
+    fn service_key_of_an_ipv6_destination() {
+        let octets = [0xfd, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let key = ServiceKey::from_raw(FAMILY_V6, &raw(octets), port_to_raw(443), 6);
+        assert_eq!(
+            key,
+            ServiceKey {
+                ip: octets,
+                port: 443,
+                proto: 6,
+                family: FAMILY_V6
+            }
+        );
+    }
+
+    #[test]
+    fn backend_addresses_in_the_form_each_hook_writes() {
+        let mut ip = [0u8; 16];
+        ip[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let v4 = Backend {
+            ip,
+            port: 9001,
+            family: FAMILY_V4,
+            _pad: 0,
+        };
+        assert_eq!(v4.raw_ip(FAMILY_V4), [raw4([127, 0, 0, 1]), 0, 0, 0]);
+        assert_eq!(v4.raw_ip(FAMILY_V6), raw(mapped_octets([127, 0, 0, 1])));
+        assert_eq!(v4.raw_port(), port_to_raw(9001));
+        let octets = [0xfd, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let v6 = Backend {
+            ip: octets,
+            port: 8080,
+            family: FAMILY_V6,
+            _pad: 0,
+        };
+        assert_eq!(v6.raw_ip(FAMILY_V6), raw(octets));
+    }
+
+    #[test]
+    fn slot_index_walks_the_set_in_order() {
+        let slots: [u32; 7] = core::array::from_fn(|turn| slot_index(turn as u64, 3));
+        assert_eq!(slots, [0, 1, 2, 0, 1, 2, 0]);
+        assert_eq!(slot_index(u64::MAX, 16_384), (u64::MAX % 16_384) as u32);
+        assert_eq!(slot_index(5, 1), 0);
+        assert_eq!(slot_index(5, 0), 0);
+    }
+
+    #[test]
+    fn rtt_buckets_use_le_bounds() {
+        assert_eq!(rtt_bucket(0), 0);
+        assert_eq!(rtt_bucket(RTT_BUCKET_BASE_US), 0);
+        assert_eq!(rtt_bucket(RTT_BUCKET_BASE_US + 1), 1);
+        assert_eq!(rtt_bucket(RTT_BUCKET_BASE_US << 3), 3);
+        assert_eq!(rtt_bucket((RTT_BUCKET_BASE_US << 3) + 1), 4);
+        assert_eq!(
+            rtt_bucket(RTT_BUCKET_BASE_US << (RTT_BUCKETS - 2)),
+            RTT_BUCKETS - 2
+        );
+        assert_eq!(rtt_bucket(u64::MAX), RTT_BUCKETS - 1);
+    }
+
+    #[test]
+    fn closed_flags_follow_the_state_left() {
+        assert_eq!(closed_flags(tcp_state::FIN_WAIT2), (2, 1));
+        assert_eq!(closed_flags(tcp_state::CLOSING), (2, 1));
+        assert_eq!(closed_flags(tcp_state::LAST_ACK), (2, 1));
+        assert_eq!(closed_flags(tcp_state::CLOSE_WAIT), (1, 1));
+        assert_eq!(closed_flags(tcp_state::ESTABLISHED), (1, 0));
+        assert_eq!(closed_flags(tcp_state::FIN_WAIT1), (1, 0));
+    }
+}

@@ -1,4 +1,4 @@
-//! Reading the agent's pinned maps with `bpftool` (`<bpffs>/v1/maps/<name>`), for counters the
+//! Reading the agent's pinned maps with `bpftool` (`<bpffs>/v2/maps/<name>`), for counters the
 //! CLI does not show: `datapath_stats` and the `udp_flows` table.
 
 use std::path::PathBuf;
@@ -56,6 +56,11 @@ pub struct DatapathCounters {
     pub rev_released: u64,
     pub udp_flows_added: u64,
     pub udp_flows_full: u64,
+    pub passive_full: u64,
+    pub affinity_full: u64,
+    pub rev_failed: u64,
+    pub slot_retries: u64,
+    pub slot_misses: u64,
 }
 
 /// Reads `datapath_stats` (per-CPU array, index 0) through bpftool's BTF-formatted dump.
@@ -85,6 +90,11 @@ pub fn parse_datapath_counters(dump: &serde_json::Value) -> Result<DatapathCount
         sum.rev_released += field("rev_released")?;
         sum.udp_flows_added += field("udp_flows_added")?;
         sum.udp_flows_full += field("udp_flows_full")?;
+        sum.passive_full += field("passive_full")?;
+        sum.affinity_full += field("affinity_full")?;
+        sum.rev_failed += field("rev_failed")?;
+        sum.slot_retries += field("slot_retries")?;
+        sum.slot_misses += field("slot_misses")?;
     }
     Ok(sum)
 }
@@ -98,16 +108,25 @@ mod tests {
         let dump = serde_json::json!([{"key": ["0x00"], "values": [],
             "formatted": {"key": 0, "values": [
                 {"cpu": 0, "value": {"rev_created": 3, "rev_released": 2,
-                                     "udp_flows_added": 1, "udp_flows_full": 0}},
+                                     "udp_flows_added": 1, "udp_flows_full": 0,
+                                     "passive_full": 1, "affinity_full": 0, "rev_failed": 2,
+                                     "slot_retries": 3, "slot_misses": 0}},
                 {"cpu": 1, "value": {"rev_created": 4, "rev_released": 5,
-                                     "udp_flows_added": 0, "udp_flows_full": 7}}]}}]);
+                                     "udp_flows_added": 0, "udp_flows_full": 7,
+                                     "passive_full": 0, "affinity_full": 4, "rev_failed": 1,
+                                     "slot_retries": 0, "slot_misses": 1}}]}}]);
         assert_eq!(
             parse_datapath_counters(&dump),
             Ok(DatapathCounters {
                 rev_created: 7,
                 rev_released: 7,
                 udp_flows_added: 1,
-                udp_flows_full: 7
+                udp_flows_full: 7,
+                passive_full: 1,
+                affinity_full: 4,
+                rev_failed: 3,
+                slot_retries: 3,
+                slot_misses: 1,
             })
         );
         assert!(parse_datapath_counters(&serde_json::json!([])).is_err());

@@ -600,7 +600,7 @@ fn bpftool_dumps_are_structured_json() {
             ServiceSpec::udp("bpf-dns", dns_vip).backend(dns.addr(), 1),
         ]),
     );
-    // `bpftool map dump pinned <bpffs>/v1/maps/<name> -j`
+    // `bpftool map dump pinned <bpffs>/v2/maps/<name> -j`
     // service_names: id -> name (UTF-8, zero padded).
     let names: BTreeMap<u64, String> = formatted_entries(&map_dump(&env.bpffs, "service_names"))
         .iter()

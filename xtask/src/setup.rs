@@ -9,7 +9,7 @@ use crate::util::{Run as _, cgroup2_mount, cmd, is_root, mounts, path_with};
 
 /// Debian packages for building (LLVM for bpf-linker, bpftool) and for the tests and
 /// benchmarks (network tools, the services they start, load generators). `prometheus` ships
-/// `promtool`.
+/// `promtool`; the JDK and curl are the dual-stack clients of the dual-stack tests.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -26,6 +26,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "wrk",
     "procps",
     "util-linux",
+    "openjdk-17-jdk-headless",
+    "curl",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -35,7 +37,7 @@ pub fn run() -> Result<()> {
     println!("setup: checking the machine");
     check_root()?;
     debian_packages()?;
-    rust_src()?;
+    nightly_components()?;
     bpf_linker()?;
     bpffs()?;
     let cgroup2 = cgroup2_mount()?;
@@ -96,7 +98,11 @@ fn debian_packages() -> Result<()> {
     Ok(())
 }
 
-fn rust_src() -> Result<()> {
+/// Components of the nightly toolchain: rust-src for `-Z build-std=core` (building the kernel
+/// programs), clippy for linting them (`xtask test`).
+const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy"];
+
+fn nightly_components() -> Result<()> {
     let installed = cmd(
         "rustup",
         ["component", "list", "--toolchain", "nightly", "--installed"],
@@ -106,16 +112,19 @@ fn rust_src() -> Result<()> {
         "`rustup component list --toolchain nightly --installed` failed: \
          is rustup installed and the nightly toolchain present (`rustup toolchain list`)?",
     )?;
-    if installed.lines().any(|l| l.starts_with("rust-src")) {
-        println!("setup: rust-src (nightly): installed");
-        return Ok(());
+    for component in NIGHTLY_COMPONENTS {
+        if installed.lines().any(|l| l.starts_with(component)) {
+            println!("setup: {component} (nightly): installed");
+            continue;
+        }
+        cmd(
+            "rustup",
+            ["component", "add", component, "--toolchain", "nightly"],
+        )
+        .run()
+        .with_context(|| format!("cannot add {component} to the nightly toolchain"))?;
     }
-    cmd(
-        "rustup",
-        ["component", "add", "rust-src", "--toolchain", "nightly"],
-    )
-    .run()
-    .context("cannot add rust-src to the nightly toolchain (needed for -Z build-std=core)")
+    Ok(())
 }
 
 fn bpf_linker_version() -> Option<String> {

@@ -11,6 +11,25 @@ use crate::{cleanup, services, setup, signal};
 
 const REDIS_PORT: u16 = 6390;
 
+/// Clippy for `mesh-ebpf` on its own target, as mesh-user's build.rs (aya-build) builds it:
+/// nightly, core built from source. aya-ebpf derives its `bpf_target_arch` cfg from the host
+/// when no RUSTFLAGS set it; `-Z build-std` needs rust-src, and this step clippy, for the
+/// nightly toolchain (setup installs both).
+const KERNEL_CLIPPY: &[&str] = &[
+    "+nightly",
+    "clippy",
+    "--package",
+    "mesh-ebpf",
+    "--release",
+    "--target",
+    "bpfel-unknown-none",
+    "-Z",
+    "build-std=core",
+    "--",
+    "-D",
+    "warnings",
+];
+
 /// Runs the steps in order, stopping at the first failure, and prints a one-line summary.
 pub fn run(skip_lint: bool, extra: &[String]) -> Result<()> {
     let start = Instant::now();
@@ -83,6 +102,7 @@ fn run_steps(steps: &mut Steps, skip_lint: bool, extra: &[String]) -> Result<()>
             ])
             .run()
         })?;
+        steps.run("clippy (kernel programs)", || cargo(KERNEL_CLIPPY).run())?;
     }
     let mut totals = TestTotals::default();
     let unit = steps.run("unit tests", || {

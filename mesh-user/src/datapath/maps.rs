@@ -146,6 +146,11 @@ impl Maps {
                 rev_released: a.rev_released + s.rev_released,
                 udp_flows_added: a.udp_flows_added + s.udp_flows_added,
                 udp_flows_full: a.udp_flows_full + s.udp_flows_full,
+                passive_full: a.passive_full + s.passive_full,
+                affinity_full: a.affinity_full + s.affinity_full,
+                rev_failed: a.rev_failed + s.rev_failed,
+                slot_retries: a.slot_retries + s.slot_retries,
+                slot_misses: a.slot_misses + s.slot_misses,
             }))
     }
 

@@ -41,6 +41,11 @@
 //!     Both print `ready <bound ip:port>` once listening, and exit after M ms.
 //! ```
 //!
+//! `--dual-stack` (with an IPv6 `--addr`, e.g. `[::ffff:127.100.1.1]:53`; `udp`, `udp-fresh`,
+//! `udp-connected` and `peer`) makes every client socket an AF_INET6 socket with IPV6_V6ONLY
+//! set to 0 explicitly, whatever the `net.ipv6.bindv6only` default: the socket of a dual-stack
+//! application that reaches IPv4 services through v4-mapped addresses.
+//!
 //! `--summary` replaces the per-attempt lines with one JSON object (see
 //! [`integration_tests::probe::ProbeSummary`]): attempts, replies, reply sources, errors, the
 //! slowest connect() in microseconds and the elapsed time.
@@ -51,7 +56,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufWriter, Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -89,6 +94,7 @@ struct Args {
     hold: Duration,
     path: String,
     every: Duration,
+    dual_stack: bool,
 }
 
 const USAGE: &str =
@@ -99,7 +105,8 @@ const USAGE: &str =
        mesh-probe http-until --addr IP:PORT --stop-file PATH --max-ms M [--path P] [--timeout-ms T]
        mesh-probe hold --addr IP:PORT --count N --every-ms E [--timeout-ms T]
        mesh-probe peer --addr IP:PORT --proto tcp|udp [--timeout-ms T] [--hold-ms H]
-       mesh-probe serve-tcp|serve-udp --addr IP:PORT --name NAME --max-ms M";
+       mesh-probe serve-tcp|serve-udp --addr IP:PORT --name NAME --max-ms M
+       (udp, udp-fresh, udp-connected and peer also take --dual-stack, with an IPv6 --addr)";
 
 fn parse_ms(flag: &str, value: &str) -> Result<Duration, String> {
     let ms = value
@@ -129,10 +136,15 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
     };
     let mut flags: HashMap<&str, &str> = HashMap::new();
     let mut summary = false;
+    let mut dual_stack = false;
     let mut rest = rest.iter();
     while let Some(flag) = rest.next() {
         if flag == "--summary" {
             summary = true;
+            continue;
+        }
+        if flag == "--dual-stack" {
+            dual_stack = true;
             continue;
         }
         let known = [
@@ -207,6 +219,19 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         (Mode::Peer, other) => return Err(format!("--proto must be tcp or udp, got {other:?}")),
         _ => false,
     };
+    if dual_stack {
+        if !matches!(
+            mode,
+            Mode::Udp | Mode::UdpFresh | Mode::UdpConnected | Mode::Peer
+        ) {
+            return Err("--dual-stack works with udp, udp-fresh, udp-connected and peer".into());
+        }
+        if !addr.is_ipv6() {
+            return Err(format!(
+                "--dual-stack needs an IPv6 --addr (e.g. [::ffff:a.b.c.d]:port), got {addr}"
+            ));
+        }
+    }
     let name = flags.get("--name").map(|s| (*s).to_owned());
     if matches!(mode, Mode::ServeTcp | Mode::ServeUdp) && name.is_none() {
         return Err("--name is required".into());
@@ -224,6 +249,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         hold,
         path,
         every,
+        dual_stack,
     })
 }
 
@@ -512,9 +538,93 @@ fn unspecified_for(addr: SocketAddr) -> SocketAddr {
 }
 
 fn unconnected_socket(args: &Args) -> std::io::Result<UdpSocket> {
-    let socket = UdpSocket::bind(unspecified_for(args.addr))?;
+    let socket = if args.dual_stack {
+        let fd = dual_stack_socket(libc::SOCK_DGRAM)?;
+        // [::]:0, as UdpSocket::bind would.
+        let any = sockaddr_in6(&SocketAddrV6::new(std::net::Ipv6Addr::UNSPECIFIED, 0, 0, 0));
+        // SAFETY: `any` is a valid sockaddr_in6 that outlives the call; its length is passed.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&raw const any).cast(),
+                socklen_of::<libc::sockaddr_in6>(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        UdpSocket::from(fd)
+    } else {
+        UdpSocket::bind(unspecified_for(args.addr))?
+    };
     socket.set_read_timeout(Some(args.timeout))?;
     Ok(socket)
+}
+
+/// An AF_INET6 socket with IPV6_V6ONLY=0, so it reaches IPv4 peers as ::ffff:a.b.c.d.
+fn dual_stack_socket(kind: libc::c_int) -> std::io::Result<OwnedFd> {
+    // SAFETY: socket(2) has no memory-safety preconditions.
+    let raw = unsafe { libc::socket(libc::AF_INET6, kind | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let off: libc::c_int = 0;
+    // SAFETY: `off` is a c_int that outlives the call; its length is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&raw const off).cast(),
+            socklen_of::<libc::c_int>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// A blocking TCP connect from a dual-stack socket, bounded by `timeout` (SO_SNDTIMEO bounds
+/// connect(2) on Linux).
+fn dual_stack_connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let SocketAddr::V6(addr) = addr else {
+        unreachable!("--dual-stack is checked to come with an IPv6 address");
+    };
+    let fd = dual_stack_socket(libc::SOCK_STREAM)?;
+    let stream = TcpStream::from(fd);
+    stream.set_write_timeout(Some(timeout))?;
+    let sin6 = sockaddr_in6(&addr);
+    // SAFETY: `sin6` is a valid sockaddr_in6 that outlives the call; its length is passed.
+    let rc = unsafe {
+        libc::connect(
+            stream.as_raw_fd(),
+            (&raw const sin6).cast(),
+            socklen_of::<libc::sockaddr_in6>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    stream.set_write_timeout(None)?;
+    Ok(stream)
+}
+
+fn sockaddr_in6(addr: &SocketAddrV6) -> libc::sockaddr_in6 {
+    // SAFETY: sockaddr_in6 is plain old data; all zeroes is a valid value.
+    let mut sin6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+    sin6.sin6_port = addr.port().to_be();
+    sin6.sin6_addr.s6_addr = addr.ip().octets();
+    sin6.sin6_flowinfo = addr.flowinfo();
+    sin6.sin6_scope_id = addr.scope_id();
+    sin6
+}
+
+fn socklen_of<T>() -> libc::socklen_t {
+    libc::socklen_t::try_from(size_of::<T>()).expect("a sockaddr is small")
 }
 
 fn udp_exchange(socket: &UdpSocket, addr: SocketAddr, i: usize) -> Attempt {
@@ -583,7 +693,12 @@ fn peer(args: &Args, out: &mut impl Write) -> std::io::Result<()> {
         std::thread::sleep(args.hold);
         Ok(())
     } else {
-        let stream = match TcpStream::connect_timeout(&args.addr, args.timeout) {
+        let connected = if args.dual_stack {
+            dual_stack_connect(args.addr, args.timeout)
+        } else {
+            TcpStream::connect_timeout(&args.addr, args.timeout)
+        };
+        let stream = match connected {
             Ok(stream) => stream,
             Err(e) => return writeln!(out, "ERR connect {}", errno_name(&e)),
         };

@@ -1,0 +1,87 @@
+//! Every map of the programs. The agent pins them (lower-case names) and owns their content,
+//! except where a comment says the kernel writes.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage},
+    macros::btf_map,
+};
+use mesh_common::{
+    AffinityKey, AffinityValue, Backend, BackendStats, BackendStatsKey, DEFAULT_MAX_AFFINITY,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, DEFAULT_MAX_UDP_FLOWS,
+    DatapathStats, PassiveState, Service, ServiceKey, ServiceName, ServiceStats, Settings, SlotKey,
+    UdpFlow,
+};
+
+use crate::reverse::SockRev;
+
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
+const MAX_SERVICES: usize = DEFAULT_MAX_SERVICES as usize;
+const MAX_BACKENDS: usize = DEFAULT_MAX_BACKENDS as usize;
+const MAX_SLOTS: usize = DEFAULT_MAX_SLOTS as usize;
+
+/// VIP (ip, port, protocol, family) -> service (id, live slot set, flags).
+#[btf_map]
+pub static SERVICES: HashMap<ServiceKey, Service, MAX_SERVICES, NO_PREALLOC> = HashMap::new();
+
+/// (service id, generation, slot) -> backend id. A slot set is written in full before the
+/// service entry points at it; the old set may be deleted right after the switch.
+#[btf_map]
+pub static SLOTS: HashMap<SlotKey, u32, MAX_SLOTS, NO_PREALLOC> = HashMap::new();
+
+/// Backend id -> address.
+#[btf_map]
+pub static BACKENDS: HashMap<u32, Backend, MAX_BACKENDS, NO_PREALLOC> = HashMap::new();
+
+/// Service id -> round-robin position, advanced by the kernel with an atomic fetch-add (shared
+/// by all CPUs so sequential connects walk the slots exactly in order).
+#[btf_map]
+pub static RR_STATE: Array<u64, MAX_SERVICES> = Array::new();
+
+/// (service id, backend id) -> per-CPU counters, which the kernel adds to. An entry exists
+/// exactly while the backend is a member of the service.
+#[btf_map]
+pub static BACKEND_STATS: PerCpuHashMap<BackendStatsKey, BackendStats, MAX_BACKENDS, NO_PREALLOC> =
+    PerCpuHashMap::new();
+
+/// Service id -> per-CPU counters, which the kernel adds to.
+#[btf_map]
+pub static SERVICE_STATS: PerCpuArray<ServiceStats, MAX_SERVICES> = PerCpuArray::new();
+
+/// Service id -> name. Written by the agent for the CLI; never read here.
+#[btf_map]
+pub static SERVICE_NAMES: HashMap<u32, ServiceName, MAX_SERVICES, NO_PREALLOC> = HashMap::new();
+
+/// (service id, backend id) -> weight, for backends that take new connections. Session
+/// affinity only keeps a client on a backend that is still in here.
+#[btf_map]
+pub static ACTIVE: HashMap<BackendStatsKey, u32, MAX_BACKENDS, NO_PREALLOC> = HashMap::new();
+
+/// (service, client) -> backend, for services with session affinity. Written by the kernel.
+#[btf_map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { DEFAULT_MAX_AFFINITY as usize }> =
+    LruHashMap::new();
+
+/// Socket cookie -> (service, backend) of connected UDP sockets the load balancer translated.
+/// Written by the kernel at connect(), deleted at the socket's release.
+#[btf_map]
+pub static UDP_FLOWS: HashMap<u64, UdpFlow, { DEFAULT_MAX_UDP_FLOWS as usize }> = HashMap::new();
+
+/// Node-wide per-CPU counters (index 0), which the kernel adds to.
+#[btf_map]
+pub static DATAPATH_STATS: PerCpuArray<DatapathStats, 1> = PerCpuArray::new();
+
+/// (service, backend) -> consecutive failed connects, for passive health detection. The kernel
+/// creates an entry only for a pair that has a `BACKEND_STATS` entry.
+#[btf_map]
+pub static PASSIVE: HashMap<BackendStatsKey, PassiveState, MAX_BACKENDS, NO_PREALLOC> =
+    HashMap::new();
+
+/// Switches set by the agent (index 0).
+#[btf_map]
+pub static SETTINGS: Array<Settings, 1> = Array::new();
+
+/// Reverse translation of one socket, in socket-local storage: the kernel frees it with the
+/// socket, so it can neither fill up nor leak nor evict live entries.
+#[btf_map]
+pub static SOCK_REV: SkStorage<SockRev> = SkStorage::new();

@@ -1,0 +1,206 @@
+//! Reverse translation: each translated socket keeps, in socket-local storage, which backend
+//! stands for which VIP, so getpeername(), recvmsg() and SO_ORIGINAL_DST show the VIP.
+//!
+//! Entries hold addresses in the form the socket itself sees them: an AF_INET6 socket sees an
+//! IPv4 peer v4-mapped, even when the kernel ran a 4 hook for it (sendmsg4 for its datagrams to
+//! `::ffff:a.b.c.d`, connect4 for a UDP connect with a sockaddr_in), so that is how they are
+//! stored and compared.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{bindings::bpf_sock, helpers::bpf_sk_storage_get, programs::SockAddrContext};
+use mesh_common::{BackendStatsKey, FAMILY_V4, v4_mapped};
+
+use crate::addr::{Dest, read_dest, write_dest};
+use crate::maps::SOCK_REV;
+use crate::stats::count;
+
+/// `sockaddr.sa_family` of IPv6 sockets (`bpf_sock_addr.family`, `bpf_sock.family`).
+pub const AF_INET6: u32 = 10;
+
+/// A backend address and the VIP it stands for, both as the socket sees them.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RevEntry {
+    pub backend_ip: [u32; 4],
+    pub vip_ip: [u32; 4],
+    pub backend_port: u32,
+    pub vip_port: u32,
+}
+
+/// Unconnected UDP sockets remember this many (backend -> VIP) pairs; a socket that talks to
+/// more backends at once through VIPs sees the oldest pairs' replies untranslated.
+pub const REV_SENT: usize = 8;
+
+/// The reverse-translation state of one socket (zeroed when created).
+#[repr(C)]
+pub struct SockRev {
+    /// The connect() translation (valid when `has_peer` is 1).
+    pub peer: RevEntry,
+    /// sendmsg() translations of unconnected UDP, overwritten round-robin.
+    pub sent: [RevEntry; REV_SENT],
+    pub next_sent: u32,
+    pub has_peer: u32,
+    /// Who the connect went to (with `has_peer`), for the counters of `sock_ops`.
+    pub service_id: u32,
+    pub backend_id: u32,
+    /// 1 when `sock_ops` should follow this connection's states (passive detection of its
+    /// service, or telemetry); otherwise the connection costs no state callbacks.
+    pub observe: u32,
+    /// 1 once the socket's cookie is in `UDP_FLOWS`: release deletes it then, and only then.
+    pub has_flow: u32,
+}
+
+/// `dest`, read or written by a hook of `family` on a socket of `sk_family`, in the form the
+/// socket sees it.
+#[inline(always)]
+pub fn as_socket_sees(dest: &Dest, family: u8, sk_family: u32) -> Dest {
+    if family == FAMILY_V4 && sk_family == AF_INET6 {
+        Dest {
+            ip: v4_mapped(dest.ip[0]),
+            port: dest.port,
+        }
+    } else {
+        *dest
+    }
+}
+
+/// The entry for a translation from `vip` to `backend` (both as the socket sees them).
+#[inline(always)]
+pub fn entry(vip: &Dest, backend: &Dest) -> RevEntry {
+    RevEntry {
+        backend_ip: backend.ip,
+        vip_ip: vip.ip,
+        backend_port: backend.port,
+        vip_port: vip.port,
+    }
+}
+
+/// The socket's reverse-translation state, created on first use; None (counted) if the kernel
+/// could not create it.
+#[inline(always)]
+pub fn sock_rev(ctx: &SockAddrContext) -> Option<*mut SockRev> {
+    // SAFETY (both calls): the context's socket is valid for the program run.
+    let existing = unsafe { SOCK_REV.get_ptr_mut(ctx) };
+    if !existing.is_null() {
+        return Some(existing);
+    }
+    let created = unsafe { SOCK_REV.get_or_insert_ptr_mut(ctx, None) };
+    if created.is_null() {
+        count(|s| s.rev_failed += 1);
+        return None;
+    }
+    count(|s| s.rev_created += 1);
+    Some(created)
+}
+
+/// The reverse-translation state of `sk`, if the load balancer gave it one (never creates).
+#[inline(always)]
+pub fn existing_sock_rev(sk: *mut bpf_sock) -> *const SockRev {
+    // SAFETY: callers pass a socket the kernel handed to the program, checked non-null.
+    unsafe {
+        bpf_sk_storage_get(
+            core::ptr::addr_of!(SOCK_REV) as *mut c_void,
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast()
+}
+
+/// Whether the connection's states feed passive detection or telemetry.
+#[inline(always)]
+pub fn observed(sk: *mut bpf_sock) -> bool {
+    let rev = existing_sock_rev(sk);
+    // SAFETY: non-null storage of this socket.
+    !rev.is_null() && unsafe { (*rev).observe } != 0
+}
+
+/// (service, backend) of a socket whose connect the load balancer translated.
+#[inline(always)]
+pub fn translated_peer(sk: *mut bpf_sock) -> Option<BackendStatsKey> {
+    if sk.is_null() {
+        return None;
+    }
+    let rev = existing_sock_rev(sk);
+    if rev.is_null() {
+        return None;
+    }
+    // SAFETY: non-null storage of this socket.
+    let rev = unsafe { &*rev };
+    if rev.has_peer == 0 {
+        return None;
+    }
+    Some(BackendStatsKey {
+        service_id: rev.service_id,
+        backend_id: rev.backend_id,
+    })
+}
+
+/// Remembers a datagram's translation: one entry per backend, overwriting a match, else the
+/// oldest.
+#[inline(always)]
+pub fn remember_sent(rev: &mut SockRev, sent: RevEntry, backend: &Dest) {
+    let mut slot = rev.next_sent as usize % REV_SENT;
+    let mut i = 0;
+    while i < REV_SENT {
+        if same_addr(&rev.sent[i], backend) {
+            slot = i;
+            break;
+        }
+        i += 1;
+    }
+    if i == REV_SENT {
+        rev.next_sent = rev.next_sent.wrapping_add(1);
+    }
+    if let Some(e) = rev.sent.get_mut(slot) {
+        *e = sent;
+    }
+}
+
+/// recvmsg()/getpeername(): a reply source (or peer) that is a backend this socket reached
+/// through a VIP is shown as that VIP.
+#[inline(always)]
+pub fn reverse(ctx: &SockAddrContext, family: u8, datagram: bool) {
+    // SAFETY: the kernel hands a valid context.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: the context's socket is valid for the program run.
+    let rev = unsafe { SOCK_REV.get_ptr_mut(ctx) };
+    if rev.is_null() {
+        return;
+    }
+    // SAFETY: non-null storage of this socket.
+    let rev = unsafe { &*rev };
+    // A 6 hook sees the address as the (AF_INET6) socket does; stored entries use that form.
+    let seen = read_dest(sa, family);
+    let mut found = None;
+    if rev.has_peer != 0 && same_addr(&rev.peer, &seen) {
+        found = Some(rev.peer);
+    } else if datagram {
+        let mut i = 0;
+        while i < REV_SENT {
+            if same_addr(&rev.sent[i], &seen) {
+                found = Some(rev.sent[i]);
+                break;
+            }
+            i += 1;
+        }
+    }
+    if let Some(entry) = found {
+        let vip = Dest {
+            ip: entry.vip_ip,
+            port: entry.vip_port,
+        };
+        write_dest(sa, &vip, family);
+    }
+}
+
+#[inline(always)]
+fn same_addr(entry: &RevEntry, dest: &Dest) -> bool {
+    entry.backend_port == dest.port
+        && entry.backend_ip[0] == dest.ip[0]
+        && entry.backend_ip[1] == dest.ip[1]
+        && entry.backend_ip[2] == dest.ip[2]
+        && entry.backend_ip[3] == dest.ip[3]
+}
