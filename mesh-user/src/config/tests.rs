@@ -1079,3 +1079,11 @@ fn vips_outside_vip_ranges_are_rejected_with_the_ranges_named() {
     let bad = "[agent]\nvip_ranges = [\"10.96.0.0/33\"]\n";
     assert!(parse(&format!("{bad}{WEB}"), "test.toml").is_err());
 }
+
+#[test]
+fn ipv4_mapped_addresses_are_rejected_in_favour_of_the_ipv4_form() {
+    let mapped = WEB.replace("127.100.0.1:80", "[::ffff:127.100.0.1]:80");
+    let (field, reason) = only_problem(&mapped);
+    assert_eq!(field, "vip");
+    assert!(reason.contains("IPv4-mapped"), "{reason}");
+}

@@ -117,6 +117,9 @@ fn bad_ip(ip: IpAddr) -> Option<&'static str> {
         Some("is a multicast address")
     } else if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
         Some("is the broadcast address")
+    } else if matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()) {
+        // Dual-stack sockets dialling ::ffff:a.b.c.d reach the IPv4 service a.b.c.d.
+        Some("is an IPv4-mapped IPv6 address; write the IPv4 address instead")
     } else {
         None
     }

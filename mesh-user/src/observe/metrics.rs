@@ -470,18 +470,34 @@ impl KernelCounters {
             out,
             "mesh_datapath_events_total",
             "counter",
-            "Node-wide data path events: reverse state created/released, UDP flows tracked/untracked (map full)",
+            "Node-wide data path events: reverse state created/released, UDP flows tracked/untracked (map full), slot re-reads after a generation switch",
         );
         for (event, value) in [
             ("reverse_state_created", dp.rev_created),
             ("reverse_state_released", dp.rev_released),
             ("udp_flow_tracked", dp.udp_flows_added),
             ("udp_flow_untracked_map_full", dp.udp_flows_full),
+            ("slot_retry", dp.slot_retries),
+            ("slot_miss", dp.slot_misses),
         ] {
             let _ = writeln!(
                 out,
                 "mesh_datapath_events_total{{event=\"{event}\"}} {value}"
             );
+        }
+        header(
+            out,
+            "mesh_map_full_total",
+            "counter",
+            "Inserts the kernel programs could not make because the map (or socket storage) was full, by map",
+        );
+        for (map, value) in [
+            ("udp_flows", dp.udp_flows_full),
+            ("passive", dp.passive_full),
+            ("affinity", dp.affinity_full),
+            ("sock_rev", dp.rev_failed),
+        ] {
+            let _ = writeln!(out, "mesh_map_full_total{{map=\"{map}\"}} {value}");
         }
         header(
             out,
