@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::admin::{AdminApi, free_loopback_addr};
 use integration_tests::agent::is_warn_or_error;
+use integration_tests::observe::metric_value;
 use integration_tests::redis::{KeyGuard, RedisClient, RedisServer, test_redis_addr};
 use integration_tests::{
     ProbeSummary, ServiceSpec, TcpBackend, TestEnv, assert_split, render_config, services,
@@ -128,23 +129,22 @@ fn wait_for_removal(env: &TestEnv, name: &str) -> Duration {
     took
 }
 
-/// The value of the sample `name{labels}` in the agent's /metrics, if present.
-fn metric(env: &TestEnv, sample: &str) -> Option<f64> {
-    let text = env.agent.metrics_text();
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix(sample)?.strip_prefix(' ')?;
-        rest.trim().parse().ok()
-    })
+/// A sample of the agent's /metrics: name and labels.
+type Sample = (&'static str, &'static [(&'static str, &'static str)]);
+
+/// The value of `sample` in the agent's /metrics, if present.
+fn metric(env: &TestEnv, (name, labels): Sample) -> Option<f64> {
+    metric_value(&env.agent.metrics_text(), name, labels)
 }
 
-const REDIS_UP: &str = "mesh_registry_source_up{source=\"redis\"}";
-const REDIS_SERVICES: &str = "mesh_registry_source_services{source=\"redis\"}";
-const API_UP: &str = "mesh_registry_source_up{source=\"api\"}";
-const API_SERVICES: &str = "mesh_registry_source_services{source=\"api\"}";
+const REDIS_UP: Sample = ("mesh_registry_source_up", &[("source", "redis")]);
+const REDIS_SERVICES: Sample = ("mesh_registry_source_services", &[("source", "redis")]);
+const API_UP: Sample = ("mesh_registry_source_up", &[("source", "api")]);
+const API_SERVICES: Sample = ("mesh_registry_source_services", &[("source", "api")]);
 
 /// Waits until the metric sample has `value`; returns how long that took.
 #[track_caller]
-fn wait_for_metric(env: &TestEnv, sample: &str, value: f64, timeout: Duration) -> Duration {
+fn wait_for_metric(env: &TestEnv, sample: Sample, value: f64, timeout: Duration) -> Duration {
     let start = Instant::now();
     let mut last = None;
     let reached = wait_until(timeout, || {
@@ -154,7 +154,7 @@ fn wait_for_metric(env: &TestEnv, sample: &str, value: f64, timeout: Duration) -
     let took = start.elapsed();
     assert!(
         reached,
-        "{sample} was {last:?}, not {value}, after {took:?}; agent log:\n{}",
+        "{sample:?} was {last:?}, not {value}, after {took:?}; agent log:\n{}",
         env.agent.log_text()
     );
     took
