@@ -59,6 +59,8 @@ struct Shared {
     name: String,
     health_path: String,
     health: Mutex<HealthReply>,
+    /// When the first request for the health path arrived.
+    first_health_check: Mutex<Option<Instant>>,
     accepted: AtomicUsize,
     health_checks: AtomicUsize,
     data_requests: AtomicUsize,
@@ -136,6 +138,7 @@ impl HttpBackend {
                 name: name.to_owned(),
                 health_path: health_path.to_owned(),
                 health: Mutex::new(health),
+                first_health_check: Mutex::new(None),
                 accepted: AtomicUsize::new(0),
                 health_checks: AtomicUsize::new(0),
                 data_requests: AtomicUsize::new(0),
@@ -195,6 +198,15 @@ impl HttpBackend {
     /// Requests for the health path.
     pub fn health_checks(&self) -> usize {
         self.shared.health_checks.load(Ordering::SeqCst)
+    }
+
+    /// When the first request for the health path arrived (None before it).
+    pub fn first_health_check_at(&self) -> Option<Instant> {
+        *self
+            .shared
+            .first_health_check
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// HTTP requests for any other path (client traffic).
@@ -399,6 +411,11 @@ async fn respond(
     shared: &Shared,
 ) -> Result<Response<Full<Bytes>>, NoAnswer> {
     let (status, body) = if request.uri().path() == shared.health_path {
+        shared
+            .first_health_check
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert_with(Instant::now);
         shared.health_checks.fetch_add(1, Ordering::SeqCst);
         match shared.health() {
             HealthReply::Status(code) => (code, format!("{} health {code}\n", shared.name)),

@@ -21,8 +21,17 @@ use integration_tests::{
     spawn_probe_in, wait_for_backends, wait_until,
 };
 
-/// A change must be in the data path within this long.
-const APPLY_BUDGET: Duration = Duration::from_secs(1);
+/// An admin API change is answered, applied, within this long (README; measured 2-11 ms).
+const ADMIN_BUDGET: Duration = Duration::from_millis(250);
+/// HSET + PUBLISH reaches the maps within this long (README; measured 4-10 ms). Measured by
+/// polling `mesh services`, which spawns the CLI each time.
+const PUBLISH_BUDGET: Duration = Duration::from_millis(500);
+/// A killed Redis shows as `mesh_registry_source_up 0` within this long (README; measured
+/// 2-6 ms). Measured by polling /metrics.
+const DOWN_BUDGET: Duration = Duration::from_millis(250);
+/// Connects the clients must make across the agent restart for it to mean something (README;
+/// measured 13,000-18,000).
+const MIN_RESTART_CONNECTS: u64 = 1_000;
 /// How long we poll before giving up (longer than the budget, so a slow apply is reported
 /// with its real duration instead of as a timeout).
 const POLL_LIMIT: Duration = Duration::from_secs(5);
@@ -261,7 +270,10 @@ fn admin_api_adds_replaces_and_removes_a_service() {
          {replace_took:?}, delete {delete_took:?}"
     );
     for took in [add_took, replace_took, delete_took] {
-        assert!(took < APPLY_BUDGET, "an admin API change took {took:?}");
+        assert!(
+            took < ADMIN_BUDGET,
+            "an admin API change took {took:?} (budget {ADMIN_BUDGET:?})"
+        );
     }
 }
 
@@ -441,7 +453,10 @@ fn admin_api_services_survive_an_agent_restart() {
         "restart took {restart_took:?}; {connects} connects across it: replies {replies:?}, \
          errors {errors:?}"
     );
-    assert!(connects > 0, "the clients made no connects");
+    assert!(
+        connects >= MIN_RESTART_CONNECTS,
+        "the clients made only {connects} connects across the restart"
+    );
     assert!(
         errors.is_empty(),
         "connect errors across the restart: {errors:?}"
@@ -487,7 +502,7 @@ fn redis_hash_changes_reach_the_data_path() {
     let key = KeyGuard::new(redis_addr, "changes");
     let mut redis = RedisClient::connect(redis_addr).expect("connect to the test Redis");
     let state = StateDir::new("redis-changes");
-    // A resync long enough that the pub/sub path alone has to meet the 1 s budget.
+    // A resync long enough that the pub/sub path alone has to meet the budget.
     let resync = Duration::from_secs(3);
     let env = TestEnv::start(
         "redis-changes",
@@ -582,23 +597,26 @@ fn redis_hash_changes_reach_the_data_path() {
          {resync_took:?}"
     );
     for took in [add_took, change_took, second_took, remove_took] {
-        assert!(took < APPLY_BUDGET, "a published change took {took:?}");
+        assert!(
+            took < PUBLISH_BUDGET,
+            "a published change took {took:?} (budget {PUBLISH_BUDGET:?})"
+        );
     }
     assert!(
-        resync_took < resync + APPLY_BUDGET,
+        resync_took < resync + PUBLISH_BUDGET,
         "the resync took {resync_took:?}"
     );
 }
 
 #[test]
 fn redis_outage_keeps_the_last_services() {
-    const PORT: u16 = 6391;
     let a = TcpBackend::start("outage-a");
     let b = TcpBackend::start("outage-b");
     let c = TcpBackend::start("outage-c");
     let vip = "127.100.34.1:80";
     let decoy = TcpBackend::start_on("outage-decoy", sock(vip));
     let state = StateDir::new("redis-outage");
+    const PORT: u16 = 6391;
     let mut server = RedisServer::start(PORT, &state.path().join("redis"));
     let key = format!("mesh-test:outage:{}", std::process::id());
     let mut env = TestEnv::start(
@@ -626,10 +644,37 @@ fn redis_outage_keeps_the_last_services() {
     let down_took = wait_for_metric(&env, REDIS_UP, 0.0, POLL_LIMIT);
     let line = wait_for_error_line(&env, mark, &["redis", "stay in force"]);
     eprintln!("redis killed: up = 0 after {down_took:?}: {line}");
+    assert!(
+        down_took < DOWN_BUDGET,
+        "the killed Redis showed as down after {down_took:?} (budget {DOWN_BUDGET:?})"
+    );
 
     // The services keep routing while Redis is down, also after the retries back off...
     assert_split(&env.connect(vip, 100), &[(&a, 50), (&b, 50)]);
-    std::thread::sleep(Duration::from_secs(3));
+    // ...to their cap (README: "a backoff from 100 ms doubling up to 5 s"): the first retry
+    // comes 100 ms after the outage, and each later failure logs the next wait.
+    let capped = env
+        .agent
+        .wait_for_log_line(mark, Duration::from_secs(10), |line| {
+            line.contains(&format!("retrying in {MAX_BACKOFF:?}"))
+        });
+    let waits: Vec<String> = env
+        .agent
+        .log_since(mark)
+        .lines()
+        .filter_map(|line| line.split_once("retrying in ")?.1.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    eprintln!("redis retries after the outage: {waits:?}");
+    assert!(
+        capped.is_some(),
+        "no retry waited {MAX_BACKOFF:?} within 10 s of the outage: {waits:?}"
+    );
+    assert_eq!(
+        waits,
+        ["200ms", "400ms", "800ms", "1.6s", "3.2s", "5s"],
+        "the retry waits after the first (100 ms) until the cap"
+    );
     assert_split(&env.connect(vip, 100), &[(&a, 50), (&b, 50)]);
     assert_eq!(metric(&env, REDIS_SERVICES), Some(1.0));
     assert_eq!(metric(&env, REDIS_UP), Some(0.0));
@@ -646,7 +691,9 @@ fn redis_outage_keeps_the_last_services() {
     assert_eq!(metric(&env, REDIS_UP), Some(0.0));
     let outage = killed.elapsed();
 
-    // Redis is back with the changed data: applied, up again.
+    // Redis is back with the changed data: applied at the source's next retry, up again. Where
+    // the retries are in their backoff (100 ms doubling up to 5 s) decides how long that takes,
+    // so only the cap is a bound.
     server.restart();
     let back = Instant::now();
     wait_for_backends(&env.bpffs, "web", &addrs(&[&c]), MAX_BACKOFF + POLL_LIMIT);
@@ -660,7 +707,7 @@ fn redis_outage_keeps_the_last_services() {
          {reapply_took:?} after the server answered"
     );
     assert!(
-        reapply_took < MAX_BACKOFF + APPLY_BUDGET,
+        reapply_took < MAX_BACKOFF + PUBLISH_BUDGET,
         "reapplying after the outage took {reapply_took:?}"
     );
 }
