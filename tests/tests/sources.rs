@@ -5,7 +5,7 @@
 //! Privileged: run as root through `cargo xtask test`, which starts redis-server on
 //! 127.0.0.1:6390 and sets MESH_TEST_REDIS. Each test uses its own VIPs (127.100.3x.*),
 //! cgroup, bpffs directory, state directory and Redis key (deleted afterwards); the outage test
-//! runs its own redis-server on 127.0.0.1:6391.
+//! runs its own redis-server on a free 127.0.0.1 port.
 
 use std::fmt::Display;
 use std::net::SocketAddr;
@@ -616,8 +616,9 @@ fn redis_outage_keeps_the_last_services() {
     let vip = "127.100.34.1:80";
     let decoy = TcpBackend::start_on("outage-decoy", sock(vip));
     let state = StateDir::new("redis-outage");
-    const PORT: u16 = 6391;
-    let mut server = RedisServer::start(PORT, &state.path().join("redis"));
+    // A port that was free a moment ago: another run on this machine may hold a fixed one.
+    let port = free_loopback_addr().port();
+    let mut server = RedisServer::start(port, &state.path().join("redis"));
     let key = format!("mesh-test:outage:{}", std::process::id());
     let mut env = TestEnv::start(
         "redis-outage",
