@@ -1,13 +1,12 @@
-//! A client for the agent's admin API (`[agent] admin`): blocking HTTP/1.1 over a std
-//! `TcpStream`, one request per connection, JSON bodies.
+//! A client for the agent's admin API (`[agent] admin`): one request per connection, JSON
+//! bodies, over [`crate::http`].
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use crate::http::{Response, parse_response};
+use crate::http::Response;
 
-/// Every step of a request is bounded by this.
+/// Every request is bounded by this.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A loopback address with a port that was free a moment ago (for `[agent] admin`).
@@ -16,26 +15,14 @@ pub fn free_loopback_addr() -> SocketAddr {
     listener.local_addr().expect("local address")
 }
 
-/// `method path` with an optional JSON body and `Connection: close`.
+/// `method path` with an optional JSON body.
 pub fn request(
     addr: SocketAddr,
     method: &str,
     path: &str,
     body: Option<&str>,
 ) -> std::io::Result<Response> {
-    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.set_write_timeout(Some(TIMEOUT))?;
-    let body = body.unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut raw = Vec::new();
-    stream.take(16 << 20).read_to_end(&mut raw)?;
-    parse_response(&raw).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    crate::http::request(addr, method, path, body, TIMEOUT)
 }
 
 /// The admin API of one agent.

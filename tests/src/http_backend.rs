@@ -1,13 +1,14 @@
 //! A small real HTTP/1.1 backend whose health endpoint can be switched at run time (200, 503,
 //! 302, or "accept and never answer"), for the health-check tests.
 //!
-//! One listener thread in the test process (outside any test cgroup, so its own sockets are
-//! never rewritten) on 127.0.0.1, one short-lived thread per connection. Per connection it reads
-//! the first line and then speaks one of two protocols:
+//! A tokio runtime of its own (one worker thread in the test process, outside any test cgroup,
+//! so its own sockets are never rewritten) accepts on 127.0.0.1. Per connection it looks at the
+//! first line (without consuming it) and then speaks one of two protocols:
 //!
-//! - **HTTP** (the first line is `<METHOD> <path> HTTP/1.x`): `GET <health path>` (default
-//!   `/healthz`) is answered as [`HealthReply`] says; any other path gets `200 OK` with the body
-//!   `<name>\n` (what `mesh-probe http` and `http-until` print). `Connection: close`.
+//! - **HTTP** (the first line is `<METHOD> <path> HTTP/1.x`), served by hyper: `GET <health
+//!   path>` (default `/healthz`) is answered as [`HealthReply`] says; any other path gets
+//!   `200 OK` with the body `<name>\n` (what `mesh-probe http` and `http-until` print).
+//!   `Connection: close`.
 //! - **Echo** (any other first line, e.g. `ping 3`): each line is answered with
 //!   `<name> <line>\n` until the client closes (what `mesh-probe hold` does), so a test can keep
 //!   one connection established and see that it still works.
@@ -15,63 +16,76 @@
 //! It counts health checks, data requests and echo sessions separately, so a test can tell the
 //! agent's health checks (which connect directly) from client traffic through a VIP.
 //! [`HttpBackend::stop`] closes the listener (connects are then refused, like a killed process);
-//! [`HttpBackend::restart`] listens again on the same address. Every thread is bounded in time.
+//! [`HttpBackend::restart`] listens again on the same address. Every connection is bounded in
+//! time, and dropping the backend ends them all.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How often threads look at the stop flag while idle.
-const POLL: Duration = Duration::from_millis(50);
-/// A connection that sends no complete request line within this long is closed.
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{CONTENT_TYPE, LOCATION};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A connection that sends no complete request line (or HTTP head) within this long is closed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long [`HealthReply::Hang`] keeps a health check waiting (far past any check timeout).
 const HANG_FOR: Duration = Duration::from_secs(5);
 /// An echo session ends after this long without a line (the client is bounded anyway).
 const ECHO_IDLE: Duration = Duration::from_secs(10);
+/// The longest first line looked at to tell HTTP from echo.
+const MAX_FIRST_LINE: usize = 8192;
 
 /// How the health endpoint answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HealthReply {
     /// An HTTP response with this status code (a 3xx carries a `Location` header).
     Status(u16),
-    /// Accept the connection, read the request, and answer nothing for [`HANG_FOR`] (or until
-    /// the checker gives up and closes).
+    /// Accept the connection, read the request, and answer nothing for [`HANG_FOR`] (then
+    /// close without a response).
     Hang,
 }
 
-/// Counters and switches shared with the server threads.
+/// Counters and switches shared with the server tasks.
 #[derive(Debug)]
 struct Shared {
     name: String,
     health_path: String,
     health: Mutex<HealthReply>,
+    /// When the first request for the health path arrived.
+    first_health_check: Mutex<Option<Instant>>,
     accepted: AtomicUsize,
     health_checks: AtomicUsize,
     data_requests: AtomicUsize,
     echo_sessions: AtomicUsize,
     echo_open: AtomicUsize,
     echo_lines: AtomicUsize,
-    /// Ends connection threads (set on Drop, not on stop: a stopped backend's established
-    /// connections live on, as a killed listener's accepted sockets would not, but a test only
-    /// stops listeners to make new connects fail).
-    shutdown: AtomicBool,
 }
 
-struct Listener {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
+impl Shared {
+    fn health(&self) -> HealthReply {
+        *self
+            .health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// A real HTTP backend on 127.0.0.1 (see the module docs).
 pub struct HttpBackend {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    listener: Option<Listener>,
+    /// Always `Some` until dropped; dropping it ends every connection.
+    runtime: Option<tokio::runtime::Runtime>,
+    /// The accept loop and what stops it, while listening.
+    listener: Option<(JoinHandle<()>, oneshot::Sender<()>)>,
 }
 
 impl HttpBackend {
@@ -107,43 +121,55 @@ impl HttpBackend {
                 && !name.starts_with("HTTP"),
             "backend name {name:?} would be ambiguous in mesh-probe output"
         );
-        let listener = TcpListener::bind(addr)
+        let listener = std::net::TcpListener::bind(addr)
             .unwrap_or_else(|e| panic!("cannot bind an HTTP test backend on {addr}: {e}"));
         let addr = listener
             .local_addr()
             .expect("bound listener has an address");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(format!("http-backend-{name}"))
+            .enable_all()
+            .build()
+            .expect("start the HTTP backend's runtime");
         let mut backend = HttpBackend {
             addr,
             shared: Arc::new(Shared {
                 name: name.to_owned(),
                 health_path: health_path.to_owned(),
                 health: Mutex::new(health),
+                first_health_check: Mutex::new(None),
                 accepted: AtomicUsize::new(0),
                 health_checks: AtomicUsize::new(0),
                 data_requests: AtomicUsize::new(0),
                 echo_sessions: AtomicUsize::new(0),
                 echo_open: AtomicUsize::new(0),
                 echo_lines: AtomicUsize::new(0),
-                shutdown: AtomicBool::new(false),
             }),
+            runtime: Some(runtime),
             listener: None,
         };
         backend.run(listener);
         backend
     }
 
-    fn run(&mut self, listener: TcpListener) {
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("the runtime lives until drop")
+    }
+
+    fn run(&mut self, listener: std::net::TcpListener) {
         listener
             .set_nonblocking(true)
             .expect("set listener non-blocking");
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread_stop = Arc::clone(&stop);
         let shared = Arc::clone(&self.shared);
-        let thread = std::thread::Builder::new()
-            .name(format!("http-backend-{}", self.shared.name))
-            .spawn(move || accept_loop(&listener, &shared, &thread_stop))
-            .expect("spawn HTTP backend thread");
-        self.listener = Some(Listener { stop, thread });
+        let runtime = self.runtime();
+        let listener = {
+            let _context = runtime.enter();
+            TcpListener::from_std(listener).expect("register the listener with tokio")
+        };
+        let (stop, stopped) = oneshot::channel();
+        let accept = runtime.spawn(accept_loop(listener, shared, stopped));
+        self.listener = Some((accept, stop));
     }
 
     pub fn name(&self) -> &str {
@@ -174,6 +200,15 @@ impl HttpBackend {
         self.shared.health_checks.load(Ordering::SeqCst)
     }
 
+    /// When the first request for the health path arrived (None before it).
+    pub fn first_health_check_at(&self) -> Option<Instant> {
+        *self
+            .shared
+            .first_health_check
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// HTTP requests for any other path (client traffic).
     pub fn data_requests(&self) -> usize {
         self.shared.data_requests.load(Ordering::SeqCst)
@@ -198,12 +233,14 @@ impl HttpBackend {
     }
 
     /// Closes the listener: from when this returns, connects to its address are refused.
-    /// Established connections are not touched. Idempotent.
+    /// Established connections (also those the kernel had queued for accept) are served on.
+    /// Idempotent.
     pub fn stop(&mut self) {
-        if let Some(listener) = self.listener.take() {
-            listener.stop.store(true, Ordering::Relaxed);
-            if listener.thread.join().is_err() {
-                eprintln!("harness: an HTTP backend thread panicked");
+        if let Some((accept, stop)) = self.listener.take() {
+            let _ = stop.send(());
+            // The accept loop drops the listener before it ends.
+            if let Err(e) = self.runtime().block_on(accept) {
+                eprintln!("harness: an HTTP backend's accept loop failed: {e}");
             }
         }
     }
@@ -215,7 +252,7 @@ impl HttpBackend {
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         let listener = loop {
-            match TcpListener::bind(self.addr) {
+            match std::net::TcpListener::bind(self.addr) {
                 Ok(listener) => break listener,
                 Err(e)
                     if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
@@ -234,8 +271,11 @@ impl HttpBackend {
 
 impl Drop for HttpBackend {
     fn drop(&mut self) {
-        self.shared.shutdown.store(true, Ordering::Relaxed);
         self.stop();
+        if let Some(runtime) = self.runtime.take() {
+            // Drops every connection task: open echo sessions and hanging checks end here.
+            runtime.shutdown_timeout(Duration::from_secs(1));
+        }
     }
 }
 
@@ -253,42 +293,44 @@ impl std::fmt::Debug for HttpBackend {
     }
 }
 
-fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, stop: &AtomicBool) {
-    while !stop.load(Ordering::Relaxed) {
-        if !wait_readable(listener.as_raw_fd(), POLL) {
-            continue;
-        }
-        loop {
-            match listener.accept() {
-                Ok((stream, _peer)) => {
-                    shared.accepted.fetch_add(1, Ordering::SeqCst);
-                    let shared = Arc::clone(shared);
-                    let spawned = std::thread::Builder::new()
-                        .name(format!("http-conn-{}", shared.name))
-                        .spawn(move || serve(stream, &shared));
-                    if let Err(e) = spawned {
-                        eprintln!("harness: cannot spawn an HTTP connection thread: {e}");
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => accepted_one(stream, &shared),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
+                    // EMFILE and the like: say so, and go on after a pause instead of spinning.
                     eprintln!("harness: HTTP backend accept: {e}");
-                    break;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-            }
+            },
+        }
+    }
+    // Closing a listener resets the connections still queued in it. A client connecting in a
+    // loop would see that as ECONNRESET, where a test expects only refused connects from when
+    // the listener is gone: serve what is queued first, then close.
+    let Ok(listener) = listener.into_std() else {
+        return;
+    };
+    while let Ok((stream, _peer)) = listener.accept() {
+        if stream.set_nonblocking(true).is_ok()
+            && let Ok(stream) = TcpStream::from_std(stream)
+        {
+            accepted_one(stream, &shared);
         }
     }
 }
 
-fn serve(stream: TcpStream, shared: &Shared) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
-    let Ok(read_half) = stream.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(read_half);
-    let Some(first) = read_line(&mut reader, &stream, shared, REQUEST_TIMEOUT) else {
+fn accepted_one(stream: TcpStream, shared: &Arc<Shared>) {
+    shared.accepted.fetch_add(1, Ordering::SeqCst);
+    tokio::spawn(serve(stream, Arc::clone(shared)));
+}
+
+async fn serve(stream: TcpStream, shared: Arc<Shared>) {
+    let Some(first) = peek_first_line(&stream).await else {
         return;
     };
     let mut parts = first.split(' ');
@@ -299,170 +341,134 @@ fn serve(stream: TcpStream, shared: &Shared) {
     ) && path.is_some()
         && version.is_some_and(|v| v.starts_with("HTTP/1."));
     if is_http {
-        serve_http(&mut reader, stream, shared, path.unwrap_or("/"));
+        serve_http(stream, shared).await;
     } else {
-        serve_echo(&mut reader, stream, shared, first);
+        serve_echo(stream, &shared).await;
     }
 }
 
-fn serve_http(
-    reader: &mut BufReader<TcpStream>,
-    mut stream: TcpStream,
-    shared: &Shared,
-    path: &str,
-) {
-    // The rest of the head, up to the empty line; the request has no body.
+/// The first line the client sent, without its line ending and without consuming it; None if
+/// the client closes, sends more than [`MAX_FIRST_LINE`] bytes without a newline, or nothing
+/// within [`REQUEST_TIMEOUT`].
+async fn peek_first_line(stream: &TcpStream) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    let mut buf = vec![0u8; MAX_FIRST_LINE];
+    let mut seen = 0;
     loop {
-        match read_line(reader, &stream, shared, REQUEST_TIMEOUT) {
-            Some(line) if line.is_empty() => break,
-            Some(_) => {}
-            None => return,
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
         }
+        if let Some(end) = buf[..n].iter().position(|b| *b == b'\n') {
+            let line = String::from_utf8_lossy(&buf[..end]);
+            return Some(line.trim_end_matches('\r').to_owned());
+        }
+        if n == buf.len() {
+            return None;
+        }
+        // Part of a line: peek returns at once while those bytes are unread, so wait a little
+        // for the rest instead of spinning.
+        if n == seen {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        seen = n;
     }
-    let path = path.split('?').next().unwrap_or(path);
-    let (status, body) = if path == shared.health_path {
-        shared.health_checks.fetch_add(1, Ordering::SeqCst);
-        let reply = *shared
-            .health
+}
+
+/// The client went away or the check hangs: hyper closes the connection without a response.
+#[derive(Debug)]
+struct NoAnswer;
+
+impl std::fmt::Display for NoAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("no answer (HealthReply::Hang)")
+    }
+}
+
+impl std::error::Error for NoAnswer {}
+
+async fn serve_http(stream: TcpStream, shared: Arc<Shared>) {
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let shared = Arc::clone(&shared);
+        async move { respond(&request, &shared).await }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    // Errors are the client's business (it gave up, or sent garbage); a hanging check ends in
+    // one by design.
+    let _ = served;
+}
+
+async fn respond(
+    request: &Request<Incoming>,
+    shared: &Shared,
+) -> Result<Response<Full<Bytes>>, NoAnswer> {
+    let (status, body) = if request.uri().path() == shared.health_path {
+        shared
+            .first_health_check
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match reply {
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert_with(Instant::now);
+        shared.health_checks.fetch_add(1, Ordering::SeqCst);
+        match shared.health() {
             HealthReply::Status(code) => (code, format!("{} health {code}\n", shared.name)),
             HealthReply::Hang => {
-                hang(&stream, shared);
-                return;
+                tokio::time::sleep(HANG_FOR).await;
+                return Err(NoAnswer);
             }
         }
     } else {
         shared.data_requests.fetch_add(1, Ordering::SeqCst);
         (200, format!("{}\n", shared.name))
     };
-    let location = if (300..400).contains(&status) {
-        "Location: /elsewhere\r\n"
-    } else {
-        ""
-    };
-    let response = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{location}\
-         Connection: close\r\n\r\n{body}",
-        reason_phrase(status),
-        body.len()
-    );
-    let _ = stream.write_all(response.as_bytes());
-    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "text/plain");
+    if status.is_redirection() {
+        response = response.header(LOCATION, "/elsewhere");
+    }
+    Ok(response
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid response"))
 }
 
-/// Waits without answering until the peer closes, the backend is dropped, or [`HANG_FOR`].
-fn hang(stream: &TcpStream, shared: &Shared) {
-    let deadline = Instant::now() + HANG_FOR;
-    let mut buf = [0u8; 512];
-    while Instant::now() < deadline && !shared.shutdown.load(Ordering::Relaxed) {
-        if wait_readable(stream.as_raw_fd(), POLL) {
-            // SAFETY: `buf` is valid for writes of its length; the fd is an open socket.
-            let n = unsafe {
-                libc::recv(
-                    stream.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n == 0
-                || (n < 0
-                    && std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock)
-            {
-                return; // The checker gave up and closed.
-            }
-        }
+/// Counts an echo session as open for as long as it lives (also when its task is dropped).
+struct OpenSession<'a>(&'a Shared);
+
+impl Drop for OpenSession<'_> {
+    fn drop(&mut self) {
+        self.0.echo_open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
-fn serve_echo(
-    reader: &mut BufReader<TcpStream>,
-    mut stream: TcpStream,
-    shared: &Shared,
-    first: String,
-) {
+async fn serve_echo(stream: TcpStream, shared: &Shared) {
     shared.echo_sessions.fetch_add(1, Ordering::SeqCst);
     shared.echo_open.fetch_add(1, Ordering::SeqCst);
-    let mut line = Some(first);
-    while let Some(text) = line {
-        if stream
-            .write_all(format!("{} {text}\n", shared.name).as_bytes())
-            .is_err()
-        {
+    let _open = OpenSession(shared);
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    while let Ok(Ok(Some(line))) = tokio::time::timeout(ECHO_IDLE, lines.next_line()).await {
+        let reply = format!("{} {}\n", shared.name, line.trim_end_matches('\r'));
+        if write.write_all(reply.as_bytes()).await.is_err() {
             break;
         }
         shared.echo_lines.fetch_add(1, Ordering::SeqCst);
-        line = read_line(reader, &stream, shared, ECHO_IDLE);
     }
-    shared.echo_open.fetch_sub(1, Ordering::SeqCst);
-}
-
-/// One line without its line ending; None on EOF, error, timeout or backend shutdown.
-fn read_line(
-    reader: &mut BufReader<TcpStream>,
-    stream: &TcpStream,
-    shared: &Shared,
-    timeout: Duration,
-) -> Option<String> {
-    let deadline = Instant::now() + timeout;
-    let _ = stream.set_read_timeout(Some(POLL));
-    let mut bytes = Vec::new();
-    loop {
-        if shared.shutdown.load(Ordering::Relaxed) || Instant::now() >= deadline {
-            return None;
-        }
-        match reader.read_until(b'\n', &mut bytes) {
-            Ok(0) => return None,
-            Ok(_) if bytes.ends_with(b"\n") => break,
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
-            Err(_) => return None,
-        }
-        if bytes.len() > 8192 {
-            return None;
-        }
-    }
-    let text = String::from_utf8_lossy(&bytes);
-    Some(text.trim_end_matches(['\r', '\n']).to_owned())
-}
-
-fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        204 => "No Content",
-        301 => "Moved Permanently",
-        302 => "Found",
-        404 => "Not Found",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        _ => "Whatever",
-    }
-}
-
-/// poll(2) for readability, bounded by `timeout`. False on timeout (or EINTR).
-fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `pfd` is a valid pollfd for the duration of the call and nfds is 1.
-    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpStream;
 
     fn get(addr: SocketAddr, path: &str) -> std::io::Result<crate::http::Response> {
         crate::http::get(addr, path, Duration::from_secs(2))

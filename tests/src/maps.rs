@@ -41,6 +41,31 @@ pub fn map_dump(bpffs: &BpffsDir, name: &str) -> serde_json::Value {
     })
 }
 
+/// `max_entries` of the pinned map `name`, from `bpftool map show pinned <pin> -j`.
+pub fn map_max_entries(bpffs: &BpffsDir, name: &str) -> u64 {
+    let pin = map_pin(bpffs, name);
+    let mut cmd = Command::new("bpftool");
+    cmd.args(["map", "show", "pinned"]).arg(&pin).arg("-j");
+    let out = crate::process::run_bounded(&mut cmd, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("`bpftool map show pinned {}`: {e}", pin.display()));
+    assert!(
+        out.status.success(),
+        "`bpftool map show pinned {}` failed: {}",
+        pin.display(),
+        out.describe()
+    );
+    let info: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "`bpftool map show pinned {}` printed invalid JSON ({e}): {}",
+            pin.display(),
+            out.stdout
+        )
+    });
+    info["max_entries"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no max_entries in {info}"))
+}
+
 /// Number of entries of a (non per-CPU-array) map.
 pub fn map_len(bpffs: &BpffsDir, name: &str) -> usize {
     match map_dump(bpffs, name) {

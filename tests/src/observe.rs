@@ -175,53 +175,15 @@ pub fn slot_map(status: &ServiceStatus) -> BTreeMap<String, u64> {
 }
 
 /// The value of the Prometheus sample `name{labels...}` in a `/metrics` text: the first sample of
-/// that name whose labels include all of `labels`.
+/// that name whose labels include all of `labels`. Panics if the text is not valid exposition
+/// text ([`crate::prom::Scrape::parse`]).
+#[track_caller]
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, label_text) = match series.split_once('{') {
-                Some((metric, rest)) => (metric, rest.strip_suffix('}')?),
-                None => (series, ""),
-            };
-            if metric != name {
-                return None;
-            }
-            let have = parse_labels(label_text);
-            labels
-                .iter()
-                .all(|(k, v)| have.get(*k).is_some_and(|h| h == v))
-                .then(|| value.parse().ok())
-                .flatten()
-        })
-}
-
-fn parse_labels(text: &str) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::new();
-    let mut rest = text;
-    while let Some((key, after)) = rest.split_once("=\"") {
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let mut end = after.len();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => {
-                    if let Some((_, escaped)) = chars.next() {
-                        value.push(if escaped == 'n' { '\n' } else { escaped });
-                    }
-                }
-                '"' => {
-                    end = i + 1;
-                    break;
-                }
-                c => value.push(c),
-            }
-        }
-        labels.insert(key.trim_start_matches(',').trim().to_owned(), value);
-        rest = &after[end..];
-    }
-    labels
+    let scrape = crate::prom::Scrape::parse(text).unwrap_or_else(|e| panic!("/metrics: {e}"));
+    scrape
+        .matching(name, labels)
+        .first()
+        .map(|sample| sample.value)
 }
 
 /// A `backend health changed` line of the agent's log.

@@ -1,28 +1,19 @@
-//! Redis for the registry-source tests: a minimal blocking RESP2 client over a std `TcpStream`,
-//! and a private `redis-server` a test can kill and restart.
+//! Redis for the registry-source tests: a blocking client (the `redis` crate, as the agent
+//! uses), and a private `redis-server` a test can kill and restart.
 //!
 //! The shared server of a test run is at `$MESH_TEST_REDIS` (`cargo xtask test` starts one on
 //! 127.0.0.1:6390). Tests use their own key in it and delete it afterwards ([`KeyGuard`]).
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+pub use redis::{RedisResult, Value};
+
 /// Every step of a command (connect, write, read) is bounded by this.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A RESP2 reply.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
-    Simple(String),
-    Error(String),
-    Integer(i64),
-    Bulk(Option<Vec<u8>>),
-    Array(Option<Vec<Reply>>),
-}
 
 /// The address of the test run's Redis: `$MESH_TEST_REDIS`. Panics with how to get one.
 pub fn test_redis_addr() -> SocketAddr {
@@ -45,36 +36,33 @@ pub fn test_redis_addr() -> SocketAddr {
 
 /// One connection to Redis.
 pub struct RedisClient {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    connection: redis::Connection,
 }
 
 impl RedisClient {
-    pub fn connect(addr: SocketAddr) -> std::io::Result<RedisClient> {
-        let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        stream.set_write_timeout(Some(IO_TIMEOUT))?;
-        let writer = stream.try_clone()?;
-        Ok(RedisClient {
-            reader: BufReader::new(stream),
-            writer,
-        })
+    pub fn connect(addr: SocketAddr) -> RedisResult<RedisClient> {
+        let client = redis::Client::open(format!("redis://{addr}/"))?;
+        let connection = client.get_connection_with_timeout(IO_TIMEOUT)?;
+        connection.set_read_timeout(Some(IO_TIMEOUT))?;
+        connection.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(RedisClient { connection })
     }
 
-    /// Sends one command; an error reply is returned as `Reply::Error`.
-    pub fn command(&mut self, args: &[&str]) -> std::io::Result<Reply> {
-        self.writer.write_all(&encode(args))?;
-        read_reply(&mut self.reader)
+    /// Sends one command (`args[0]` is its name); an error reply is an `Err`.
+    pub fn command(&mut self, args: &[&str]) -> RedisResult<Value> {
+        let (name, rest) = args.split_first().expect("a command has a name");
+        let mut cmd = redis::cmd(name);
+        for arg in rest {
+            cmd.arg(*arg);
+        }
+        cmd.query(&mut self.connection)
     }
 
     /// Sends one command and panics on an I/O error or an error reply.
     #[track_caller]
-    pub fn cmd(&mut self, args: &[&str]) -> Reply {
-        match self.command(args) {
-            Ok(Reply::Error(e)) => panic!("redis {args:?}: {e}"),
-            Ok(reply) => reply,
-            Err(e) => panic!("redis {args:?}: {e}"),
-        }
+    pub fn cmd(&mut self, args: &[&str]) -> Value {
+        self.command(args)
+            .unwrap_or_else(|e| panic!("redis {args:?}: {e}"))
     }
 
     /// `HSET key field value` then `PUBLISH <key>:changed field`.
@@ -99,76 +87,9 @@ impl RedisClient {
 
     /// Whether the server answers `PING` with `PONG`.
     pub fn ping(&mut self) -> bool {
-        matches!(self.command(&["PING"]), Ok(Reply::Simple(s)) if s == "PONG")
-    }
-}
-
-/// `*N\r\n$len\r\narg\r\n...`
-pub fn encode(args: &[&str]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for arg in args {
-        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
-        out.extend_from_slice(arg.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
-
-fn invalid(what: String) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, what)
-}
-
-fn read_line(reader: &mut impl BufRead) -> std::io::Result<String> {
-    let mut line = String::new();
-    // Bounded: one header line of a reply.
-    reader.by_ref().take(64 * 1024).read_line(&mut line)?;
-    line.strip_suffix("\r\n")
-        .map(str::to_owned)
-        .ok_or_else(|| invalid(format!("truncated reply line {line:?}")))
-}
-
-fn read_len(text: &str) -> std::io::Result<Option<usize>> {
-    let n: i64 = text
-        .parse()
-        .map_err(|e| invalid(format!("length {text:?}: {e}")))?;
-    match n {
-        -1 => Ok(None),
-        n if (0..=512 * 1024 * 1024).contains(&n) => Ok(Some(n as usize)),
-        n => Err(invalid(format!("length {n} out of range"))),
-    }
-}
-
-/// Reads one reply.
-pub fn read_reply(reader: &mut impl BufRead) -> std::io::Result<Reply> {
-    let line = read_line(reader)?;
-    let (kind, rest) = line.split_at(line.len().min(1));
-    match kind {
-        "+" => Ok(Reply::Simple(rest.to_owned())),
-        "-" => Ok(Reply::Error(rest.to_owned())),
-        ":" => rest
-            .parse()
-            .map(Reply::Integer)
-            .map_err(|e| invalid(format!("integer {rest:?}: {e}"))),
-        "$" => match read_len(rest)? {
-            None => Ok(Reply::Bulk(None)),
-            Some(len) => {
-                let mut data = vec![0; len + 2];
-                reader.read_exact(&mut data)?;
-                if !data.ends_with(b"\r\n") {
-                    return Err(invalid("bulk string without CRLF".to_owned()));
-                }
-                data.truncate(len);
-                Ok(Reply::Bulk(Some(data)))
-            }
-        },
-        "*" => match read_len(rest)? {
-            None => Ok(Reply::Array(None)),
-            Some(len) => (0..len)
-                .map(|_| read_reply(reader))
-                .collect::<std::io::Result<Vec<_>>>()
-                .map(|items| Reply::Array(Some(items))),
-        },
-        _ => Err(invalid(format!("unknown reply {line:?}"))),
+        redis::cmd("PING")
+            .query::<String>(&mut self.connection)
+            .is_ok_and(|pong| pong == "PONG")
     }
 }
 
@@ -307,52 +228,5 @@ impl Drop for RedisServer {
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn encodes_commands_as_arrays_of_bulk_strings() {
-        assert_eq!(
-            encode(&["HSET", "k", "f", "{\"a\":1}"]),
-            b"*4\r\n$4\r\nHSET\r\n$1\r\nk\r\n$1\r\nf\r\n$7\r\n{\"a\":1}\r\n"
-        );
-    }
-
-    #[test]
-    fn reads_every_reply_kind() {
-        let raw: &[u8] =
-            b"+OK\r\n-ERR wrong\r\n:42\r\n$3\r\nabc\r\n$-1\r\n*2\r\n$1\r\nf\r\n:1\r\n*-1\r\n";
-        let mut reader = BufReader::new(raw);
-        assert_eq!(read_reply(&mut reader).unwrap(), Reply::Simple("OK".into()));
-        assert_eq!(
-            read_reply(&mut reader).unwrap(),
-            Reply::Error("ERR wrong".into())
-        );
-        assert_eq!(read_reply(&mut reader).unwrap(), Reply::Integer(42));
-        assert_eq!(
-            read_reply(&mut reader).unwrap(),
-            Reply::Bulk(Some(b"abc".to_vec()))
-        );
-        assert_eq!(read_reply(&mut reader).unwrap(), Reply::Bulk(None));
-        assert_eq!(
-            read_reply(&mut reader).unwrap(),
-            Reply::Array(Some(vec![
-                Reply::Bulk(Some(b"f".to_vec())),
-                Reply::Integer(1)
-            ]))
-        );
-        assert_eq!(read_reply(&mut reader).unwrap(), Reply::Array(None));
-        assert!(read_reply(&mut reader).is_err(), "EOF");
-    }
-
-    #[test]
-    fn rejects_garbage() {
-        assert!(read_reply(&mut BufReader::new(&b"?x\r\n"[..])).is_err());
-        assert!(read_reply(&mut BufReader::new(&b"$5\r\nab\r\n"[..])).is_err());
-        assert!(read_reply(&mut BufReader::new(&b"+OK"[..])).is_err());
     }
 }

@@ -15,8 +15,10 @@ use integration_tests::{
     wait_for_backends,
 };
 
-/// A config edit must be in the datapath within this long.
-const APPLY_BUDGET: Duration = Duration::from_secs(1);
+/// A config edit must be in the datapath within this long (README; BENCHMARKS.md: p99 31 ms
+/// from the rename to the first connection, up to 350 ms under load). Measured here by polling
+/// `mesh services`, which spawns the CLI each time.
+const APPLY_BUDGET: Duration = Duration::from_millis(500);
 /// How long we keep polling before giving up (longer than the budget, so a slow apply is
 /// reported with its real duration instead of as a timeout).
 const POLL_LIMIT: Duration = Duration::from_secs(5);

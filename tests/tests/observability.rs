@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use integration_tests::agent::strip_ansi;
 use integration_tests::exchange::{ExchangeBackend, exchange_in};
-use integration_tests::maps::map_dump;
+use integration_tests::maps::{map_dump, map_max_entries};
 use integration_tests::probe::{probe_udp_in, spawn_probe_in};
 use integration_tests::prom::{PrometheusServer, Scrape, promtool, promtool_check_metrics};
 use integration_tests::tools::{
@@ -377,7 +377,21 @@ fn promtool_accepts_a_real_scrape() {
             })
             .collect();
         bounds.sort_by(|a, b| a.0.total_cmp(&b.0));
-        assert!(bounds.len() >= 2, "{labels:?}: buckets {bounds:?}");
+        // README: bucket i holds RTTs up to 16 µs * 2^i; the last one everything above.
+        let finite: Vec<f64> = bounds
+            .iter()
+            .map(|(le, _)| *le)
+            .filter(|le| le.is_finite())
+            .collect();
+        let documented: Vec<f64> = (0..15).map(|i| 16e-6 * f64::from(1u32 << i)).collect();
+        assert_eq!(
+            finite.len(),
+            documented.len(),
+            "{labels:?}: buckets {bounds:?}"
+        );
+        for (le, want) in finite.iter().zip(&documented) {
+            assert!((le - want).abs() < 1e-12, "{labels:?}: buckets {bounds:?}");
+        }
         assert!(
             bounds.windows(2).all(|w| w[0].1 <= w[1].1),
             "cumulative buckets: {bounds:?}"
@@ -665,6 +679,20 @@ fn bpftool_dumps_are_structured_json() {
     );
     assert_eq!(web_key["port"], 8080, "port in host order");
     assert_eq!(web_key["family"], 4);
+
+    // The map capacities of a config without `[agent.limits]`: the README's defaults, as the
+    // kernel reports them.
+    for (map, capacity) in [
+        ("services", 65_536),
+        ("backends", 262_144),
+        ("slots", 1_048_576),
+    ] {
+        assert_eq!(
+            map_max_entries(&env.bpffs, map),
+            capacity,
+            "max_entries of {map}"
+        );
+    }
 
     // backends: the configured addresses.
     let backends: BTreeSet<SocketAddr> = formatted_entries(&map_dump(&env.bpffs, "backends"))
@@ -1036,10 +1064,8 @@ fn dashboard_uses_only_exported_metric_names() {
     let (text, json) = dashboard();
     let names = metric_names(&text);
     assert!(names.len() >= 10, "the dashboard uses {names:?}");
-    assert!(
-        json["schemaVersion"].as_u64().is_some_and(|v| v >= 36),
-        "schemaVersion"
-    );
+    // README: "a Grafana dashboard (schema 39)".
+    assert_eq!(json["schemaVersion"], 39, "schemaVersion");
     let variables = json["templating"]["list"]
         .as_array()
         .expect("templating.list");

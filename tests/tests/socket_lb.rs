@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::agent::is_warn_or_error;
 use integration_tests::maps::{datapath_counters, map_len};
-use integration_tests::probe::{probe_udp_in, run_probe_in_for};
+use integration_tests::probe::{ProbeLine, probe_udp_in, run_probe_in_for};
 use integration_tests::{
     NetNs, ProbeServer, ProbeSummary, ServerKind, ServiceSpec, TcpBackend, TestEnv, UdpBackend,
     probe_summary_in, render_config, service_status, services, spawn_probe_in, wait_for_backends,
@@ -202,6 +202,78 @@ fn unconnected_udp_replies_come_from_the_vip() {
         [a.received(), b.received(), c.received()],
         [60, 60, 60],
         "datagrams each backend received"
+    );
+}
+
+/// README, "Current limits": an unconnected UDP socket remembers the last 8 backends it reached
+/// through VIPs; replies from older ones arrive untranslated.
+#[test]
+fn unconnected_udp_socket_translates_replies_of_its_last_8_backends() {
+    const REMEMBERED: usize = 8;
+    let backends: Vec<UdpBackend> = (0..REMEMBERED + 2)
+        .map(|i| UdpBackend::start(&format!("ring-{i}")))
+        .collect();
+    let refs: Vec<&UdpBackend> = backends.iter().collect();
+    let addr_of: BTreeMap<String, String> = backends
+        .iter()
+        .map(|b| (b.name().to_owned(), b.addr().to_string()))
+        .collect();
+    let vip = "127.100.20.1:53";
+    let env = TestEnv::start(
+        "udpring",
+        &render_config(&[udp_service("ring", vip, &refs)]),
+    );
+    // One socket sends to `n` distinct backends (round-robin over all ten) before it reads a
+    // reply: (replies shown from the VIP, replies shown from their backend's own address).
+    let burst = |n: usize| {
+        let args = ["udp-burst", "--addr", vip, "--count", &n.to_string()];
+        let result = run_probe_in_for(&env.cgroup, args, PROBE_LIMIT);
+        assert!(
+            result.errors().is_empty(),
+            "udp-burst of {n}: {:?}\n{}",
+            result.error_counts(),
+            result.stdout
+        );
+        let mut translated = 0;
+        let mut untranslated = BTreeSet::new();
+        for line in &result.lines {
+            let ProbeLine::Reply {
+                name,
+                from: Some(from),
+            } = line
+            else {
+                panic!("udp-burst of {n}: {line:?}\n{}", result.stdout);
+            };
+            if from == vip {
+                translated += 1;
+            } else {
+                assert_eq!(
+                    addr_of.get(name),
+                    Some(from),
+                    "an untranslated reply shows its backend's own address: {line:?}"
+                );
+                untranslated.insert(name.clone());
+            }
+        }
+        assert_eq!(
+            result.counts().len(),
+            n,
+            "{n} datagrams reach {n} distinct backends: {}",
+            result.stdout
+        );
+        (translated, untranslated)
+    };
+    // Ten backends: the first two the socket reached were forgotten by the time it read.
+    let (translated, untranslated) = burst(REMEMBERED + 2);
+    eprintln!("10 backends: {translated} replies from the VIP, untranslated: {untranslated:?}");
+    assert_eq!(translated, REMEMBERED, "untranslated: {untranslated:?}");
+    assert_eq!(untranslated.len(), 2, "{untranslated:?}");
+    // Eight (the round-robin goes on over the others): all remembered.
+    let (translated, untranslated) = burst(REMEMBERED);
+    assert_eq!(
+        (translated, untranslated.len()),
+        (REMEMBERED, 0),
+        "{untranslated:?}"
     );
 }
 
@@ -581,6 +653,7 @@ fn no_backends_refuses_at_once_and_counts() {
 fn backend_swaps_under_load_never_misroute() {
     const GENERATIONS: u64 = 1_000;
     const CLIENTS: usize = 2;
+    const MIN_CONNECTS_PER_GENERATION: u64 = 20;
     let writer_limit = Duration::from_secs(100);
     let a = TcpBackend::start("swap-a");
     let b = TcpBackend::start("swap-b");
@@ -671,7 +744,12 @@ fn backend_swaps_under_load_never_misroute() {
         applied >= GENERATIONS,
         "only {applied} generations applied within {writer_limit:?}"
     );
-    assert!(connects > 0, "the clients made no connects");
+    // Enough connects that the swaps happened under load, not between connects (measured:
+    // hundreds per generation).
+    assert!(
+        connects >= MIN_CONNECTS_PER_GENERATION * applied,
+        "only {connects} connects during {applied} generations"
+    );
     assert!(errors.is_empty(), "connect errors during swaps: {errors:?}");
     let allowed: BTreeSet<&str> = ["swap-a", "swap-b", "swap-c"].into();
     let misrouted: BTreeMap<&String, &u64> = replies

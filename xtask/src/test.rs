@@ -9,6 +9,8 @@ use crate::build::{self, Profile};
 use crate::util::{Run as _, TestTotals, cargo};
 use crate::{cleanup, services, setup, signal};
 
+/// The port of the Redis the end-to-end tests share; `MESH_TEST_REDIS_PORT` overrides it (for
+/// a machine where another run already uses it).
 const REDIS_PORT: u16 = 6390;
 
 /// Clippy for `mesh-ebpf` on its own target, as mesh-user's build.rs (aya-build) builds it:
@@ -29,6 +31,15 @@ const KERNEL_CLIPPY: &[&str] = &[
     "-D",
     "warnings",
 ];
+
+fn redis_port() -> Result<u16> {
+    match std::env::var("MESH_TEST_REDIS_PORT") {
+        Ok(port) => port
+            .parse()
+            .with_context(|| format!("MESH_TEST_REDIS_PORT={port:?} is not a port")),
+        Err(_) => Ok(REDIS_PORT),
+    }
+}
 
 /// Runs the steps in order, stopping at the first failure, and prints a one-line summary.
 pub fn run(skip_lint: bool, extra: &[String]) -> Result<()> {
@@ -52,11 +63,11 @@ pub fn run(skip_lint: bool, extra: &[String]) -> Result<()> {
             );
         }
     }
-    // The closing line CI reads: every test of every `cargo test` run above.
-    println!(
-        "tests: {} passed, {} failed, {} skipped",
-        totals.passed, totals.failed, totals.ignored
-    );
+    // The closing line CI reads (every test of every `cargo test` run above; skipped = ignored
+    // + left out by a name filter), after the line that breaks skipped down.
+    for line in totals.closing_lines() {
+        println!("{line}");
+    }
     result
 }
 
@@ -120,15 +131,16 @@ fn run_steps(steps: &mut Steps, skip_lint: bool, extra: &[String]) -> Result<()>
     steps.totals = totals;
     unit?;
     // Dropped at the end of this function, whatever happens after this line.
-    let _redis = steps.run("start redis", || services::redis(REDIS_PORT))?;
+    let redis_port = redis_port()?;
+    let _redis = steps.run("start redis", || services::redis(redis_port))?;
     let e2e = steps.run("integration tests", || {
-        integration_tests(extra, &mut totals)
+        integration_tests(extra, redis_port, &mut totals)
     });
     steps.totals = totals;
     e2e
 }
 
-fn integration_tests(extra: &[String], totals: &mut TestTotals) -> Result<()> {
+fn integration_tests(extra: &[String], redis_port: u16, totals: &mut TestTotals) -> Result<()> {
     let mesh = build::bin(Profile::Release, "mesh");
     let probe = build::bin(Profile::Release, "mesh-probe");
     require_file(&mesh)?;
@@ -138,7 +150,7 @@ fn integration_tests(extra: &[String], totals: &mut TestTotals) -> Result<()> {
         .args(extra)
         .env("MESH_BIN", &mesh)
         .env("MESH_PROBE_BIN", &probe)
-        .env("MESH_TEST_REDIS", format!("127.0.0.1:{REDIS_PORT}"))
+        .env("MESH_TEST_REDIS", format!("127.0.0.1:{redis_port}"))
         .run_tests(totals)
         .context("end-to-end tests failed")
 }

@@ -110,31 +110,65 @@ pub trait Run {
 pub struct TestTotals {
     pub passed: u64,
     pub failed: u64,
+    /// `#[ignore]`d tests.
     pub ignored: u64,
+    /// Tests a name filter left out (`cargo xtask test -- <filter>`).
+    pub filtered_out: u64,
 }
 
 impl TestTotals {
     /// Adds the counts of one libtest summary line
-    /// (`test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; ...`).
+    /// (`test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; 3 filtered out; finished
+    /// in 0.01s`); any other line is ignored.
     pub fn add_line(&mut self, line: &str) {
-        let Some(rest) = line.strip_prefix("test result: ") else {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
             return;
         };
+        // `ok. 5 passed` / `FAILED. 3 passed`: the status word ends with a period.
+        let rest = rest.split_once(". ").map_or(rest, |(_, counts)| counts);
         for part in rest.split(';') {
-            let mut words = part.split_whitespace().rev();
-            let (Some(kind), Some(count)) = (words.next(), words.next()) else {
-                continue;
+            let mut words = part.split_whitespace();
+            let Some(Ok(count)) = words.next().map(str::parse::<u64>) else {
+                continue; // `finished in 1.53s`
             };
-            let Ok(count) = count.parse::<u64>() else {
-                continue;
-            };
-            match kind {
-                "passed" => self.passed += count,
-                "failed" => self.failed += count,
-                "ignored" => self.ignored += count,
+            let kind: Vec<&str> = words.collect();
+            match kind.as_slice() {
+                ["passed"] => self.passed += count,
+                ["failed"] => self.failed += count,
+                ["ignored"] => self.ignored += count,
+                ["filtered", "out"] => self.filtered_out += count,
                 _ => {}
             }
         }
+    }
+
+    pub fn add(&mut self, other: TestTotals) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+        self.ignored += other.ignored;
+        self.filtered_out += other.filtered_out;
+    }
+
+    /// Tests that did not run: ignored ones and those a filter left out.
+    pub fn skipped(&self) -> u64 {
+        self.ignored + self.filtered_out
+    }
+
+    /// The two closing lines of `xtask test`: what `skipped` is made of, then the line CI reads
+    /// (`N passed, N failed, N skipped`; keep its form).
+    pub fn closing_lines(&self) -> [String; 2] {
+        [
+            format!(
+                "skipped: {} ignored, {} filtered out",
+                self.ignored, self.filtered_out
+            ),
+            format!(
+                "tests: {} passed, {} failed, {} skipped",
+                self.passed,
+                self.failed,
+                self.skipped()
+            ),
+        ]
     }
 }
 
@@ -179,10 +213,7 @@ impl Run for Command {
         });
         let status = signal::wait_foreground(&mut child)
             .with_context(|| format!("waiting for `{shown}`"))?;
-        let counted = reader.join().unwrap_or_default();
-        totals.passed += counted.passed;
-        totals.failed += counted.failed;
-        totals.ignored += counted.ignored;
+        totals.add(reader.join().unwrap_or_default());
         signal::check()?;
         if !status.success() {
             bail!("`{shown}` failed: {status}");
@@ -331,16 +362,42 @@ mod test_totals {
         let mut totals = TestTotals::default();
         totals.add_line("test result: ok. 146 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 1.53s");
         totals.add_line(
-            "test result: FAILED. 3 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
+            "test result: FAILED. 3 passed; 1 failed; 0 ignored; 0 measured; 7 filtered out",
         );
+        // A binary whose every test the filter left out, and a doc-test run with no tests.
+        totals.add_line(
+            "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 12 filtered out; finished in 0.00s",
+        );
+        totals.add_line("test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s");
+        // Not summary lines: a test named like one, the run header, a test's own output.
+        totals.add_line("test test_totals::test_result_5_passed ... ok");
         totals.add_line("running 9 tests");
+        totals.add_line("summary: 9 passed; 9 failed");
         assert_eq!(
             totals,
             TestTotals {
                 passed: 149,
                 failed: 1,
-                ignored: 2
+                ignored: 2,
+                filtered_out: 19,
             }
         );
+        assert_eq!(totals.skipped(), 21);
+    }
+
+    #[test]
+    fn closing_lines_break_skipped_down_and_keep_the_ci_form() {
+        let totals = TestTotals {
+            passed: 12,
+            failed: 1,
+            ignored: 2,
+            filtered_out: 40,
+        };
+        let [breakdown, closing] = totals.closing_lines();
+        assert_eq!(breakdown, "skipped: 2 ignored, 40 filtered out");
+        // CI reads `N passed, N failed` with an optional `, N skipped`, one word with a colon
+        // before it; the breakdown line must not look like that.
+        assert_eq!(closing, "tests: 12 passed, 1 failed, 42 skipped");
+        assert!(!breakdown.contains("passed"));
     }
 }

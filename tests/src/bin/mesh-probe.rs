@@ -11,6 +11,9 @@
 //!     Prints `<reply> from <ip:port>` or `ERR <errno name or message>` per datagram.
 //! mesh-probe udp-fresh --addr IP:PORT --count N [--timeout-ms T] [--summary]
 //!     As `udp`, but every datagram from a new unconnected socket (closed after the reply).
+//! mesh-probe udp-burst --addr IP:PORT --count N [--timeout-ms T] [--summary]
+//!     As `udp`, but all N datagrams are sent before the first reply is read, so the socket
+//!     has sent to N backends when it reads their replies. Output as `udp`, in reply order.
 //! mesh-probe udp-connected --addr IP:PORT --count N [--timeout-ms T] [--summary]
 //!     N new connected UDP sockets: connect, send, recv, close. Output as `udp`.
 //! mesh-probe connect-until --addr IP:PORT --stop-file PATH --max-ms M [--timeout-ms T]
@@ -71,6 +74,7 @@ enum Mode {
     Connect,
     Udp,
     UdpFresh,
+    UdpBurst,
     UdpConnected,
     ConnectUntil,
     Peer,
@@ -98,7 +102,7 @@ struct Args {
 }
 
 const USAGE: &str =
-    "usage: mesh-probe connect|udp|udp-fresh|udp-connected --addr IP:PORT --count N \
+    "usage: mesh-probe connect|udp|udp-fresh|udp-burst|udp-connected --addr IP:PORT --count N \
 [--timeout-ms T] [--summary]
        mesh-probe connect-until --addr IP:PORT --stop-file PATH --max-ms M [--timeout-ms T]
        mesh-probe http --addr IP:PORT --count N [--path P] [--timeout-ms T] [--summary]
@@ -124,6 +128,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         "connect" => Mode::Connect,
         "udp" => Mode::Udp,
         "udp-fresh" => Mode::UdpFresh,
+        "udp-burst" => Mode::UdpBurst,
         "udp-connected" => Mode::UdpConnected,
         "connect-until" => Mode::ConnectUntil,
         "peer" => Mode::Peer,
@@ -172,7 +177,13 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         .map_err(|e| format!("--addr: {e}"))?;
     let needs_count = matches!(
         mode,
-        Mode::Connect | Mode::Udp | Mode::UdpFresh | Mode::UdpConnected | Mode::Http | Mode::Hold
+        Mode::Connect
+            | Mode::Udp
+            | Mode::UdpFresh
+            | Mode::UdpBurst
+            | Mode::UdpConnected
+            | Mode::Http
+            | Mode::Hold
     );
     let count = match flags.get("--count") {
         Some(v) => v
@@ -338,12 +349,24 @@ impl Summary {
 fn client(args: &Args, out: &mut impl Write) -> std::io::Result<()> {
     let started = Instant::now();
     let mut summary = Summary::default();
-    // `udp` keeps one socket for all datagrams.
-    let shared = if args.mode == Mode::Udp {
+    // `udp` and `udp-burst` keep one socket for all datagrams.
+    let shared = if matches!(args.mode, Mode::Udp | Mode::UdpBurst) {
         Some(unconnected_socket(args)?)
     } else {
         None
     };
+    // `udp-burst` sends everything first; a datagram that cannot be sent shows as its error,
+    // and then as one reply fewer (a timeout) below.
+    let mut send_errors = Vec::new();
+    if let (Mode::UdpBurst, Some(socket)) = (args.mode, &shared) {
+        for i in 0..args.count {
+            let request = format!("mesh-probe {i}\n");
+            if let Err(e) = socket.send_to(request.as_bytes(), args.addr) {
+                send_errors.push(failed(&e));
+            }
+        }
+    }
+    let mut send_errors = send_errors.into_iter();
     let mut i = 0usize;
     loop {
         if matches!(args.mode, Mode::ConnectUntil | Mode::HttpUntil) {
@@ -365,6 +388,10 @@ fn client(args: &Args, out: &mut impl Write) -> std::io::Result<()> {
                 Ok(socket) => udp_exchange(&socket, args.addr, i),
                 Err(e) => failed(&e),
             },
+            Mode::UdpBurst => send_errors.next().unwrap_or_else(|| Attempt {
+                outcome: udp_reply(shared.as_ref().expect("udp-burst mode has a socket")),
+                connect: None,
+            }),
             Mode::UdpConnected => udp_connected_once(args, i),
             Mode::Http | Mode::HttpUntil => http_once(args.addr, &args.path, args.timeout),
             Mode::Peer | Mode::ServeTcp | Mode::ServeUdp | Mode::Hold => {
