@@ -1,5 +1,5 @@
-//! A minimal blocking HTTP/1.1 GET over a std `TcpStream`, for the agent's `/readyz`,
-//! `/healthz` and `/metrics` on loopback.
+//! A minimal blocking HTTP/1.1 client over a std `TcpStream`, for the agent's `/readyz`,
+//! `/healthz` and `/metrics` and the test Kubernetes API server, on loopback.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -14,13 +14,34 @@ pub struct Response {
 
 /// `GET http://<addr><path>` with `Connection: close`; every step is bounded by `timeout`.
 pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<Response> {
+    request(addr, "GET", path, None, timeout)
+}
+
+/// `<method> http://<addr><path>` with an optional `(content type, body)` and
+/// `Connection: close`; every step (connect, write, each read) is bounded by `timeout`.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &str)>,
+    timeout: Duration,
+) -> std::io::Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\nConnection: close\r\n\r\n"
-    )?;
+    let mut head =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\nConnection: close\r\n");
+    if let Some((content_type, body)) = body {
+        head.push_str(&format!(
+            "Content-Type: {content_type}\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    if let Some((_, body)) = body {
+        stream.write_all(body.as_bytes())?;
+    }
     let mut raw = Vec::new();
     // Bounded: at most 16 MiB of response.
     stream.take(16 << 20).read_to_end(&mut raw)?;
