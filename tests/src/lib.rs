@@ -25,6 +25,7 @@ pub mod config;
 pub mod exchange;
 pub mod http;
 pub mod http_backend;
+pub mod kube_api;
 pub mod maps;
 pub mod netns;
 pub mod observe;

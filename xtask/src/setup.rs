@@ -28,7 +28,15 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "util-linux",
     "openjdk-17-jdk-headless",
     "curl",
+    // The venv for the official Python Kubernetes client (see `python_client`).
+    "python3-venv",
 ];
+
+/// A venv with the official Kubernetes Python client, which tests/kube_api.rs runs against the
+/// test API server. Outside the system Python (Debian's is externally managed); the tests find
+/// it here (or at `$MESH_TEST_PYTHON`, and install it themselves when it is missing).
+const PYTHON_VENV: &str = "/opt/mesh-test/python";
+const PYTHON_KUBERNETES: &str = "kubernetes==37.0.2";
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";
@@ -38,6 +46,7 @@ pub fn run() -> Result<()> {
     check_root()?;
     debian_packages()?;
     nightly_components()?;
+    python_client()?;
     bpf_linker()?;
     bpffs()?;
     let cgroup2 = cgroup2_mount()?;
@@ -96,6 +105,53 @@ fn debian_packages() -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn python_kubernetes_version(python: &Path) -> Option<String> {
+    cmd(
+        python,
+        ["-c", "import kubernetes; print(kubernetes.__version__)"],
+    )
+    .stdout_if_ok()
+    .map(|v| v.trim().to_owned())
+}
+
+fn python_client() -> Result<()> {
+    let python = Path::new(PYTHON_VENV).join("bin/python");
+    let wanted = PYTHON_KUBERNETES
+        .split_once("==")
+        .map_or(PYTHON_KUBERNETES, |(_, v)| v);
+    if python_kubernetes_version(&python).as_deref() == Some(wanted) {
+        println!("setup: Python Kubernetes client {wanted}: installed in {PYTHON_VENV}");
+        return Ok(());
+    }
+    if !python.exists() {
+        cmd("/usr/bin/python3", ["-m", "venv", PYTHON_VENV])
+            .stdin(Stdio::null())
+            .run()
+            .with_context(|| format!("cannot create the Python venv {PYTHON_VENV}"))?;
+    }
+    cmd(
+        &python,
+        [
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            PYTHON_KUBERNETES,
+        ],
+    )
+    .stdin(Stdio::null())
+    .run()
+    .with_context(|| format!("cannot pip install {PYTHON_KUBERNETES} into {PYTHON_VENV}"))?;
+    match python_kubernetes_version(&python) {
+        Some(v) if v == wanted => {
+            println!("setup: Python Kubernetes client {v}: installed in {PYTHON_VENV}");
+            Ok(())
+        }
+        other => bail!("{PYTHON_KUBERNETES} was installed but the venv reports {other:?}"),
+    }
 }
 
 /// Components of the nightly toolchain: rust-src for `-Z build-std=core` (building the kernel
