@@ -43,14 +43,25 @@ pub fn request(
     body: Option<&str>,
     timeout: Duration,
 ) -> std::io::Result<Response> {
+    request_typed(addr, method, path, body.map(|b| ("application/json", b)), timeout)
+}
+
+/// [`request`] with the body's content type given (merge patches, JSON patches).
+pub fn request_typed(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &str)>,
+    timeout: Duration,
+) -> std::io::Result<Response> {
     let method = reqwest::Method::from_bytes(method.as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let mut builder = client()
         .request(method, format!("http://{addr}{path}"))
         .timeout(timeout);
-    if let Some(body) = body {
+    if let Some((content_type, body)) = body {
         builder = builder
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::CONTENT_TYPE, content_type)
             .body(body.to_owned());
     }
     let response = builder.send().map_err(io_error)?;

@@ -78,7 +78,7 @@ fn enc(value: &str) -> String {
 #[track_caller]
 fn call(api: &KubeApi, method: &str, path: &str, body: Option<(&str, &Value)>) -> (u16, Value) {
     let text = body.map(|(ct, v)| (ct, v.to_string()));
-    let response = http::request(
+    let response = http::request_typed(
         api.addr(),
         method,
         path,
