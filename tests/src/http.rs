@@ -43,7 +43,13 @@ pub fn request(
     body: Option<&str>,
     timeout: Duration,
 ) -> std::io::Result<Response> {
-    request_typed(addr, method, path, body.map(|b| ("application/json", b)), timeout)
+    request_typed(
+        addr,
+        method,
+        path,
+        body.map(|b| ("application/json", b)),
+        timeout,
+    )
 }
 
 /// [`request`] with the body's content type given (merge patches, JSON patches).
