@@ -328,11 +328,17 @@ fn watch(
                 .map_err(|_| ApiError::bad_request(format!("invalid resource version: {rv:?}")))?,
         ),
     };
-    let timeout = match params.get("timeoutSeconds") {
-        Some(t) => Duration::from_secs(
-            t.parse()
-                .map_err(|_| ApiError::bad_request(format!("invalid timeoutSeconds {t:?}")))?,
-        ),
+    // Unset or 0: the server's default, as the real one treats them.
+    let timeout = match params.get("timeoutSeconds").filter(|t| !t.is_empty()) {
+        Some(t) => match t.parse::<u64>() {
+            Ok(0) => DEFAULT_WATCH_TIMEOUT,
+            Ok(secs) => Duration::from_secs(secs),
+            Err(_) => {
+                return Err(ApiError::bad_request(format!(
+                    "invalid timeoutSeconds {t:?}"
+                )));
+            }
+        },
         None => DEFAULT_WATCH_TIMEOUT,
     };
     let labels = params.labels()?;
