@@ -33,7 +33,7 @@ impl PinsLock {
         let holder = std::fs::read_to_string("/proc/locks")
             .ok()
             .and_then(|locks| flock_holder(&locks, inode))
-            .map(|pid| describe(pid))
+            .map(describe)
             .unwrap_or_else(|| "a process this one cannot see".to_owned());
         bail!(
             "another mesh agent already owns {} ({holder}); stop it first, or give this agent \

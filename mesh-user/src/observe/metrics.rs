@@ -551,6 +551,16 @@ fn labels_inner(pairs: &[(&str, &str)]) -> String {
     out
 }
 
+impl SourceObserver for AgentMetrics {
+    fn source_state(&self, source: &str, up: bool, services: usize) {
+        self.set_source_state(source, up, services);
+    }
+
+    fn config_rejected(&self) {
+        self.count_rejected();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -561,15 +571,5 @@ mod tests {
             labels(&[("a", "x\"y\\z\n"), ("b", "1")]),
             r#"{a="x\"y\\z\n",b="1"}"#
         );
-    }
-}
-
-impl SourceObserver for AgentMetrics {
-    fn source_state(&self, source: &str, up: bool, services: usize) {
-        self.set_source_state(source, up, services);
-    }
-
-    fn config_rejected(&self) {
-        self.count_rejected();
     }
 }
