@@ -28,6 +28,7 @@ pub struct Agent {
     child: Child,
     exit_status: Option<ExitStatus>,
     args: Vec<OsString>,
+    env: Vec<EnvChange>,
     dir: PathBuf,
     config_path: PathBuf,
     log_path: PathBuf,
@@ -47,6 +48,19 @@ impl Agent {
         cgroup: &CgroupGuard,
         bpffs: &BpffsDir,
         extra_args: &[&str],
+    ) -> Agent {
+        Agent::start_with_env(config_toml, cgroup, bpffs, extra_args, &[])
+    }
+
+    /// [`Agent::start_with_args`] with changes to the agent's environment, applied after the
+    /// harness defaults (`RUST_LOG`, `NO_COLOR=1`, `RUST_BACKTRACE`): `(name, Some(value))` sets
+    /// a variable, `(name, None)` removes it. Kept for [`Agent::restart`].
+    pub fn start_with_env(
+        config_toml: &str,
+        cgroup: &CgroupGuard,
+        bpffs: &BpffsDir,
+        extra_args: &[&str],
+        env: &[(&str, Option<&str>)],
     ) -> Agent {
         crate::require_root();
         let dir =
@@ -71,12 +85,17 @@ impl Agent {
             metrics_addr.to_string().into(),
         ];
         args.extend(extra_args.iter().map(OsString::from));
+        let env: Vec<EnvChange> = env
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), value.map(str::to_owned)))
+            .collect();
 
-        let child = spawn(&args, &log_path);
+        let child = spawn(&args, &env, &log_path);
         let mut agent = Agent {
             child,
             exit_status: None,
             args,
+            env,
             dir,
             config_path,
             log_path,
@@ -236,7 +255,7 @@ impl Agent {
     /// same arguments, config file, metrics address and log file, and waits for `/readyz`.
     pub fn restart(&mut self) {
         self.stop_or_kill();
-        self.child = spawn(&self.args, &self.log_path);
+        self.child = spawn(&self.args, &self.env, &self.log_path);
         self.exit_status = None;
         self.wait_ready(READY_TIMEOUT);
     }
@@ -282,7 +301,10 @@ impl std::fmt::Debug for Agent {
     }
 }
 
-fn spawn(args: &[OsString], log_path: &Path) -> Child {
+/// An environment change for the agent: set (`Some`) or remove (`None`) a variable.
+type EnvChange = (String, Option<String>);
+
+fn spawn(args: &[OsString], env: &[EnvChange], log_path: &Path) -> Child {
     let log = File::options()
         .create(true)
         .append(true)
@@ -297,6 +319,12 @@ fn spawn(args: &[OsString], log_path: &Path) -> Child {
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err);
+    for (name, value) in env {
+        match value {
+            Some(value) => cmd.env(name, value),
+            None => cmd.env_remove(name),
+        };
+    }
     // SAFETY: prctl is async-signal-safe; the closure allocates nothing. If the test process dies
     // without running Drop, the agent gets SIGTERM instead of running on.
     unsafe {

@@ -154,3 +154,75 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     }
 }
+
+/// Parses a complete `Connection: close` response (Content-Length, chunked, or until EOF).
+pub fn parse_response(raw: &[u8]) -> Result<Response, String> {
+    let head_end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no end of headers")?;
+    let head = std::str::from_utf8(&raw[..head_end]).map_err(|e| format!("headers: {e}"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().ok_or("empty response")?;
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next().unwrap_or_default();
+    if !version.starts_with("HTTP/1.") {
+        return Err(format!("not an HTTP/1 status line: {status_line:?}"));
+    }
+    let status = parts
+        .next()
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let mut chunked = false;
+    let mut length = None;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value.to_ascii_lowercase().contains("chunked");
+        } else if name.eq_ignore_ascii_case("content-length") {
+            length = Some(
+                value
+                    .parse::<usize>()
+                    .map_err(|e| format!("content-length {value:?}: {e}"))?,
+            );
+        }
+    }
+    let rest = &raw[head_end + 4..];
+    let body = if chunked {
+        decode_chunked(rest)?
+    } else if let Some(length) = length {
+        rest.get(..length)
+            .ok_or_else(|| format!("body shorter than content-length {length}"))?
+            .to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Ok(Response {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+fn decode_chunked(mut rest: &[u8]) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("truncated chunk size")?;
+        let size_text = std::str::from_utf8(&rest[..line_end]).map_err(|e| e.to_string())?;
+        let size_text = size_text.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|e| format!("chunk size {size_text:?}: {e}"))?;
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return Ok(body);
+        }
+        let chunk = rest.get(..size).ok_or("truncated chunk")?;
+        body.extend_from_slice(chunk);
+        rest = rest.get(size + 2..).ok_or("truncated chunk end")?;
+    }
+}

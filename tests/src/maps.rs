@@ -1,5 +1,6 @@
 //! Reading the agent's pinned maps with `bpftool` (`<bpffs>/v2/maps/<name>`), for counters the
-//! CLI does not show: `datapath_stats` and the `udp_flows` table.
+//! CLI does not show (`datapath_stats`, the `udp_flows` table), and changing them behind the
+//! agent's back (`bpftool map delete` / `update`) as an operator or a bug could.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -66,6 +67,71 @@ pub fn map_max_entries(bpffs: &BpffsDir, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no max_entries in {info}"))
 }
 
+/// The raw key bytes of every entry of a `bpftool map dump -j` (`"key": ["0x7f", ...]`), in
+/// dump order, next to the entry's BTF-formatted form.
+pub fn raw_keys(dump: &serde_json::Value) -> Vec<(Vec<u8>, serde_json::Value)> {
+    dump.as_array()
+        .unwrap_or_else(|| panic!("a map dump is a list, not {dump}"))
+        .iter()
+        .map(|entry| {
+            let key = parse_bytes(&entry["key"])
+                .unwrap_or_else(|e| panic!("map dump entry without raw key bytes ({e}): {entry}"));
+            (key, entry.get("formatted").unwrap_or(entry).clone())
+        })
+        .collect()
+}
+
+/// `["0x7f", "0x00", ...]` as bytes.
+pub fn parse_bytes(list: &serde_json::Value) -> Result<Vec<u8>, String> {
+    list.as_array()
+        .ok_or_else(|| format!("not a list of bytes: {list}"))?
+        .iter()
+        .map(|b| {
+            let text = b
+                .as_str()
+                .ok_or_else(|| format!("not a byte string: {b}"))?;
+            u8::from_str_radix(text.trim_start_matches("0x"), 16)
+                .map_err(|e| format!("byte {text:?}: {e}"))
+        })
+        .collect()
+}
+
+fn bpftool_bytes(bytes: &[u8]) -> Vec<String> {
+    bytes.iter().map(|b| format!("0x{b:02x}")).collect()
+}
+
+fn run_bpftool_map(bpffs: &BpffsDir, name: &str, verb: &str, tail: &[String]) {
+    let pin = map_pin(bpffs, name);
+    let mut cmd = Command::new("bpftool");
+    cmd.args(["map", verb, "pinned"]).arg(&pin).args(tail);
+    let out = crate::process::run_bounded(&mut cmd, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("`bpftool map {verb} pinned {}`: {e}", pin.display()));
+    assert!(
+        out.status.success(),
+        "`bpftool map {verb} pinned {} {}` failed: {}",
+        pin.display(),
+        tail.join(" "),
+        out.describe()
+    );
+}
+
+/// `bpftool map delete pinned <pin> key <bytes>`: removes one entry behind the agent's back.
+pub fn map_delete(bpffs: &BpffsDir, name: &str, key: &[u8]) {
+    let mut tail = vec!["key".to_owned()];
+    tail.extend(bpftool_bytes(key));
+    run_bpftool_map(bpffs, name, "delete", &tail);
+}
+
+/// `bpftool map update pinned <pin> key <bytes> value <bytes>`: writes one entry behind the
+/// agent's back.
+pub fn map_update(bpffs: &BpffsDir, name: &str, key: &[u8], value: &[u8]) {
+    let mut tail = vec!["key".to_owned()];
+    tail.extend(bpftool_bytes(key));
+    tail.push("value".to_owned());
+    tail.extend(bpftool_bytes(value));
+    run_bpftool_map(bpffs, name, "update", &tail);
+}
+
 /// Number of entries of a (non per-CPU-array) map.
 pub fn map_len(bpffs: &BpffsDir, name: &str) -> usize {
     match map_dump(bpffs, name) {
@@ -127,6 +193,18 @@ pub fn parse_datapath_counters(dump: &serde_json::Value) -> Result<DatapathCount
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_raw_key_bytes() {
+        let dump = serde_json::json!([{"key": ["0x01", "0x00", "0xff"], "value": ["0x02"],
+            "formatted": {"key": {"a": 1}, "value": 2}}]);
+        let keys = raw_keys(&dump);
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].0, vec![1, 0, 255]);
+        assert_eq!(keys[0].1["key"]["a"], 1);
+        assert_eq!(bpftool_bytes(&[0, 0xab]), ["0x00", "0xab"]);
+        assert!(parse_bytes(&serde_json::json!(["zz"])).is_err());
+    }
 
     #[test]
     fn sums_per_cpu_counters() {

@@ -68,6 +68,9 @@ pub struct ControlLoop {
     /// Updates queued before the loop started (saved API and Redis services): applied together
     /// with the file's in the first reconcile.
     pub initial: Vec<SourceUpdate>,
+    /// Runs once, when the maps first hold the desired state (before `/readyz` turns 200):
+    /// removes the data path of an older pin layout, which translated the VIPs until now.
+    pub on_first_apply: Option<Box<dyn FnOnce() + Send>>,
 }
 
 struct State {
@@ -262,7 +265,11 @@ impl State {
                 for reply in self.pending.drain(..) {
                     let _ = reply.send(Outcome::Applied { generation });
                 }
-                if self.parts.heartbeat.set_ready() {
+                if !self.parts.heartbeat.is_ready() {
+                    if let Some(first_apply_done) = self.parts.on_first_apply.take() {
+                        first_apply_done();
+                    }
+                    self.parts.heartbeat.set_ready();
                     self.parts.metrics.set_ready(true);
                     info!(
                         services = desired.services.len(),

@@ -15,7 +15,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use self::control::{Command, ControlHandle, ControlLoop};
 use crate::{
@@ -189,6 +189,7 @@ async fn serve(args: AgentArgs, config: Config, started: Started) -> anyhow::Res
     })?;
 
     let reload_args = args.clone();
+    let pins = agent_config.bpffs.clone();
     let control_loop = ControlLoop {
         registry,
         executor,
@@ -200,6 +201,13 @@ async fn serve(args: AgentArgs, config: Config, started: Started) -> anyhow::Res
         file_origin: args.config.display().to_string(),
         resync_every: agent_config.resync,
         initial,
+        // Only now that this version's maps translate the VIPs may an older layout's programs
+        // go: removed earlier, connects would meet empty maps and pass through untranslated.
+        on_first_apply: Some(Box::new(move || {
+            if let Err(err) = datapath::remove_other_versions(&pins) {
+                error!("removing the pins of an older layout version: {err:#}");
+            }
+        })),
     };
     let runtime = tokio::runtime::Handle::current();
     let thread = std::thread::Builder::new()

@@ -4,8 +4,9 @@
 //!
 //! Pins live under `<bpffs>/v<LAYOUT_VERSION>/`: `maps/<map>` and `links/<program>`. Programs
 //! stay attached and maps keep their content when the agent exits; a starting agent adopts
-//! them, and `cleanup` removes them. A new layout version attaches its programs before the old
-//! version's links are removed, so the cgroup is never without a program.
+//! them, and `cleanup` removes them. A new layout version attaches its programs, and the old
+//! version's links are removed only once the new maps hold the first state
+//! (`remove_other_versions`), so a VIP is never without a program that translates it.
 
 mod bpf;
 pub mod layout;
@@ -133,7 +134,8 @@ impl Datapath {
     /// Loads the programs, creates or reuses the pinned maps, and attaches the programs to the
     /// cgroup through pinned links. A link pinned by an earlier agent is updated in place to the
     /// new program (atomic: the cgroup is never without a program). Pins of other layout
-    /// versions are removed once this version's programs are attached.
+    /// versions stay: the caller removes them (`remove_other_versions`) once it has written
+    /// its first state into this version's maps.
     pub fn load(opts: &LoadOptions<'_>) -> anyhow::Result<Self> {
         if EBPF_OBJECT.is_empty() {
             bail!("this mesh binary was built with AYA_BUILD_SKIP=1 and has no eBPF programs");
@@ -167,7 +169,6 @@ impl Datapath {
             attach(program, attach_type, &cgroup, &layout.link(name))
                 .with_context(|| format!("attaching {name} to {}", opts.cgroup.display()))?;
         }
-        remove_other_versions(opts.bpffs, &layout)?;
         let maps = Maps::take(&mut ebpf)?;
         let logger = aya_log::EbpfLogger::init(&mut ebpf).context("kernel log ring buffer")?;
         Ok(Self {
@@ -212,9 +213,12 @@ fn attach(
 }
 
 /// Removes the links (detaching their programs) and maps of every other layout version under
-/// `bpffs`. Runs after this version's programs are attached: a connect meets the new programs,
-/// or both (the old ones first; a rewritten address is no VIP for the new ones), never none.
-fn remove_other_versions(bpffs: &Path, current: &PinLayout) -> anyhow::Result<()> {
+/// `bpffs`. Call it once this version's programs are attached *and* its maps hold the first
+/// state: until then the new programs find no VIP and pass connects through untranslated, so
+/// the old ones must keep translating. Meanwhile a connect meets both (the old ones first; a
+/// rewritten address is no VIP for the new ones).
+pub fn remove_other_versions(bpffs: &Path) -> anyhow::Result<()> {
+    let current = PinLayout::new(bpffs);
     let Ok(entries) = fs::read_dir(bpffs) else {
         return Ok(());
     };

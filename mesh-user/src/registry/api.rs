@@ -7,12 +7,20 @@
 //! DELETE /v1/services/{name}  404 unless it is an API service
 //! ```
 //!
-//! A change answers once the agent has decided: 200 `{"applied":true}`, 400 `{"error":...}`
-//! naming the field and reason (nothing changed), 503 when the agent is stopping. Every
-//! change sends the API's complete new set; applied sets are saved under `state_dir` and sent
-//! again when the agent starts. There is no authentication: keep it on a loopback address.
+//! A change answers once the agent has decided: 200 `{"applied":true,"generation":N}`, 400
+//! `{"error":...}` naming the field and reason (nothing changed), 500 `{"applied":false,...}`
+//! when the maps could not be written (accepted; the agent retries), 503 when the agent is
+//! stopping. Every update sends the API's complete new set; applied sets are saved under
+//! `state_dir` and sent again when the agent starts. Changes that arrive while an update is
+//! being decided are sent together as the next update (one reconcile for a burst); if that
+//! update is rejected, each of its changes is decided alone, so an invalid change never fails
+//! another. There is no authentication: keep it on a loopback address.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, PoisonError},
+};
 
 use anyhow::Context as _;
 use axum::{
@@ -24,7 +32,7 @@ use axum::{
     routing::{get, put},
 };
 use serde_json::json;
-use tokio::sync::{Mutex, mpsc, watch};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
 use super::{
@@ -35,8 +43,10 @@ use crate::config::ServiceConfig;
 
 struct Api {
     /// The API's services by name: the set the agent last applied (or the saved set at start).
-    /// Held across a whole change, so concurrent changes apply one after the other.
+    /// Held while an update is sent and decided, so updates apply one after the other.
     services: Mutex<BTreeMap<String, ServiceConfig>>,
+    /// Changes not yet sent: whoever holds `services` next sends them all as one update.
+    queued: std::sync::Mutex<Vec<Change>>,
     updates: mpsc::Sender<SourceUpdate>,
     registry: watch::Receiver<Listing>,
     saved: SavedServices,
@@ -75,6 +85,7 @@ pub async fn start(
     let count = services.len();
     let api = Arc::new(Api {
         services: Mutex::new(services),
+        queued: std::sync::Mutex::new(Vec::new()),
         updates,
         registry,
         saved,
@@ -133,20 +144,117 @@ async fn put_service(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Response {
-    let service = match update::parse_service(&name, &body) {
-        Ok(service) => service,
-        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
-    };
-    let mut services = api.services.lock().await;
-    let mut next = services.clone();
-    next.insert(name, service);
-    api.apply(&mut services, next).await
+    match update::parse_service(&name, &body) {
+        Ok(service) => submit(api, name, Some(service)).await,
+        Err(reason) => failure(StatusCode::BAD_REQUEST, reason).into_response(),
+    }
 }
 
 async fn delete_service(State(api): State<Arc<Api>>, Path(name): Path<String>) -> Response {
-    let mut services = api.services.lock().await;
-    if !services.contains_key(&name) {
-        let elsewhere = api
+    submit(api, name, None).await
+}
+
+/// One PUT (`service`) or DELETE (`None`) waiting for its update.
+struct Change {
+    name: String,
+    service: Option<ServiceConfig>,
+    reply: oneshot::Sender<Answer>,
+}
+
+impl Change {
+    /// Applies the change to `services`; false for a DELETE of a service that is not there.
+    fn apply_to(&self, services: &mut BTreeMap<String, ServiceConfig>) -> bool {
+        match &self.service {
+            Some(service) => {
+                services.insert(self.name.clone(), service.clone());
+                true
+            }
+            None => services.remove(&self.name).is_some(),
+        }
+    }
+}
+
+/// The status and JSON body a change is answered with (cloned for every change of an update).
+#[derive(Clone, Debug)]
+struct Answer(StatusCode, serde_json::Value);
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+/// Queues the change and waits for its answer. Changes queued while another update is being
+/// decided go out together as the next one.
+async fn submit(api: Arc<Api>, name: String, service: Option<ServiceConfig>) -> Response {
+    let (reply, answer) = oneshot::channel();
+    api.queued
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(Change {
+            name,
+            service,
+            reply,
+        });
+    // Sent and decided in a task of its own: a client that hangs up must not cancel the
+    // changes of the others queued with it, nor leave the API's set behind the registry's.
+    tokio::spawn(async move {
+        let mut services = api.services.lock().await;
+        let batch = {
+            let mut queued = api.queued.lock().unwrap_or_else(PoisonError::into_inner);
+            std::mem::take(&mut *queued)
+        };
+        if !batch.is_empty() {
+            api.commit(&mut services, batch).await;
+        }
+    });
+    match answer.await {
+        Ok(answer) => answer.into_response(),
+        Err(_) => failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is stopping".to_owned(),
+        )
+        .into_response(),
+    }
+}
+
+impl Api {
+    /// Sends `batch` as one update and answers each change. If the update is rejected and has
+    /// more than one change, each change is sent and decided alone, in order.
+    async fn commit(&self, current: &mut BTreeMap<String, ServiceConfig>, batch: Vec<Change>) {
+        let mut next = current.clone();
+        let mut changes = Vec::with_capacity(batch.len());
+        for change in batch {
+            if change.apply_to(&mut next) {
+                changes.push(change);
+            } else {
+                let _ = change.reply.send(self.not_found(&change.name));
+            }
+        }
+        if changes.is_empty() {
+            return;
+        }
+        let answer = self.apply(current, next).await;
+        if answer.0 == StatusCode::BAD_REQUEST && changes.len() > 1 {
+            for change in changes {
+                let mut next = current.clone();
+                let answer = if change.apply_to(&mut next) {
+                    self.apply(current, next).await
+                } else {
+                    self.not_found(&change.name)
+                };
+                let _ = change.reply.send(answer);
+            }
+            return;
+        }
+        for change in changes {
+            let _ = change.reply.send(answer.clone());
+        }
+    }
+
+    /// 404 for a DELETE of a service the API does not have.
+    fn not_found(&self, name: &str) -> Answer {
+        let elsewhere = self
             .registry
             .borrow()
             .iter()
@@ -159,20 +267,15 @@ async fn delete_service(State(api): State<Arc<Api>>, Path(name): Path<String>) -
             ),
             None => format!("no service {name:?} in the admin API"),
         };
-        return error(StatusCode::NOT_FOUND, reason);
+        failure(StatusCode::NOT_FOUND, reason)
     }
-    let mut next = services.clone();
-    next.remove(&name);
-    api.apply(&mut services, next).await
-}
 
-impl Api {
     /// Sends `next` as the API's complete set; on success it becomes the API's set and is saved.
     async fn apply(
         &self,
         current: &mut BTreeMap<String, ServiceConfig>,
         next: BTreeMap<String, ServiceConfig>,
-    ) -> Response {
+    ) -> Answer {
         let services: Vec<ServiceConfig> = next.values().cloned().collect();
         let outcome = update::send(&self.updates, Source::Api, services.clone()).await;
         let generation = match outcome {
@@ -180,9 +283,9 @@ impl Api {
             // Accepted into the registry: it is the API's set now, saved like an applied one,
             // but the answer says the maps do not hold it yet.
             Outcome::Failed(_) => None,
-            Outcome::Rejected(reason) => return error(StatusCode::BAD_REQUEST, reason),
+            Outcome::Rejected(reason) => return failure(StatusCode::BAD_REQUEST, reason),
             Outcome::AgentGone => {
-                return error(
+                return failure(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the agent is stopping".to_owned(),
                 );
@@ -197,37 +300,34 @@ impl Api {
             .await
             .unwrap_or_else(|err| Err(anyhow::anyhow!("saving task failed: {err}")));
         if let Outcome::Failed(reason) = outcome {
-            return (
+            return Answer(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                Json(json!({
+                json!({
                     "applied": false,
                     "error": format!(
                         "accepted, but the maps do not hold it yet (the agent retries): {reason}"
                     ),
-                })),
-            )
-                .into_response();
+                }),
+            );
         }
         if let Err(err) = save {
             error!("admin API: {err:#}");
-            return (
+            return Answer(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                Json(json!({
+                json!({
                     "applied": true,
                     "generation": generation,
                     "error": format!("applied, but it will not survive a restart: {err:#}"),
-                })),
-            )
-                .into_response();
+                }),
+            );
         }
-        (
+        Answer(
             StatusCode::OK,
-            Json(json!({ "applied": true, "generation": generation })),
+            json!({ "applied": true, "generation": generation }),
         )
-            .into_response()
     }
 }
 
-fn error(status: StatusCode, reason: String) -> Response {
-    (status, Json(json!({ "error": reason }))).into_response()
+fn failure(status: StatusCode, reason: String) -> Answer {
+    Answer(status, json!({ "error": reason }))
 }
