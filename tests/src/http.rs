@@ -95,66 +95,6 @@ fn io_error(e: reqwest::Error) -> std::io::Error {
     std::io::Error::new(kind, text)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::{Read, Write};
-    use std::net::TcpListener;
-
-    /// Serves `reply` to one connection and returns the request it read.
-    fn serve_once(reply: &'static [u8]) -> (SocketAddr, std::thread::JoinHandle<String>) {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let thread = std::thread::spawn(move || {
-            let (mut stream, _) = listener.accept().expect("accept");
-            stream
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .expect("timeout");
-            let mut request = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = stream.read(&mut buf).expect("read");
-                if n == 0 {
-                    break;
-                }
-                request.extend_from_slice(&buf[..n]);
-            }
-            stream.write_all(reply).expect("write");
-            String::from_utf8_lossy(&request).into_owned()
-        });
-        (addr, thread)
-    }
-
-    #[test]
-    fn reads_status_and_chunked_body_of_any_status() {
-        let (addr, server) = serve_once(
-            b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\
-              Connection: close\r\n\r\n4\r\nnot \r\n5\r\nready\r\n0\r\n\r\n",
-        );
-        let response = get(addr, "/readyz", Duration::from_secs(5)).expect("a response");
-        assert_eq!(
-            response,
-            Response {
-                status: 503,
-                body: "not ready".into()
-            }
-        );
-        let request = server.join().expect("server");
-        assert!(request.starts_with("GET /readyz HTTP/1.1\r\n"), "{request}");
-    }
-
-    #[test]
-    fn a_silent_server_is_a_timeout() {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let err = get(addr, "/", Duration::from_millis(200)).expect_err("no answer");
-        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
-        drop(listener);
-        let err = get(addr, "/", Duration::from_secs(2)).expect_err("refused");
-        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
-    }
-}
-
 /// Parses a complete `Connection: close` response (Content-Length, chunked, or until EOF).
 pub fn parse_response(raw: &[u8]) -> Result<Response, String> {
     let head_end = raw
@@ -224,5 +164,65 @@ fn decode_chunked(mut rest: &[u8]) -> Result<Vec<u8>, String> {
         let chunk = rest.get(..size).ok_or("truncated chunk")?;
         body.extend_from_slice(chunk);
         rest = rest.get(size + 2..).ok_or("truncated chunk end")?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    /// Serves `reply` to one connection and returns the request it read.
+    fn serve_once(reply: &'static [u8]) -> (SocketAddr, std::thread::JoinHandle<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let thread = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().expect("accept");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut buf).expect("read");
+                if n == 0 {
+                    break;
+                }
+                request.extend_from_slice(&buf[..n]);
+            }
+            stream.write_all(reply).expect("write");
+            String::from_utf8_lossy(&request).into_owned()
+        });
+        (addr, thread)
+    }
+
+    #[test]
+    fn reads_status_and_chunked_body_of_any_status() {
+        let (addr, server) = serve_once(
+            b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\
+              Connection: close\r\n\r\n4\r\nnot \r\n5\r\nready\r\n0\r\n\r\n",
+        );
+        let response = get(addr, "/readyz", Duration::from_secs(5)).expect("a response");
+        assert_eq!(
+            response,
+            Response {
+                status: 503,
+                body: "not ready".into()
+            }
+        );
+        let request = server.join().expect("server");
+        assert!(request.starts_with("GET /readyz HTTP/1.1\r\n"), "{request}");
+    }
+
+    #[test]
+    fn a_silent_server_is_a_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let err = get(addr, "/", Duration::from_millis(200)).expect_err("no answer");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+        drop(listener);
+        let err = get(addr, "/", Duration::from_secs(2)).expect_err("refused");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     }
 }
