@@ -419,7 +419,13 @@ fn terminating_endpoints_serve_only_when_no_ready_endpoint_exists() {
         http_ports(),
         &[("127.0.15.2", false, false, true, "node-a")],
     ));
-    node.wait_for("default/rolling:http", &[]);
+    // Still terminating, so still a (draining) member: its established connections go on, it
+    // takes no new ones.
+    assert!(integration_tests::wait_until(POLL, || {
+        services(&node.bpffs)
+            .service("default/rolling:http")
+            .is_some_and(|s| s.slot_count == 0)
+    }));
     let refused = node.connect("127.96.0.60:80", 5);
     assert_eq!(
         refused.error_counts().get("ECONNREFUSED"),
