@@ -1662,8 +1662,8 @@ fn metrics_answer_quickly_while_ten_thousand_services_are_applied() {
     const SERVICES: usize = 10_000;
     const BUDGET: Duration = Duration::from_millis(100);
     let a = TcpBackend::start("many-a");
-    let agent_toml = "resync = \"30s\"\n\n[agent.limits]\nmax_services = 16384\n\
-                      max_backends = 4096\nmax_service_backends = 32768\nmax_slots = 65536\n";
+    let agent_toml = "resync = \"30s\"\n\n[agent.limits]\nmax_services = 32768\n\
+                      max_backends = 8192\nmax_service_backends = 65536\nmax_slots = 65536\n";
     let env = TestEnv::start(
         "many",
         &with_agent(

@@ -683,8 +683,11 @@ fn bpftool_dumps_are_structured_json() {
     // The map capacities of a config without `[agent.limits]`: the README's defaults, as the
     // kernel reports them.
     for (map, capacity) in [
-        ("services", 65_536),
+        ("services", 131_072),
         ("backends", 262_144),
+        ("backend_stats", 524_288),
+        ("active", 524_288),
+        ("passive", 524_288),
         ("slots", 1_048_576),
     ] {
         assert_eq!(

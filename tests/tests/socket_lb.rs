@@ -772,7 +772,8 @@ fn backend_swaps_under_load_never_misroute() {
 
 #[test]
 fn config_over_capacity_is_rejected_whole() {
-    let limits = "[agent.limits]\nmax_services = 4\n\n";
+    // Three services need 2 x 3 + 1 = 7 ids (old and new coexist during an update); four need 9.
+    let limits = "[agent.limits]\nmax_services = 7\n\n";
     let backends: Vec<TcpBackend> = ["cap-a", "cap-b", "cap-c", "cap-d"]
         .into_iter()
         .map(TcpBackend::start)
