@@ -28,6 +28,17 @@ impl CgroupGuard {
         CgroupGuard { path, name }
     }
 
+    /// Creates a child cgroup `<this cgroup>/mesh-test-<tag>-<pid>-<n>`: programs attached to
+    /// this cgroup apply to processes in the child too (a pod's cgroup below the node's, say).
+    /// Drop it before its parent (declare it after the parent: locals drop in reverse order).
+    pub fn child(&self, tag: &str) -> CgroupGuard {
+        let name = crate::unique_name(tag);
+        let path = self.path.join(&name);
+        std::fs::create_dir(&path)
+            .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", path.display()));
+        CgroupGuard { path, name }
+    }
+
     /// Absolute path of the cgroup directory (what `mesh agent --cgroup` takes).
     pub fn path(&self) -> &Path {
         &self.path

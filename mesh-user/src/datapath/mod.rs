@@ -13,6 +13,7 @@ pub mod layout;
 mod lock;
 mod log;
 mod maps;
+mod netns;
 mod ops;
 pub mod sockdiag;
 pub mod system;

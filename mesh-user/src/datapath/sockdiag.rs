@@ -2,8 +2,9 @@
 //!
 //! When a backend leaves a UDP service, the sockets that the load balancer connected to it
 //! must be aborted so that their owners notice and re-resolve. The datapath records those
-//! sockets by cookie; this module dumps all UDP sockets of both families over a
-//! `NETLINK_SOCK_DIAG` socket, picks the ones whose cookie is in the given set and sends a
+//! sockets by cookie; this module dumps the UDP sockets of both families with the backend's
+//! port as their remote port over a `NETLINK_SOCK_DIAG` socket, picks the ones whose cookie is
+//! in the given set and whose remote address is the backend's, and sends a
 //! `SOCK_DESTROY` for each, echoing the exact `inet_diag_sockid` from the dump back to the
 //! kernel. The kernel looks the socket up by that 4-tuple and checks the cookie again, so a
 //! socket that was closed (or whose 4-tuple was reused) in the meantime is never hit: it
@@ -11,18 +12,32 @@
 //! `ECONNABORTED` (`udp_abort`): the next `recv`/`send` on it fails with that error and the
 //! socket is disconnected.
 //!
-//! Requires `CAP_NET_ADMIN` and a kernel with `CONFIG_INET_DIAG_DESTROY` and `udp_diag`.
-//! Every wait is bounded: the netlink socket has a receive timeout and the number of
-//! receive calls per request is capped.
+//! A `NETLINK_SOCK_DIAG` socket sees (and destroys) only the sockets of the network namespace
+//! it was created in, and on a Kubernetes node every pod is a client in a namespace of its own.
+//! So the search goes through every namespace of the node (see [`super::netns`]) until each
+//! cookie is found: a thread that exists only for the search enters each one in turn (`setns`)
+//! and opens a socket there. Socket cookies are unique on the node, so destroying by cookie is
+//! exact in every namespace.
+//!
+//! Requires `CAP_NET_ADMIN` and a kernel with `CONFIG_INET_DIAG_DESTROY` and `udp_diag`; for
+//! other namespaces also `CAP_SYS_ADMIN` (setns) and the node's pid namespace (/proc) or its
+//! /run/netns. Every wait is bounded: the netlink socket has a receive timeout, the number of
+//! receive calls per request is capped, and so are the namespaces one search enters and the
+//! time it spends.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::io;
 use std::mem::size_of;
 use std::net::{IpAddr, SocketAddr};
 #[cfg(test)]
 use std::os::fd::BorrowedFd;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tracing::debug;
+
+use super::netns::{Namespaces, NetNs, Skipped};
 
 // ---------------------------------------------------------------------------------------------
 // Kernel ABI (include/uapi/linux/{netlink,sock_diag,inet_diag}.h, asm-generic/socket.h)
@@ -433,22 +448,206 @@ fn malformed() -> io::Error {
 // Public API
 // ---------------------------------------------------------------------------------------------
 
-/// Destroys every UDP socket (IPv4 and IPv6) whose cookie is in `cookies`. Returns how many
-/// were destroyed.
-///
-/// Sockets that vanished meanwhile are not errors. A failure to destroy one socket does not
-/// stop the others: all are tried and the first error is returned. Bounded: each dump is read
-/// until `NLMSG_DONE`, with a receive timeout. (The agent uses [`destroy_udp_sockets_to`].)
-#[cfg(test)]
-pub fn destroy_udp_sockets(cookies: &HashSet<u64>) -> io::Result<usize> {
-    destroy_matching(cookies, None)
+/// Connected UDP sockets to terminate: backend address -> cookies of the sockets the datapath
+/// connected to it.
+pub type UdpTargets = BTreeMap<SocketAddr, HashSet<u64>>;
+
+/// Upper bound on the network namespaces one search looks into (a node runs a few hundred
+/// pods at most; this only guarantees termination).
+const MAX_NAMESPACES: usize = 16_384;
+/// Upper bound on the time one search spends going from namespace to namespace.
+const SEARCH_BUDGET: Duration = Duration::from_secs(5);
+
+/// What [`destroy_udp_sockets_everywhere`] did.
+#[derive(Debug, Default)]
+pub struct Termination {
+    /// Sockets destroyed, per backend (backends without any are left out).
+    pub destroyed: BTreeMap<SocketAddr, usize>,
+    /// Network namespaces searched, the agent's own included.
+    pub namespaces: usize,
+    /// Namespaces that could not be opened, entered or searched (EPERM, ...): skipped.
+    pub skipped: usize,
+    /// Sockets found that could not be destroyed.
+    pub undestroyed: usize,
+    /// The first failure of either kind, with the namespace it happened in.
+    pub first_failure: Option<String>,
+    /// Cookies found in no namespace searched: sockets closed meanwhile, or in a namespace that
+    /// neither a process nor /run/netns names.
+    pub not_found: usize,
+    /// The search stopped at its bound (namespaces or time) before it found every socket.
+    pub truncated: bool,
 }
 
-/// Like [`destroy_udp_sockets`], but only considers sockets connected to `backend`: the dump
-/// is narrowed in the kernel to its port, and the remote address is checked here (an IPv4
-/// backend also matches IPv6 sockets connected to its v4-mapped address).
-pub fn destroy_udp_sockets_to(cookies: &HashSet<u64>, backend: SocketAddr) -> io::Result<usize> {
-    destroy_matching(cookies, Some(backend))
+impl Termination {
+    /// Sockets destroyed in all.
+    pub fn total(&self) -> usize {
+        self.destroyed.values().sum()
+    }
+
+    /// Whether a socket of the targets may have been missed or left alive: one could not be
+    /// destroyed, or one was not found while some namespace was skipped or the search cut off.
+    pub fn incomplete(&self) -> bool {
+        self.undestroyed > 0 || (self.not_found > 0 && (self.skipped > 0 || self.truncated))
+    }
+
+    fn skip(&mut self, netns: &Path, what: &str, err: &io::Error) {
+        debug!(netns = %netns.display(), "sock_diag: skipped a namespace: {what}: {err}");
+        self.skipped += 1;
+        self.note(netns, what, err);
+    }
+
+    fn note(&mut self, netns: &Path, what: &str, err: &io::Error) {
+        self.first_failure
+            .get_or_insert_with(|| format!("{what} in {}: {err}", netns.display()));
+    }
+}
+
+/// Destroys the connected UDP sockets (IPv4 and IPv6) of `targets`, in whichever network
+/// namespace of the node they live: the agent's own (host processes), then every other one
+/// (pods). Only sockets still connected to the backend they are listed under are destroyed
+/// (the dump is narrowed in the kernel to the backend's port, the remote address is checked
+/// here; an IPv4 backend also matches IPv6 sockets connected to its v4-mapped address).
+///
+/// A `sock_diag` socket sees only the sockets of the namespace it was created in, so each
+/// namespace is entered (`setns`) on a thread of its own that exists only for this search; no
+/// other thread of the agent ever leaves the agent's namespace. Socket cookies are unique on
+/// the node, so destroying by cookie is exact in every namespace, and the search stops as soon
+/// as every cookie has been found: when all the sockets belong to host processes, it never
+/// leaves the agent's namespace.
+///
+/// Never fails as a whole: a namespace that vanished is passed over, one that cannot be entered
+/// or searched (EPERM, ...) is counted in [`Termination::skipped`] and passed over, and sockets
+/// closed meanwhile are not errors. Bounded: at most [`MAX_NAMESPACES`] namespaces and
+/// [`SEARCH_BUDGET`] between them, each dump and destroy with a receive timeout.
+pub fn destroy_udp_sockets_everywhere(targets: &UdpTargets) -> Termination {
+    let pending: HashSet<u64> = targets.values().flatten().copied().collect();
+    if pending.is_empty() {
+        return Termination::default();
+    }
+    let cookies = pending.len();
+    std::thread::scope(|scope| {
+        let search = std::thread::Builder::new()
+            .name("mesh-sockdiag".into())
+            .spawn_scoped(scope, move || search_every_netns(targets, pending));
+        let failed = |what: String| Termination {
+            skipped: 1,
+            first_failure: Some(what),
+            not_found: cookies,
+            ..Default::default()
+        };
+        match search {
+            Ok(handle) => handle
+                .join()
+                .unwrap_or_else(|_| failed("the sock_diag search thread panicked".into())),
+            Err(err) => failed(format!("starting the sock_diag search thread: {err}")),
+        }
+    })
+}
+
+/// The search of [`destroy_udp_sockets_everywhere`]; runs on its own thread, which it moves
+/// from namespace to namespace.
+fn search_every_netns(targets: &UdpTargets, mut pending: HashSet<u64>) -> Termination {
+    let mut report = Termination::default();
+    let started = Instant::now();
+    let own = NetNs::current();
+    let own_name = own
+        .as_ref()
+        .map_or_else(|_| PathBuf::from("(agent)"), |ns| ns.path().to_path_buf());
+    // The thread starts in the agent's namespace.
+    if let Err(err) = destroy_here(targets, &mut pending, &mut report, &own_name) {
+        report.skip(&own_name, "searching", &err);
+    }
+    if pending.is_empty() {
+        return report;
+    }
+    let namespaces = match own.and_then(|own| Namespaces::list(&own)) {
+        Ok(namespaces) => namespaces,
+        Err(err) => {
+            report.skip(&own_name, "listing network namespaces", &err);
+            report.not_found = pending.len();
+            return report;
+        }
+    };
+    for found in namespaces {
+        if pending.is_empty() {
+            break;
+        }
+        let ns = match found {
+            Ok(ns) => ns,
+            Err(Skipped::Vanished | Skipped::NotNew) => continue,
+            Err(Skipped::Failed(path, err)) => {
+                report.skip(&path, "opening", &err);
+                continue;
+            }
+        };
+        if report.namespaces >= MAX_NAMESPACES || started.elapsed() >= SEARCH_BUDGET {
+            report.truncated = true;
+            break;
+        }
+        if let Err(err) = ns.enter() {
+            report.skip(ns.path(), "entering", &err);
+            continue;
+        }
+        if let Err(err) = destroy_here(targets, &mut pending, &mut report, ns.path()) {
+            report.skip(ns.path(), "searching", &err);
+        }
+    }
+    report.not_found = pending.len();
+    report
+}
+
+/// Finds the sockets of `targets` whose cookies are still `pending` in the calling thread's
+/// network namespace (`netns`), takes them off `pending` and destroys them. An error of the
+/// search itself is returned; every socket found is tried, and those that cannot be destroyed
+/// are counted in the report.
+fn destroy_here(
+    targets: &UdpTargets,
+    pending: &mut HashSet<u64>,
+    report: &mut Termination,
+    netns: &Path,
+) -> io::Result<()> {
+    let mut sock = DiagSocket::open()?;
+    report.namespaces += 1;
+    let mut found: Vec<(SocketAddr, Target)> = Vec::new();
+    for (&backend, cookies) in targets {
+        if cookies.is_disjoint(pending) {
+            continue;
+        }
+        let families: &[u8] = match backend.ip().to_canonical() {
+            // A v6-only backend cannot be the peer of an AF_INET socket.
+            IpAddr::V6(_) => &[libc::AF_INET6 as u8],
+            IpAddr::V4(_) => &[libc::AF_INET as u8, libc::AF_INET6 as u8],
+        };
+        let dport = backend.port().to_be_bytes();
+        for &family in families {
+            let targets = sock.dump_udp(family, Some(dport), |msg| {
+                let cookie = msg.id.cookie();
+                pending.contains(&cookie)
+                    && cookies.contains(&cookie)
+                    && remote_is(msg.idiag_family, &msg.id, backend.ip())
+            })?;
+            found.extend(targets.into_iter().map(|target| (backend, target)));
+        }
+    }
+    for (_, target) in &found {
+        pending.remove(&target.id.cookie());
+    }
+    let mut undestroyed = 0;
+    let destroyed = destroy_all(&found, |(backend, target)| {
+        let destroyed = sock.destroy(target);
+        match destroyed {
+            Ok(true) => *report.destroyed.entry(*backend).or_default() += 1,
+            Ok(false) => {}
+            Err(_) => undestroyed += 1,
+        }
+        destroyed
+    });
+    if let Err(err) = destroyed {
+        debug!(netns = %netns.display(), undestroyed, "sock_diag: destroying: {err}");
+        report.undestroyed += undestroyed;
+        report.note(netns, "destroying", &err);
+    }
+    Ok(())
 }
 
 /// The cookie of a socket (`SO_COOKIE`), as the datapath and `sock_diag` report it.
@@ -476,28 +675,6 @@ pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
         ));
     }
     Ok(cookie)
-}
-
-fn destroy_matching(cookies: &HashSet<u64>, backend: Option<SocketAddr>) -> io::Result<usize> {
-    if cookies.is_empty() {
-        return Ok(0);
-    }
-    let families: &[u8] = match backend.map(|b| b.ip().to_canonical()) {
-        // A v6-only backend cannot be the peer of an AF_INET socket.
-        Some(IpAddr::V6(_)) => &[libc::AF_INET6 as u8],
-        _ => &[libc::AF_INET as u8, libc::AF_INET6 as u8],
-    };
-    let dport = backend.map(|b| b.port().to_be_bytes());
-
-    let mut sock = DiagSocket::open()?;
-    let mut targets = Vec::new();
-    for &family in families {
-        targets.extend(sock.dump_udp(family, dport, |msg| {
-            cookies.contains(&msg.id.cookie())
-                && backend.is_none_or(|b| remote_is(msg.idiag_family, &msg.id, b.ip()))
-        })?);
-    }
-    destroy_all(&targets, |target| sock.destroy(target))
 }
 
 /// Whether the remote address of a dumped socket is `ip` (v4-mapped forms compare equal).
@@ -541,6 +718,7 @@ mod tests {
     use super::*;
     use std::net::UdpSocket;
     use std::os::fd::AsFd;
+    use std::process::{Command, Stdio};
 
     const WAIT: Duration = Duration::from_secs(1);
 
@@ -591,19 +769,31 @@ mod tests {
         );
     }
 
+    /// What the search does in one namespace, here the test's own: destroys the sockets of
+    /// `cookies` connected to `backend` and returns how many.
+    fn destroy_to(cookies: &HashSet<u64>, backend: SocketAddr) -> io::Result<usize> {
+        let targets = UdpTargets::from([(backend, cookies.clone())]);
+        let mut pending = cookies.clone();
+        let mut report = Termination::default();
+        destroy_here(&targets, &mut pending, &mut report, Path::new("(test)"))?;
+        assert_eq!(report.undestroyed, 0, "{report:?}");
+        Ok(report.total())
+    }
+
     fn destroys_only_named(server_addr: &str) {
         let server = udp(server_addr);
+        let backend = server.local_addr().unwrap();
         let clients: Vec<_> = (0..3).map(|_| connected_client(&server)).collect();
         let cookies: HashSet<u64> = clients[..2].iter().map(cookie).collect();
         assert_eq!(cookies.len(), 2);
 
-        assert_eq!(destroy_udp_sockets(&cookies).expect("destroy"), 2);
+        assert_eq!(destroy_to(&cookies, backend).expect("destroy"), 2);
 
         assert_aborted(&clients[0]);
         assert_aborted(&clients[1]);
         round_trip(&server, &clients[2]);
         // Nothing left to destroy.
-        assert_eq!(destroy_udp_sockets(&cookies).expect("destroy again"), 0);
+        assert_eq!(destroy_to(&cookies, backend).expect("destroy again"), 0);
     }
 
     #[test]
@@ -626,25 +816,35 @@ mod tests {
         let unknown = HashSet::from([0, u64::MAX]);
         assert!(!unknown.contains(&cookie(&client)) && !unknown.contains(&cookie(&client6)));
 
-        assert_eq!(destroy_udp_sockets(&unknown).expect("destroy"), 0);
-        assert_eq!(destroy_udp_sockets(&HashSet::new()).expect("destroy"), 0);
+        for backend in [server.local_addr().unwrap(), server6.local_addr().unwrap()] {
+            assert_eq!(destroy_to(&unknown, backend).expect("destroy"), 0);
+            assert_eq!(destroy_to(&HashSet::new(), backend).expect("destroy"), 0);
+        }
+        let nothing = destroy_udp_sockets_everywhere(&UdpTargets::new());
+        assert_eq!((nothing.total(), nothing.namespaces), (0, 0), "{nothing:?}");
 
         round_trip(&server, &client);
         round_trip(&server6, &client6);
     }
 
     #[test]
-    fn unconnected_socket_with_matching_cookie_does_not_abort_the_others() {
-        // The agent never passes unconnected sockets; whatever the kernel does with one
-        // (destroy it or answer ENOENT), it must not be an error nor stop the others.
+    fn unconnected_socket_with_a_listed_cookie_is_left_alone() {
+        // The agent never lists unconnected sockets; one that is listed anyway has no remote
+        // address, so it is not connected to the backend and must not be touched.
         let server = udp("127.0.0.1:0");
         let unconnected = udp("127.0.0.1:0");
         let client = connected_client(&server);
         let cookies = HashSet::from([cookie(&unconnected), cookie(&client)]);
 
-        let destroyed = destroy_udp_sockets(&cookies).expect("destroy");
-        assert!((1..=2).contains(&destroyed), "destroyed {destroyed}");
+        let destroyed = destroy_to(&cookies, server.local_addr().unwrap()).expect("destroy");
+        assert_eq!(destroyed, 1);
         assert_aborted(&client);
+        unconnected
+            .send_to(b"ping", server.local_addr().unwrap())
+            .expect("the unconnected socket still sends");
+        let mut buf = [0u8; 16];
+        let (n, _) = server.recv_from(&mut buf).expect("server recv");
+        assert_eq!(&buf[..n], b"ping");
     }
 
     #[test]
@@ -708,25 +908,144 @@ mod tests {
 
         // Same address, other port: the kernel-side port filter excludes both.
         let unused = udp("127.0.0.1:0").local_addr().unwrap();
-        assert_eq!(
-            destroy_udp_sockets_to(&cookies, unused).expect("destroy"),
-            0
-        );
+        assert_eq!(destroy_to(&cookies, unused).expect("destroy"), 0);
         // Right port, wrong address: excluded by the address check.
         let mut wrong_ip = server_a.local_addr().unwrap();
         wrong_ip.set_ip("127.0.0.2".parse().unwrap());
-        assert_eq!(
-            destroy_udp_sockets_to(&cookies, wrong_ip).expect("destroy"),
-            0
-        );
+        assert_eq!(destroy_to(&cookies, wrong_ip).expect("destroy"), 0);
 
         let backend = server_a.local_addr().unwrap();
-        assert_eq!(
-            destroy_udp_sockets_to(&cookies, backend).expect("destroy"),
-            1
-        );
+        assert_eq!(destroy_to(&cookies, backend).expect("destroy"), 1);
         assert_aborted(&to_a);
         round_trip(&server_b, &to_b);
+    }
+
+    /// A loopback server and two clients connected to it in a network namespace of their own,
+    /// which a `sleep` child forked inside it keeps named in /proc (killed on Drop).
+    struct OtherNetns {
+        holder: std::process::Child,
+        server: UdpSocket,
+        clients: [UdpSocket; 2],
+    }
+
+    impl OtherNetns {
+        fn new() -> Self {
+            std::thread::spawn(|| {
+                super::super::netns::unshare_for_test().expect("unshare(CLONE_NEWNET)");
+                let up = Command::new("ip")
+                    .args(["link", "set", "lo", "up"])
+                    .status()
+                    .expect("run ip");
+                assert!(up.success(), "ip link set lo up: {up}");
+                let server = udp("127.0.0.1:0");
+                let clients = [connected_client(&server), connected_client(&server)];
+                let holder = Command::new("sleep")
+                    .arg("30")
+                    .stdin(Stdio::null())
+                    .spawn()
+                    .expect("spawn sleep");
+                OtherNetns {
+                    holder,
+                    server,
+                    clients,
+                }
+            })
+            .join()
+            .expect("thread")
+        }
+    }
+
+    impl Drop for OtherNetns {
+        fn drop(&mut self) {
+            let _ = self.holder.kill();
+            let _ = self.holder.wait();
+        }
+    }
+
+    #[test]
+    fn sockets_in_another_network_namespace_are_found_and_destroyed() {
+        let other = OtherNetns::new();
+        let own_server = udp("127.0.0.1:0");
+        let own_client = connected_client(&own_server);
+        let backend = other.server.local_addr().unwrap();
+        let targets = UdpTargets::from([(backend, HashSet::from([cookie(&other.clients[0])]))]);
+
+        let started = Instant::now();
+        let report = destroy_udp_sockets_everywhere(&targets);
+        eprintln!("{report:?} in {:?}", started.elapsed());
+        assert_eq!(
+            report.destroyed,
+            BTreeMap::from([(backend, 1)]),
+            "{report:?}"
+        );
+        // Namespaces this process may not open (EACCES on a sandbox's pid 1, say) are counted
+        // in `skipped`; they do not hide this one.
+        assert_eq!(report.not_found, 0, "{report:?}");
+        assert!(report.namespaces >= 2, "{report:?}");
+        assert!(!report.truncated);
+
+        assert_aborted(&other.clients[0]);
+        round_trip(&other.server, &other.clients[1]);
+        round_trip(&own_server, &own_client);
+        assert_eq!(
+            NetNs::current().unwrap().inode(),
+            NetNs::open(Path::new("/proc/self/ns/net")).unwrap().inode(),
+            "the calling thread never left the process's namespace"
+        );
+    }
+
+    #[test]
+    fn search_stays_in_the_agents_namespace_when_every_socket_is_there() {
+        let server = udp("127.0.0.1:0");
+        let clients = [connected_client(&server), connected_client(&server)];
+        let backend = server.local_addr().unwrap();
+        let targets = UdpTargets::from([(backend, HashSet::from([cookie(&clients[0])]))]);
+
+        let report = destroy_udp_sockets_everywhere(&targets);
+        assert_eq!(
+            report.destroyed,
+            BTreeMap::from([(backend, 1)]),
+            "{report:?}"
+        );
+        assert_eq!(report.namespaces, 1, "{report:?}");
+        assert_aborted(&clients[0]);
+        round_trip(&server, &clients[1]);
+    }
+
+    #[test]
+    fn a_socket_found_nowhere_is_reported_after_searching_every_namespace() {
+        let _other = OtherNetns::new();
+        let backend: SocketAddr = "127.0.0.1:53".parse().unwrap();
+        let targets = UdpTargets::from([(backend, HashSet::from([u64::MAX]))]);
+
+        let started = Instant::now();
+        let report = destroy_udp_sockets_everywhere(&targets);
+        eprintln!("{report:?} in {:?}", started.elapsed());
+        assert_eq!(report.total(), 0);
+        assert_eq!(report.not_found, 1, "{report:?}");
+        assert!(report.namespaces >= 2, "{report:?}");
+        assert!(!report.truncated, "{report:?}");
+    }
+
+    #[test]
+    fn a_search_is_incomplete_only_when_a_socket_may_be_left() {
+        let report = |undestroyed, not_found, skipped, truncated| Termination {
+            undestroyed,
+            not_found,
+            skipped,
+            truncated,
+            ..Default::default()
+        };
+        // Everything found and destroyed; a skipped namespace hid nothing.
+        assert!(!report(0, 0, 0, false).incomplete());
+        assert!(!report(0, 0, 3, false).incomplete());
+        // Not found, but every namespace was searched: the sockets were closed meanwhile.
+        assert!(!report(0, 2, 0, false).incomplete());
+        // Not found, and somewhere was not searched.
+        assert!(report(0, 2, 1, false).incomplete());
+        assert!(report(0, 2, 0, true).incomplete());
+        // Found and still alive.
+        assert!(report(1, 0, 0, false).incomplete());
     }
 
     #[test]

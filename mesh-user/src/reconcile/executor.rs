@@ -2,13 +2,13 @@
 //! and netlink never block the async runtime).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     time::{Duration, Instant},
 };
 
 use mesh_common::{PROTO_UDP, Settings, capacity::Limits};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     applied::{Applied, pair},
@@ -174,31 +174,55 @@ impl Executor {
 
     /// Terminates the connected UDP sockets the kernel pointed at backends that left, so their
     /// clients notice (ECONNABORTED) and reconnect to a live backend. Only sockets still
-    /// connected to that backend are touched: one that disconnected since is left alone.
+    /// connected to that backend are touched: one that disconnected since is left alone. The
+    /// sockets may live in any network namespace of the node (pods); nothing is searched
+    /// unless the kernel recorded some.
     fn terminate_udp_flows(&self, left: &[(u32, SocketAddr)], previous: &Applied) -> u64 {
-        let mut by_backend: BTreeMap<SocketAddr, HashSet<u64>> = BTreeMap::new();
+        let mut targets = sockdiag::UdpTargets::new();
         for &(service_id, backend) in left {
             // The id the flows were recorded with (the backend may be gone from the maps now).
             let Some(&backend_id) = previous.backends.get(&backend) else {
                 continue;
             };
             match self.maps.udp_flows_to(service_id, backend_id) {
-                Ok(found) => by_backend.entry(backend).or_default().extend(found),
+                Ok(found) if found.is_empty() => {}
+                Ok(found) => targets.entry(backend).or_default().extend(found),
                 Err(err) => warn!("reading udp_flows: {err:#}"),
             }
         }
-        let mut total = 0;
-        for (backend, cookies) in by_backend {
-            match sockdiag::destroy_udp_sockets_to(&cookies, backend) {
-                Ok(0) => {}
-                Ok(destroyed) => {
-                    info!(destroyed, %backend, "terminated connected UDP sockets of a removed backend");
-                    total += destroyed as u64;
-                }
-                Err(err) => error!(%backend, "terminating connected UDP sockets: {err}"),
-            }
+        if targets.is_empty() {
+            return 0;
         }
-        total
+        let report = sockdiag::destroy_udp_sockets_everywhere(&targets);
+        for (backend, destroyed) in &report.destroyed {
+            info!(
+                destroyed,
+                %backend,
+                namespaces = report.namespaces,
+                "terminated connected UDP sockets of a removed backend"
+            );
+        }
+        if report.incomplete() {
+            warn!(
+                undestroyed = report.undestroyed,
+                not_found = report.not_found,
+                skipped_namespaces = report.skipped,
+                truncated = report.truncated,
+                namespaces = report.namespaces,
+                first_failure = report.first_failure.as_deref().unwrap_or_default(),
+                "terminating connected UDP sockets: some may be left connected to a removed backend"
+            );
+        } else if report.not_found > 0 {
+            debug!(
+                not_found = report.not_found,
+                skipped_namespaces = report.skipped,
+                namespaces = report.namespaces,
+                first_failure = report.first_failure.as_deref().unwrap_or_default(),
+                "connected UDP sockets of a removed backend not found (closed meanwhile, or in \
+                 a network namespace no process or /run/netns names)"
+            );
+        }
+        report.total() as u64
     }
 
     /// (VIP, backend) pairs with at least their service's `passive_failures` consecutive

@@ -2,7 +2,12 @@
 //! straight to a backend) and an unconnected one, does one exchange on each, signals ready,
 //! waits for a stop file, then exchanges again and prints how each socket fared.
 //!
-//! `mesh-udp-hold --vip IP:PORT --direct IP:PORT --count N --ready-file P --stop-file P --max-ms MS`
+//! `mesh-udp-hold --vip IP:PORT --direct IP:PORT --count N --ready-file P --stop-file P --max-ms MS
+//! [--bind IP]`
+//!
+//! Sockets are bound to `--bind` (default 127.0.0.1) with an ephemeral port; in a network
+//! namespace whose backends are not on loopback, `--bind 0.0.0.0` lets the kernel pick the
+//! namespace's own address.
 //!
 //! Output, one line per socket: `<kind> <index> <first reply> <ok <reply> | err <ERRNO>>`, kind
 //! being `vip` (connected through the VIP), `direct` (connected to a backend address) or
@@ -11,7 +16,7 @@
 use std::{
     collections::HashMap,
     io,
-    net::{SocketAddr, UdpSocket},
+    net::{IpAddr, SocketAddr, UdpSocket},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -23,6 +28,7 @@ struct Args {
     ready_file: PathBuf,
     stop_file: PathBuf,
     max: Duration,
+    bind: IpAddr,
 }
 
 fn parse() -> Result<Args, String> {
@@ -48,11 +54,15 @@ fn parse() -> Result<Args, String> {
                 .parse()
                 .map_err(|e| format!("--max-ms: {e}"))?,
         ),
+        bind: match flags.get("--bind") {
+            Some(ip) => ip.parse().map_err(|e| format!("--bind: {e}"))?,
+            None => IpAddr::from([127, 0, 0, 1]),
+        },
     })
 }
 
-fn socket() -> io::Result<UdpSocket> {
-    let socket = UdpSocket::bind("127.0.0.1:0")?;
+fn socket(bind: IpAddr) -> io::Result<UdpSocket> {
+    let socket = UdpSocket::bind(SocketAddr::new(bind, 0))?;
     socket.set_read_timeout(Some(Duration::from_secs(1)))?;
     Ok(socket)
 }
@@ -86,16 +96,16 @@ fn main() -> Result<(), String> {
     let args = parse()?;
     let mut sockets = Vec::new();
     for _ in 0..args.count {
-        let s = socket().map_err(|e| e.to_string())?;
+        let s = socket(args.bind).map_err(|e| e.to_string())?;
         s.connect(args.vip).map_err(|e| e.to_string())?;
         sockets.push(("vip", s, None));
     }
-    let direct = socket().map_err(|e| e.to_string())?;
+    let direct = socket(args.bind).map_err(|e| e.to_string())?;
     direct.connect(args.direct).map_err(|e| e.to_string())?;
     sockets.push(("direct", direct, None));
     sockets.push((
         "unconnected",
-        socket().map_err(|e| e.to_string())?,
+        socket(args.bind).map_err(|e| e.to_string())?,
         Some(args.vip),
     ));
 
