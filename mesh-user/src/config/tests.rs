@@ -1083,7 +1083,11 @@ fn vips_outside_vip_ranges_are_rejected_with_the_ranges_named() {
 #[test]
 fn ipv4_mapped_addresses_are_rejected_in_favour_of_the_ipv4_form() {
     let mapped = WEB.replace("127.100.0.1:80", "[::ffff:127.100.0.1]:80");
-    let (field, reason) = only_problem(&mapped);
-    assert_eq!(field, "vip");
-    assert!(reason.contains("IPv4-mapped"), "{reason}");
+    // (Its IPv4 backends are reported as of another family as well.)
+    let ps = problems(&mapped);
+    assert!(
+        ps.iter()
+            .any(|p| p.field == "vip" && p.reason.contains("IPv4-mapped")),
+        "{ps:#?}"
+    );
 }
