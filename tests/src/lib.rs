@@ -201,6 +201,35 @@ impl TestEnv {
     }
 }
 
+/// A private temporary directory (state dirs, config targets), removed on drop unless the test
+/// is failing, so its content can be looked at.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "mesh-test-{tag}-{}-{}",
+            std::process::id(),
+            next_unique()
+        ));
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 /// A process-wide counter for unique names (cgroups, bpffs directories, temp directories).
 pub(crate) fn next_unique() -> u32 {
     use std::sync::atomic::{AtomicU32, Ordering};

@@ -517,6 +517,26 @@ pub fn errno_name(error: &std::io::Error) -> String {
 
 /// Asserts the probe saw no error and each backend answered exactly its count (0: never).
 #[track_caller]
+/// `name -> n` for the given names, as a summary's `replies` or `sources` map.
+pub fn expect_counts<S: std::fmt::Display>(pairs: &[(S, u64)]) -> BTreeMap<String, u64> {
+    pairs
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| (k.to_string(), *n))
+        .collect()
+}
+
+/// Panics with the errors and replies when a probe summary has any error.
+#[track_caller]
+pub fn assert_no_errors(what: &str, summary: &ProbeSummary) {
+    assert!(
+        summary.errors.is_empty(),
+        "{what}: errors {:?}; replies {:?}",
+        summary.errors,
+        summary.replies
+    );
+}
+
 pub fn assert_split(result: &ProbeResult, expected: &[(&TcpBackend, usize)]) {
     assert!(
         result.errors().is_empty(),

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -25,9 +25,9 @@ use integration_tests::observe::{log_line_time, metric_value, now_epoch_secs};
 use integration_tests::process::{run_bounded, send_signal};
 use integration_tests::tools::{formatted_entries, run_in_pty, shell_quote};
 use integration_tests::{
-    Agent, BpffsDir, CgroupGuard, ClientLoop, ServiceSpec, TcpBackend, TestEnv, UdpBackend,
-    assert_split, mesh_bin, render_config, run_probe_in, serial, services, wait_for_backends,
-    wait_until,
+    Agent, BpffsDir, CgroupGuard, ClientLoop, ServiceSpec, TcpBackend, TempDir, TestEnv,
+    UdpBackend, assert_split, mesh_bin, render_config, run_probe_in, serial, services,
+    wait_for_backends, wait_until,
 };
 
 /// How long a client loop may run at most (they are stopped long before).
@@ -49,38 +49,6 @@ fn tcp_service(name: &str, vip: impl Display, backends: &[&TcpBackend]) -> Servi
 
 fn addrs(backends: &[&TcpBackend]) -> Vec<SocketAddr> {
     backends.iter().map(|b| b.addr()).collect()
-}
-
-/// A private directory (admin API state, a config file's target), removed on drop unless the
-/// test failed.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!(
-            "mesh-test-core-{tag}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&dir)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 /// The value of `name{labels}` in the agent's `/metrics` (0 when the series is not there yet:

@@ -11,16 +11,16 @@
 //! the tests anyway). VIPs are 127.100.70.x; backends listen on 127.0.0.1.
 
 use std::collections::BTreeMap;
-use std::fmt::Display;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
+use integration_tests::probe::{assert_no_errors, expect_counts};
 use integration_tests::probe::{move_into_cgroup_at_spawn, run_probe_in_for};
 use integration_tests::process::{Captured, run_bounded};
 use integration_tests::{
-    HttpBackend, ProbeResult, ProbeSummary, ServiceSpec, TcpBackend, TestEnv, UdpBackend,
-    assert_split, probe_summary_in, render_config, service_status, workspace_root,
+    HttpBackend, ProbeResult, ServiceSpec, TcpBackend, TestEnv, UdpBackend, assert_split,
+    probe_summary_in, render_config, service_status, workspace_root,
 };
 
 /// Time bound of one client run (a JVM start included).
@@ -73,24 +73,6 @@ fn field<'a>(fields: &'a BTreeMap<String, String>, key: &str, stdout: &str) -> &
     fields
         .get(key)
         .unwrap_or_else(|| panic!("no `{key}` line in:\n{stdout}"))
-}
-
-fn expect_counts<S: Display>(pairs: &[(S, u64)]) -> BTreeMap<String, u64> {
-    pairs
-        .iter()
-        .filter(|(_, n)| *n > 0)
-        .map(|(k, n)| (k.to_string(), *n))
-        .collect()
-}
-
-#[track_caller]
-fn assert_no_errors(what: &str, summary: &ProbeSummary) {
-    assert!(
-        summary.errors.is_empty(),
-        "{what}: errors {:?}; replies {:?}",
-        summary.errors,
-        summary.replies
-    );
 }
 
 fn dual_stack_args(mode: &str, addr: &str, count: usize) -> Vec<String> {

@@ -44,6 +44,7 @@ use std::time::Duration;
 
 use integration_tests::maps::map_len;
 use integration_tests::probe::move_into_cgroup_at_spawn;
+use integration_tests::probe::{assert_no_errors, expect_counts};
 use integration_tests::process::{Captured, RunError, run_bounded};
 use integration_tests::{
     CgroupGuard, NetNs, ProbeResult, ProbeServer, ProbeSummary, ServerKind, ServiceSpec, TestEnv,
@@ -172,29 +173,10 @@ impl Pod {
     }
 }
 
-/// `name -> n` for the given names, as a summary's `replies` or `sources` map.
-fn expect_counts<S: Display>(pairs: &[(S, u64)]) -> BTreeMap<String, u64> {
-    pairs
-        .iter()
-        .filter(|(_, n)| *n > 0)
-        .map(|(k, n)| (k.to_string(), *n))
-        .collect()
-}
-
 /// Each of `backends` answered exactly `each` times.
 fn even_split(backends: &[ProbeServer], each: u64) -> BTreeMap<String, u64> {
     let pairs: Vec<(&str, u64)> = backends.iter().map(|b| (b.name(), each)).collect();
     expect_counts(&pairs)
-}
-
-#[track_caller]
-fn assert_no_errors(what: &str, summary: &ProbeSummary) {
-    assert!(
-        summary.errors.is_empty(),
-        "{what}: errors {:?}; replies {:?}",
-        summary.errors,
-        summary.replies
-    );
 }
 
 /// The `peer`, `original_dst` and `reply` lines of `mesh-probe peer`.

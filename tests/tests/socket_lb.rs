@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use integration_tests::agent::is_warn_or_error;
 use integration_tests::maps::{datapath_counters, map_len};
 use integration_tests::probe::{ProbeLine, probe_udp_in, run_probe_in_for};
+use integration_tests::probe::{assert_no_errors, expect_counts};
 use integration_tests::{
     NetNs, ProbeServer, ProbeSummary, ServerKind, ServiceSpec, TcpBackend, TestEnv, UdpBackend,
     probe_summary_in, render_config, service_status, services, spawn_probe_in, wait_for_backends,
@@ -49,25 +50,6 @@ fn summary_args(mode: &str, addr: impl Display, count: usize) -> Vec<String> {
         count.to_string(),
         "--summary".into(),
     ]
-}
-
-/// `name -> n` for the given names, as a summary's `replies` or `sources` map.
-fn expect_counts<S: Display>(pairs: &[(S, u64)]) -> BTreeMap<String, u64> {
-    pairs
-        .iter()
-        .filter(|(_, n)| *n > 0)
-        .map(|(k, n)| (k.to_string(), *n))
-        .collect()
-}
-
-#[track_caller]
-fn assert_no_errors(what: &str, summary: &ProbeSummary) {
-    assert!(
-        summary.errors.is_empty(),
-        "{what}: errors {:?}; replies {:?}",
-        summary.errors,
-        summary.replies
-    );
 }
 
 /// Waits (3 s) for a WARN/ERROR line logged after `mark` that mentions `keyword`

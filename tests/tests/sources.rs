@@ -9,7 +9,7 @@
 
 use std::fmt::Display;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use integration_tests::admin::{AdminApi, free_loopback_addr};
@@ -44,30 +44,20 @@ fn sock(addr: &str) -> SocketAddr {
 }
 
 /// A private state directory, removed on drop.
-struct StateDir(PathBuf);
+struct StateDir(integration_tests::TempDir);
 
 impl StateDir {
     fn new(tag: &str) -> StateDir {
-        let dir = std::env::temp_dir().join(format!(
-            "mesh-test-state-{tag}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&dir)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-        StateDir(dir)
+        StateDir(integration_tests::TempDir::new(&format!("state-{tag}")))
     }
 
     fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 
     /// The services saved in `<state_dir>/<file>`, by name.
     fn saved_names(&self, file: &str) -> Vec<String> {
-        let path = self.0.join(file);
+        let path = self.0.path().join(file);
         let text = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
         let json: serde_json::Value = serde_json::from_str(&text)
@@ -78,14 +68,6 @@ impl StateDir {
             .iter()
             .map(|s| s["name"].as_str().unwrap_or_default().to_owned())
             .collect()
-    }
-}
-
-impl Drop for StateDir {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
     }
 }
 
