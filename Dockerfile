@@ -49,8 +49,8 @@ RUN cargo build --release --locked -p mesh-user \
 
 # ---------------------------------------------------------------------------------------------
 # Only the binary and CA certificates (for API servers whose kubeconfig relies on the system
-# store). `mount` and `mountpoint` (util-linux, in every Debian base) serve the DaemonSet's
-# init container that mounts bpffs on hosts without it.
+# store). `sh`, `stat` and `mount` (in every Debian base) serve the DaemonSet's init container
+# that mounts bpffs on hosts without it.
 FROM ${BASE} AS runtime-base
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ca-certificates \

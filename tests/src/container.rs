@@ -376,6 +376,43 @@ pub fn yaml_capabilities_add(yaml: &str) -> Vec<String> {
         .collect()
 }
 
+/// The script of the first `command: [/bin/sh, -c, SCRIPT]` in a manifest (the DaemonSet's
+/// init container), with YAML's single quotes undone.
+pub fn yaml_shell_script(yaml: &str) -> Option<String> {
+    let mut lines = yaml
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .skip_while(|l| *l != "- -c");
+    lines.next();
+    let script = lines.next()?.strip_prefix("- ")?;
+    Some(
+        match script.strip_prefix('\'').and_then(|s| s.strip_suffix('\'')) {
+            Some(quoted) => quoted.replace("''", "'"),
+            None => script.to_owned(),
+        },
+    )
+}
+
+/// `podman run --privileged` of `script` with `host_dir` as the container's /sys/fs/bpf
+/// (`rshared`, as the DaemonSet's `Bidirectional`), as the init container runs.
+pub fn run_init_script(image: &str, script: &str, host_dir: &Path) -> crate::process::Captured {
+    let mut cmd = Command::new("podman");
+    cmd.args([
+        "--runtime",
+        "runc",
+        "run",
+        "--rm",
+        "--cgroup-manager=cgroupfs",
+    ])
+    .args(ulimit_args())
+    .args(["--network", "none", "--privileged", "-v"])
+    .arg(format!("{}:/sys/fs/bpf:rshared", host_dir.display()))
+    .args(["--entrypoint", "/bin/sh", image, "-c", script]);
+    run_bounded(&mut cmd, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("podman run of the init container script: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,6 +445,21 @@ spec:
             Some("[agent]\nbpffs = \"/sys/fs/bpf/mesh\"\n\n[agent.kubernetes]\n  nested = 1\n")
         );
         assert_eq!(yaml_block(YAML, "missing"), None);
+    }
+
+    #[test]
+    fn reads_the_init_script() {
+        let yaml = r#"command:
+  - /bin/sh
+  - -c
+  # why
+  - '[ "$(x)" = y ] || echo ''z'''
+"#;
+        assert_eq!(
+            yaml_shell_script(yaml).as_deref(),
+            Some(r#"[ "$(x)" = y ] || echo 'z'"#)
+        );
+        assert_eq!(yaml_shell_script("a: 1\n"), None);
     }
 
     #[test]

@@ -23,7 +23,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use integration_tests::container::{
-    ContainerAgent, ContainerSpec, manifest, test_image, yaml_block, yaml_capabilities_add,
+    ContainerAgent, ContainerSpec, manifest, run_init_script, test_image, yaml_block,
+    yaml_capabilities_add, yaml_shell_script,
 };
 use integration_tests::probe::move_into_cgroup_at_spawn;
 use integration_tests::{
@@ -474,4 +475,99 @@ fn without_seccomp_adopting_pins_still_needs_sys_admin() {
             PodRun::Failed(why) => assert!(says_permission_missing(&why), "{when}: {why}"),
         }
     }
+}
+
+/// A directory of the test's, bind-mounted onto itself and made a shared mount, so that a
+/// mount made on it inside a container (`rshared`) shows on the host, as through the
+/// DaemonSet's `Bidirectional` bpffs volume. Drop unmounts what is mounted on it and removes it.
+struct SharedDir {
+    path: std::path::PathBuf,
+}
+
+impl SharedDir {
+    fn new(tag: &str) -> SharedDir {
+        let path = std::env::temp_dir().join(format!("mesh-test-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("create the shared directory");
+        let dir = SharedDir { path };
+        let at = dir.path.display().to_string();
+        dir.mount(&["--bind", &at, &at]);
+        dir.mount(&["--make-shared", &at]);
+        dir
+    }
+
+    fn mount(&self, args: &[&str]) {
+        let status = Command::new("mount")
+            .args(args)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount {args:?}: {status}");
+    }
+
+    /// Filesystem types mounted exactly here, in mount order.
+    fn fstypes(&self) -> Vec<String> {
+        let at = self.path.display().to_string();
+        std::fs::read_to_string("/proc/mounts")
+            .expect("read /proc/mounts")
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                match fields.as_slice() {
+                    [_, target, fstype, ..] if *target == at => Some((*fstype).to_owned()),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    fn bpffs_mounts(&self) -> usize {
+        self.fstypes().iter().filter(|t| *t == "bpf").count()
+    }
+}
+
+impl Drop for SharedDir {
+    fn drop(&mut self) {
+        for _ in 0..self.fstypes().len() {
+            let _ = Command::new("umount").arg(&self.path).status();
+        }
+        if let Err(e) = std::fs::remove_dir(&self.path) {
+            eprintln!("harness: could not remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// The DaemonSet's init container mounts bpffs on the host where none is mounted, and leaves
+/// a host that has one alone.
+#[test]
+fn init_container_mounts_bpffs_on_the_host_only_where_missing() {
+    let Some(image) = test_image() else {
+        return;
+    };
+    let _serial = serial();
+    let script = yaml_shell_script(&manifest("daemonset.yaml"))
+        .expect("the DaemonSet's init container runs `/bin/sh -c SCRIPT`");
+    eprintln!("deploy: init container script: {script}");
+    let host = SharedDir::new("initbpffs");
+    assert_eq!(
+        host.bpffs_mounts(),
+        0,
+        "no bpffs before: {:?}",
+        host.fstypes()
+    );
+
+    let first = run_init_script(&image, &script, &host.path);
+    assert!(first.status.success(), "first run: {}", first.describe());
+    assert_eq!(
+        host.bpffs_mounts(),
+        1,
+        "the host has bpffs after the first run: {:?}",
+        host.fstypes()
+    );
+    let second = run_init_script(&image, &script, &host.path);
+    assert!(second.status.success(), "second run: {}", second.describe());
+    assert_eq!(
+        host.bpffs_mounts(),
+        1,
+        "a host that has bpffs gets no second mount: {:?}",
+        host.fstypes()
+    );
 }
