@@ -148,6 +148,7 @@ fn base_image() -> Result<()> {
         .stdin(Stdio::null())
         .run()
         .context("debootstrap failed")?;
+    apt_sources(&rootfs)?;
     cmd("tar", ["-C"])
         .arg(&rootfs)
         .arg("-cf")
@@ -163,6 +164,28 @@ fn base_image() -> Result<()> {
         .context("podman import failed")?;
     remove_dir_if_present(&rootfs)?;
     std::fs::remove_file(&tarball).with_context(|| format!("removing {}", tarball.display()))?;
+    Ok(())
+}
+
+/// Gives the base image this machine's Debian suites (the deb822 `debian.sources`, which on
+/// Debian 12 lists bookworm, bookworm-updates and bookworm-security, as Debian's own images
+/// do) instead of debootstrap's single `bookworm main` line: packages the build needs, such as
+/// current security updates, come from the other suites.
+fn apt_sources(rootfs: &Path) -> Result<()> {
+    let host = Path::new("/etc/apt/sources.list.d/debian.sources");
+    if !host.is_file() {
+        println!(
+            "image: {} not found: the base image keeps debootstrap's sources.list",
+            host.display()
+        );
+        return Ok(());
+    }
+    let target = rootfs.join("etc/apt/sources.list.d/debian.sources");
+    std::fs::copy(host, &target).with_context(|| format!("copying {}", host.display()))?;
+    let list = rootfs.join("etc/apt/sources.list");
+    if list.exists() {
+        std::fs::remove_file(&list).with_context(|| format!("removing {}", list.display()))?;
+    }
     Ok(())
 }
 

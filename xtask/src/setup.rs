@@ -29,12 +29,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPFFS: &str = "/sys/fs/bpf";
 
 /// The manifest validator (PyPI) and its version, installed into a virtualenv under the target
 /// directory so that nothing outside the workspace changes.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate";
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
-const BPFFS: &str = "/sys/fs/bpf";
 
 pub fn run() -> Result<()> {
     println!("setup: checking the machine");
