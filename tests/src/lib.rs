@@ -22,6 +22,7 @@ pub mod bpffs;
 pub mod cgroup;
 pub mod clients;
 pub mod config;
+pub mod container;
 pub mod exchange;
 pub mod http;
 pub mod http_backend;

@@ -3,6 +3,8 @@
 mod bench;
 mod build;
 mod cleanup;
+mod image;
+mod manifests;
 mod run;
 mod services;
 mod setup;
@@ -44,7 +46,8 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Setup, build, fmt, clippy, unit tests, then the privileged end-to-end tests.
+    /// Setup, build, fmt, clippy, manifest validation, unit tests, the container image (when
+    /// podman is installed), then the privileged end-to-end tests.
     Test {
         /// Skip `cargo fmt --check` and `cargo clippy` (local iteration only; CI never does).
         #[arg(long)]
@@ -53,6 +56,13 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Setup, build `mesh`, then the container image `localhost/mesh:dev` from the Dockerfile
+    /// (target `prebuilt`) with podman; installs podman, debootstrap and runc and makes the
+    /// local Debian base image only if missing. Idempotent.
+    Image,
+    /// Setup, then validate the Kubernetes manifests (deploy/kubernetes/*.yaml) with
+    /// `kubernetes-validate --strict` against Kubernetes 1.33.
+    Manifests,
     /// Benchmarks.
     Bench {
         /// Short run.
@@ -80,6 +90,8 @@ fn main() -> ExitCode {
         }),
         Command::Run { args } => run::run(&args),
         Command::Test { skip_lint, args } => test::run(skip_lint, &args),
+        Command::Image => image::run(),
+        Command::Manifests => setup::run().and_then(|()| manifests::validate()),
         Command::Bench { quick } => bench::run(quick),
         Command::Cleanup => cleanup::run(),
     };

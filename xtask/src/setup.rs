@@ -5,7 +5,7 @@ use std::process::Stdio;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::util::{Run as _, cgroup2_mount, cmd, is_root, mounts, path_with};
+use crate::util::{Run as _, cgroup2_mount, cmd, is_root, mounts, path_with, target_dir};
 
 /// Debian packages for building (LLVM for bpf-linker, bpftool) and for the tests and
 /// benchmarks (network tools, the services they start, load generators). `prometheus` ships
@@ -41,14 +41,20 @@ const PYTHON_KUBERNETES: &str = "kubernetes==37.0.2";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";
 
+/// The manifest validator (PyPI) and its version, installed into a virtualenv under the target
+/// directory so that nothing outside the workspace changes.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate";
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
 pub fn run() -> Result<()> {
     println!("setup: checking the machine");
     check_root()?;
-    debian_packages()?;
+    debian_packages(DEBIAN_PACKAGES)?;
     nightly_components()?;
     python_client()?;
     bpf_linker()?;
     bpffs()?;
+    kubernetes_validate()?;
     let cgroup2 = cgroup2_mount()?;
     println!("setup: cgroup v2 is mounted at {}", cgroup2.display());
     println!("setup: done");
@@ -69,21 +75,19 @@ fn deb_installed(package: &str) -> bool {
         .is_some_and(|status| status.trim() == "install ok installed")
 }
 
-fn missing_debian_packages() -> Vec<&'static str> {
-    DEBIAN_PACKAGES
+fn missing_debian_packages(packages: &[&'static str]) -> Vec<&'static str> {
+    packages
         .iter()
         .copied()
         .filter(|p| !deb_installed(p))
         .collect()
 }
 
-fn debian_packages() -> Result<()> {
-    let missing = missing_debian_packages();
+/// Installs those of `packages` that are missing (`apt-get update` first, only then).
+pub fn debian_packages(packages: &[&'static str]) -> Result<()> {
+    let missing = missing_debian_packages(packages);
     if missing.is_empty() {
-        println!(
-            "setup: Debian packages: all {} installed",
-            DEBIAN_PACKAGES.len()
-        );
+        println!("setup: Debian packages: all {} installed", packages.len());
         return Ok(());
     }
     println!("setup: Debian packages missing: {}", missing.join(" "));
@@ -97,7 +101,7 @@ fn debian_packages() -> Result<()> {
         .stdin(Stdio::null())
         .run()
         .with_context(|| format!("cannot install Debian packages: {}", missing.join(" ")))?;
-    let still_missing = missing_debian_packages();
+    let still_missing = missing_debian_packages(packages);
     if !still_missing.is_empty() {
         bail!(
             "Debian packages still not installed after apt-get install: {}",
@@ -233,4 +237,60 @@ fn bpffs() -> Result<()> {
         bail!("mount reported success but {BPFFS} is not a bpf mount in /proc/mounts");
     }
     Ok(())
+}
+
+/// The virtualenv that holds `kubernetes-validate`.
+fn tools_venv() -> std::path::PathBuf {
+    target_dir().join("tools").join("venv")
+}
+
+/// Path of the `kubernetes-validate` script that [`kubernetes_validate`] installs.
+pub fn kubernetes_validate_bin() -> std::path::PathBuf {
+    tools_venv().join("bin").join(KUBERNETES_VALIDATE)
+}
+
+fn kubernetes_validate_version() -> Option<String> {
+    cmd(kubernetes_validate_bin(), ["--version"])
+        .stdout_if_ok()
+        .map(|v| v.trim().to_owned())
+}
+
+/// `kubernetes-validate` (PyPI), pinned, in a virtualenv under the target directory.
+fn kubernetes_validate() -> Result<()> {
+    if kubernetes_validate_version().as_deref() == Some(KUBERNETES_VALIDATE_VERSION) {
+        println!("setup: {KUBERNETES_VALIDATE}: {KUBERNETES_VALIDATE_VERSION}");
+        return Ok(());
+    }
+    let venv = tools_venv();
+    println!(
+        "setup: installing {KUBERNETES_VALIDATE} {KUBERNETES_VALIDATE_VERSION} into {}",
+        venv.display()
+    );
+    if !venv.join("bin").join("pip").is_file() {
+        cmd("python3", ["-m", "venv"])
+            .arg(&venv)
+            .stdin(Stdio::null())
+            .run()
+            .context(
+                "cannot create a Python virtualenv (python3 with its venv module is needed; \
+                 on Debian: apt-get install python3-venv)",
+            )?;
+    }
+    cmd(venv.join("bin").join("pip"), ["install", "--quiet"])
+        .arg(format!(
+            "{KUBERNETES_VALIDATE}=={KUBERNETES_VALIDATE_VERSION}"
+        ))
+        .stdin(Stdio::null())
+        .run()
+        .with_context(|| format!("cannot install {KUBERNETES_VALIDATE} from PyPI"))?;
+    match kubernetes_validate_version() {
+        Some(v) if v == KUBERNETES_VALIDATE_VERSION => {
+            println!("setup: {KUBERNETES_VALIDATE}: {v}");
+            Ok(())
+        }
+        other => bail!(
+            "{KUBERNETES_VALIDATE} was installed but `{} --version` says {other:?}",
+            kubernetes_validate_bin().display()
+        ),
+    }
 }

@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::build::{self, Profile};
 use crate::util::{Run as _, TestTotals, cargo};
-use crate::{cleanup, services, setup, signal};
+use crate::{cleanup, image, manifests, services, setup, signal};
 
 /// The port of the Redis the end-to-end tests share; `MESH_TEST_REDIS_PORT` overrides it (for
 /// a machine where another run already uses it).
@@ -115,6 +115,7 @@ fn run_steps(steps: &mut Steps, skip_lint: bool, extra: &[String]) -> Result<()>
         })?;
         steps.run("clippy (kernel programs)", || cargo(KERNEL_CLIPPY).run())?;
     }
+    steps.run("manifests", manifests::validate)?;
     let mut totals = TestTotals::default();
     let unit = steps.run("unit tests", || {
         cargo([
@@ -130,22 +131,46 @@ fn run_steps(steps: &mut Steps, skip_lint: bool, extra: &[String]) -> Result<()>
     });
     steps.totals = totals;
     unit?;
+    let image = steps.run("image", container_image)?;
     // Dropped at the end of this function, whatever happens after this line.
     let redis_port = redis_port()?;
     let _redis = steps.run("start redis", || services::redis(redis_port))?;
     let e2e = steps.run("integration tests", || {
-        integration_tests(extra, redis_port, &mut totals)
+        integration_tests(extra, redis_port, image, &mut totals)
     });
     steps.totals = totals;
     e2e
 }
 
-fn integration_tests(extra: &[String], redis_port: u16, totals: &mut TestTotals) -> Result<()> {
+/// The image for the container test (tests/tests/deploy.rs), built when podman is installed;
+/// `None` (the test then skips and says why) when it is not.
+fn container_image() -> Result<Option<&'static str>> {
+    if !image::podman_available() {
+        println!(
+            "xtask test: podman is not installed: not building the image; the container test \
+             (tests/tests/deploy.rs) will skip. `cargo xtask image` installs podman and builds it."
+        );
+        return Ok(None);
+    }
+    image::build_image()?;
+    Ok(Some(image::IMAGE))
+}
+
+fn integration_tests(
+    extra: &[String],
+    redis_port: u16,
+    image: Option<&str>,
+    totals: &mut TestTotals,
+) -> Result<()> {
     let mesh = build::bin(Profile::Release, "mesh");
     let probe = build::bin(Profile::Release, "mesh-probe");
     require_file(&mesh)?;
     require_file(&probe)?;
-    cargo(["test", "--release", "-p", "integration-tests", "--"])
+    let mut command = cargo(["test", "--release", "-p", "integration-tests", "--"]);
+    if let Some(image) = image {
+        command.env("MESH_TEST_IMAGE", image);
+    }
+    command
         .arg("--test-threads=1")
         .args(extra)
         .env("MESH_BIN", &mesh)
