@@ -8,7 +8,7 @@ use std::{
 };
 
 use mesh_common::{PROTO_UDP, Settings, capacity::Limits};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{
     applied::{Applied, pair},
@@ -202,9 +202,18 @@ impl Executor {
                 "terminated connected UDP sockets of a removed backend"
             );
         }
-        if report.incomplete() {
-            warn!(
+        if report.undestroyed > 0 {
+            // Sockets were found but could not be destroyed (e.g. no CAP_NET_ADMIN): their
+            // clients keep talking to a backend that left. An error the operator must see.
+            error!(
                 undestroyed = report.undestroyed,
+                namespaces = report.namespaces,
+                first_failure = report.first_failure.as_deref().unwrap_or_default(),
+                "terminating connected UDP sockets: {} stay connected to a removed backend",
+                report.undestroyed
+            );
+        } else if report.incomplete() {
+            warn!(
                 not_found = report.not_found,
                 skipped_namespaces = report.skipped,
                 truncated = report.truncated,
