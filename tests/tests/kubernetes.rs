@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use integration_tests::agent::Agent;
 use integration_tests::kube_api::KubeApi;
 use integration_tests::probe::{probe_connect_in, probe_udp_in};
-use integration_tests::{BpffsDir, CgroupGuard, TcpBackend, UdpBackend, assert_split, services};
+use integration_tests::{
+    BpffsDir, CgroupGuard, TcpBackend, TempDir, UdpBackend, assert_split, services,
+};
 use serde_json::{Value, json};
 
 /// A watch event must be in the data path within this long (the bound), measured from
@@ -68,6 +70,7 @@ struct Node {
     agent: Agent,
     bpffs: BpffsDir,
     cgroup: CgroupGuard,
+    _state: TempDir,
 }
 
 impl Node {
@@ -76,8 +79,11 @@ impl Node {
         let bpffs = BpffsDir::new(tag);
         let kubeconfig = std::env::temp_dir().join(format!("{}-kubeconfig", cgroup.name()));
         api.kubeconfig(&kubeconfig).expect("write the kubeconfig");
+        // Each agent keeps its own last Kubernetes set (never another test's).
+        let state = TempDir::new(&format!("{tag}-state"));
         let config = format!(
-            "[agent]\nresync = \"1s\"\n\n[agent.kubernetes]\nkubeconfig = \"{}\"\nnode_name = \"{node_name}\"\n",
+            "[agent]\nresync = \"1s\"\nstate_dir = \"{}\"\n\n[agent.kubernetes]\nkubeconfig = \"{}\"\nnode_name = \"{node_name}\"\n",
+            state.path().display(),
             kubeconfig.display()
         );
         let agent = Agent::start(&config, &cgroup, &bpffs);
@@ -85,6 +91,7 @@ impl Node {
             agent,
             bpffs,
             cgroup,
+            _state: state,
         }
     }
 
@@ -516,14 +523,23 @@ fn works_after_restarting_the_agent_and_keeps_serving_through_an_api_server_outa
     let mut node = Node::start("k8s-outage", &api, "node-a");
     node.wait_for("default/steady:http", &addrs(&[&a]));
 
-    // The agent restarts (kill -9): the data path keeps serving, the new agent converges.
+    // The agent dies (kill -9): the data path keeps serving.
     node.agent.kill9();
     assert_split(&node.connect("127.96.0.80:80", 10), &[(&a, 10)]);
+
+    // The API server goes away too, and the agent starts again: its first apply carries the
+    // last Kubernetes set it saved, so the VIP never leaves the maps (no gap at /readyz).
+    api.stop();
+    let mark = node.agent.log_mark();
     node.agent.restart();
     assert_split(&node.connect("127.96.0.80:80", 10), &[(&a, 10)]);
-
-    // The API server goes away: the last services stay in force.
-    api.stop();
+    assert!(
+        node.agent
+            .log_since(mark)
+            .contains("the last known services stay in force"),
+        "{}",
+        node.agent.log_since(mark)
+    );
     std::thread::sleep(Duration::from_millis(500));
     assert_split(&node.connect("127.96.0.80:80", 10), &[(&a, 10)]);
     let up = node

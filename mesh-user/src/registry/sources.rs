@@ -35,11 +35,18 @@ pub async fn start(
     metrics: Arc<dyn SourceObserver>,
 ) -> anyhow::Result<Sources> {
     let mut tasks = Vec::new();
+    if agent.admin.is_none() && agent.redis.is_none() && agent.kubernetes.is_none() {
+        return Ok(Sources { tasks });
+    }
+    std::fs::create_dir_all(&agent.state_dir)
+        .with_context(|| format!("creating state_dir {}", agent.state_dir.display()))?;
     if let Some(kubernetes) = &agent.kubernetes {
+        let saved = SavedServices::new(&agent.state_dir, "kubernetes-services.json");
         tasks.push(
             super::kubernetes::start(
                 agent,
                 kubernetes,
+                saved,
                 updates.clone(),
                 registry.clone(),
                 metrics.clone(),
@@ -47,11 +54,6 @@ pub async fn start(
             .await?,
         );
     }
-    if agent.admin.is_none() && agent.redis.is_none() {
-        return Ok(Sources { tasks });
-    }
-    std::fs::create_dir_all(&agent.state_dir)
-        .with_context(|| format!("creating state_dir {}", agent.state_dir.display()))?;
     if let Some(addr) = agent.admin {
         let saved = SavedServices::new(&agent.state_dir, "api-services.json");
         tasks.push(

@@ -6,6 +6,10 @@
 //! - A relist (reconnect, `410 Gone`) is buffered the same way and replaces the cache at once.
 //! - While the API server is unreachable the last applied services stay in force; the outage
 //!   is logged once and `mesh_registry_source_up{source="kubernetes"}` is 0.
+//! - The last applied set is saved to `<state_dir>/kubernetes-services.json` and sent again
+//!   when the agent starts, before its first map write: a restarted agent (a rolling update,
+//!   a crash) keeps every Kubernetes VIP in the maps until its watchers have relisted, also
+//!   while the API server is unreachable.
 //! - A translated service whose VIP or name another source already has is a reported conflict:
 //!   it is left out (logged, counted as a rejection), never a silent override.
 
@@ -30,7 +34,10 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use self::translate::{Filter, LABEL_HEADLESS, LABEL_PROXY_NAME, LABEL_SERVICE_NAME, NodeView};
-use super::{Listing, Outcome, Source, SourceObserver, SourceUpdate, update};
+use super::{
+    Listing, Outcome, Source, SourceObserver, SourceUpdate,
+    update::{self, SavedServices, Verdict},
+};
 use crate::config::{AgentConfig, Config, KubernetesConfig, ServiceConfig};
 
 /// Objects of one kind by (namespace, name), with the relist buffer.
@@ -144,6 +151,7 @@ where
 pub async fn start(
     agent: &AgentConfig,
     config: &KubernetesConfig,
+    saved: SavedServices,
     updates: mpsc::Sender<SourceUpdate>,
     registry: watch::Receiver<Listing>,
     metrics: Arc<dyn SourceObserver>,
@@ -166,8 +174,21 @@ pub async fn start(
         watcher::Config::default().fields(&format!("metadata.name={node}")),
     );
     info!(node = %node, service_proxy_name = %filter.service_proxy_name, "kubernetes: watching");
+    let initial = match saved.load() {
+        Ok(Some(services)) => {
+            let verdict = update::send_initial(&updates, Source::Kubernetes, services.clone())?;
+            Some((services, verdict))
+        }
+        Ok(None) => None,
+        Err(err) => {
+            // The API server is the source of truth; the saved set is only a head start.
+            warn!("kubernetes: ignoring the last known services: {err:#}");
+            None
+        }
+    };
     metrics.source_state(Source::Kubernetes.name(), false, 0);
     let source = KubernetesSource {
+        saved,
         agent: agent.clone(),
         node,
         filter,
@@ -181,10 +202,12 @@ pub async fn start(
         down: None,
         skipped: BTreeMap::new(),
     };
-    Ok(tokio::spawn(source.run(services, slices, nodes)))
+    Ok(tokio::spawn(source.run(initial, services, slices, nodes)))
 }
 
 struct KubernetesSource {
+    /// Where the last applied set is kept for the next start.
+    saved: SavedServices,
     /// What each translated service is validated against on its own, so one bad Service is
     /// reported and left out instead of rejecting the whole cluster.
     agent: AgentConfig,
@@ -216,10 +239,25 @@ enum Woken {
 impl KubernetesSource {
     async fn run(
         mut self,
+        initial: Option<(Vec<ServiceConfig>, Verdict)>,
         mut services: Events<Service>,
         mut slices: Events<EndpointSlice>,
         mut nodes: Events<Node>,
     ) {
+        if let Some((saved, verdict)) = initial {
+            match verdict.await {
+                Ok(Outcome::Applied { .. } | Outcome::Failed(_)) => {
+                    info!(
+                        services = saved.len(),
+                        "kubernetes: the last known services stay in force until the lists are in"
+                    );
+                    self.sent = Some(saved);
+                }
+                // The agent logged why.
+                Ok(Outcome::Rejected(_)) => {}
+                Ok(Outcome::AgentGone) | Err(_) => return,
+            }
+        }
         loop {
             let woken = tokio::select! {
                 e = services.next() => e.map_or(Woken::Ended, |e| Woken::Services(Box::new(e))),
@@ -314,12 +352,14 @@ impl KubernetesSource {
         match update::send(&self.updates, Source::Kubernetes, services.clone()).await {
             Outcome::Applied { generation } => {
                 info!(services = count, generation, "kubernetes: services applied");
+                self.save(&services).await;
                 self.sent = Some(services);
                 self.metrics
                     .source_state(Source::Kubernetes.name(), self.down.is_none(), count);
             }
             Outcome::Failed(reason) => {
                 warn!("kubernetes: services accepted but not yet in the maps: {reason}");
+                self.save(&services).await;
                 self.sent = Some(services);
                 self.metrics
                     .source_state(Source::Kubernetes.name(), false, count);
@@ -333,6 +373,17 @@ impl KubernetesSource {
             Outcome::AgentGone => return false,
         }
         true
+    }
+
+    /// Keeps the set for the next start (fsync blocks: off the async workers).
+    async fn save(&self, services: &[ServiceConfig]) {
+        let saved = self.saved.clone();
+        let copy = services.to_vec();
+        match tokio::task::spawn_blocking(move || saved.save(&copy)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => warn!("kubernetes: {err:#}"),
+            Err(err) => warn!("kubernetes: saving task failed: {err}"),
+        }
     }
 
     /// Leaves out services that are invalid on their own (a VIP outside `vip_ranges`, ...).
