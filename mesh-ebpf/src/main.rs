@@ -22,6 +22,7 @@
 )]
 
 mod addr;
+mod connect;
 mod maps;
 mod reverse;
 mod service;
@@ -41,12 +42,12 @@ const ALLOW: i32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    service::connect(&ctx, FAMILY_V4)
+    connect::connect(&ctx, FAMILY_V4)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    service::connect(&ctx, FAMILY_V6)
+    connect::connect(&ctx, FAMILY_V6)
 }
 
 #[cgroup_sock_addr(sendmsg4)]

@@ -13,8 +13,6 @@ use mesh_common::{
     UdpFlow,
 };
 
-use crate::reverse::SockRev;
-
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 const MAX_SERVICES: usize = DEFAULT_MAX_SERVICES as usize;
 const MAX_BACKENDS: usize = DEFAULT_MAX_BACKENDS as usize;
@@ -85,3 +83,36 @@ pub static SETTINGS: Array<Settings, 1> = Array::new();
 /// socket, so it can neither fill up nor leak nor evict live entries.
 #[btf_map]
 pub static SOCK_REV: SkStorage<SockRev> = SkStorage::new();
+
+/// A backend address and the VIP it stands for, both as the socket sees them.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RevEntry {
+    pub backend_ip: [u32; 4],
+    pub vip_ip: [u32; 4],
+    pub backend_port: u32,
+    pub vip_port: u32,
+}
+
+/// Unconnected UDP sockets remember this many (backend -> VIP) pairs; a socket that talks to
+/// more backends at once through VIPs sees the oldest pairs' replies untranslated.
+pub const REV_SENT: usize = 8;
+
+/// The reverse-translation state of one socket (zeroed when created).
+#[repr(C)]
+pub struct SockRev {
+    /// The connect() translation (valid when `has_peer` is 1).
+    pub peer: RevEntry,
+    /// sendmsg() translations of unconnected UDP, overwritten round-robin.
+    pub sent: [RevEntry; REV_SENT],
+    pub next_sent: u32,
+    pub has_peer: u32,
+    /// Who the connect went to (with `has_peer`), for the counters of `sock_ops`.
+    pub service_id: u32,
+    pub backend_id: u32,
+    /// 1 when `sock_ops` should follow this connection's states (passive detection of its
+    /// service, or telemetry); otherwise the connection costs no state callbacks.
+    pub observe: u32,
+    /// 1 once the socket's cookie is in `UDP_FLOWS`: release deletes it then, and only then.
+    pub has_flow: u32,
+}

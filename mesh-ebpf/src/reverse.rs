@@ -12,44 +12,11 @@ use aya_ebpf::{bindings::bpf_sock, helpers::bpf_sk_storage_get, programs::SockAd
 use mesh_common::{BackendStatsKey, FAMILY_V4, v4_mapped};
 
 use crate::addr::{Dest, read_dest, write_dest};
-use crate::maps::SOCK_REV;
+use crate::maps::{REV_SENT, RevEntry, SOCK_REV, SockRev};
 use crate::stats::count;
 
 /// `sockaddr.sa_family` of IPv6 sockets (`bpf_sock_addr.family`, `bpf_sock.family`).
 pub const AF_INET6: u32 = 10;
-
-/// A backend address and the VIP it stands for, both as the socket sees them.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct RevEntry {
-    pub backend_ip: [u32; 4],
-    pub vip_ip: [u32; 4],
-    pub backend_port: u32,
-    pub vip_port: u32,
-}
-
-/// Unconnected UDP sockets remember this many (backend -> VIP) pairs; a socket that talks to
-/// more backends at once through VIPs sees the oldest pairs' replies untranslated.
-pub const REV_SENT: usize = 8;
-
-/// The reverse-translation state of one socket (zeroed when created).
-#[repr(C)]
-pub struct SockRev {
-    /// The connect() translation (valid when `has_peer` is 1).
-    pub peer: RevEntry,
-    /// sendmsg() translations of unconnected UDP, overwritten round-robin.
-    pub sent: [RevEntry; REV_SENT],
-    pub next_sent: u32,
-    pub has_peer: u32,
-    /// Who the connect went to (with `has_peer`), for the counters of `sock_ops`.
-    pub service_id: u32,
-    pub backend_id: u32,
-    /// 1 when `sock_ops` should follow this connection's states (passive detection of its
-    /// service, or telemetry); otherwise the connection costs no state callbacks.
-    pub observe: u32,
-    /// 1 once the socket's cookie is in `UDP_FLOWS`: release deletes it then, and only then.
-    pub has_flow: u32,
-}
 
 /// `dest`, read or written by a hook of `family` on a socket of `sk_family`, in the form the
 /// socket sees it.

@@ -1,5 +1,5 @@
 //! VIP lookup and backend choice: weighted round-robin over the live slot set, or session
-//! affinity; and connect(), which applies the choice.
+//! affinity.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_ktime_get_ns, bpf_set_retval},
@@ -11,12 +11,9 @@ use mesh_common::{
     SVC_F_REJECT_EMPTY, Service, ServiceKey, SlotKey, slot_index,
 };
 
-use crate::addr::{Dest, read_dest, write_backend};
+use crate::addr::Dest;
 use crate::maps::{ACTIVE, AFFINITY, BACKENDS, RR_STATE, SERVICES, SLOTS};
-use crate::reverse::{as_socket_sees, entry, sock_rev};
-use crate::sockops::telemetry_on;
 use crate::stats::{count, count_backend, count_no_backend};
-use crate::{ALLOW, udp};
 
 const ECONNREFUSED: i32 = 111;
 /// Verdict of cgroup sock_addr programs that fails the syscall (with the retval set).
@@ -34,47 +31,6 @@ pub enum Verdict {
         backend: Backend,
         passive: bool,
     },
-}
-
-/// connect(): translate, remember the translation for getpeername/SO_ORIGINAL_DST, and record
-/// connected UDP flows so the agent can terminate them when their backend leaves.
-#[inline(always)]
-pub fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
-    // SAFETY: the kernel hands a valid context.
-    let sa = unsafe { &mut *ctx.sock_addr };
-    let vip = read_dest(sa, family);
-    match translate(ctx, &vip, family) {
-        Verdict::Pass => ALLOW,
-        Verdict::Refuse => refuse(),
-        Verdict::Rewrite {
-            service_id,
-            backend_id,
-            backend,
-            passive,
-        } => {
-            let dest = write_backend(sa, &backend, family);
-            // Without state the connection still goes to the backend; only its reverse view
-            // (and, for UDP, its flow record, which could never be removed) is missing.
-            let Some(rev) = sock_rev(ctx) else {
-                return ALLOW;
-            };
-            // SAFETY: storage of this socket, which only this program run writes now (a socket
-            // connects under its lock).
-            let rev = unsafe { &mut *rev };
-            rev.peer = entry(
-                &as_socket_sees(&vip, family, sa.family),
-                &as_socket_sees(&dest, family, sa.family),
-            );
-            rev.has_peer = 1;
-            rev.service_id = service_id;
-            rev.backend_id = backend_id;
-            rev.observe = u32::from(passive || telemetry_on());
-            if udp::is_udp(sa.protocol) {
-                udp::record_flow(ctx, rev, service_id, backend_id);
-            }
-            ALLOW
-        }
-    }
 }
 
 /// Looks the destination up as a VIP (a v4-mapped address as the IPv4 service) and picks a

@@ -7,8 +7,9 @@ use mesh_common::{PROTO_UDP, UdpFlow};
 
 use crate::ALLOW;
 use crate::addr::{read_dest, write_backend};
+use crate::maps::SockRev;
 use crate::maps::UDP_FLOWS;
-use crate::reverse::{SockRev, as_socket_sees, entry, existing_sock_rev, remember_sent, sock_rev};
+use crate::reverse::{as_socket_sees, entry, existing_sock_rev, remember_sent, sock_rev};
 use crate::service::{Verdict, refuse, translate};
 use crate::stats::count;
 

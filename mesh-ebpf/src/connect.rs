@@ -1,0 +1,52 @@
+//! connect(): applies the backend choice to the socket, remembers the translation for
+//! getpeername/SO_ORIGINAL_DST and records connected UDP flows.
+
+use aya_ebpf::programs::SockAddrContext;
+
+use crate::ALLOW;
+use crate::addr::{read_dest, write_backend};
+use crate::reverse::{as_socket_sees, entry, sock_rev};
+use crate::service::{Verdict, refuse, translate};
+use crate::sockops::telemetry_on;
+use crate::udp;
+
+/// connect(): translate, remember the translation for getpeername/SO_ORIGINAL_DST, and record
+/// connected UDP flows so the agent can terminate them when their backend leaves.
+#[inline(always)]
+pub fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
+    // SAFETY: the kernel hands a valid context.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let vip = read_dest(sa, family);
+    match translate(ctx, &vip, family) {
+        Verdict::Pass => ALLOW,
+        Verdict::Refuse => refuse(),
+        Verdict::Rewrite {
+            service_id,
+            backend_id,
+            backend,
+            passive,
+        } => {
+            let dest = write_backend(sa, &backend, family);
+            // Without state the connection still goes to the backend; only its reverse view
+            // (and, for UDP, its flow record, which could never be removed) is missing.
+            let Some(rev) = sock_rev(ctx) else {
+                return ALLOW;
+            };
+            // SAFETY: storage of this socket, which only this program run writes now (a socket
+            // connects under its lock).
+            let rev = unsafe { &mut *rev };
+            rev.peer = entry(
+                &as_socket_sees(&vip, family, sa.family),
+                &as_socket_sees(&dest, family, sa.family),
+            );
+            rev.has_peer = 1;
+            rev.service_id = service_id;
+            rev.backend_id = backend_id;
+            rev.observe = u32::from(passive || telemetry_on());
+            if udp::is_udp(sa.protocol) {
+                udp::record_flow(ctx, rev, service_id, backend_id);
+            }
+            ALLOW
+        }
+    }
+}
