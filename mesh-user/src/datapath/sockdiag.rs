@@ -863,6 +863,20 @@ mod tests {
         assert_eq!(targets.len(), 2);
         let gone_cookie = cookie(&gone);
         drop(gone);
+        // close() unhashes a UDP socket, but under load a dump can still see it for a moment:
+        // wait (bounded) until the kernel no longer lists it, so the destroy below meets a
+        // socket that is really gone.
+        for _ in 0..200 {
+            let still = sock
+                .dump_udp(libc::AF_INET as u8, None, |msg| {
+                    msg.id.cookie() == gone_cookie
+                })
+                .expect("dump");
+            if still.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
 
         let destroyed = destroy_all(&targets, |t| {
             let result = sock.destroy(t);
