@@ -104,7 +104,7 @@ fn run_steps(steps: &mut Steps, skip_lint: bool, extra: &[String]) -> Result<()>
     // Dropped at the end of this function, whatever happens after this line.
     let _redis = steps.run("start redis", || services::redis(REDIS_PORT))?;
     let e2e = steps.run("integration tests", || {
-        integration_tests(extra, image, &mut totals)
+        integration_tests(extra, image.as_deref(), &mut totals)
     });
     steps.totals = totals;
     e2e
@@ -112,7 +112,7 @@ fn run_steps(steps: &mut Steps, skip_lint: bool, extra: &[String]) -> Result<()>
 
 /// The image for the container test (tests/tests/deploy.rs), built when podman is installed;
 /// `None` (the test then skips and says why) when it is not.
-fn container_image() -> Result<Option<&'static str>> {
+fn container_image() -> Result<Option<String>> {
     if !image::podman_available() {
         println!(
             "xtask test: podman is not installed: not building the image; the container test \
@@ -120,8 +120,8 @@ fn container_image() -> Result<Option<&'static str>> {
         );
         return Ok(None);
     }
-    image::build_image()?;
-    Ok(Some(image::IMAGE))
+    // By id: another build on this machine may move the tag meanwhile.
+    image::build_image().map(Some)
 }
 
 fn integration_tests(extra: &[String], image: Option<&str>, totals: &mut TestTotals) -> Result<()> {
