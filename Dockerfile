@@ -16,6 +16,12 @@
 # registry, point them at local images, e.g. (what `cargo xtask image` does):
 #   podman build --isolation=chroot --target prebuilt \
 #     --build-arg BASE=localhost/debian:bookworm -t localhost/mesh:dev .
+# and for the default target (what `cargo xtask image --from-source` does, with a stand-in Rust
+# image made of the machine's toolchains, whose nightly is the floating `nightly`, and the
+# machine's CA store for the crate downloads):
+#   podman build --isolation=chroot --build-arg BASE=localhost/debian:bookworm \
+#     --build-arg RUST_IMAGE=localhost/mesh-rust:host --build-arg RUST_NIGHTLY=nightly \
+#     -v /etc/ssl/certs:/etc/ssl/certs:ro -t localhost/mesh:from-source .
 #
 # The binary links glibc dynamically: build it on (or for) Debian 12 / glibc 2.36 or older
 # when using `prebuilt`, so it runs on the bookworm runtime.
@@ -25,21 +31,30 @@ ARG RUST_IMAGE=docker.io/library/rust:1.95-bookworm
 
 # ---------------------------------------------------------------------------------------------
 FROM ${RUST_IMAGE} AS builder
-# A dated nightly whose LLVM major is 22 (bpf-linker's `llvm-22` feature must match it).
-ARG RUST_NIGHTLY=nightly-2026-05-19
+# The nightly the project builds with (rustc 1.97.0-nightly e50aa6fba 2026-05-19, LLVM 22):
+# its LLVM major must be 22, as bpf-linker is built with its `llvm-22` feature.
+ARG RUST_NIGHTLY=nightly-2026-05-20
 ARG LLVM_PREFIX=/usr/lib/llvm-22
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev libxml2-dev \
  && rm -rf /var/lib/apt/lists/*
 # mesh-user's build.rs (aya-build) runs `rustup run nightly cargo build ...` for the eBPF
-# crate: make the dated nightly answer to the name `nightly`, and check its LLVM major.
-RUN rustup toolchain install "${RUST_NIGHTLY}" --profile minimal --component rust-src \
- && host="$(rustc -vV | sed -n 's/^host: //p')" \
- && ln -sfn "${RUSTUP_HOME}/toolchains/${RUST_NIGHTLY}-${host}" \
-      "${RUSTUP_HOME}/toolchains/nightly-${host}" \
- && rustc +nightly -vV | grep -q '^LLVM version: 22\.' \
- || { echo "the nightly toolchain is missing or its LLVM is not 22" >&2; exit 1; }
+# crate: install the dated nightly (unless the base image has it) with rust-src, make it answer
+# to the name `nightly`, and check that its LLVM major is 22.
+RUN host="$(rustc -vV | sed -n 's/^host: //p')" \
+ && if ! rustup toolchain list | grep -q "^${RUST_NIGHTLY}-${host}"; then \
+      rustup toolchain install "${RUST_NIGHTLY}" --profile minimal --component rust-src; \
+    fi \
+ && if ! rustup component list --toolchain "${RUST_NIGHTLY}" --installed | grep -q '^rust-src'; then \
+      rustup component add rust-src --toolchain "${RUST_NIGHTLY}"; \
+    fi \
+ && if [ "${RUST_NIGHTLY}" != nightly ]; then \
+      ln -sfn "${RUSTUP_HOME}/toolchains/${RUST_NIGHTLY}-${host}" \
+        "${RUSTUP_HOME}/toolchains/nightly-${host}"; \
+    fi \
+ && { rustc +nightly -vV | grep -q '^LLVM version: 22\.' \
+      || { echo "the nightly toolchain is missing or its LLVM is not 22" >&2; exit 1; }; }
 RUN PATH="${LLVM_PREFIX}/bin:${PATH}" LLVM_SYS_221_PREFIX="${LLVM_PREFIX}" \
       cargo install bpf-linker --no-default-features --features llvm-22
 WORKDIR /src

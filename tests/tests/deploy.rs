@@ -190,7 +190,10 @@ fn udp_termination(
     let since = log.get(mark..).unwrap_or_default();
     let error_line = since
         .lines()
-        .find(|l| l.contains("ERROR") && l.contains("terminating connected UDP sockets"))
+        .find(|l| {
+            (l.contains("ERROR") || l.contains("WARN"))
+                && l.contains("terminating connected UDP sockets")
+        })
         .map(str::to_owned);
     eprintln!("deploy: UDP sockets that were on the removed backend: {on_u2:?}");
     let aborted = on_u2.get("err ECONNABORTED").copied().unwrap_or(0);

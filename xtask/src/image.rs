@@ -4,6 +4,10 @@
 //! runc only if missing, makes the base image only if it is missing, and podman's layer cache
 //! makes a rebuild of an unchanged binary cheap.
 //!
+//! `cargo xtask image --from-source` builds the Dockerfile's default target instead (mesh built
+//! inside the `builder` stage) as `localhost/mesh:from-source`, FROM a stand-in for the public
+//! Rust image made of this machine's own toolchains (none can be downloaded here).
+//!
 //! Why the odd flags (see also the README's "Install on a cluster"): no image registry is
 //! reachable, so the base image is made locally and passed as `--build-arg BASE=...`; this
 //! machine mounts cgroup v1 at /sys/fs/cgroup (hybrid), which podman's default runtime
@@ -23,6 +27,14 @@ use crate::util::{Run as _, cmd, mounts, target_dir, workspace_root};
 pub const IMAGE: &str = "localhost/mesh:dev";
 /// The local base image (Debian 12 minbase) the Dockerfile's `BASE` argument points at.
 pub const BASE_IMAGE: &str = "localhost/debian:bookworm";
+/// The stand-in for the Dockerfile's `RUST_IMAGE`: the base image plus this machine's stable
+/// and nightly toolchains, gcc and libc headers.
+pub const RUST_IMAGE: &str = "localhost/mesh-rust:host";
+/// What `--from-source` builds.
+pub const FROM_SOURCE_IMAGE: &str = "localhost/mesh:from-source";
+/// This machine's trust store, lent to builds that download crates: its TLS connections to the
+/// package registries are checked against a CA that only this store holds.
+const HOST_CERTS: &str = "/etc/ssl/certs:/etc/ssl/certs:ro";
 const SUITE: &str = "bookworm";
 const PACKAGES: &[&str] = &["podman", "debootstrap", "runc"];
 
@@ -30,7 +42,118 @@ const PACKAGES: &[&str] = &["podman", "debootstrap", "runc"];
 pub fn run() -> Result<()> {
     setup::run()?;
     build::build(Profile::Release)?;
-    build_image()
+    build_image().map(|_| ())
+}
+
+/// `--from-source`: the Dockerfile's default target, mesh built inside the `builder` stage.
+/// Takes several minutes (bpf-linker and mesh are compiled in the container).
+pub fn run_from_source() -> Result<()> {
+    setup::run()?;
+    setup::debian_packages(PACKAGES)?;
+    base_image()?;
+    rust_image()?;
+    cmd("podman", ["build", "--isolation=chroot", "--build-arg"])
+        .arg(format!("BASE={BASE_IMAGE}"))
+        .arg("--build-arg")
+        .arg(format!("RUST_IMAGE={RUST_IMAGE}"))
+        // The stand-in has the machine's floating nightly, not the Dockerfile's dated one.
+        .args(["--build-arg", "RUST_NIGHTLY=nightly", "-v", HOST_CERTS])
+        .args(["-t", FROM_SOURCE_IMAGE, "-f", "Dockerfile", "."])
+        .current_dir(workspace_root())
+        .stdin(Stdio::null())
+        .run()
+        .context("podman build (from source) failed")?;
+    println!("image: {FROM_SOURCE_IMAGE} built from source");
+    Ok(())
+}
+
+/// [`RUST_IMAGE`], made only if missing: this machine's `stable` and `nightly` toolchains
+/// (hard links into a build context when possible) and the rustup proxies.
+fn rust_image() -> Result<()> {
+    if image_exists(RUST_IMAGE) {
+        println!("image: {RUST_IMAGE} present");
+        return Ok(());
+    }
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    let from_env = |var: &str, default: &str| {
+        std::env::var_os(var)
+            .map(std::path::PathBuf::from)
+            .or_else(|| home.as_ref().map(|h| h.join(default)))
+            .with_context(|| format!("neither ${var} nor $HOME is set"))
+    };
+    let rustup_home = from_env("RUSTUP_HOME", ".rustup")?;
+    let cargo_home = from_env("CARGO_HOME", ".cargo")?;
+    let host = cmd("rustc", ["-vV"])
+        .stdout_if_ok()
+        .and_then(|v| {
+            v.lines()
+                .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+        })
+        .context("`rustc -vV` names no host")?;
+    let ctx = target_dir().join("image").join("rust-context");
+    remove_dir_if_present(&ctx)?;
+    let toolchains = ctx.join("rustup").join("toolchains");
+    let bin = ctx.join("cargo").join("bin");
+    for dir in [&toolchains, &bin] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    for channel in ["stable", "nightly"] {
+        let src = rustup_home
+            .join("toolchains")
+            .join(format!("{channel}-{host}"));
+        if !src.is_dir() {
+            bail!("toolchain {} not found", src.display());
+        }
+        let linked = cmd("cp", ["-al"]).arg(&src).arg(&toolchains).status();
+        if !linked.is_ok_and(|s| s.success()) {
+            cmd("cp", ["-a"])
+                .arg(&src)
+                .arg(&toolchains)
+                .run()
+                .with_context(|| format!("copying {}", src.display()))?;
+        }
+    }
+    std::fs::write(
+        ctx.join("rustup").join("settings.toml"),
+        format!("version = \"12\"\ndefault_toolchain = \"stable-{host}\"\nprofile = \"default\"\n"),
+    )?;
+    std::fs::copy(cargo_home.join("bin").join("rustup"), bin.join("rustup"))
+        .context("copying rustup")?;
+    for proxy in [
+        "cargo",
+        "rustc",
+        "rustdoc",
+        "rustfmt",
+        "cargo-fmt",
+        "cargo-clippy",
+        "clippy-driver",
+    ] {
+        std::os::unix::fs::symlink("rustup", bin.join(proxy))?;
+    }
+    std::fs::write(
+        ctx.join("Containerfile"),
+        format!(
+            "FROM {BASE_IMAGE}\n\
+             RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \\\n\
+             \x20   --no-install-recommends gcc libc6-dev pkg-config ca-certificates \\\n\
+             \x20&& rm -rf /var/lib/apt/lists/*\n\
+             COPY rustup /usr/local/rustup\n\
+             COPY cargo /usr/local/cargo\n\
+             ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo \\\n\
+             \x20   PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+        ),
+    )?;
+    println!("image: making {RUST_IMAGE} from this machine's toolchains (a few minutes, 3 GB)");
+    cmd(
+        "podman",
+        ["build", "--isolation=chroot", "-t", RUST_IMAGE, "-f"],
+    )
+    .arg(ctx.join("Containerfile"))
+    .arg(&ctx)
+    .stdin(Stdio::null())
+    .run()
+    .context("podman build of the Rust image failed")?;
+    remove_dir_if_present(&ctx)
 }
 
 /// Whether `podman` can be run (the container test runs only then).
@@ -39,8 +162,9 @@ pub fn podman_available() -> bool {
 }
 
 /// Installs what is missing, makes the base image if it is missing and builds [`IMAGE`] from
-/// the already built `target/release/mesh`.
-pub fn build_image() -> Result<()> {
+/// the already built `target/release/mesh`. Returns the image's id: the tag can be moved by
+/// any other build on this machine meanwhile (podman's image store is shared), the id cannot.
+pub fn build_image() -> Result<String> {
     setup::debian_packages(PACKAGES)?;
     base_image()?;
     let binary = build::bin(Profile::Release, "mesh");
@@ -60,6 +184,10 @@ pub fn build_image() -> Result<()> {
     if !binary.is_file() {
         bail!("{} was not built", binary.display());
     }
+    let iidfile = target_dir().join("image").join("mesh.iid");
+    std::fs::create_dir_all(iidfile.parent().expect("has a parent"))
+        .context("creating target/image")?;
+    let _ = std::fs::remove_file(&iidfile);
     cmd(
         "podman",
         [
@@ -73,11 +201,17 @@ pub fn build_image() -> Result<()> {
     .arg(format!("BASE={BASE_IMAGE}"))
     .arg("--build-arg")
     .arg(format!("MESH_BINARY={}", relative.display()))
+    .arg("--iidfile")
+    .arg(&iidfile)
     .args(["-t", IMAGE, "-f", "Dockerfile", "."])
     .current_dir(root)
     .stdin(Stdio::null())
     .run()
     .context("podman build failed")?;
+    let id = std::fs::read_to_string(&iidfile)
+        .with_context(|| format!("reading {}", iidfile.display()))?
+        .trim()
+        .to_owned();
     // The image's own smoke test: the binary starts in the runtime image.
     let version = cmd(
         "podman",
@@ -90,11 +224,11 @@ pub fn build_image() -> Result<()> {
         ],
     )
     .args(ulimit_args())
-    .args(["--network", "none", IMAGE, "--version"])
+    .args(["--network", "none", &id, "--version"])
     .stdout_if_ok()
-    .with_context(|| format!("`podman run --rm {IMAGE} --version` failed"))?;
-    println!("image: {IMAGE} built ({})", version.trim());
-    Ok(())
+    .with_context(|| format!("`podman run --rm {id} --version` failed"))?;
+    println!("image: {IMAGE} built, id {id} ({})", version.trim());
+    Ok(id)
 }
 
 /// `--ulimit` arguments that need no CAP_SYS_RESOURCE: podman's defaults (nofile 1048576)

@@ -59,7 +59,13 @@ enum Command {
     /// Setup, build `mesh`, then the container image `localhost/mesh:dev` from the Dockerfile
     /// (target `prebuilt`) with podman; installs podman, debootstrap and runc and makes the
     /// local Debian base image only if missing. Idempotent.
-    Image,
+    Image {
+        /// Build the Dockerfile's default target instead (mesh compiled inside the builder
+        /// stage, FROM a stand-in Rust image made of this machine's toolchains):
+        /// `localhost/mesh:from-source`. Several minutes.
+        #[arg(long)]
+        from_source: bool,
+    },
     /// Setup, then validate the Kubernetes manifests (deploy/kubernetes/*.yaml) with
     /// `kubernetes-validate --strict` against Kubernetes 1.33.
     Manifests,
@@ -90,7 +96,13 @@ fn main() -> ExitCode {
         }),
         Command::Run { args } => run::run(&args),
         Command::Test { skip_lint, args } => test::run(skip_lint, &args),
-        Command::Image => image::run(),
+        Command::Image { from_source } => {
+            if from_source {
+                image::run_from_source()
+            } else {
+                image::run()
+            }
+        }
         Command::Manifests => setup::run().and_then(|()| manifests::validate()),
         Command::Bench { quick } => bench::run(quick),
         Command::Cleanup => cleanup::run(),

@@ -136,7 +136,7 @@ fn run_steps(steps: &mut Steps, skip_lint: bool, extra: &[String]) -> Result<()>
     let redis_port = redis_port()?;
     let _redis = steps.run("start redis", || services::redis(redis_port))?;
     let e2e = steps.run("integration tests", || {
-        integration_tests(extra, redis_port, image, &mut totals)
+        integration_tests(extra, redis_port, image.as_deref(), &mut totals)
     });
     steps.totals = totals;
     e2e
@@ -144,7 +144,7 @@ fn run_steps(steps: &mut Steps, skip_lint: bool, extra: &[String]) -> Result<()>
 
 /// The image for the container test (tests/tests/deploy.rs), built when podman is installed;
 /// `None` (the test then skips and says why) when it is not.
-fn container_image() -> Result<Option<&'static str>> {
+fn container_image() -> Result<Option<String>> {
     if !image::podman_available() {
         println!(
             "xtask test: podman is not installed: not building the image; the container test \
@@ -152,8 +152,8 @@ fn container_image() -> Result<Option<&'static str>> {
         );
         return Ok(None);
     }
-    image::build_image()?;
-    Ok(Some(image::IMAGE))
+    // By id: another build on this machine may move the tag meanwhile.
+    image::build_image().map(Some)
 }
 
 fn integration_tests(
