@@ -689,6 +689,8 @@ fn bpftool_dumps_are_structured_json() {
         ("active", 524_288),
         ("passive", 524_288),
         ("slots", 1_048_576),
+        ("affinity", 65_536),
+        ("udp_flows", 65_536),
     ] {
         assert_eq!(
             map_max_entries(&env.bpffs, map),

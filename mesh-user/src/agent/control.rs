@@ -279,9 +279,7 @@ impl State {
             }
             Err(err) => {
                 self.parts.metrics.observe_reconcile(Duration::ZERO, false);
-                let pause = self
-                    .retry
-                    .map_or(RETRY_MIN, |(_, pause)| (pause * 2).min(RETRY_MAX));
+                let pause = next_retry(self.retry.map(|(_, pause)| pause));
                 error!(
                     generation,
                     retry_in_ms = pause.as_millis() as u64,
@@ -421,6 +419,11 @@ impl State {
     }
 }
 
+/// The pause before retrying a failed apply: 100 ms, doubling up to 5 s.
+fn next_retry(previous: Option<Duration>) -> Duration {
+    previous.map_or(RETRY_MIN, |pause| (pause * 2).min(RETRY_MAX))
+}
+
 fn health_targets(config: &Config) -> Vec<Target> {
     config
         .services
@@ -451,5 +454,22 @@ impl ControlHandle {
     /// False once the loop has stopped.
     pub fn send(&self, command: Command) -> bool {
         self.0.send(command).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_applies_are_retried_after_100ms_doubling_up_to_5s() {
+        let mut pause = None;
+        let mut seen = Vec::new();
+        for _ in 0..8 {
+            let next = next_retry(pause);
+            seen.push(next.as_millis());
+            pause = Some(next);
+        }
+        assert_eq!(seen, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
     }
 }

@@ -199,9 +199,14 @@ async fn readyz(State(endpoint): State<Arc<Endpoint>>) -> impl IntoResponse {
     }
 }
 
+/// The control loop counts as alive while its last turn is younger than `HEALTHZ_STALE`.
+fn is_live(age: Duration) -> bool {
+    age < HEALTHZ_STALE
+}
+
 async fn healthz(State(endpoint): State<Arc<Endpoint>>) -> impl IntoResponse {
     let age = endpoint.heartbeat.age();
-    if age < HEALTHZ_STALE {
+    if is_live(age) {
         (StatusCode::OK, "ok\n".to_owned())
     } else {
         (
@@ -217,6 +222,12 @@ async fn healthz(State(endpoint): State<Arc<Endpoint>>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn healthz_fails_after_10s_without_a_control_loop_turn() {
+        assert!(is_live(Duration::from_millis(9_999)));
+        assert!(!is_live(Duration::from_secs(10)));
+    }
 
     #[test]
     fn a_slow_render_finished_or_running_means_no_waiting() {
