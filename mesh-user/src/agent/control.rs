@@ -10,7 +10,7 @@
 //! differs. Each turn of the loop beats the heartbeat `/healthz` reports.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{
         Arc,
         mpsc::{Receiver, RecvTimeoutError, Sender},
@@ -22,13 +22,13 @@ use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, ConfigError, HealthKind},
-    desired::{DesiredState, apply_health},
+    config::{Config, ConfigError, HealthKind, ServiceConfig},
+    desired::{DesiredState, desired_with_health},
     health::{Health, HealthMonitor, Target, Transition},
     model::Vip,
     observe::{heartbeat::Heartbeat, metrics::AgentMetrics},
-    reconcile::Executor,
-    registry::{Listing, Outcome, Registry, SourceObserver as _, SourceUpdate, listing},
+    reconcile::{Executor, plan::Scope},
+    registry::{Changed, Listing, Outcome, Registry, SourceObserver as _, SourceUpdate, listing},
 };
 
 /// How often the kernel's connect-failure counters are read for passive detection.
@@ -61,7 +61,7 @@ pub struct ControlLoop {
     /// The merged registry by source, for the admin API: published after each change.
     pub published: watch::Sender<Listing>,
     /// Reads and validates the config file again (with the command-line overrides).
-    pub reload: Box<dyn Fn() -> Result<Config, ConfigError> + Send>,
+    pub reload: Box<dyn FnMut() -> Result<Config, ConfigError> + Send>,
     /// Where the file is, for messages.
     pub file_origin: String,
     pub resync_every: Duration,
@@ -75,7 +75,11 @@ pub struct ControlLoop {
 
 struct State {
     parts: ControlLoop,
-    merged: Config,
+    /// What the maps should hold, kept per service as the registry and health change.
+    desired: DesiredState,
+    /// Services whose desired state changed since the last successful apply: all the next
+    /// plan has to look at.
+    touched: BTreeSet<Vip>,
     names: BTreeMap<Vip, String>,
     passive_thresholds: BTreeMap<Vip, u32>,
     /// Bumped on every accepted registry change and health transition.
@@ -159,7 +163,8 @@ impl State {
     fn new(parts: ControlLoop) -> Self {
         let mut state = Self {
             parts,
-            merged: Config::default(),
+            desired: DesiredState::default(),
+            touched: BTreeSet::new(),
             names: BTreeMap::new(),
             passive_thresholds: BTreeMap::new(),
             desired_generation: 0,
@@ -170,7 +175,8 @@ impl State {
             reload_at: None,
             gauges_stale: true,
         };
-        state.registry_changed();
+        let everything = state.parts.registry.services().map(|s| s.vip()).collect();
+        state.registry_changed(everything);
         state
     }
 
@@ -180,8 +186,20 @@ impl State {
         for update in std::mem::take(&mut self.parts.initial) {
             self.source_update(update);
         }
-        self.update_health_targets();
         self.await_first_checks();
+        // The first checks answered while the loop waited: their services again.
+        let checked: BTreeSet<Vip> = self
+            .parts
+            .registry
+            .services()
+            .filter(|svc| {
+                svc.health
+                    .as_ref()
+                    .is_some_and(|h| h.kind != HealthKind::None)
+            })
+            .map(ServiceConfig::vip)
+            .collect();
+        self.refresh_desired(&checked);
         self.reconcile();
     }
 
@@ -191,10 +209,12 @@ impl State {
             Command::ReloadFile { settle: true } => {
                 self.reload_at = Some(Instant::now() + FILE_SETTLE);
             }
-            Command::ReloadFile { settle: false } => self.reload_file(),
+            // Now, but once for everything queued (a rename can be reported twice).
+            Command::ReloadFile { settle: false } => self.reload_at = Some(Instant::now()),
             Command::Health(transition) => {
                 self.parts.metrics.health_transition(&transition);
                 self.gauges_stale = true;
+                self.refresh_desired(&BTreeSet::from([transition.vip]));
                 self.desired_changed();
             }
             Command::Stop => {}
@@ -206,55 +226,56 @@ impl State {
         self.dirty = true;
     }
 
-    fn desired(&self) -> DesiredState {
-        let mut desired = DesiredState::from_config(&self.merged);
-        apply_health(&mut desired, &self.merged, |vip, addr| {
-            self.parts.health.health(vip, addr)
-        });
-        desired
+    /// Recomputes the desired state of the services at `vips` (health included).
+    fn refresh_desired(&mut self, vips: &BTreeSet<Vip>) {
+        for vip in vips {
+            self.touched.insert(*vip);
+            let Some(svc) = self.parts.registry.service(vip) else {
+                self.desired.services.remove(vip);
+                self.names.remove(vip);
+                self.passive_thresholds.remove(vip);
+                continue;
+            };
+            let health = &self.parts.health;
+            let want = desired_with_health(svc, |vip, addr| health.health(vip, addr));
+            self.desired.services.insert(*vip, want);
+            self.names.insert(*vip, svc.name.clone());
+            match svc.health.as_ref() {
+                Some(check) if check.kind != HealthKind::None && check.passive_failures > 0 => {
+                    self.passive_thresholds.insert(*vip, check.passive_failures)
+                }
+                _ => self.passive_thresholds.remove(vip),
+            };
+        }
     }
 
-    /// Recomputes the views of the merged registry after it changed.
-    fn registry_changed(&mut self) {
-        self.merged = self.parts.registry.merged();
-        self.names = self
-            .merged
-            .services
-            .iter()
-            .map(|svc| (svc.vip(), svc.name.clone()))
-            .collect();
-        self.passive_thresholds = self
-            .merged
-            .services
-            .iter()
-            .filter_map(|svc| {
-                let check = svc.health.as_ref()?;
-                (check.kind != HealthKind::None && check.passive_failures > 0)
-                    .then(|| (svc.vip(), check.passive_failures))
-            })
-            .collect();
+    /// Brings the views of the registry up to date after the services at `changed` did.
+    fn registry_changed(&mut self, changed: Changed) {
         // The admin API lists what is now in force.
         self.parts
             .published
             .send_replace(listing(&self.parts.registry));
-        self.update_health_targets();
+        self.update_health_targets(&changed);
+        self.refresh_desired(&changed);
         self.desired_changed();
     }
 
     fn reconcile(&mut self) {
-        let desired = self.desired();
         let generation = self.desired_generation;
         self.dirty = false;
-        match self.parts.executor.apply(&desired) {
+        let scope = Scope::Only(&self.touched);
+        match self.parts.executor.apply(&self.desired, scope) {
             Ok(report) => {
+                self.touched.clear();
                 self.parts.metrics.observe_reconcile(report.took, true);
                 self.parts
                     .metrics
                     .udp_flows_terminated(report.udp_terminated);
+                let services = self.desired.services.len();
                 if report.writes > 0 {
                     info!(
                         writes = report.writes,
-                        services = desired.services.len(),
+                        services,
                         generation,
                         took_ms = report.took.as_secs_f64() * 1e3,
                         "applied"
@@ -271,10 +292,7 @@ impl State {
                     }
                     self.parts.heartbeat.set_ready();
                     self.parts.metrics.set_ready(true);
-                    info!(
-                        services = desired.services.len(),
-                        "first state applied: ready"
-                    );
+                    info!(services, "first state applied: ready");
                 }
             }
             Err(err) => {
@@ -318,8 +336,8 @@ impl State {
     fn source_update(&mut self, update: SourceUpdate) {
         let source = update.source;
         match self.parts.registry.replace(source, update.services) {
-            Ok(()) => {
-                self.registry_changed();
+            Ok(changed) => {
+                self.registry_changed(changed);
                 if let Some(reply) = update.reply {
                     self.pending.push(reply);
                 }
@@ -347,7 +365,7 @@ impl State {
         config.agent = running;
         let origin = self.parts.file_origin.clone();
         match self.parts.registry.replace_file(config, &origin) {
-            Ok(()) => self.registry_changed(),
+            Ok(changed) => self.registry_changed(changed),
             Err(err) => self.rejected("config edit", &err.to_string()),
         }
     }
@@ -359,11 +377,14 @@ impl State {
         error!("{what} rejected, the running services stay in force: {reasons}");
     }
 
-    /// Points the health checks at the backends of the merged registry.
-    fn update_health_targets(&mut self) {
-        let targets = health_targets(&self.merged);
-        let active = self.parts.executor.active_backends();
-        self.parts.health.set_targets(targets, &active);
+    /// Points the health checks of the services at `vips` at their backends.
+    fn update_health_targets(&mut self, vips: &BTreeSet<Vip>) {
+        let registry = &self.parts.registry;
+        let targets = health_targets(vips.iter().filter_map(|vip| registry.service(vip)));
+        let executor = &self.parts.executor;
+        self.parts
+            .health
+            .set_targets_of(vips, targets, |(vip, addr)| executor.is_active(vip, addr));
     }
 
     /// At a fresh start nothing is known about checked backends, and unknown backends get no
@@ -372,9 +393,9 @@ impl State {
     /// check's timeout.
     fn await_first_checks(&self) {
         let longest = self
-            .merged
-            .services
-            .iter()
+            .parts
+            .registry
+            .services()
             .filter_map(|svc| svc.health.as_ref())
             .filter(|check| check.kind != HealthKind::None)
             .map(|check| check.timeout)
@@ -407,6 +428,8 @@ impl State {
             );
         }
         if !failing.is_empty() {
+            let vips = failing.iter().map(|(vip, _, _)| *vip).collect();
+            self.refresh_desired(&vips);
             self.desired_changed();
             self.reconcile();
         }
@@ -424,10 +447,8 @@ fn next_retry(previous: Option<Duration>) -> Duration {
     previous.map_or(RETRY_MIN, |pause| (pause * 2).min(RETRY_MAX))
 }
 
-fn health_targets(config: &Config) -> Vec<Target> {
-    config
-        .services
-        .iter()
+fn health_targets<'a>(services: impl Iterator<Item = &'a ServiceConfig>) -> Vec<Target> {
+    services
         .filter_map(|svc| {
             let check = svc.health.as_ref()?;
             Some(

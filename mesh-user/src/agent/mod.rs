@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 
 use self::control::{Command, ControlHandle, ControlLoop};
 use crate::{
-    config::{self, Config, KernelLog},
+    config::{self, Config, KernelLog, Reparser},
     datapath::{self, Datapath, LoadOptions, PinsLock, system},
     health::HealthMonitor,
     observe::{heartbeat::Heartbeat, http, metrics::AgentMetrics},
@@ -51,7 +51,25 @@ pub struct AgentArgs {
 
 impl AgentArgs {
     fn load_config(&self) -> Result<Config, config::ConfigError> {
-        let mut config = config::load(&self.config)?;
+        let config = config::load(&self.config)?;
+        Ok(self.overridden(config))
+    }
+
+    /// The file again after an edit: only its changed services are parsed, and the registry
+    /// validates what changed.
+    fn reload_config(&self, reparser: &mut Reparser) -> Result<Config, config::ConfigError> {
+        let origin = self.config.display().to_string();
+        let text =
+            std::fs::read_to_string(&self.config).map_err(|source| config::ConfigError::Read {
+                origin: origin.clone(),
+                source,
+            })?;
+        let config = reparser.parse(text, &origin)?;
+        Ok(self.overridden(config))
+    }
+
+    /// The command line's settings override the file's.
+    fn overridden(&self, mut config: Config) -> Config {
         if let Some(bpffs) = &self.bpffs {
             config.agent.bpffs = bpffs.clone();
         }
@@ -61,7 +79,7 @@ impl AgentArgs {
         if let Some(metrics) = self.metrics {
             config.agent.metrics = metrics;
         }
-        Ok(config)
+        config
     }
 }
 
@@ -184,8 +202,8 @@ async fn serve(args: AgentArgs, config: Config, started: Started) -> anyhow::Res
         }
     });
     let forward = control.clone();
-    let _watcher = file::watch(&args.config, move || {
-        forward.send(Command::ReloadFile { settle: true });
+    let _watcher = file::watch(&args.config, move |complete| {
+        forward.send(Command::ReloadFile { settle: !complete });
     })?;
 
     let reload_args = args.clone();
@@ -197,7 +215,10 @@ async fn serve(args: AgentArgs, config: Config, started: Started) -> anyhow::Res
         metrics: metrics.clone(),
         heartbeat: heartbeat.clone(),
         published,
-        reload: Box::new(move || reload_args.load_config()),
+        reload: {
+            let mut reparser = Reparser::default();
+            Box::new(move || reload_args.reload_config(&mut reparser))
+        },
         file_origin: args.config.display().to_string(),
         resync_every: agent_config.resync,
         initial,

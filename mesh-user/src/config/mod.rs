@@ -15,11 +15,13 @@ use mesh_common::{
 };
 use serde::{Deserialize, Serialize};
 
+mod reparse;
 mod validate;
 
 use crate::model::Vip;
 
-pub use validate::ConfigError;
+pub use reparse::Reparser;
+pub use validate::{ConfigError, Usage, distinct_backends, service_slots};
 
 /// The whole config file.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -206,8 +206,8 @@ impl Config {
         let mut total_slots: u64 = 0;
         for (i, svc) in self.services.iter().enumerate() {
             svc.check(i, &mut p);
-            self.check_vip_range(i, svc, &mut p);
-            total_slots += u64::from(mesh_common::capacity::slot_count(&valid_weights(svc)));
+            check_vip_range(&self.agent.vip_ranges, i, svc, &mut p);
+            total_slots += service_slots(svc);
         }
         self.check_unique(&mut p);
         self.check_capacity(total_slots, &mut p);
@@ -219,26 +219,6 @@ impl Config {
                 problems: p.0,
             })
         }
-    }
-
-    /// A VIP outside `[agent] vip_ranges` would let a registry writer take over an address the
-    /// node's processes really mean to reach.
-    fn check_vip_range(&self, i: usize, svc: &ServiceConfig, p: &mut Problems) {
-        let ranges = &self.agent.vip_ranges;
-        if ranges.is_empty() || ranges.iter().any(|r| r.contains(&svc.vip.ip())) {
-            return;
-        }
-        let listed = ranges
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
-        p.service(
-            i,
-            svc,
-            "vip",
-            format!("{} is outside [agent] vip_ranges ({listed})", svc.vip.ip()),
-        );
     }
 
     /// Names and (vip, protocol) pairs are keys in the agent's state and the services map.
@@ -273,61 +253,123 @@ impl Config {
     }
 
     /// The whole config must fit in the maps sized by `[agent.limits]`.
-    /// The whole config must fit in the maps sized by `[agent.limits]`, also while it replaces
-    /// another one: during an update the entries of the old state stay until the new ones are
-    /// written (new ids are never an old one's), so every id space and map needs room for two
-    /// registries. The full backend set gives a service's longest slot layout (a subset's gcd is
-    /// a multiple of the full set's), so health changes never need more than this.
     fn check_capacity(&self, total_slots: u64, p: &mut Problems) {
-        let limits = &self.agent.limits;
-        let services = self.services.len() as u64;
-        // Backends are shared between services, so only distinct addresses take an entry.
-        let backends = self
-            .services
-            .iter()
-            .flat_map(|s| s.backends.iter().map(|b| b.addr))
-            .collect::<BTreeSet<_>>()
-            .len() as u64;
-        // Per-(service, backend) maps: a backend shared by services takes an entry in each.
-        let pairs = self
-            .services
-            .iter()
-            .map(|s| {
-                s.backends
-                    .iter()
-                    .map(|b| b.addr)
-                    .collect::<BTreeSet<_>>()
-                    .len() as u64
-            })
-            .sum::<u64>();
+        let usage = Usage {
+            services: self.services.len() as u64,
+            // Backends are shared between services, so only distinct addresses take an entry.
+            backends: self
+                .services
+                .iter()
+                .flat_map(|s| s.backends.iter().map(|b| b.addr))
+                .collect::<BTreeSet<_>>()
+                .len() as u64,
+            // Per-(service, backend) maps: a backend shared by services takes an entry in each.
+            pairs: self
+                .services
+                .iter()
+                .map(|s| distinct_backends(s).len() as u64)
+                .sum::<u64>(),
+            slots: total_slots,
+        };
+        self.agent.limits.check_usage(&usage, p);
+    }
+}
+
+/// A VIP outside `[agent] vip_ranges` would let a registry writer take over an address the
+/// node's processes really mean to reach.
+fn check_vip_range(ranges: &[ipnet::IpNet], i: usize, svc: &ServiceConfig, p: &mut Problems) {
+    if ranges.is_empty() || ranges.iter().any(|r| r.contains(&svc.vip.ip())) {
+        return;
+    }
+    let listed = ranges
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    p.service(
+        i,
+        svc,
+        "vip",
+        format!("{} is outside [agent] vip_ranges ({listed})", svc.vip.ip()),
+    );
+}
+
+/// What a set of services takes in the maps, as the capacity check counts it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub services: u64,
+    /// Distinct backend addresses.
+    pub backends: u64,
+    /// (service, backend) pairs.
+    pub pairs: u64,
+    /// Round-robin slots.
+    pub slots: u64,
+}
+
+/// A service's distinct backend addresses.
+pub fn distinct_backends(svc: &ServiceConfig) -> BTreeSet<SocketAddr> {
+    svc.backends.iter().map(|b| b.addr).collect()
+}
+
+/// The round-robin slots a service's weights need (weights out of range left out, as the
+/// whole-config check does).
+pub fn service_slots(svc: &ServiceConfig) -> u64 {
+    u64::from(mesh_common::capacity::slot_count(&valid_weights(svc)))
+}
+
+impl AgentConfig {
+    /// Whether `svc` passes every check that looks at it alone (its fields and
+    /// `vip_ranges`); what it shares with other services (names, VIPs, capacity) is not
+    /// looked at.
+    pub fn service_is_valid(&self, svc: &ServiceConfig) -> bool {
+        let mut p = Problems::default();
+        svc.check(0, &mut p);
+        check_vip_range(&self.vip_ranges, 0, svc, &mut p);
+        p.0.is_empty()
+    }
+}
+
+impl Limits {
+    /// Whether the maps hold `usage`, also while it replaces another registry.
+    pub fn holds(&self, usage: &Usage) -> bool {
+        let mut p = Problems::default();
+        self.check_usage(usage, &mut p);
+        p.0.is_empty()
+    }
+
+    /// During an update the entries of the old state stay until the new ones are written (new
+    /// ids are never an old one's), so every id space and map needs room for two registries.
+    /// The full backend set gives a service's longest slot layout (a subset's gcd is a
+    /// multiple of the full set's), so health changes never need more than this.
+    fn check_usage(&self, usage: &Usage, p: &mut Problems) {
         // Id 0 is reserved in the services and backends maps, hence the +1.
         for (field, limit, what, count, reserved) in [
             (
                 "agent.limits.max_services",
-                limits.max_services,
+                self.max_services,
                 "services",
-                services,
+                usage.services,
                 1,
             ),
             (
                 "agent.limits.max_backends",
-                limits.max_backends,
+                self.max_backends,
                 "distinct backend addresses",
-                backends,
+                usage.backends,
                 1,
             ),
             (
                 "agent.limits.max_service_backends",
-                limits.max_service_backends,
+                self.max_service_backends,
                 "(service, backend) pairs",
-                pairs,
+                usage.pairs,
                 0,
             ),
             (
                 "agent.limits.max_slots",
-                limits.max_slots,
+                self.max_slots,
                 "round-robin slots",
-                total_slots,
+                usage.slots,
                 0,
             ),
         ] {

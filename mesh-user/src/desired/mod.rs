@@ -7,8 +7,11 @@ use mesh_common::{SVC_F_AFFINITY, SVC_F_PASSIVE, SVC_F_REJECT_EMPTY};
 
 pub mod slots;
 
+#[cfg(test)]
+use crate::config::Config;
+
 use crate::{
-    config::{AllUnhealthy, Config, EmptyPolicy, HealthKind, ServiceConfig},
+    config::{AllUnhealthy, EmptyPolicy, HealthKind, ServiceConfig},
     health::Health,
     model::Vip,
 };
@@ -52,6 +55,7 @@ pub struct DesiredState {
 }
 
 impl DesiredState {
+    #[cfg(test)]
     /// The state the registry asks for, with every non-draining backend active. Health checks
     /// then deactivate members (see `health`).
     pub fn from_config(config: &Config) -> Self {
@@ -98,6 +102,17 @@ fn desired_service(svc: &ServiceConfig) -> DesiredService {
     }
 }
 
+/// One service as the data path should hold it: the registry's view with health applied.
+pub fn desired_with_health(
+    svc: &ServiceConfig,
+    health: impl Fn(&Vip, &SocketAddr) -> Health,
+) -> DesiredService {
+    let mut want = desired_service(svc);
+    service_health(&mut want, svc, health);
+    want
+}
+
+#[cfg(test)]
 /// Takes backends that are not known healthy out of rotation. When every candidate of a
 /// service has failed its checks, `all_unhealthy` decides: fail-open keeps all non-draining
 /// backends, fail-closed leaves none. Backends without a result yet (just added, or the agent
@@ -108,27 +123,33 @@ pub fn apply_health(
     health: impl Fn(&Vip, &SocketAddr) -> Health,
 ) {
     for svc in &config.services {
-        let Some(check) = svc.health.as_ref().filter(|h| h.kind != HealthKind::None) else {
-            continue;
-        };
-        let vip = svc.vip();
-        let Some(want) = desired.services.get_mut(&vip) else {
-            continue;
-        };
-        let states: Vec<Option<Health>> = want
-            .members
-            .iter()
-            .map(|m| m.active.then(|| health(&vip, &m.addr)))
-            .collect();
-        let candidates: Vec<Health> = states.iter().flatten().copied().collect();
-        let all_failing =
-            !candidates.is_empty() && candidates.iter().all(|&h| h == Health::Unhealthy);
-        if all_failing && check.all_unhealthy == AllUnhealthy::FailOpen {
-            continue;
+        if let Some(want) = desired.services.get_mut(&svc.vip()) {
+            service_health(want, svc, &health);
         }
-        for (member, state) in want.members.iter_mut().zip(states) {
-            member.active = state == Some(Health::Healthy);
-        }
+    }
+}
+
+fn service_health(
+    want: &mut DesiredService,
+    svc: &ServiceConfig,
+    health: impl Fn(&Vip, &SocketAddr) -> Health,
+) {
+    let Some(check) = svc.health.as_ref().filter(|h| h.kind != HealthKind::None) else {
+        return;
+    };
+    let vip = svc.vip();
+    let states: Vec<Option<Health>> = want
+        .members
+        .iter()
+        .map(|m| m.active.then(|| health(&vip, &m.addr)))
+        .collect();
+    let candidates: Vec<Health> = states.iter().flatten().copied().collect();
+    let all_failing = !candidates.is_empty() && candidates.iter().all(|&h| h == Health::Unhealthy);
+    if all_failing && check.all_unhealthy == AllUnhealthy::FailOpen {
+        return;
+    }
+    for (member, state) in want.members.iter_mut().zip(states) {
+        member.active = state == Some(Health::Healthy);
     }
 }
 

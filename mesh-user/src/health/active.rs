@@ -200,6 +200,7 @@ impl HealthMonitor {
             .unwrap_or_else(PoisonError::into_inner) = Some(observer);
     }
 
+    #[cfg(test)]
     /// Replaces the set of targets (the last one wins if a (vip, backend) appears twice).
     ///
     /// - Unchanged targets keep their state and running task.
@@ -211,7 +212,29 @@ impl HealthMonitor {
     /// - `type = "none"` targets are `Healthy`, without a task.
     ///
     /// Sends no events: the caller reads `health` for the states it has just set.
-    pub fn set_targets(&mut self, targets: Vec<Target>, initially_healthy: &BTreeSet<Key>) {
+    pub fn set_targets(&mut self, targets: Vec<Target>, initially_healthy: impl Fn(&Key) -> bool) {
+        self.retarget(|_| true, targets, initially_healthy);
+    }
+
+    /// `set_targets` for the services at `vips` only: the targets of every other service
+    /// are left as they are.
+    pub fn set_targets_of(
+        &mut self,
+        vips: &BTreeSet<Vip>,
+        targets: Vec<Target>,
+        initially_healthy: impl Fn(&Key) -> bool,
+    ) {
+        self.retarget(|vip| vips.contains(vip), targets, initially_healthy);
+    }
+
+    /// Stops the checks of targets at VIPs `in_scope` accepts that `targets` no longer lists,
+    /// and starts (or restarts, when the check changed) those it lists.
+    fn retarget(
+        &mut self,
+        in_scope: impl Fn(&Vip) -> bool,
+        targets: Vec<Target>,
+        initially_healthy: impl Fn(&Key) -> bool,
+    ) {
         let wanted: BTreeMap<Key, HealthConfig> = targets
             .into_iter()
             .map(|t| ((t.vip, t.backend), t.check))
@@ -219,7 +242,7 @@ impl HealthMonitor {
         let gone: Vec<Key> = self
             .targets
             .keys()
-            .filter(|key| !wanted.contains_key(key))
+            .filter(|key| in_scope(&key.0) && !wanted.contains_key(key))
             .copied()
             .collect();
         for key in gone {
@@ -235,7 +258,7 @@ impl HealthMonitor {
                     continue;
                 }
                 Some(changed) => changed.retire(),
-                None if initially_healthy.contains(&key) => Health::Healthy,
+                None if initially_healthy(&key) => Health::Healthy,
                 None => Health::Unknown,
             };
             let checked = self.start(key, check, health);
@@ -881,10 +904,9 @@ mod tests {
         let backend = server.addr;
         let (mut mon, mut events) = monitor(4);
         let outcomes = record_outcomes(&mut mon);
-        mon.set_targets(
-            vec![target(vip(80), backend, check.clone())],
-            &BTreeSet::new(),
-        );
+        mon.set_targets(vec![target(vip(80), backend, check.clone())], |_: &Key| {
+            false
+        });
 
         let up = next_transition(&mut events).await;
         assert_eq!((up.from, up.to), (Health::Unknown, Health::Healthy));
@@ -923,7 +945,7 @@ mod tests {
         let mut check = http(30, 2, 2);
         check.path = "/ready".to_owned();
         let (mut mon, mut events) = monitor(4);
-        mon.set_targets(vec![target(vip(80), backend, check)], &BTreeSet::new());
+        mon.set_targets(vec![target(vip(80), backend, check)], |_: &Key| false);
 
         let up = next_transition(&mut events).await;
         assert_eq!((up.from, up.to), (Health::Unknown, Health::Healthy));
@@ -963,7 +985,7 @@ mod tests {
                 target(vip(80), backend, strict),
                 target(vip(81), backend, http(30, 2, 2)),
             ],
-            &BTreeSet::new(),
+            |_: &Key| false,
         );
         let mut seen = BTreeMap::new();
         while seen.len() < 2 {
@@ -987,7 +1009,7 @@ mod tests {
         };
         let (mut mon, mut events) = monitor(4);
         let outcomes = record_outcomes(&mut mon);
-        mon.set_targets(vec![target(vip(80), backend, check)], &BTreeSet::new());
+        mon.set_targets(vec![target(vip(80), backend, check)], |_: &Key| false);
         let down = next_transition(&mut events).await;
         assert_eq!((down.from, down.to), (Health::Unknown, Health::Unhealthy));
         assert_eq!(down.reason, "timeout after 50ms");
@@ -1003,7 +1025,7 @@ mod tests {
         // A long interval: the first check comes within one interval, the second much later.
         mon.set_targets(
             vec![target(vip(80), server.addr, tcp(300, 5, 3))],
-            &BTreeSet::new(),
+            |_: &Key| false,
         );
         assert_eq!(mon.health(&vip(80), &server.addr), Health::Unknown);
         let up = next_transition(&mut events).await;
@@ -1021,7 +1043,9 @@ mod tests {
         free.stop().await;
         let (mut mon, mut events) = monitor(4);
         let adopted = BTreeSet::from([(vip(80), backend)]);
-        mon.set_targets(vec![target(vip(80), backend, tcp(30, 2, 2))], &adopted);
+        mon.set_targets(vec![target(vip(80), backend, tcp(30, 2, 2))], |k: &Key| {
+            adopted.contains(k)
+        });
         assert_eq!(mon.health(&vip(80), &backend), Health::Healthy);
         let down = next_transition(&mut events).await;
         assert_eq!((down.from, down.to), (Health::Healthy, Health::Unhealthy));
@@ -1036,7 +1060,7 @@ mod tests {
             kind: HealthKind::None,
             ..tcp(20, 2, 2)
         };
-        mon.set_targets(vec![target(vip(80), server.addr, none)], &BTreeSet::new());
+        mon.set_targets(vec![target(vip(80), server.addr, none)], |_: &Key| false);
         assert_eq!(mon.health(&vip(80), &server.addr), Health::Healthy);
         mon.force_unhealthy(&vip(80), &server.addr, "ignored");
         no_transition(&mut events, Duration::from_millis(200)).await;
@@ -1049,13 +1073,12 @@ mod tests {
         let server = TcpServer::start(SocketAddr::from(([127, 0, 0, 1], 0)));
         let backend = server.addr;
         let (mut mon, mut events) = monitor(4);
-        mon.set_targets(
-            vec![target(vip(80), backend, tcp(20, 2, 2))],
-            &BTreeSet::new(),
-        );
+        mon.set_targets(vec![target(vip(80), backend, tcp(20, 2, 2))], |_: &Key| {
+            false
+        });
         next_transition(&mut events).await;
 
-        mon.set_targets(Vec::new(), &BTreeSet::new());
+        mon.set_targets(Vec::new(), |_: &Key| false);
         assert_eq!(mon.health(&vip(80), &backend), Health::Unknown);
         assert_eq!(mon.snapshot(), []);
         // Grace period for a check that was already connecting.
@@ -1071,16 +1094,15 @@ mod tests {
         let backend = server.addr;
         let (mut mon, mut events) = monitor(4);
         let targets = vec![target(vip(80), backend, tcp(20, 2, 2))];
-        mon.set_targets(targets.clone(), &BTreeSet::new());
+        mon.set_targets(targets.clone(), |_: &Key| false);
         next_transition(&mut events).await;
         // Re-setting the same targets (even without `initially_healthy`) changes nothing.
-        mon.set_targets(targets, &BTreeSet::new());
+        mon.set_targets(targets, |_: &Key| false);
         assert_eq!(mon.health(&vip(80), &backend), Health::Healthy);
         // A changed check config restarts the task but carries the health over.
-        mon.set_targets(
-            vec![target(vip(80), backend, tcp(25, 2, 2))],
-            &BTreeSet::new(),
-        );
+        mon.set_targets(vec![target(vip(80), backend, tcp(25, 2, 2))], |_: &Key| {
+            false
+        });
         assert_eq!(mon.health(&vip(80), &backend), Health::Healthy);
         no_transition(&mut events, Duration::from_millis(200)).await;
     }
@@ -1092,7 +1114,7 @@ mod tests {
         let targets = (0..5)
             .map(|i| target(vip(80 + i), server.addr, tcp(20, 2, 2)))
             .collect();
-        mon.set_targets(targets, &BTreeSet::new());
+        mon.set_targets(targets, |_: &Key| false);
         eventually("five checks", || server.accepted() >= 5).await;
         drop(mon);
         sleep(Duration::from_millis(100)).await;
@@ -1116,7 +1138,7 @@ mod tests {
         let targets = (0..50)
             .map(|i| target(vip(1000 + i), server.addr, check.clone()))
             .collect();
-        mon.set_targets(targets, &BTreeSet::new());
+        mon.set_targets(targets, |_: &Key| false);
         eventually("100 checks", || {
             server.accepted.load(Ordering::SeqCst) >= 100
         })
@@ -1147,7 +1169,7 @@ mod tests {
         let outcomes = record_outcomes(&mut mon);
         mon.set_targets(
             vec![target(vip(80), backend, tcp(20, rise, 2))],
-            &BTreeSet::new(),
+            |_: &Key| false,
         );
         next_transition(&mut events).await;
 
@@ -1186,10 +1208,9 @@ mod tests {
         let backend = free.addr;
         free.stop().await;
         let (mut mon, mut events) = monitor(4);
-        mon.set_targets(
-            vec![target(vip(80), backend, tcp(20, 2, 4))],
-            &BTreeSet::new(),
-        );
+        mon.set_targets(vec![target(vip(80), backend, tcp(20, 2, 4))], |_: &Key| {
+            false
+        });
         next_transition(&mut events).await;
         let (_, _, health, failures) = mon.snapshot()[0];
         assert_eq!(health, Health::Unhealthy);

@@ -70,6 +70,31 @@ pub struct Applied {
     /// id is not reused while sockets made with it may still be open.
     pub next_service_id: u32,
     pub next_backend_id: u32,
+    /// Backend id -> (address, how many services name it as a member or in a slot set): a
+    /// plan that looks at a few services can tell whether a backend is still needed.
+    by_id: BTreeMap<u32, (SocketAddr, u32)>,
+}
+
+/// What a plan changes in the model once its writes are done (see `Applied::patch`).
+#[derive(Clone, Debug, Default)]
+pub struct Patch {
+    /// Services replaced (`Some`) or removed (`None`).
+    pub services: Vec<(Vip, Option<AppliedService>)>,
+    pub backends_added: Vec<(SocketAddr, u32)>,
+    pub backends_removed: Vec<u32>,
+    pub next_service_id: u32,
+    pub next_backend_id: u32,
+}
+
+/// The backend ids a service names: its members and every slot of its slot sets.
+pub fn named_backends(svc: &AppliedService) -> BTreeSet<u32> {
+    let slots = svc.slot_sets().flat_map(|set| set.backends.iter().copied());
+    svc.members
+        .iter()
+        .copied()
+        .chain(slots)
+        .filter(|&id| id != 0)
+        .collect()
 }
 
 /// The exact entries of the maps the agent owns.
@@ -86,10 +111,74 @@ pub struct Entries {
 impl Applied {
     /// Backend id -> address.
     pub fn backend_addrs(&self) -> BTreeMap<u32, SocketAddr> {
-        self.backends
+        self.by_id
             .iter()
-            .map(|(&addr, &id)| (id, addr))
+            .map(|(&id, &(addr, _))| (id, addr))
             .collect()
+    }
+
+    /// How many services name backend `id` (0 for an entry nothing names any more).
+    pub fn users_of(&self, id: u32) -> u32 {
+        self.by_id.get(&id).map_or(0, |&(_, users)| users)
+    }
+
+    /// Backend ids with an entry that no service names.
+    pub fn unnamed_backends(&self) -> impl Iterator<Item = u32> + '_ {
+        self.by_id
+            .iter()
+            .filter(|(_, (_, users))| *users == 0)
+            .map(|(&id, _)| id)
+    }
+
+    pub fn service_ids(&self) -> BTreeSet<u32> {
+        self.services.values().map(|s| s.id).collect()
+    }
+
+    pub fn backend_ids(&self) -> BTreeSet<u32> {
+        self.by_id.keys().copied().collect()
+    }
+
+    /// The model once a plan's writes are done: only the services and backends it changed are
+    /// touched.
+    pub fn patch(&mut self, patch: Patch) {
+        for (addr, id) in patch.backends_added {
+            self.backends.insert(addr, id);
+            self.by_id.insert(id, (addr, 0));
+        }
+        for (vip, service) in patch.services {
+            if let Some(old) = self.services.remove(&vip) {
+                self.count_users(&old, false);
+            }
+            if let Some(service) = service {
+                self.count_users(&service, true);
+                self.services.insert(vip, service);
+            }
+        }
+        for id in patch.backends_removed {
+            if let Some((addr, _)) = self.by_id.remove(&id)
+                && self.backends.get(&addr) == Some(&id)
+            {
+                self.backends.remove(&addr);
+            }
+        }
+        self.next_service_id = patch.next_service_id;
+        self.next_backend_id = patch.next_backend_id;
+    }
+
+    fn count_users(&mut self, svc: &AppliedService, add: bool) {
+        self.count_ids(named_backends(svc), add);
+    }
+
+    fn count_ids(&mut self, ids: BTreeSet<u32>, add: bool) {
+        for id in ids {
+            if let Some((_, users)) = self.by_id.get_mut(&id) {
+                *users = if add {
+                    *users + 1
+                } else {
+                    users.saturating_sub(1)
+                };
+            }
+        }
     }
 
     /// The map entries this state implies.
@@ -128,6 +217,11 @@ impl Applied {
                 .backends
                 .iter()
                 .map(|(&id, &addr)| (addr, id))
+                .collect(),
+            by_id: snap
+                .backends
+                .iter()
+                .map(|(&id, &addr)| (id, (addr, 0)))
                 .collect(),
             next_service_id: snap.settings.next_service_id,
             next_backend_id: snap.settings.next_backend_id,
@@ -168,6 +262,10 @@ impl Applied {
                     active,
                 },
             );
+        }
+        let named: Vec<BTreeSet<u32>> = applied.services.values().map(named_backends).collect();
+        for ids in named {
+            applied.count_ids(ids, true);
         }
         // Ids must move past everything in use even if the saved cursors are older.
         let max_service = applied.services.values().map(|s| s.id).max().unwrap_or(0);

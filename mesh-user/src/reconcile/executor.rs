@@ -2,7 +2,7 @@
 //! and netlink never block the async runtime).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::SocketAddr,
     time::{Duration, Instant},
 };
@@ -12,7 +12,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{
     applied::{Applied, pair},
-    plan::plan,
+    plan::{Scope, plan_scoped},
     repair::{count_by_map, repair},
 };
 use crate::{
@@ -35,6 +35,9 @@ pub struct Executor {
     applied: Applied,
     limits: Limits,
     settings_flags: u32,
+    /// The model was read back from the maps (adopted, or after a failed write): the next plan
+    /// looks at every service, whatever the caller says changed.
+    plan_all: bool,
 }
 
 impl Executor {
@@ -56,6 +59,7 @@ impl Executor {
             applied,
             limits,
             settings_flags,
+            plan_all: true,
         };
         let orphans = repair(&executor.applied.entries(), &snap);
         if !orphans.is_empty() {
@@ -66,28 +70,31 @@ impl Executor {
         Ok(executor)
     }
 
-    /// (VIP, backend) pairs that take connections now: at start, what an earlier agent left
+    /// Whether `backend` takes connections of `vip` now: at start, what an earlier agent left
     /// active keeps its traffic until a health check says otherwise.
-    pub fn active_backends(&self) -> BTreeSet<(Vip, SocketAddr)> {
-        let addr_of = self.applied.backend_addrs();
-        self.applied
-            .services
-            .iter()
-            .flat_map(|(vip, svc)| {
-                svc.active
-                    .keys()
-                    .filter_map(|id| addr_of.get(id))
-                    .map(|&addr| (*vip, addr))
-                    .collect::<Vec<_>>()
-            })
-            .collect()
+    pub fn is_active(&self, vip: &Vip, backend: &SocketAddr) -> bool {
+        let (Some(svc), Some(id)) = (
+            self.applied.services.get(vip),
+            self.applied.backends.get(backend),
+        ) else {
+            return false;
+        };
+        svc.active.contains_key(id)
     }
 
-    /// Makes the maps hold `desired`. On a planning error nothing is written; on a write error
-    /// the applied state is re-read from the maps, so the next apply repairs what is missing.
-    pub fn apply(&mut self, desired: &DesiredState) -> anyhow::Result<ApplyReport> {
+    /// Makes the maps hold `desired`, looking at the services in `scope` (those whose desired
+    /// state changed since the last successful apply). On a planning error nothing is written;
+    /// on a write error the applied state is re-read from the maps, so the next apply repairs
+    /// what is missing.
+    pub fn apply(
+        &mut self,
+        desired: &DesiredState,
+        scope: Scope<'_>,
+    ) -> anyhow::Result<ApplyReport> {
         let started = Instant::now();
-        let (ops, next) = plan(desired, &self.applied, &self.limits)?;
+        let scope = if self.plan_all { Scope::All } else { scope };
+        let (ops, patch) = plan_scoped(desired, &self.applied, &self.limits, scope)?;
+        self.plan_all = false;
         if ops.is_empty() {
             return Ok(ApplyReport {
                 took: started.elapsed(),
@@ -102,11 +109,13 @@ impl Executor {
                 Ok(snap) => self.applied = Applied::from_snapshot(&snap),
                 Err(read) => warn!("re-reading the maps after a failed write: {read:#}"),
             }
+            self.plan_all = true;
             return Err(err);
         }
         let left = self.udp_backends_left(&ops, desired);
-        let previous = std::mem::replace(&mut self.applied, next);
-        let udp_terminated = self.terminate_udp_flows(&left, &previous);
+        let previous_ids = self.backend_ids_of(&left);
+        self.applied.patch(patch);
+        let udp_terminated = self.terminate_udp_flows(&left, &previous_ids);
         self.save_settings()?;
         Ok(ApplyReport {
             writes: ops.len(),
@@ -147,6 +156,9 @@ impl Executor {
     /// (service id, backend address) of UDP services whose backend left the rotation in `ops`,
     /// unless the service opted out of terminating its flows.
     fn udp_backends_left(&self, ops: &[MapOp], desired: &DesiredState) -> Vec<(u32, SocketAddr)> {
+        if !ops.iter().any(|op| matches!(op, MapOp::DeleteActive(_))) {
+            return Vec::new();
+        }
         let addr_of = self.applied.backend_addrs();
         let udp: BTreeMap<u32, &Vip> = self
             .applied
@@ -177,11 +189,22 @@ impl Executor {
     /// connected to that backend are touched: one that disconnected since is left alone. The
     /// sockets may live in any network namespace of the node (pods); nothing is searched
     /// unless the kernel recorded some.
-    fn terminate_udp_flows(&self, left: &[(u32, SocketAddr)], previous: &Applied) -> u64 {
+    /// The backend ids the flows to `left` were recorded with, read before the apply's patch
+    /// (the backend may be gone from the maps after it).
+    fn backend_ids_of(&self, left: &[(u32, SocketAddr)]) -> BTreeMap<SocketAddr, u32> {
+        left.iter()
+            .filter_map(|(_, addr)| Some((*addr, *self.applied.backends.get(addr)?)))
+            .collect()
+    }
+
+    fn terminate_udp_flows(
+        &self,
+        left: &[(u32, SocketAddr)],
+        backend_ids: &BTreeMap<SocketAddr, u32>,
+    ) -> u64 {
         let mut targets = sockdiag::UdpTargets::new();
         for &(service_id, backend) in left {
-            // The id the flows were recorded with (the backend may be gone from the maps now).
-            let Some(&backend_id) = previous.backends.get(&backend) else {
+            let Some(&backend_id) = backend_ids.get(&backend) else {
                 continue;
             };
             match self.maps.udp_flows_to(service_id, backend_id) {

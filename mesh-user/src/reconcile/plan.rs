@@ -15,8 +15,12 @@ use std::{
 
 use mesh_common::capacity::Limits;
 
-use super::applied::{Applied, AppliedService, SlotSet, pair};
-use crate::{datapath::MapOp, desired::DesiredState};
+use super::applied::{Applied, AppliedService, Patch, SlotSet, named_backends, pair};
+use crate::{
+    datapath::MapOp,
+    desired::{DesiredService, DesiredState},
+    model::Vip,
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
@@ -72,6 +76,17 @@ impl Ops {
     }
 }
 
+/// Which services a plan looks at.
+#[derive(Clone, Copy, Debug)]
+pub enum Scope<'a> {
+    /// Every service desired or applied; backend entries nothing names are deleted too.
+    All,
+    /// Only these VIPs. The caller vouches that every other service is desired exactly as
+    /// `applied` holds it, so the plan costs what the change costs, not what the registry holds.
+    Only(&'a BTreeSet<Vip>),
+}
+
+#[cfg(test)]
 /// Plans the writes that turn `applied` into `desired`. Nothing that is already right is
 /// rewritten. On error nothing has been written (planning touches no map). When keeping every
 /// previous slot set would not fit the maps, previous sets are dropped first (connects then
@@ -81,11 +96,25 @@ pub fn plan(
     applied: &Applied,
     limits: &Limits,
 ) -> Result<(Vec<MapOp>, Applied), PlanError> {
-    let keeping = plan_with(desired, applied, limits, true)?;
+    let (ops, patch) = plan_scoped(desired, applied, limits, Scope::All)?;
+    let mut next = applied.clone();
+    next.patch(patch);
+    Ok((ops, next))
+}
+
+/// `plan` restricted to `scope`; returns the writes and what they change in the model.
+pub fn plan_scoped(
+    desired: &DesiredState,
+    applied: &Applied,
+    limits: &Limits,
+    scope: Scope<'_>,
+) -> Result<(Vec<MapOp>, Patch), PlanError> {
+    let keeping = plan_with(desired, applied, limits, scope, true)?;
     if fits(&keeping.0, applied, limits) {
         return Ok(keeping);
     }
-    plan_with(desired, applied, limits, false)
+    // Dropping previous sets frees room only when every service drops its own.
+    plan_with(desired, applied, limits, Scope::All, false)
 }
 
 /// Whether the maps can hold the old and the new state at the busiest moment of the plan: slot
@@ -114,241 +143,287 @@ fn plan_with(
     desired: &DesiredState,
     applied: &Applied,
     limits: &Limits,
+    scope: Scope<'_>,
     keep_previous: bool,
-) -> Result<(Vec<MapOp>, Applied), PlanError> {
+) -> Result<(Vec<MapOp>, Patch), PlanError> {
     let mut ops = Ops(Vec::new());
-    let mut next = Applied::default();
+    let vips: BTreeSet<Vip> = match scope {
+        Scope::All => desired
+            .services
+            .keys()
+            .chain(applied.services.keys())
+            .copied()
+            .collect(),
+        Scope::Only(vips) => vips.clone(),
+    };
 
     // Backends: keep ids of addresses still in use, hand out fresh ids for new ones.
-    let wanted: BTreeSet<SocketAddr> = desired
-        .services
-        .values()
+    let new_addrs: BTreeSet<SocketAddr> = vips
+        .iter()
+        .filter_map(|vip| desired.services.get(vip))
         .flat_map(|s| s.members.iter().map(|m| m.addr))
+        .filter(|addr| !applied.backends.contains_key(addr))
         .collect();
-    let mut backend_ids = IdCursor::new(
-        applied.next_backend_id,
-        limits.max_backends,
-        applied.backends.values().copied(),
-    );
-    let mut ids: BTreeMap<SocketAddr, u32> = BTreeMap::new();
-    for addr in &wanted {
-        let id = match applied.backends.get(addr) {
-            Some(&id) => id,
-            None => {
-                let id = backend_ids.take().ok_or(PlanError::BackendsFull {
-                    max: limits.max_backends,
-                })?;
-                ops.push(Phase::Backends, MapOp::PutBackend { id, addr: *addr });
-                id
-            }
-        };
-        ids.insert(*addr, id);
+    let mut backend_ids = IdCursor::new(applied.next_backend_id, limits.max_backends);
+    let mut added: BTreeMap<SocketAddr, u32> = BTreeMap::new();
+    for addr in new_addrs {
+        let id = backend_ids
+            .take(|| applied.backend_ids())
+            .ok_or(PlanError::BackendsFull {
+                max: limits.max_backends,
+            })?;
+        ops.push(Phase::Backends, MapOp::PutBackend { id, addr });
+        added.insert(addr, id);
     }
+    let id_of = |addr: &SocketAddr| applied.backends.get(addr).or(added.get(addr)).copied();
 
-    let mut service_ids = IdCursor::new(
-        applied.next_service_id,
-        limits.max_services,
-        applied.services.values().map(|s| s.id),
-    );
-    for (vip, want) in &desired.services {
+    let mut service_ids = IdCursor::new(applied.next_service_id, limits.max_services);
+    let mut patch = Patch::default();
+    // Per backend id: services naming it after the plan minus before, for those in scope.
+    let mut users_delta: BTreeMap<u32, i64> = BTreeMap::new();
+    // Backends the live slot sets of the services in scope name now.
+    let mut readable_now: BTreeSet<u32> = BTreeSet::new();
+    for vip in &vips {
         let old = applied.services.get(vip);
-        let id = match old {
-            Some(old) => old.id,
-            None => {
-                let id = service_ids.take().ok_or(PlanError::ServicesFull {
-                    max: limits.max_services,
-                })?;
-                ops.push(Phase::Members, MapOp::ResetService { service_id: id });
-                id
+        if let Some(old) = old {
+            for id in named_backends(old) {
+                *users_delta.entry(id).or_default() -= 1;
             }
-        };
-        let members: BTreeSet<u32> = want.members.iter().map(|m| ids[&m.addr]).collect();
-        let slots: Vec<u32> = want.slot_layout().iter().map(|addr| ids[addr]).collect();
-
-        let mut active = BTreeMap::new();
-        for &backend_id in &slots {
-            *active.entry(backend_id).or_insert(0u32) += 1;
+            readable_now.extend(old.live.backends.iter().copied());
         }
-        let old_active = old.map(|o| o.active.clone()).unwrap_or_default();
-        for (&backend_id, &count) in &active {
-            if old_active.get(&backend_id) != Some(&count) {
-                let key = pair(id, backend_id);
-                ops.push(Phase::Members, MapOp::PutActive { key, slots: count });
-            }
-        }
-        for &backend_id in old_active.keys() {
-            if !active.contains_key(&backend_id) {
-                ops.push(Phase::Cleanup, MapOp::DeleteActive(pair(id, backend_id)));
-            }
-        }
-        let old_members = old.map(|o| o.members.clone()).unwrap_or_default();
-        for &backend_id in members.difference(&old_members) {
-            ops.push(Phase::Members, MapOp::CreateCounter(pair(id, backend_id)));
-        }
-        for &backend_id in old_members.difference(&members) {
-            ops.push(Phase::Cleanup, MapOp::DeleteCounter(pair(id, backend_id)));
-        }
-        if old.is_none_or(|o| o.name != want.name) {
-            let name = want.name.clone();
-            ops.push(
-                Phase::Slots,
-                MapOp::PutName {
-                    service_id: id,
-                    name,
-                },
-            );
-        }
-
-        let (live, previous) = match old {
-            None => (
-                SlotSet {
-                    generation: 1,
-                    backends: slots,
-                },
-                None,
-            ),
-            Some(o) if o.live.backends == slots => {
-                let previous = match &o.previous {
-                    Some(p) if !keep_previous => {
-                        ops.delete_set(Phase::Retire, id, p);
-                        None
-                    }
-                    other => other.clone(),
-                };
-                (o.live.clone(), previous)
-            }
-            Some(o) => {
-                if let Some(p) = &o.previous {
-                    ops.delete_set(Phase::Retire, id, p);
+        let service = match desired.services.get(vip) {
+            Some(want) => {
+                let service = plan_service(
+                    &mut ops,
+                    vip,
+                    want,
+                    old,
+                    &id_of,
+                    &mut service_ids,
+                    || applied.service_ids(),
+                    limits,
+                    keep_previous,
+                )?;
+                for id in named_backends(&service) {
+                    *users_delta.entry(id).or_default() += 1;
                 }
-                let live = SlotSet {
-                    generation: o.live.generation.wrapping_add(1),
-                    backends: slots,
-                };
-                let previous = if o.live.backends.is_empty() {
-                    None
-                } else if keep_previous {
-                    Some(o.live.clone())
-                } else {
-                    ops.delete_set(Phase::Cleanup, id, &o.live);
-                    None
-                };
-                (live, previous)
+                Some(service)
+            }
+            None => {
+                if let Some(old) = old {
+                    plan_removal(&mut ops, vip, old, keep_previous);
+                }
+                None
             }
         };
-        if old.is_none_or(|o| o.live != live) && !live.backends.is_empty() {
-            ops.push(
-                Phase::Slots,
-                MapOp::PutSlots {
-                    service_id: id,
-                    generation: live.generation,
-                    backends: live.backends.clone(),
-                },
-            );
-        }
-        let service = AppliedService {
-            id,
-            name: want.name.clone(),
-            flags: want.flags,
-            affinity_timeout_secs: want.affinity_timeout_secs,
-            live,
-            previous,
-            members,
-            active,
-        };
-        if old.is_none_or(|o| o.entry() != service.entry()) {
-            let entry = service.entry();
-            ops.push(
-                Phase::Switch,
-                MapOp::PutService {
-                    vip: *vip,
-                    service: entry,
-                },
-            );
-        }
-        next.services.insert(*vip, service);
+        patch.services.push((*vip, service));
     }
 
-    // Services no longer wanted: the entry goes first so no connect can reach their slots.
-    for (vip, old) in &applied.services {
-        if desired.services.contains_key(vip) {
-            continue;
-        }
-        ops.push(Phase::Switch, MapOp::DeleteService { vip: *vip });
-        for set in old.slot_sets() {
-            ops.delete_set(Phase::Cleanup, old.id, set);
-        }
-        ops.push(Phase::Cleanup, MapOp::DeleteName { service_id: old.id });
-        for &backend_id in old.active.keys() {
-            ops.push(
-                Phase::Cleanup,
-                MapOp::DeleteActive(pair(old.id, backend_id)),
-            );
-        }
-        for &backend_id in &old.members {
-            ops.push(
-                Phase::Cleanup,
-                MapOp::DeleteCounter(pair(old.id, backend_id)),
-            );
-        }
+    // A backend entry stays while a member or a slot set names it. One that no live set names
+    // now can go before the new backends are written.
+    let mut unnamed: BTreeSet<u32> = users_delta
+        .iter()
+        .filter(|&(&id, &delta)| i64::from(applied.users_of(id)) + delta <= 0)
+        .map(|(&id, _)| id)
+        .collect();
+    if matches!(scope, Scope::All) {
+        unnamed.extend(applied.unnamed_backends());
     }
-
-    // A backend entry stays while a member or a kept slot set names it. One that neither the
-    // old live sets nor anything kept names can go before the new backends are written.
-    let named: BTreeSet<u32> = next
-        .services
-        .values()
-        .flat_map(|s| s.slot_sets().flat_map(|set| set.backends.iter().copied()))
-        .collect();
-    let readable_now: BTreeSet<u32> = applied
-        .services
-        .values()
-        .flat_map(|s| s.live.backends.iter().copied())
-        .collect();
-    next.backends = ids;
-    for (&addr, &id) in &applied.backends {
-        if next.backends.contains_key(&addr) {
+    for id in unnamed {
+        if added.values().any(|&new| new == id) {
             continue;
         }
-        if named.contains(&id) {
-            next.backends.insert(addr, id);
-        } else if readable_now.contains(&id) || kept_previous(applied, &next, id) {
-            ops.push(Phase::BackendsGone, MapOp::DeleteBackend { id });
+        let phase = if readable_now.contains(&id) {
+            Phase::BackendsGone
         } else {
-            ops.push(Phase::RetireBackends, MapOp::DeleteBackend { id });
-        }
+            Phase::RetireBackends
+        };
+        ops.push(phase, MapOp::DeleteBackend { id });
+        patch.backends_removed.push(id);
     }
-    next.next_service_id = service_ids.cursor;
-    next.next_backend_id = backend_ids.cursor;
-    Ok((ops.into_sorted(), next))
+    patch.backends_added = added.into_iter().collect();
+    patch.next_service_id = service_ids.cursor;
+    patch.next_backend_id = backend_ids.cursor;
+    Ok((ops.into_sorted(), patch))
 }
 
-/// Whether a previous slot set that the plan does not retire names backend `id` (it stays
-/// readable until its own service switches again).
-fn kept_previous(applied: &Applied, next: &Applied, id: u32) -> bool {
-    applied.services.iter().any(|(vip, old)| {
-        old.previous
-            .as_ref()
-            .is_some_and(|p| p.backends.contains(&id))
-            && next
-                .services
-                .get(vip)
-                .is_some_and(|n| n.previous.as_ref() == old.previous.as_ref())
-    })
+/// The writes that make one service what `want` says; returns it as the maps will hold it.
+#[allow(clippy::too_many_arguments)]
+fn plan_service(
+    ops: &mut Ops,
+    vip: &Vip,
+    want: &DesiredService,
+    old: Option<&AppliedService>,
+    id_of: &impl Fn(&SocketAddr) -> Option<u32>,
+    service_ids: &mut IdCursor,
+    ids_in_use: impl Fn() -> BTreeSet<u32>,
+    limits: &Limits,
+    keep_previous: bool,
+) -> Result<AppliedService, PlanError> {
+    let id = match old {
+        Some(old) => old.id,
+        None => {
+            let id = service_ids
+                .take(ids_in_use)
+                .ok_or(PlanError::ServicesFull {
+                    max: limits.max_services,
+                })?;
+            ops.push(Phase::Members, MapOp::ResetService { service_id: id });
+            id
+        }
+    };
+    // Every member has an id: known backends keep theirs, new ones were just handed out.
+    let backend = |addr: &SocketAddr| id_of(addr).unwrap_or_default();
+    let members: BTreeSet<u32> = want.members.iter().map(|m| backend(&m.addr)).collect();
+    let slots: Vec<u32> = want.slot_layout().iter().map(backend).collect();
+
+    let mut active = BTreeMap::new();
+    for &backend_id in &slots {
+        *active.entry(backend_id).or_insert(0u32) += 1;
+    }
+    let no_active = BTreeMap::new();
+    let old_active = old.map_or(&no_active, |o| &o.active);
+    for (&backend_id, &count) in &active {
+        if old_active.get(&backend_id) != Some(&count) {
+            let key = pair(id, backend_id);
+            ops.push(Phase::Members, MapOp::PutActive { key, slots: count });
+        }
+    }
+    for &backend_id in old_active.keys() {
+        if !active.contains_key(&backend_id) {
+            ops.push(Phase::Cleanup, MapOp::DeleteActive(pair(id, backend_id)));
+        }
+    }
+    let no_members = BTreeSet::new();
+    let old_members = old.map_or(&no_members, |o| &o.members);
+    for &backend_id in members.difference(old_members) {
+        ops.push(Phase::Members, MapOp::CreateCounter(pair(id, backend_id)));
+    }
+    for &backend_id in old_members.difference(&members) {
+        ops.push(Phase::Cleanup, MapOp::DeleteCounter(pair(id, backend_id)));
+    }
+    if old.is_none_or(|o| o.name != want.name) {
+        let name = want.name.clone();
+        ops.push(
+            Phase::Slots,
+            MapOp::PutName {
+                service_id: id,
+                name,
+            },
+        );
+    }
+
+    let (live, previous) = match old {
+        None => (
+            SlotSet {
+                generation: 1,
+                backends: slots,
+            },
+            None,
+        ),
+        Some(o) if o.live.backends == slots => {
+            let previous = match &o.previous {
+                Some(p) if !keep_previous => {
+                    ops.delete_set(Phase::Retire, id, p);
+                    None
+                }
+                other => other.clone(),
+            };
+            (o.live.clone(), previous)
+        }
+        Some(o) => {
+            if let Some(p) = &o.previous {
+                ops.delete_set(Phase::Retire, id, p);
+            }
+            let live = SlotSet {
+                generation: o.live.generation.wrapping_add(1),
+                backends: slots,
+            };
+            let previous = if o.live.backends.is_empty() {
+                None
+            } else if keep_previous {
+                Some(o.live.clone())
+            } else {
+                ops.delete_set(Phase::Cleanup, id, &o.live);
+                None
+            };
+            (live, previous)
+        }
+    };
+    if old.is_none_or(|o| o.live != live) && !live.backends.is_empty() {
+        ops.push(
+            Phase::Slots,
+            MapOp::PutSlots {
+                service_id: id,
+                generation: live.generation,
+                backends: live.backends.clone(),
+            },
+        );
+    }
+    let service = AppliedService {
+        id,
+        name: want.name.clone(),
+        flags: want.flags,
+        affinity_timeout_secs: want.affinity_timeout_secs,
+        live,
+        previous,
+        members,
+        active,
+    };
+    if old.is_none_or(|o| o.entry() != service.entry()) {
+        ops.push(
+            Phase::Switch,
+            MapOp::PutService {
+                vip: *vip,
+                service: service.entry(),
+            },
+        );
+    }
+    Ok(service)
+}
+
+/// A service no longer wanted: the entry goes first so no connect can reach its slots. When
+/// previous sets are not kept, its previous set goes before anything is written, like every
+/// other service's: otherwise the maps would hold three registries' slots at once.
+fn plan_removal(ops: &mut Ops, vip: &Vip, old: &AppliedService, keep_previous: bool) {
+    ops.push(Phase::Switch, MapOp::DeleteService { vip: *vip });
+    ops.delete_set(Phase::Cleanup, old.id, &old.live);
+    if let Some(previous) = &old.previous {
+        let phase = if keep_previous {
+            Phase::Cleanup
+        } else {
+            Phase::Retire
+        };
+        ops.delete_set(phase, old.id, previous);
+    }
+    ops.push(Phase::Cleanup, MapOp::DeleteName { service_id: old.id });
+    for &backend_id in old.active.keys() {
+        ops.push(
+            Phase::Cleanup,
+            MapOp::DeleteActive(pair(old.id, backend_id)),
+        );
+    }
+    for &backend_id in &old.members {
+        ops.push(
+            Phase::Cleanup,
+            MapOp::DeleteCounter(pair(old.id, backend_id)),
+        );
+    }
 }
 
 /// Hands out ids in increasing order from a cursor, wrapping within 1..max and skipping ids in
-/// use, so an id freed now is the last to be handed out again.
+/// use, so an id freed now is the last to be handed out again. The ids in use are read only
+/// when the first id is needed (most plans need none).
 struct IdCursor {
-    used: BTreeSet<u32>,
+    used: Option<BTreeSet<u32>>,
     max: u32,
     cursor: u32,
 }
 
 impl IdCursor {
-    fn new(cursor: u32, max: u32, used: impl IntoIterator<Item = u32>) -> Self {
+    fn new(cursor: u32, max: u32) -> Self {
         Self {
-            used: used.into_iter().collect(),
+            used: None,
             max,
             cursor: if (1..max).contains(&cursor) {
                 cursor
@@ -358,11 +433,12 @@ impl IdCursor {
         }
     }
 
-    fn take(&mut self) -> Option<u32> {
+    fn take(&mut self, in_use: impl FnOnce() -> BTreeSet<u32>) -> Option<u32> {
+        let used = self.used.get_or_insert_with(in_use);
         for _ in 1..self.max {
             let id = self.cursor;
             self.cursor = if id + 1 >= self.max { 1 } else { id + 1 };
-            if self.used.insert(id) {
+            if used.insert(id) {
                 return Some(id);
             }
         }
@@ -372,7 +448,7 @@ impl IdCursor {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
 
     use mesh_common::{PROTO_TCP, SVC_F_REJECT_EMPTY, SlotKey};
     use proptest::prelude::*;
@@ -689,13 +765,14 @@ mod tests {
 
     #[test]
     fn ids_wrap_around_skipping_those_in_use() {
-        let mut cursor = IdCursor::new(15, 16, [1, 2, 15]);
-        assert_eq!(cursor.take(), Some(3));
-        let mut cursor = IdCursor::new(14, 16, [1, 15]);
-        assert_eq!(cursor.take(), Some(14));
-        assert_eq!(cursor.take(), Some(2));
-        let mut full = IdCursor::new(1, 4, [1, 2, 3]);
-        assert_eq!(full.take(), None);
+        let used = |ids: &[u32]| ids.iter().copied().collect::<BTreeSet<u32>>();
+        let mut cursor = IdCursor::new(15, 16);
+        assert_eq!(cursor.take(|| used(&[1, 2, 15])), Some(3));
+        let mut cursor = IdCursor::new(14, 16);
+        assert_eq!(cursor.take(|| used(&[1, 15])), Some(14));
+        assert_eq!(cursor.take(|| unreachable!("read once")), Some(2));
+        let mut full = IdCursor::new(1, 4);
+        assert_eq!(full.take(|| used(&[1, 2, 3])), None);
     }
 
     #[test]
@@ -856,6 +933,34 @@ mod tests {
             let (ops, _) = plan(&DesiredState::default(), &applied, &LIMITS).unwrap();
             apply_checked(&mut model, &ops).map_err(TestCaseError::fail)?;
             prop_assert_eq!(model.0, Entries::default());
+        }
+    }
+
+    proptest! {
+        /// A plan scoped to the services whose desired state changed writes exactly what the
+        /// full plan writes and ends in the same model.
+        #[test]
+        fn a_plan_scoped_to_the_change_equals_the_full_plan(steps in proptest::collection::vec(arb_desired(), 1..12)) {
+            let mut applied = Applied::default();
+            let mut before = DesiredState::default();
+            for desired in &steps {
+                let changed: BTreeSet<Vip> = desired
+                    .services
+                    .keys()
+                    .chain(before.services.keys())
+                    .filter(|vip| desired.services.get(vip) != before.services.get(vip))
+                    .copied()
+                    .collect();
+                let (full_ops, full_next) = plan(desired, &applied, &LIMITS).unwrap();
+                let (ops, patch) =
+                    plan_scoped(desired, &applied, &LIMITS, Scope::Only(&changed)).unwrap();
+                let mut next = applied.clone();
+                next.patch(patch);
+                prop_assert_eq!(&ops, &full_ops);
+                prop_assert_eq!(&next, &full_next);
+                applied = next;
+                before = desired.clone();
+            }
         }
     }
 

@@ -6,10 +6,11 @@ use std::path::Path;
 use anyhow::Context as _;
 
 /// Calls `changed` when `path` may have changed. Watches the directory, because editors and
-/// config management replace files by renaming a new one over them.
+/// config management replace files by renaming a new one over them. `changed(true)`: the file
+/// was renamed into place, so it is complete; otherwise a writer may still be writing it.
 pub fn watch(
     path: &Path,
-    changed: impl Fn() + Send + 'static,
+    changed: impl Fn(bool) + Send + 'static,
 ) -> anyhow::Result<notify::RecommendedWatcher> {
     use notify::Watcher as _;
     let path = std::path::absolute(path)?;
@@ -23,13 +24,19 @@ pub fn watch(
         if event.kind.is_access() {
             return;
         }
-        if event
-            .paths
-            .iter()
-            .any(|p| p.file_name().map(ToOwned::to_owned) == name)
-        {
-            changed();
+        let is_ours = |p: &std::path::PathBuf| p.file_name().map(ToOwned::to_owned) == name;
+        if !event.paths.iter().any(is_ours) {
+            return;
         }
+        use notify::event::{EventKind, ModifyKind, RenameMode};
+        let renamed_into_place = match event.kind {
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)) => true,
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
+                event.paths.last().is_some_and(is_ours)
+            }
+            _ => false,
+        };
+        changed(renamed_into_place);
     })?;
     watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
     Ok(watcher)

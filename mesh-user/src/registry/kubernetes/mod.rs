@@ -14,6 +14,7 @@
 //!   it is left out (logged, counted as a rejection), never a silent override.
 
 pub mod translate;
+mod translated;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -33,7 +34,10 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use self::translate::{Filter, LABEL_HEADLESS, LABEL_PROXY_NAME, LABEL_SERVICE_NAME, NodeView};
+use self::{
+    translate::{Filter, LABEL_HEADLESS, LABEL_PROXY_NAME, LABEL_SERVICE_NAME, NodeView},
+    translated::Translated,
+};
 use super::{
     Listing, Outcome, Source, SourceObserver, SourceUpdate,
     update::{self, SavedServices, Verdict},
@@ -87,13 +91,6 @@ impl<K: Resource> Cache<K> {
             }
             watcher::Event::Delete(obj) => self.objects.remove(&Self::key(&obj)).is_some(),
         }
-    }
-
-    fn values(&self) -> Vec<K>
-    where
-        K: Clone,
-    {
-        self.objects.values().cloned().collect()
     }
 }
 
@@ -188,7 +185,7 @@ pub async fn start(
     };
     metrics.source_state(Source::Kubernetes.name(), false, 0);
     let source = KubernetesSource {
-        saved,
+        saver: start_saver(saved),
         agent: agent.clone(),
         node,
         filter,
@@ -201,13 +198,14 @@ pub async fn start(
         sent: None,
         down: None,
         skipped: BTreeMap::new(),
+        translated: Translated::default(),
     };
     Ok(tokio::spawn(source.run(initial, services, slices, nodes)))
 }
 
 struct KubernetesSource {
-    /// Where the last applied set is kept for the next start.
-    saved: SavedServices,
+    /// Keeps the last applied set for the next start.
+    saver: watch::Sender<Option<Vec<ServiceConfig>>>,
     /// What each translated service is validated against on its own, so one bad Service is
     /// reported and left out instead of rejecting the whole cluster.
     agent: AgentConfig,
@@ -224,6 +222,28 @@ struct KubernetesSource {
     /// The watch error being reported, so an outage is logged once.
     down: Option<String>,
     skipped: BTreeMap<&'static str, usize>,
+    /// The caches translated, per Service.
+    translated: Translated,
+}
+
+/// Writes each set it is given to `saved`, the newest first: a burst of changes costs one
+/// write, and the watchers never wait for the disk (fsync).
+fn start_saver(saved: SavedServices) -> watch::Sender<Option<Vec<ServiceConfig>>> {
+    let (saver, mut sets) = watch::channel(None);
+    tokio::spawn(async move {
+        while sets.changed().await.is_ok() {
+            let Some(set): Option<Vec<ServiceConfig>> = sets.borrow_and_update().clone() else {
+                continue;
+            };
+            let saved = saved.clone();
+            match tokio::task::spawn_blocking(move || saved.save(&set)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => warn!("kubernetes: {err:#}"),
+                Err(err) => warn!("kubernetes: saving task failed: {err}"),
+            }
+        }
+    });
+    saver
 }
 
 /// Which watcher an event came from.
@@ -301,9 +321,22 @@ impl KubernetesSource {
     /// Folds one event into the caches: Some(changed), or None when the agent is gone.
     fn wake(&mut self, woken: Woken) -> Option<bool> {
         let result = match woken {
-            Woken::Services(e) => (*e).map(|e| self.services.apply(e)),
-            Woken::Slices(e) => (*e).map(|e| self.slices.apply(e)),
-            Woken::Nodes(e) => (*e).map(|e| self.nodes.apply(e)),
+            Woken::Services(e) => (*e).map(|e| {
+                self.note_service(&e);
+                self.services.apply(e)
+            }),
+            Woken::Slices(e) => (*e).map(|e| {
+                self.note_slice(&e);
+                self.slices.apply(e)
+            }),
+            Woken::Nodes(e) => (*e).map(|e| {
+                let changed = self.nodes.apply(e);
+                if changed {
+                    // Topology and NodePorts depend on the node: everything again.
+                    self.translated.everything_changed();
+                }
+                changed
+            }),
             Woken::RegistryChanged => Ok(true),
             Woken::Ended => return None,
         };
@@ -328,23 +361,55 @@ impl KubernetesSource {
         }
     }
 
-    /// Translates the caches and sends the set if it differs from the last one accepted.
-    /// False when the agent is gone.
+    /// Which Service an event touches (a relist touches them all).
+    fn note_service(&mut self, event: &watcher::Event<Service>) {
+        match event {
+            watcher::Event::Apply(obj) | watcher::Event::Delete(obj) => {
+                self.translated.service_changed(Cache::key(obj));
+            }
+            watcher::Event::InitDone => self.translated.everything_changed(),
+            watcher::Event::Init | watcher::Event::InitApply(_) => {}
+        }
+    }
+
+    /// Which Services a slice event touches: its owner before and after.
+    fn note_slice(&mut self, event: &watcher::Event<EndpointSlice>) {
+        match event {
+            watcher::Event::Apply(obj) => {
+                let key = Cache::key(obj);
+                let old = self.slices.objects.get(&key);
+                self.translated.slice_changed(&key, old, Some(obj));
+            }
+            watcher::Event::Delete(obj) => {
+                let key = Cache::key(obj);
+                let old = self.slices.objects.get(&key).or(Some(obj));
+                self.translated.slice_changed(&key, old, None);
+            }
+            watcher::Event::InitDone => self.translated.everything_changed(),
+            watcher::Event::Init | watcher::Event::InitApply(_) => {}
+        }
+    }
+
+    /// Translates what changed in the caches and sends the set if it differs from the last
+    /// one accepted. False when the agent is gone.
     async fn publish(&mut self) -> bool {
         let node = NodeView::from_node(&self.node, self.nodes.objects.values().next());
-        let translation = translate::translate(
-            &self.services.values(),
-            &self.slices.values(),
+        let (agent, metrics) = (&self.agent, &self.metrics);
+        self.translated.refresh(
+            &self.services.objects,
+            &self.slices.objects,
             &node,
             &self.filter,
+            |svc| valid_alone(agent, metrics.as_ref(), svc),
         );
-        if translation.skipped != self.skipped {
-            for (reason, count) in &translation.skipped {
+        let skipped = self.translated.skipped();
+        if skipped != self.skipped {
+            for (reason, count) in &skipped {
                 info!(reason, count, "kubernetes: skipped");
             }
-            self.skipped = translation.skipped.clone();
+            self.skipped = skipped;
         }
-        let services = self.valid_only(self.without_conflicts(translation.services));
+        let services = self.without_conflicts(self.translated.services().cloned().collect());
         if self.sent.as_ref() == Some(&services) && self.down.is_none() {
             return true;
         }
@@ -375,40 +440,9 @@ impl KubernetesSource {
         true
     }
 
-    /// Keeps the set for the next start (fsync blocks: off the async workers).
+    /// Keeps the set for the next start.
     async fn save(&self, services: &[ServiceConfig]) {
-        let saved = self.saved.clone();
-        let copy = services.to_vec();
-        match tokio::task::spawn_blocking(move || saved.save(&copy)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => warn!("kubernetes: {err:#}"),
-            Err(err) => warn!("kubernetes: saving task failed: {err}"),
-        }
-    }
-
-    /// Leaves out services that are invalid on their own (a VIP outside `vip_ranges`, ...).
-    fn valid_only(&self, services: Vec<ServiceConfig>) -> Vec<ServiceConfig> {
-        services
-            .into_iter()
-            .filter(|svc| {
-                let alone = Config {
-                    agent: self.agent.clone(),
-                    services: vec![svc.clone()],
-                };
-                match alone.validate("kubernetes") {
-                    Ok(()) => true,
-                    Err(err) => {
-                        error!(
-                            "kubernetes: {} is not applied: {}",
-                            svc.name,
-                            err.to_string().replace('\n', "; ")
-                        );
-                        self.metrics.config_rejected();
-                        false
-                    }
-                }
-            })
-            .collect()
+        self.saver.send_replace(Some(services.to_vec()));
     }
 
     /// Leaves out services whose VIP or name another source has, reporting each conflict.
@@ -449,6 +483,27 @@ impl KubernetesSource {
                 true
             })
             .collect()
+    }
+}
+
+/// Whether a translated service is valid on its own (a VIP outside `vip_ranges`, ...): one
+/// that is not is reported and left out, instead of the whole cluster being rejected.
+fn valid_alone(agent: &AgentConfig, metrics: &dyn SourceObserver, svc: &ServiceConfig) -> bool {
+    let alone = Config {
+        agent: agent.clone(),
+        services: vec![svc.clone()],
+    };
+    match alone.validate("kubernetes") {
+        Ok(()) => true,
+        Err(err) => {
+            error!(
+                "kubernetes: {} is not applied: {}",
+                svc.name,
+                err.to_string().replace('\n', "; ")
+            );
+            metrics.config_rejected();
+            false
+        }
     }
 }
 

@@ -108,6 +108,7 @@ impl Endpoint {
     }
 }
 
+#[cfg(test)]
 /// Translates every Service with its slices.
 pub fn translate(
     services: &[Service],
@@ -117,14 +118,9 @@ pub fn translate(
 ) -> Translation {
     let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in slices {
-        let labels = slice.metadata.labels.as_ref();
-        let (Some(ns), Some(svc)) = (
-            slice.metadata.namespace.clone(),
-            labels.and_then(|l| l.get(LABEL_SERVICE_NAME)).cloned(),
-        ) else {
-            continue;
-        };
-        by_service.entry((ns, svc)).or_default().push(slice);
+        if let Some(owner) = owner_of(slice) {
+            by_service.entry(owner).or_default().push(slice);
+        }
     }
     let mut out = Translation::default();
     for service in services {
@@ -137,6 +133,27 @@ pub fn translate(
     }
     out.services.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// Translates one Service with its slices.
+pub fn translate_one(
+    service: &Service,
+    slices: &[&EndpointSlice],
+    node: &NodeView,
+    filter: &Filter,
+) -> Translation {
+    let mut out = Translation::default();
+    translate_service(service, slices, node, filter, &mut out);
+    out
+}
+
+/// The Service an EndpointSlice belongs to: (namespace, `kubernetes.io/service-name`).
+pub fn owner_of(slice: &EndpointSlice) -> Option<(String, String)> {
+    let labels = slice.metadata.labels.as_ref();
+    Some((
+        slice.metadata.namespace.clone()?,
+        labels?.get(LABEL_SERVICE_NAME)?.clone(),
+    ))
 }
 
 fn skip(out: &mut Translation, reason: &'static str) {

@@ -1,0 +1,236 @@
+//! Translations kept per Service, so an event costs what it touches: a Service event
+//! re-translates that Service, an EndpointSlice event the Service it belongs to (before and
+//! after a relabel); the node changing or a relist re-translates everything.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use super::translate::{Filter, NodeView, owner_of, translate_one};
+use crate::config::ServiceConfig;
+
+/// (namespace, name).
+pub type Key = (String, String);
+
+#[derive(Debug, Default)]
+pub struct Translated {
+    /// Per Service: the services it translates to that `keep` accepted, and what was skipped.
+    pieces: BTreeMap<Key, Piece>,
+    /// Per Service: the keys of its EndpointSlices.
+    slices_of: BTreeMap<Key, BTreeSet<Key>>,
+    dirty: BTreeSet<Key>,
+    everything_dirty: bool,
+}
+
+#[derive(Debug, Default)]
+struct Piece {
+    services: Vec<ServiceConfig>,
+    skipped: BTreeMap<&'static str, usize>,
+}
+
+impl Translated {
+    pub fn service_changed(&mut self, key: Key) {
+        self.dirty.insert(key);
+    }
+
+    /// Slice `key` was `old` and is now `new` (`None`: absent).
+    pub fn slice_changed(
+        &mut self,
+        key: &Key,
+        old: Option<&EndpointSlice>,
+        new: Option<&EndpointSlice>,
+    ) {
+        if let Some(owner) = old.and_then(owner_of) {
+            if let Some(slices) = self.slices_of.get_mut(&owner) {
+                slices.remove(key);
+                if slices.is_empty() {
+                    self.slices_of.remove(&owner);
+                }
+            }
+            self.dirty.insert(owner);
+        }
+        if let Some(owner) = new.and_then(owner_of) {
+            self.slices_of
+                .entry(owner.clone())
+                .or_default()
+                .insert(key.clone());
+            self.dirty.insert(owner);
+        }
+    }
+
+    pub fn everything_changed(&mut self) {
+        self.everything_dirty = true;
+    }
+
+    /// Re-translates what changed since the last call; `keep` decides which translated
+    /// services are used (it is asked once per translation, so it may log).
+    pub fn refresh(
+        &mut self,
+        services: &BTreeMap<Key, Service>,
+        slices: &BTreeMap<Key, EndpointSlice>,
+        node: &NodeView,
+        filter: &Filter,
+        mut keep: impl FnMut(&ServiceConfig) -> bool,
+    ) {
+        let dirty: Vec<Key> = if std::mem::take(&mut self.everything_dirty) {
+            self.slices_of.clear();
+            for (key, slice) in slices {
+                if let Some(owner) = owner_of(slice) {
+                    self.slices_of.entry(owner).or_default().insert(key.clone());
+                }
+            }
+            self.pieces.clear();
+            self.dirty.clear();
+            services.keys().cloned().collect()
+        } else {
+            std::mem::take(&mut self.dirty).into_iter().collect()
+        };
+        for key in dirty {
+            let Some(service) = services.get(&key) else {
+                self.pieces.remove(&key);
+                continue;
+            };
+            let own: Vec<&EndpointSlice> = self
+                .slices_of
+                .get(&key)
+                .into_iter()
+                .flatten()
+                .filter_map(|slice| slices.get(slice))
+                .collect();
+            let translation = translate_one(service, &own, node, filter);
+            let piece = Piece {
+                services: translation
+                    .services
+                    .into_iter()
+                    .filter(|svc| keep(svc))
+                    .collect(),
+                skipped: translation.skipped,
+            };
+            self.pieces.insert(key, piece);
+        }
+    }
+
+    /// Every kept service, by Service.
+    pub fn services(&self) -> impl Iterator<Item = &ServiceConfig> {
+        self.pieces.values().flat_map(|p| p.services.iter())
+    }
+
+    /// Why objects (or ports of them) were left out: reason -> how many.
+    pub fn skipped(&self) -> BTreeMap<&'static str, usize> {
+        let mut total = BTreeMap::new();
+        for piece in self.pieces.values() {
+            for (reason, count) in &piece.skipped {
+                *total.entry(*reason).or_default() += count;
+            }
+        }
+        total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::registry::kubernetes::translate::{Translation, translate};
+
+    fn node() -> NodeView {
+        NodeView {
+            name: "node-a".into(),
+            zone: Some("z1".into()),
+            addresses: vec!["192.0.2.10".parse().unwrap()],
+        }
+    }
+
+    fn service(name: &str, ip: u8, port: u16) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": format!("10.96.0.{ip}"), "clusterIPs": [format!("10.96.0.{ip}")],
+                     "ports": [{"name": "http", "port": port, "protocol": "TCP"}]}
+        }))
+        .unwrap()
+    }
+
+    fn slice(name: &str, owner: &str, ip: u8, ready: bool) -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": owner}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [format!("10.244.0.{ip}")], "nodeName": "node-a",
+                           "conditions": {"ready": ready}}]
+        }))
+        .unwrap()
+    }
+
+    #[derive(Clone, Debug)]
+    enum Event {
+        Service(u8, Option<(u8, u16)>),
+        Slice(u8, Option<(u8, u8, bool)>),
+        Relist,
+    }
+
+    fn arb_event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            (0u8..4, proptest::option::of((1u8..5, 80u16..83)))
+                .prop_map(|(n, s)| Event::Service(n, s)),
+            (
+                0u8..5,
+                proptest::option::of((0u8..4, 1u8..6, any::<bool>()))
+            )
+                .prop_map(|(n, s)| Event::Slice(n, s)),
+            Just(Event::Relist),
+        ]
+    }
+
+    fn key(name: String) -> Key {
+        ("default".into(), name)
+    }
+
+    proptest! {
+        /// After any sequence of events, the kept translations are what translating
+        /// everything from scratch gives.
+        #[test]
+        fn translating_what_changed_equals_translating_everything(
+            events in proptest::collection::vec(arb_event(), 1..30)
+        ) {
+            let (node, filter) = (node(), Filter::default());
+            let mut services = BTreeMap::new();
+            let mut slices: BTreeMap<Key, EndpointSlice> = BTreeMap::new();
+            let mut translated = Translated::default();
+            translated.everything_changed();
+            for event in events {
+                match event {
+                    Event::Service(n, spec) => {
+                        let k = key(format!("svc{n}"));
+                        match spec {
+                            Some((ip, port)) => services.insert(k.clone(), service(&k.1, ip, port)),
+                            None => services.remove(&k),
+                        };
+                        translated.service_changed(k);
+                    }
+                    Event::Slice(n, spec) => {
+                        let k = key(format!("slice{n}"));
+                        let new = spec.map(|(owner, ip, ready)| slice(&k.1, &format!("svc{owner}"), ip, ready));
+                        let old = match &new {
+                            Some(new) => slices.insert(k.clone(), new.clone()),
+                            None => slices.remove(&k),
+                        };
+                        translated.slice_changed(&k, old.as_ref(), new.as_ref());
+                    }
+                    Event::Relist => translated.everything_changed(),
+                }
+                translated.refresh(&services, &slices, &node, &filter, |_| true);
+                let all: Vec<Service> = services.values().cloned().collect();
+                let all_slices: Vec<EndpointSlice> = slices.values().cloned().collect();
+                let Translation { services: mut want, skipped } = translate(&all, &all_slices, &node, &filter);
+                let mut got: Vec<ServiceConfig> = translated.services().cloned().collect();
+                want.sort_by(|a, b| a.name.cmp(&b.name));
+                got.sort_by(|a, b| a.name.cmp(&b.name));
+                prop_assert_eq!(got, want);
+                prop_assert_eq!(translated.skipped(), skipped);
+            }
+        }
+    }
+}
