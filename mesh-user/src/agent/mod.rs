@@ -47,6 +47,12 @@ pub struct AgentArgs {
     /// Overrides `[agent] metrics`: address of /metrics, /readyz and /healthz.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
+    /// Overrides `[agent] admin_socket`: the admin API's Unix socket ("" turns it off).
+    #[arg(long)]
+    pub admin_socket: Option<PathBuf>,
+    /// Overrides `[agent] state_dir`: where the admin API's and Redis's services are saved.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
 }
 
 impl AgentArgs {
@@ -60,6 +66,12 @@ impl AgentArgs {
         }
         if let Some(metrics) = self.metrics {
             config.agent.metrics = metrics;
+        }
+        if let Some(socket) = &self.admin_socket {
+            config.agent.admin_socket = socket.clone();
+        }
+        if let Some(state_dir) = &self.state_dir {
+            config.agent.state_dir = state_dir.clone();
         }
         Ok(config)
     }
