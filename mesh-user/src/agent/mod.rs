@@ -48,11 +48,16 @@ pub struct AgentArgs {
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
     /// Overrides `[agent] admin_socket`: the admin API's Unix socket ("" turns it off).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_path_or_empty)]
     pub admin_socket: Option<PathBuf>,
     /// Overrides `[agent] state_dir`: where the admin API's and Redis's services are saved.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+}
+
+/// clap refuses an empty path by default; "" is how the socket is turned off.
+fn parse_path_or_empty(text: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(text))
 }
 
 impl AgentArgs {
