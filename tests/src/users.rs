@@ -21,15 +21,23 @@ impl TestUser {
         let name = format!("mesh-t{}{}", std::process::id(), crate::next_unique());
         let out = run_bounded(
             Command::new("useradd")
-                .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin"])
+                .args([
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                ])
                 .arg(&name),
             Duration::from_secs(30),
         )
         .unwrap_or_else(|e| panic!("useradd {name}: {e}"));
         assert!(out.status.success(), "useradd {name}: {}", out.describe());
         let id = |flag: &str| -> u32 {
-            let out = run_bounded(Command::new("id").arg(flag).arg(&name), Duration::from_secs(10))
-                .unwrap_or_else(|e| panic!("id {flag} {name}: {e}"));
+            let out = run_bounded(
+                Command::new("id").arg(flag).arg(&name),
+                Duration::from_secs(10),
+            )
+            .unwrap_or_else(|e| panic!("id {flag} {name}: {e}"));
             out.stdout
                 .trim()
                 .parse()

@@ -1445,10 +1445,7 @@ fn a_burst_of_api_changes_costs_fewer_reconciles_than_changes() {
         "burst",
         &with_agent(
             &[],
-            &format!(
-                "state_dir = {:?}\n",
-                state.path().display().to_string()
-            ),
+            &format!("state_dir = {:?}\n", state.path().display().to_string()),
         ),
     );
     let api = env.agent.admin();

@@ -382,10 +382,7 @@ fn admin_api_services_survive_an_agent_restart() {
     let vip = "127.100.32.1:80";
     let decoy = TcpBackend::start_on("keep-decoy", sock(vip));
     let state = StateDir::new("api-restart");
-    let mut env = TestEnv::start(
-        "api-restart",
-        &config(&[], state.path(), None, None),
-    );
+    let mut env = TestEnv::start("api-restart", &config(&[], state.path(), None, None));
     let api = env.agent.admin();
     let put = api.put("kept", &service_json(vip, &[&a, &b]));
     assert_eq!(put.status, 200, "{}", put.raw);

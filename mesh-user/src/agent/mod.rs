@@ -103,6 +103,7 @@ fn kernel_log_level(level: KernelLog) -> datapath::KernelLogLevel {
 fn start_datapath(config: &Config) -> anyhow::Result<Started> {
     let agent = &config.agent;
     system::ensure_bpffs(&agent.bpffs)?;
+    system::create_private_dir(&agent.bpffs, true)?;
     let lock = PinsLock::acquire(&agent.bpffs)?;
     let cgroup = match &agent.cgroup {
         Some(cgroup) => cgroup.clone(),

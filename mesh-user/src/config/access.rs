@@ -31,8 +31,14 @@ pub(super) fn check(agent: &AgentConfig) -> Vec<Problem> {
     }
     for (field, path) in [
         ("agent.admin_token_file", agent.admin_token_file.as_ref()),
-        ("agent.admin_tls.cert", agent.admin_tls.as_ref().map(|t| &t.cert)),
-        ("agent.admin_tls.key", agent.admin_tls.as_ref().map(|t| &t.key)),
+        (
+            "agent.admin_tls.cert",
+            agent.admin_tls.as_ref().map(|t| &t.cert),
+        ),
+        (
+            "agent.admin_tls.key",
+            agent.admin_tls.as_ref().map(|t| &t.key),
+        ),
     ] {
         if let Some(path) = path
             && !path.is_absolute()
@@ -149,11 +155,18 @@ mod tests {
 
     #[test]
     fn token_and_tls_without_a_listener_are_mistakes() {
-        let found = problems(
-            "admin_token_file = \"/t\"\nadmin_tls = { cert = \"/c\", key = \"k\" }\n",
-        );
+        let found =
+            problems("admin_token_file = \"/t\"\nadmin_tls = { cert = \"/c\", key = \"k\" }\n");
         assert_eq!(found.len(), 3, "{found:?}");
-        assert!(found.iter().any(|p| p.starts_with("agent.admin_tls.key: must be an absolute")));
-        assert!(found.iter().any(|p| p.starts_with("agent.admin_tls: is set but agent.admin")));
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("agent.admin_tls.key: must be an absolute"))
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("agent.admin_tls: is set but agent.admin"))
+        );
     }
 }

@@ -9,6 +9,39 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+/// Creates `dir` (and missing parents) mode 0700: the pins and the agent's state say where
+/// every connection of the node goes, and pinned maps can be opened (and written) by whoever
+/// can reach them. An existing `dir` is made 0700 only with `tighten`, and never when it is a
+/// mount point (bpffs itself is shared with other tools); otherwise a loose mode is reported.
+pub fn create_private_dir(dir: &Path, tighten: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    if !dir.exists() {
+        return fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()));
+    }
+    let mode = fs::metadata(dir)
+        .with_context(|| format!("inspecting {}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    let mount_point = mounts()?.iter().any(|(target, _)| target == dir);
+    if tighten && !mount_point {
+        return fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 0700 {}", dir.display()));
+    }
+    tracing::warn!(
+        "{} has mode {:o}: other users can look inside; chmod 0700 it",
+        dir.display(),
+        mode & 0o777
+    );
+    Ok(())
+}
+
 /// (mount point, fstype) pairs from /proc/mounts.
 fn mounts() -> anyhow::Result<Vec<(PathBuf, String)>> {
     let text = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;

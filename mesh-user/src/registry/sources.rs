@@ -40,8 +40,8 @@ pub async fn start(
     if !admin.any() && agent.redis.is_none() && agent.kubernetes.is_none() {
         return Ok(Sources { tasks });
     }
-    std::fs::create_dir_all(&agent.state_dir)
-        .with_context(|| format!("creating state_dir {}", agent.state_dir.display()))?;
+    crate::datapath::system::create_private_dir(&agent.state_dir, false)
+        .with_context(|| format!("[agent] state_dir {}", agent.state_dir.display()))?;
     if let Some(kubernetes) = &agent.kubernetes {
         let saved = SavedServices::new(&agent.state_dir, "kubernetes-services.json");
         tasks.push(

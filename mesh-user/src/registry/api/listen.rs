@@ -267,7 +267,10 @@ async fn require_token(State(token): State<Arc<Token>>, request: Request, next: 
     if ok {
         return next.run(request).await;
     }
-    debug!(path = request.uri().path(), "admin API: missing or wrong bearer token");
+    debug!(
+        path = request.uri().path(),
+        "admin API: missing or wrong bearer token"
+    );
     (
         StatusCode::UNAUTHORIZED,
         [(header::WWW_AUTHENTICATE, "Bearer")],
@@ -308,21 +311,15 @@ fn tls_acceptor(files: &TlsFiles) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
     let certs = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|err| {
-            anyhow::anyhow!(
-                "[agent] admin_tls.cert {}: {err}",
-                files.cert.display()
-            )
-        })?;
+        .map_err(|err| anyhow::anyhow!("[agent] admin_tls.cert {}: {err}", files.cert.display()))?;
     if certs.is_empty() {
         bail!(
             "[agent] admin_tls.cert {}: no PEM certificate in it",
             files.cert.display()
         );
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|err| {
-        anyhow::anyhow!("[agent] admin_tls.key {}: {err}", files.key.display())
-    })?;
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|err| anyhow::anyhow!("[agent] admin_tls.key {}: {err}", files.key.display()))?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
