@@ -102,6 +102,7 @@ fn kernel_log_level(level: KernelLog) -> datapath::KernelLogLevel {
 /// Everything that must happen before the runtime starts: it blocks on syscalls.
 fn start_datapath(config: &Config) -> anyhow::Result<Started> {
     let agent = &config.agent;
+    system::check_prerequisites(&agent.bpffs, agent.cgroup.as_deref())?;
     system::ensure_bpffs(&agent.bpffs)?;
     system::create_private_dir(&agent.bpffs, true)?;
     let lock = PinsLock::acquire(&agent.bpffs)?;
