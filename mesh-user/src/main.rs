@@ -66,6 +66,32 @@ enum Command {
         #[arg(long, short = 'n', default_value_t = 0)]
         iterations: u64,
     },
+    /// Add or replace a service of the admin API on the running agent (through its socket).
+    Register {
+        #[command(flatten)]
+        service: cli::admin::RegisterArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Remove a service of the admin API from the running agent.
+    Deregister {
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Stop sending new connections to a service's backends (all, or those given with
+    /// --backend); existing connections are left alone. --undo ends the drain.
+    Drain {
+        name: String,
+        /// Only this backend (repeat for more); default: every backend of the service.
+        #[arg(long = "backend")]
+        backends: Vec<std::net::SocketAddr>,
+        /// Take the backends out of draining again.
+        #[arg(long)]
+        undo: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Detach the programs and remove every pinned map and link.
     Cleanup {
         #[command(flatten)]
@@ -80,6 +106,13 @@ struct PinArgs {
     /// Directory under bpffs holding mesh's pins (the agent's `[agent] bpffs`).
     #[arg(long, env = "MESH_BPFFS", default_value = "/sys/fs/bpf/mesh")]
     bpffs: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct AdminArgs {
+    /// The running agent's admin socket (its `[agent] admin_socket`).
+    #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = config::DEFAULT_ADMIN_SOCKET)]
+    admin_socket: PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -105,6 +138,18 @@ fn main() -> anyhow::Result<()> {
             interval,
             iterations,
         } => cli::top::run(&pins.bpffs, interval, iterations),
+        Command::Register { service, admin } => {
+            cli::admin::Admin::new(&admin.admin_socket).register(&service)
+        }
+        Command::Deregister { name, admin } => {
+            cli::admin::Admin::new(&admin.admin_socket).deregister(&name)
+        }
+        Command::Drain {
+            name,
+            backends,
+            undo,
+            admin,
+        } => cli::admin::Admin::new(&admin.admin_socket).drain(&name, &backends, undo),
         Command::Cleanup { pins } => {
             for path in datapath::cleanup(&pins.bpffs)? {
                 println!("removed {}", path.display());

@@ -33,6 +33,7 @@ pub struct Agent {
     config_path: PathBuf,
     log_path: PathBuf,
     metrics_addr: SocketAddr,
+    admin_socket: PathBuf,
 }
 
 impl Agent {
@@ -84,6 +85,15 @@ impl Agent {
             "--metrics".into(),
             metrics_addr.to_string().into(),
         ];
+        // Every agent gets its own admin socket and (unless the test names one) state
+        // directory, never the machine's /run/mesh and /var/lib/mesh.
+        let admin_socket = dir.join("admin.sock");
+        if !extra_args.contains(&"--admin-socket") {
+            args.extend(["--admin-socket".into(), admin_socket.clone().into()]);
+        }
+        if !config_toml.contains("state_dir") && !extra_args.contains(&"--state-dir") {
+            args.extend(["--state-dir".into(), dir.join("state").into()]);
+        }
         args.extend(extra_args.iter().map(OsString::from));
         let env: Vec<EnvChange> = env
             .iter()
@@ -100,6 +110,7 @@ impl Agent {
             config_path,
             log_path,
             metrics_addr,
+            admin_socket,
         };
         // On panic, `agent` drops: the process is stopped and its log printed.
         agent.wait_ready(READY_TIMEOUT);
@@ -139,6 +150,21 @@ impl Agent {
     /// Where `/metrics`, `/readyz` and `/healthz` are served.
     pub fn metrics_addr(&self) -> SocketAddr {
         self.metrics_addr
+    }
+
+    /// The admin API's Unix socket the harness gave this agent (`--admin-socket`).
+    pub fn admin_socket(&self) -> &Path {
+        &self.admin_socket
+    }
+
+    /// The admin API on [`Agent::admin_socket`].
+    pub fn admin(&self) -> crate::admin::AdminApi {
+        crate::admin::AdminApi::socket(&self.admin_socket)
+    }
+
+    /// The agent's private directory (config, log, admin socket).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn config_path(&self) -> &Path {

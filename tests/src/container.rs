@@ -81,7 +81,8 @@ impl ContainerAgent {
         let dir = std::env::temp_dir().join(&name);
         let etc = dir.join("etc");
         let state = dir.join("state");
-        for d in [&etc, &state] {
+        let admin = dir.join("admin");
+        for d in [&etc, &state, &admin] {
             std::fs::create_dir_all(d)
                 .unwrap_or_else(|e| panic!("cannot create {}: {e}", d.display()));
         }
@@ -119,6 +120,7 @@ impl ContainerAgent {
             (cgroup2_mount(), PathBuf::from(CGROUP2_IN_POD), ":ro"),
             (etc, PathBuf::from("/etc/mesh"), ":ro"),
             (state, PathBuf::from("/var/lib/mesh"), ""),
+            (admin, PathBuf::from("/run/mesh/admin"), ""),
         ];
         for (host, inside, mode) in volumes {
             args.push("-v".into());

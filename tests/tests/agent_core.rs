@@ -682,20 +682,17 @@ fn a_thousand_random_edits_leave_exactly_the_desired_state_in_every_map() {
         .collect();
 
     let state = TempDir::new("edits");
-    let api = AdminApi {
-        addr: free_loopback_addr(),
-    };
     let env = TestEnv::start(
         "edits",
         &with_agent(
             &[],
             &format!(
-                "resync = \"300ms\"\nadmin = \"{}\"\nstate_dir = {:?}\n",
-                api.addr,
+                "resync = \"300ms\"\nstate_dir = {:?}\n",
                 state.path().display().to_string()
             ),
         ),
     );
+    let api = env.agent.admin();
 
     let mut rng = Rng(SEED);
     let mut model: BTreeMap<usize, BTreeMap<SocketAddr, u32>> = BTreeMap::new();
@@ -1145,7 +1142,7 @@ fn logs_written_to_a_file_have_no_colour_codes() {
     let metrics = free_loopback_addr().to_string();
     let command = format!(
         "env -u NO_COLOR RUST_LOG=info timeout -s INT 2 {} agent --config {} --cgroup {} \
-         --bpffs {} --metrics {}",
+         --bpffs {} --metrics {} --admin-socket ''",
         shell_quote(&mesh),
         shell_quote(&pty_config),
         shell_quote(&pty_cgroup.path().display().to_string()),
@@ -1321,21 +1318,18 @@ fn an_api_change_that_cannot_be_written_answers_failed_and_is_retried() {
     let first_vip = "127.100.77.1:80";
     let new_vip = "127.100.77.2:80";
     let state = TempDir::new("full");
-    let api = AdminApi {
-        addr: free_loopback_addr(),
-    };
     let env = TestEnv::start(
         "full",
         &with_agent(
             &[tcp_service("full-first", first_vip, &[&first])],
             &format!(
-                "resync = \"1s\"\nadmin = \"{}\"\nstate_dir = {:?}\n\n\
+                "resync = \"1s\"\nstate_dir = {:?}\n\n\
                  [agent.limits]\nmax_slots = 8\n",
-                api.addr,
                 state.path().display().to_string()
             ),
         ),
     );
+    let api = env.agent.admin();
     assert_eq!(map_len(&env.bpffs, "slots"), 1);
     let first_id = id_of(&backends_map(&env.bpffs), first.addr()).expect("backend id");
 
@@ -1447,20 +1441,14 @@ fn a_burst_of_api_changes_costs_fewer_reconciles_than_changes() {
         .map(|i| TcpBackend::start(&format!("burst-{i}")))
         .collect();
     let state = TempDir::new("burst");
-    let api = AdminApi {
-        addr: free_loopback_addr(),
-    };
     let env = TestEnv::start(
         "burst",
         &with_agent(
             &[],
-            &format!(
-                "admin = \"{}\"\nstate_dir = {:?}\n",
-                api.addr,
-                state.path().display().to_string()
-            ),
+            &format!("state_dir = {:?}\n", state.path().display().to_string()),
         ),
     );
+    let api = env.agent.admin();
     let vip = |i: usize| format!("127.100.78.{}:80", i + 1);
     let backend_of = |i: usize| &backends[i % backends.len()];
     let body = |vip: &str, backend: &TcpBackend| {
@@ -1472,7 +1460,7 @@ fn a_burst_of_api_changes_costs_fewer_reconciles_than_changes() {
     let puts: Vec<(String, String)> = (0..CHANGES)
         .map(|i| (format!("burst-{i}"), body(&vip(i), backend_of(i))))
         .collect();
-    let answers = concurrent_puts(api, &puts);
+    let answers = concurrent_puts(&api, &puts);
     let burst_took = started.elapsed();
     let runs = wait_until(Duration::from_secs(2), || {
         let (desired, applied) = generations(&env.agent);
@@ -1522,7 +1510,7 @@ fn a_burst_of_api_changes_costs_fewer_reconciles_than_changes() {
         .collect();
     puts.push(("mixed-clash".to_owned(), body(&vip(0), &backends[1])));
     let runs_before = reconcile_runs(&env.agent);
-    let answers = concurrent_puts(api, &puts);
+    let answers = concurrent_puts(&api, &puts);
     println!(
         "a burst of 10 PUTs with one VIP clash: {} reconciles",
         reconcile_runs(&env.agent) - runs_before
@@ -1551,7 +1539,7 @@ fn a_burst_of_api_changes_costs_fewer_reconciles_than_changes() {
 /// PUTs `(name, body)` all at once (one thread each, released together); returns the status,
 /// body and round trip of each, in order.
 fn concurrent_puts(
-    api: AdminApi,
+    api: &AdminApi,
     puts: &[(String, String)],
 ) -> Vec<(u16, serde_json::Value, Duration)> {
     let barrier = std::sync::Barrier::new(puts.len());

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use integration_tests::admin::{AdminApi, free_loopback_addr};
+use integration_tests::admin::free_loopback_addr;
 use integration_tests::agent::is_warn_or_error;
 use integration_tests::observe::metric_value;
 use integration_tests::redis::{KeyGuard, RedisClient, RedisServer, test_redis_addr};
@@ -180,14 +180,12 @@ fn admin_api_adds_replaces_and_removes_a_service() {
     let decoy = TcpBackend::start_on("api-decoy", sock(vip));
     let file_vip = "127.100.30.2:80";
     let state = StateDir::new("api-crud");
-    let api = AdminApi {
-        addr: free_loopback_addr(),
-    };
     let file_service = ServiceSpec::tcp("file-web", file_vip).backends([a.addr()]);
     let env = TestEnv::start(
         "api-crud",
-        &config(&[file_service], state.path(), Some(api.addr), None),
+        &config(&[file_service], state.path(), None, None),
     );
+    let api = env.agent.admin();
     assert_eq!(api.names(), [("file".to_owned(), "file-web".to_owned())]);
     assert_split(&env.connect(vip, 5), &[(&decoy, 5)]);
 
@@ -276,18 +274,16 @@ fn admin_api_rejects_bad_input_and_keeps_state() {
     let vip = "127.100.31.1:80";
     let file_vip = "127.100.31.2:80";
     let state = StateDir::new("api-reject");
-    let api = AdminApi {
-        addr: free_loopback_addr(),
-    };
     let env = TestEnv::start(
         "api-reject",
         &config(
             &[ServiceSpec::tcp("file-svc", file_vip).backends([c.addr()])],
             state.path(),
-            Some(api.addr),
+            None,
             None,
         ),
     );
+    let api = env.agent.admin();
     let put = api.put("api-svc", &service_json(vip, &[&a, &b]));
     assert_eq!(put.status, 200, "{}", put.raw);
     let before = api.list().body;
@@ -386,13 +382,8 @@ fn admin_api_services_survive_an_agent_restart() {
     let vip = "127.100.32.1:80";
     let decoy = TcpBackend::start_on("keep-decoy", sock(vip));
     let state = StateDir::new("api-restart");
-    let api = AdminApi {
-        addr: free_loopback_addr(),
-    };
-    let mut env = TestEnv::start(
-        "api-restart",
-        &config(&[], state.path(), Some(api.addr), None),
-    );
+    let mut env = TestEnv::start("api-restart", &config(&[], state.path(), None, None));
+    let api = env.agent.admin();
     let put = api.put("kept", &service_json(vip, &[&a, &b]));
     assert_eq!(put.status, 200, "{}", put.raw);
     assert_split(&env.connect(vip, 10), &[(&a, 5), (&b, 5)]);

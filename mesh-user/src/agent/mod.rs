@@ -47,6 +47,17 @@ pub struct AgentArgs {
     /// Overrides `[agent] metrics`: address of /metrics, /readyz and /healthz.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
+    /// Overrides `[agent] admin_socket`: the admin API's Unix socket ("" turns it off).
+    #[arg(long, value_parser = parse_path_or_empty)]
+    pub admin_socket: Option<PathBuf>,
+    /// Overrides `[agent] state_dir`: where the admin API's and Redis's services are saved.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// clap refuses an empty path by default; "" is how the socket is turned off.
+fn parse_path_or_empty(text: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(text))
 }
 
 impl AgentArgs {
@@ -79,6 +90,12 @@ impl AgentArgs {
         if let Some(metrics) = self.metrics {
             config.agent.metrics = metrics;
         }
+        if let Some(socket) = &self.admin_socket {
+            config.agent.admin_socket = socket.clone();
+        }
+        if let Some(state_dir) = &self.state_dir {
+            config.agent.state_dir = state_dir.clone();
+        }
         config
     }
 }
@@ -103,7 +120,9 @@ fn kernel_log_level(level: KernelLog) -> datapath::KernelLogLevel {
 /// Everything that must happen before the runtime starts: it blocks on syscalls.
 fn start_datapath(config: &Config) -> anyhow::Result<Started> {
     let agent = &config.agent;
+    system::check_prerequisites(&agent.bpffs, agent.cgroup.as_deref())?;
     system::ensure_bpffs(&agent.bpffs)?;
+    system::create_private_dir(&agent.bpffs, true)?;
     let lock = PinsLock::acquire(&agent.bpffs)?;
     let cgroup = match &agent.cgroup {
         Some(cgroup) => cgroup.clone(),

@@ -15,6 +15,7 @@ use mesh_common::{
 };
 use serde::{Deserialize, Serialize};
 
+mod access;
 mod reparse;
 mod validate;
 
@@ -44,8 +45,19 @@ pub struct AgentConfig {
     pub cgroup: Option<PathBuf>,
     /// Listen address of the Prometheus endpoint.
     pub metrics: SocketAddr,
-    /// Listen address of the local admin API; `None` turns it off.
+    /// Unix socket of the admin API (mode 0600, owned by the agent's user; callers other than
+    /// root and that user are refused). An empty path turns it off.
+    pub admin_socket: PathBuf,
+    /// An additional TCP listener for the admin API; `None` (the default) has none. Needs
+    /// `admin_token_file`, and `admin_tls` unless the address is a loopback one.
     pub admin: Option<SocketAddr>,
+    /// File holding the bearer token TCP clients of the admin API must send
+    /// (`Authorization: Bearer <token>`); read once at start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
+    /// `admin_tls = { cert = "...", key = "..." }`: serve the TCP admin listener over TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_tls: Option<TlsFiles>,
     /// Directory for what must survive a restart: the admin API's services and the last
     /// services read from Redis (sent to the registry again at start).
     pub state_dir: PathBuf,
@@ -74,6 +86,17 @@ pub struct AgentConfig {
     pub vip_ranges: Vec<ipnet::IpNet>,
 }
 
+/// Where the admin API's Unix socket is by default (and where the CLI looks for it).
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/mesh/admin.sock";
+
+/// PEM files of a TLS server: the certificate chain and its private key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// Bounds of `[agent] resync`.
 pub const RESYNC_MIN: Duration = Duration::from_millis(100);
 pub const RESYNC_MAX: Duration = Duration::from_secs(3600);
@@ -96,7 +119,10 @@ impl Default for AgentConfig {
             bpffs: PathBuf::from("/sys/fs/bpf/mesh"),
             cgroup: None,
             metrics: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            admin_socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
             admin: None,
+            admin_token_file: None,
+            admin_tls: None,
             state_dir: PathBuf::from("/var/lib/mesh"),
             redis: None,
             kubernetes: None,

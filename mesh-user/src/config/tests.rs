@@ -114,6 +114,7 @@ bpffs = "/sys/fs/bpf/mesh-test"
 cgroup = "/sys/fs/cgroup/unified/mesh-test"
 metrics = "127.0.0.1:19464"
 admin = "[::1]:9465"
+admin_token_file = "/etc/mesh/admin.token"
 
 [agent.limits]
 max_services = 16
@@ -205,6 +206,7 @@ fn config_round_trips_through_toml() {
     let c = ok(r#"
 [agent]
 admin = "127.0.0.1:9465"
+admin_token_file = "/etc/mesh/admin.token"
 [[services]]
 name = "a"
 vip = "127.100.0.1:80"

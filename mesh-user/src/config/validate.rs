@@ -188,6 +188,7 @@ impl Config {
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         let mut p = Problems::default();
         self.agent.limits.check(&mut p);
+        p.0.extend(access::check(&self.agent));
         if !self.agent.state_dir.is_absolute() {
             p.agent(
                 "agent.state_dir",

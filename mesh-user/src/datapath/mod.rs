@@ -144,7 +144,7 @@ impl Datapath {
         let layout = PinLayout::new(opts.bpffs);
         for dir in [layout.map("x"), layout.link("x")] {
             let dir = dir.parent().expect("pin paths have a parent");
-            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            system::create_private_dir(dir, true)?;
         }
         let table = opts.capacities.table();
         let mut loader = EbpfLoader::new();

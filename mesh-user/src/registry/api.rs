@@ -1,4 +1,4 @@
-//! The local admin API (`[agent] admin`): lists the merged registry and adds, replaces and
+//! The local admin API (`[agent] admin_socket`, and `[agent] admin` over TCP): lists the merged registry and adds, replaces and
 //! removes the API's own services.
 //!
 //! ```text
@@ -14,11 +14,13 @@
 //! `state_dir` and sent again when the agent starts. Changes that arrive while an update is
 //! being decided are sent together as the next update (one reconcile for a burst); if that
 //! update is rejected, each of its changes is decided alone, so an invalid change never fails
-//! another. There is no authentication: keep it on a loopback address.
+//! another. Who may call it is decided in `listen`: on the Unix socket root and the agent's user,
+//! on TCP whoever has the bearer token (401 otherwise), 403 for other Unix users.
+
+mod listen;
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
     sync::{Arc, PoisonError},
 };
 
@@ -33,13 +35,15 @@ use axum::{
 };
 use serde_json::json;
 use tokio::sync::{Mutex, mpsc, oneshot, watch};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use super::{
     Listing, Outcome, Source, SourceObserver, SourceUpdate,
     update::{self, SavedServices},
 };
-use crate::config::ServiceConfig;
+use crate::config::{AgentConfig, ServiceConfig};
+
+pub use listen::Listeners;
 
 struct Api {
     /// The API's services by name: the set the agent last applied (or the saved set at start).
@@ -53,9 +57,14 @@ struct Api {
     metrics: Arc<dyn SourceObserver>,
 }
 
-/// Binds `addr`, queues the saved services as the API's first update and serves.
+/// Binds the listeners `[agent]` asks for.
+pub async fn bind(agent: &AgentConfig) -> anyhow::Result<Listeners> {
+    Listeners::bind(agent).await
+}
+
+/// Queues the saved services as the API's first update and serves on `listeners`.
 pub async fn start(
-    addr: SocketAddr,
+    listeners: Listeners,
     saved: SavedServices,
     updates: mpsc::Sender<SourceUpdate>,
     registry: watch::Receiver<Listing>,
@@ -67,12 +76,6 @@ pub async fn start(
             saved.path().display()
         )
     })?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the admin API address {addr}"))?;
-    if !addr.ip().is_loopback() {
-        warn!(%addr, "the admin API has no authentication and listens on a non-loopback address");
-    }
     let services: BTreeMap<String, ServiceConfig> = initial
         .iter()
         .flatten()
@@ -123,10 +126,7 @@ pub async fn start(
             },
             None => api.metrics.source_state(Source::Api.name(), true, 0),
         }
-        info!(%addr, "admin API listening");
-        if let Err(err) = axum::serve(listener, app).await {
-            error!("admin API stopped: {err}");
-        }
+        listeners.serve(app).await;
     }))
 }
 

@@ -35,11 +35,13 @@ pub async fn start(
     metrics: Arc<dyn SourceObserver>,
 ) -> anyhow::Result<Sources> {
     let mut tasks = Vec::new();
-    if agent.admin.is_none() && agent.redis.is_none() && agent.kubernetes.is_none() {
+    // Bound first: a socket or port that cannot be had stops the agent before anything else.
+    let admin = super::api::bind(agent).await?;
+    if !admin.any() && agent.redis.is_none() && agent.kubernetes.is_none() {
         return Ok(Sources { tasks });
     }
-    std::fs::create_dir_all(&agent.state_dir)
-        .with_context(|| format!("creating state_dir {}", agent.state_dir.display()))?;
+    crate::datapath::system::create_private_dir(&agent.state_dir, false)
+        .with_context(|| format!("[agent] state_dir {}", agent.state_dir.display()))?;
     if let Some(kubernetes) = &agent.kubernetes {
         let saved = SavedServices::new(&agent.state_dir, "kubernetes-services.json");
         tasks.push(
@@ -54,11 +56,11 @@ pub async fn start(
             .await?,
         );
     }
-    if let Some(addr) = agent.admin {
+    if admin.any() {
         let saved = SavedServices::new(&agent.state_dir, "api-services.json");
         tasks.push(
             super::api::start(
-                addr,
+                admin,
                 saved,
                 updates.clone(),
                 registry.clone(),

@@ -130,7 +130,15 @@ impl SavedServices {
             let text = serde_json::to_vec_pretty(&SavedFile {
                 services: services.to_vec(),
             })?;
-            let mut file = std::fs::File::create(&tmp)?;
+            // 0600: the saved services are the node's routing, not for other users to read.
+            let mut file = std::os::unix::fs::OpenOptionsExt::mode(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true),
+                0o600,
+            )
+            .open(&tmp)?;
             file.write_all(&text)?;
             file.write_all(b"\n")?;
             file.sync_all()?;
