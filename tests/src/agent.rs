@@ -63,6 +63,20 @@ impl Agent {
         extra_args: &[&str],
         env: &[(&str, Option<&str>)],
     ) -> Agent {
+        let mut agent = Agent::spawn(config_toml, cgroup, bpffs, extra_args, env);
+        // On panic, `agent` drops: the process is stopped and its log printed.
+        agent.wait_ready(READY_TIMEOUT);
+        agent
+    }
+
+    /// [`Agent::start_with_env`] without waiting for `/readyz`.
+    pub fn spawn(
+        config_toml: &str,
+        cgroup: &CgroupGuard,
+        bpffs: &BpffsDir,
+        extra_args: &[&str],
+        env: &[(&str, Option<&str>)],
+    ) -> Agent {
         crate::require_root();
         let dir =
             std::env::temp_dir().join(format!("{}-agent-{}", cgroup.name(), crate::next_unique()));
@@ -101,7 +115,7 @@ impl Agent {
             .collect();
 
         let child = spawn(&args, &env, &log_path);
-        let mut agent = Agent {
+        Agent {
             child,
             exit_status: None,
             args,
@@ -111,13 +125,12 @@ impl Agent {
             log_path,
             metrics_addr,
             admin_socket,
-        };
-        // On panic, `agent` drops: the process is stopped and its log printed.
-        agent.wait_ready(READY_TIMEOUT);
-        agent
+        }
     }
 
-    fn wait_ready(&mut self, timeout: Duration) {
+    /// Waits until `/readyz` answers 200; panics (with the log) if the agent exits first or
+    /// is not ready within `timeout`.
+    pub fn wait_ready(&mut self, timeout: Duration) {
         let start = Instant::now();
         loop {
             if let Some(status) = self.try_exit_status() {

@@ -75,6 +75,13 @@ struct Node {
 
 impl Node {
     fn start(tag: &str, api: &KubeApi, node_name: &str) -> Node {
+        let mut node = Node::spawn(tag, api, node_name);
+        node.agent.wait_ready(POLL * 4);
+        node
+    }
+
+    /// The agent started, not waited for.
+    fn spawn(tag: &str, api: &KubeApi, node_name: &str) -> Node {
         let cgroup = CgroupGuard::new(tag);
         let bpffs = BpffsDir::new(tag);
         let kubeconfig = std::env::temp_dir().join(format!("{}-kubeconfig", cgroup.name()));
@@ -86,7 +93,7 @@ impl Node {
             state.path().display(),
             kubeconfig.display()
         );
-        let agent = Agent::start(&config, &cgroup, &bpffs);
+        let agent = Agent::spawn(&config, &cgroup, &bpffs, &[], &[]);
         Node {
             agent,
             bpffs,
@@ -332,6 +339,53 @@ fn service_proxy_name_and_headless_labels_are_honoured() {
         Some(&3),
         "{other:?}"
     );
+    // What the translation leaves out is counted (the labelled ones never reach the agent:
+    // the watch's label selector filters them at the API server, as kube-proxy's does).
+    let metrics = node.agent.metrics_text();
+    let skipped = "mesh_registry_source_skipped{reason=\"headless (clusterIP None)\",source=\"kubernetes\"} 1";
+    assert!(
+        metrics.lines().any(|l| l == skipped),
+        "{skipped} missing:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("skipped"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
+fn a_fresh_node_turns_ready_only_once_the_cluster_services_are_in_the_maps() {
+    let mut api = KubeApi::start();
+    api.apply(node("node-a", "127.10.0.1", "zone-1"));
+    let a = backend("fresh-a", "127.0.18.1");
+    api.apply(service(
+        "fresh",
+        json!({"clusterIP": "127.96.0.90", "ports": [{"name": "http", "port": 80}]}),
+    ));
+    api.apply(slice(
+        "fresh",
+        "s",
+        http_ports(),
+        &[ready("127.0.18.1", "node-a")],
+    ));
+    // A new node whose API server does not answer yet: it has no saved set to serve.
+    api.stop();
+    let mut node = Node::spawn("k8s-fresh", &api, "node-a");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut answered = 0;
+    while Instant::now() < deadline {
+        if let Ok(response) = node.agent.http_get("/readyz") {
+            answered += 1;
+            assert_ne!(response.status, 200, "ready without the cluster's Services");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(answered > 0, "/readyz never answered");
+    api.restart().expect("restart the API server");
+    node.agent.wait_ready(POLL * 4);
+    // Ready means the Services are in the maps: no connect in between is refused.
+    assert_split(&node.connect("127.96.0.90:80", 10), &[(&a, 10)]);
 }
 
 #[test]

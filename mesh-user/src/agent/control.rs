@@ -28,7 +28,9 @@ use crate::{
     model::Vip,
     observe::{heartbeat::Heartbeat, metrics::AgentMetrics},
     reconcile::{Executor, plan::Scope},
-    registry::{Changed, Listing, Outcome, Registry, SourceObserver as _, SourceUpdate, listing},
+    registry::{
+        Changed, Listing, Outcome, Registry, Source, SourceObserver as _, SourceUpdate, listing,
+    },
 };
 
 /// How often the kernel's connect-failure counters are read for passive detection.
@@ -68,6 +70,9 @@ pub struct ControlLoop {
     /// Updates queued before the loop started (saved API and Redis services): applied together
     /// with the file's in the first reconcile.
     pub initial: Vec<SourceUpdate>,
+    /// Sources whose first update must be taken in before the agent is ready (a fresh node
+    /// must not report ready before the cluster's Services are in the maps).
+    pub ready_after: BTreeSet<Source>,
     /// Runs once, when the maps first hold the desired state (before `/readyz` turns 200):
     /// removes the data path of an older pin layout, which translated the VIPs until now.
     pub on_first_apply: Option<Box<dyn FnOnce() + Send>>,
@@ -201,6 +206,13 @@ impl State {
             .collect();
         self.refresh_desired(&checked);
         self.reconcile();
+        if !self.parts.ready_after.is_empty() {
+            let waiting: Vec<&str> = self.parts.ready_after.iter().map(|s| s.name()).collect();
+            info!(
+                ?waiting,
+                "the maps hold the file's services; ready once these sources sent their first set"
+            );
+        }
     }
 
     fn handle(&mut self, command: Command) {
@@ -286,7 +298,7 @@ impl State {
                 for reply in self.pending.drain(..) {
                     let _ = reply.send(Outcome::Applied { generation });
                 }
-                if !self.parts.heartbeat.is_ready() {
+                if !self.parts.heartbeat.is_ready() && self.parts.ready_after.is_empty() {
                     if let Some(first_apply_done) = self.parts.on_first_apply.take() {
                         first_apply_done();
                     }
@@ -335,6 +347,7 @@ impl State {
 
     fn source_update(&mut self, update: SourceUpdate) {
         let source = update.source;
+        self.parts.ready_after.remove(&source);
         match self.parts.registry.replace(source, update.services) {
             Ok(changed) => {
                 self.registry_changed(changed);

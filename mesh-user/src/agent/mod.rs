@@ -7,7 +7,7 @@
 
 pub mod control;
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use mesh_common::SETTINGS_F_TELEMETRY;
@@ -24,7 +24,7 @@ use crate::{
     health::HealthMonitor,
     observe::{heartbeat::Heartbeat, http, metrics::AgentMetrics},
     reconcile::Executor,
-    registry::{Registry, SourceObserver, SourceUpdate, file, listing, sources},
+    registry::{Registry, Source, SourceObserver, SourceUpdate, file, listing, sources},
 };
 
 /// At most this many health checks run at once, whatever the number of backends.
@@ -98,6 +98,16 @@ impl AgentArgs {
         }
         config
     }
+}
+
+/// Sources the agent waits for before it is ready: Kubernetes, unless it already sent the set
+/// it saved at its last run (that set then serves until the watchers have listed).
+fn ready_after(agent: &config::AgentConfig, initial: &[SourceUpdate]) -> BTreeSet<Source> {
+    let mut sources = BTreeSet::new();
+    if agent.kubernetes.is_some() && !initial.iter().any(|u| u.source == Source::Kubernetes) {
+        sources.insert(Source::Kubernetes);
+    }
+    sources
 }
 
 /// The data path as the agent starts it: programs attached, maps adopted, pins locked.
@@ -240,6 +250,7 @@ async fn serve(args: AgentArgs, config: Config, started: Started) -> anyhow::Res
         },
         file_origin: args.config.display().to_string(),
         resync_every: agent_config.resync,
+        ready_after: ready_after(&agent_config, &initial),
         initial,
         // Only now that this version's maps translate the VIPs may an older layout's programs
         // go: removed earlier, connects would meet empty maps and pass through untranslated.

@@ -36,6 +36,7 @@ pub struct AgentMetrics {
     check_failures: IntGaugeVec,
     source_up: IntGaugeVec,
     source_services: IntGaugeVec,
+    source_skipped: IntGaugeVec,
     resync_repairs: IntCounterVec,
     resync_runs: IntCounterVec,
     desired_generation: IntGauge,
@@ -118,6 +119,13 @@ impl AgentMetrics {
             ),
             &["source"],
         )?;
+        let source_skipped = IntGaugeVec::new(
+            Opts::new(
+                "mesh_registry_source_skipped",
+                "Objects (or ports of them) the registry source leaves out, by reason (headless, ExternalName, SCTP, another service-proxy-name, ...)",
+            ),
+            &["source", "reason"],
+        )?;
         let resync_repairs = IntCounterVec::new(
             Opts::new(
                 "mesh_resync_repairs_total",
@@ -152,6 +160,7 @@ impl AgentMetrics {
             Box::new(check_failures.clone()),
             Box::new(source_up.clone()),
             Box::new(source_services.clone()),
+            Box::new(source_skipped.clone()),
         ] {
             registry.register(c)?;
         }
@@ -176,6 +185,7 @@ impl AgentMetrics {
             check_failures,
             source_up,
             source_services,
+            source_skipped,
             resync_repairs,
             resync_runs,
             desired_generation,
@@ -574,6 +584,12 @@ impl SourceObserver for AgentMetrics {
 
     fn config_rejected(&self) {
         self.count_rejected();
+    }
+
+    fn skipped(&self, source: &str, reason: &str, count: usize) {
+        self.source_skipped
+            .with_label_values(&[source, reason])
+            .set(count as i64);
     }
 }
 

@@ -73,6 +73,8 @@ pub enum Outcome {
 pub trait SourceObserver: Send + Sync {
     fn source_state(&self, source: &str, up: bool, services: usize);
     fn config_rejected(&self);
+    /// How many objects (or ports of them) the source leaves out for `reason` now.
+    fn skipped(&self, source: &str, reason: &str, count: usize);
 }
 
 /// The merged registry by source, for the admin API.

@@ -407,6 +407,13 @@ impl KubernetesSource {
             for (reason, count) in &skipped {
                 info!(reason, count, "kubernetes: skipped");
             }
+            let source = Source::Kubernetes.name();
+            for reason in self.skipped.keys().filter(|r| !skipped.contains_key(*r)) {
+                self.metrics.skipped(source, reason, 0);
+            }
+            for (reason, count) in &skipped {
+                self.metrics.skipped(source, reason, *count);
+            }
             self.skipped = skipped;
         }
         let services = self.without_conflicts(self.translated.services().cloned().collect());
