@@ -304,6 +304,8 @@ impl State {
                     }
                     self.parts.heartbeat.set_ready();
                     self.parts.metrics.set_ready(true);
+                    // Start-up parsed, translated and planned everything once.
+                    crate::datapath::system::return_free_memory();
                     info!(services, "first state applied: ready");
                 }
             }

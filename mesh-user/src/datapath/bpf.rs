@@ -20,6 +20,7 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 /// `BPF_LINK_UPDATE` flag: fail unless the link still runs `old_prog_fd`'s program, so two
 /// writers never silently replace each other's program.
 const BPF_F_REPLACE: u32 = 1 << 2;
@@ -67,6 +68,20 @@ struct LinkInfoHead {
     link_type: u32,
     id: u32,
     prog_id: u32,
+}
+
+/// The BPF_MAP_*_BATCH part of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
 }
 
 #[repr(C)]
@@ -168,4 +183,38 @@ pub fn link_replace(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result
         old_prog_fd: old.as_raw_fd() as u32,
     };
     bpf_syscall(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// A batch update that stopped at an element: how many were written before it, and why.
+#[derive(Debug)]
+pub struct BatchError {
+    pub written: usize,
+    pub error: io::Error,
+}
+
+/// Writes `count` elements in one `BPF_MAP_UPDATE_BATCH` call: `keys` and `values` are the
+/// elements' bytes back to back (per-CPU values: one slot per possible CPU, each rounded up to
+/// 8 bytes). The kernel stops at the first element it cannot write.
+pub fn map_update_batch(
+    map: BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    count: usize,
+    elem_flags: u64,
+) -> Result<(), BatchError> {
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: count as u32,
+        map_fd: map.as_raw_fd() as u32,
+        elem_flags,
+        ..Default::default()
+    };
+    match bpf_syscall(BPF_MAP_UPDATE_BATCH, &mut attr) {
+        Ok(_) => Ok(()),
+        Err(error) => Err(BatchError {
+            written: attr.count as usize,
+            error,
+        }),
+    }
 }

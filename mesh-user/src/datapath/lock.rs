@@ -100,7 +100,15 @@ mod tests {
             "{err}"
         );
         drop(first);
-        let again = PinsLock::acquire(&dir).unwrap();
+        // Another test thread may fork a command in this moment: its child shares the lock
+        // until it execs (the descriptor is close-on-exec), so allow a few retries.
+        let again = (0..100)
+            .find_map(|_| {
+                PinsLock::acquire(&dir)
+                    .inspect_err(|_| std::thread::sleep(std::time::Duration::from_millis(10)))
+                    .ok()
+            })
+            .expect("the lock is free again once dropped");
         drop(again);
         let _ = std::fs::remove_dir(&dir);
     }

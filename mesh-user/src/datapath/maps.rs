@@ -1,11 +1,14 @@
 //! Typed handles on every pinned map: reading them all (`snapshot`) and writing `MapOp`s.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, os::fd::AsFd as _, path::Path, time::Duration};
 
 use anyhow::Context as _;
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{
+        Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+        PerCpuValues,
+    },
 };
 use mesh_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, BackendStatsKey, DatapathStats,
@@ -259,11 +262,78 @@ impl Maps {
     /// Writes `ops` in order. On error the maps may hold part of the ops; the caller re-reads
     /// the applied state (the order of ops keeps the data path consistent at every step).
     pub fn apply(&mut self, ops: &[MapOp]) -> anyhow::Result<()> {
-        for op in ops {
-            self.apply_with_retry(op)
-                .with_context(|| format!("map write failed: {op:?}"))?;
+        for run in ops.chunk_by(|a, b| a.kind() == b.kind()) {
+            if run.len() >= BATCH_MIN && self.put_batch(run)? {
+                continue;
+            }
+            for op in run {
+                self.apply_with_retry(op)
+                    .with_context(|| format!("map write failed: {op:?}"))?;
+            }
         }
         Ok(())
+    }
+
+    /// `ResetService` for a run of ids: round-robin positions and per-service counters zeroed.
+    fn reset_batch(&mut self, run: &[MapOp]) -> anyhow::Result<()> {
+        let (mut rr, mut stats) = (Batch::default(), Batch::default());
+        let zero_stats = per_cpu_zeros::<ServiceStats>(self.nr_cpus);
+        for op in run {
+            if let MapOp::ResetService { service_id } = op {
+                rr.push(service_id, &0u64);
+                stats.push_raw(service_id, &zero_stats);
+            }
+        }
+        rr.write(self.rr_state.map().fd().as_fd())
+            .context("batch write to rr_state failed")?;
+        stats
+            .write(self.service_stats.map().fd().as_fd())
+            .context("batch write to service_stats failed")
+    }
+
+    /// Writes a run of puts of one kind with `BPF_MAP_UPDATE_BATCH` (one syscall instead of
+    /// one per element: most of a cold start's time). False for kinds written one by one.
+    fn put_batch(&mut self, run: &[MapOp]) -> anyhow::Result<bool> {
+        if let MapOp::ResetService { .. } = run[0] {
+            return self.reset_batch(run).map(|()| true);
+        }
+        let mut batch = Batch::default();
+        let (map, fd) = match &run[0] {
+            MapOp::PutBackend { .. } => ("backends", self.backends.map().fd().as_fd()),
+            MapOp::PutSlots { .. } => ("slots", self.slots.map().fd().as_fd()),
+            MapOp::PutName { .. } => ("service_names", self.service_names.map().fd().as_fd()),
+            MapOp::PutService { .. } => ("services", self.services.map().fd().as_fd()),
+            MapOp::PutActive { .. } => ("active", self.active.map().fd().as_fd()),
+            // Batches take no BPF_NOEXIST, and a counter must never be reset: one by one.
+            _ => return Ok(false),
+        };
+        for op in run {
+            match op {
+                MapOp::PutBackend { id, addr } => batch.push(id, &backend_of_addr(addr)),
+                MapOp::PutSlots {
+                    service_id,
+                    generation,
+                    backends,
+                } => {
+                    for (slot, backend) in backends.iter().enumerate() {
+                        let key = SlotKey {
+                            service_id: *service_id,
+                            generation: *generation,
+                            slot: slot as u32,
+                        };
+                        batch.push(&key, backend);
+                    }
+                }
+                MapOp::PutName { service_id, name } => batch.push(service_id, &service_name(name)),
+                MapOp::PutService { vip, service } => batch.push(&key_of_vip(vip), service),
+                MapOp::PutActive { key, slots } => batch.push(key, slots),
+                _ => unreachable!("a run holds one kind"),
+            }
+        }
+        batch
+            .write(fd)
+            .with_context(|| format!("batch write of {} entries to {map} failed", batch.count))?;
+        Ok(true)
     }
 
     /// Non-preallocated maps take their elements from per-CPU caches that the kernel refills
@@ -353,6 +423,77 @@ impl Maps {
         }
         Ok(())
     }
+}
+
+/// Runs shorter than this are written one by one.
+const BATCH_MIN: usize = 8;
+
+/// Keys and values of one batch update, back to back as the kernel reads them.
+#[derive(Default)]
+struct Batch {
+    keys: Vec<u8>,
+    values: Vec<u8>,
+    count: usize,
+}
+
+impl Batch {
+    fn push<K: aya::Pod, V: aya::Pod>(&mut self, key: &K, value: &V) {
+        self.push_raw(key, pod_bytes(value));
+    }
+
+    fn push_raw<K: aya::Pod>(&mut self, key: &K, value: &[u8]) {
+        self.keys.extend_from_slice(pod_bytes(key));
+        self.values.extend_from_slice(value);
+        self.count += 1;
+    }
+
+    /// Writes every element (an existing one is overwritten: batches take no `BPF_NOEXIST`);
+    /// ENOMEM (drained per-CPU element caches) is retried after a pause, for a bounded time.
+    fn write(&self, fd: std::os::fd::BorrowedFd<'_>) -> anyhow::Result<()> {
+        if self.count == 0 {
+            return Ok(());
+        }
+        let key_size = self.keys.len() / self.count;
+        let value_size = self.values.len() / self.count;
+        let deadline = std::time::Instant::now() + ENOMEM_RETRY_FOR;
+        let mut pause = Duration::from_micros(200);
+        let mut done = 0;
+        // Every turn writes at least one element or sleeps until the deadline.
+        while done < self.count {
+            let rest = self.count - done;
+            let result = super::bpf::map_update_batch(
+                fd,
+                &self.keys[done * key_size..],
+                &self.values[done * value_size..],
+                rest,
+                0,
+            );
+            let Err(err) = result else { return Ok(()) };
+            done += err.written.min(rest);
+            match err.error.raw_os_error() {
+                Some(libc::ENOMEM) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+                _ => return Err(err.error.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The bytes of a map key or value.
+fn pod_bytes<T: aya::Pod>(value: &T) -> &[u8] {
+    // SAFETY: `Pod` types are plain old data without padding the kernel would misread; the
+    // slice covers exactly the value and lives as long as the borrow.
+    unsafe {
+        std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>())
+    }
+}
+
+/// A zero per-CPU value as the kernel lays it out: one 8-byte-aligned slot per possible CPU.
+fn per_cpu_zeros<T>(nr_cpus: usize) -> Vec<u8> {
+    vec![0; std::mem::size_of::<T>().next_multiple_of(8) * nr_cpus]
 }
 
 fn sum_backend_stats<'a>(per_cpu: impl Iterator<Item = &'a BackendStats>) -> BackendStats {

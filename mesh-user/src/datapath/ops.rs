@@ -72,6 +72,30 @@ pub enum MapOp {
 }
 
 impl MapOp {
+    /// Which kind of write this is, as a rank: ops of one kind next to each other go to the
+    /// kernel as one batch.
+    pub fn kind(&self) -> u8 {
+        match self {
+            MapOp::PutBackend { .. } => 0,
+            MapOp::DeleteBackend { .. } => 1,
+            MapOp::CreateCounter(_) => 2,
+            MapOp::DeleteCounter(_) => 3,
+            MapOp::ResetService { .. } => 4,
+            MapOp::PutSlots { .. } => 5,
+            MapOp::DeleteSlots { .. } => 6,
+            MapOp::PutSlot { .. } => 7,
+            MapOp::DeleteSlot(_) => 8,
+            MapOp::PutName { .. } => 9,
+            MapOp::DeleteName { .. } => 10,
+            MapOp::PutService { .. } => 11,
+            MapOp::DeleteService { .. } => 12,
+            MapOp::PutActive { .. } => 13,
+            MapOp::DeleteActive(_) => 14,
+            MapOp::DeletePassive(_) => 15,
+            MapOp::DeleteAffinity(_) => 16,
+        }
+    }
+
     /// The map this op writes, for logs and repair counts.
     pub fn map(&self) -> &'static str {
         match self {

@@ -100,6 +100,8 @@ fn render_loop(
             ticket,
             text: Arc::new(text),
         }));
+        // The render's intermediate families are several times the text: give them back.
+        crate::datapath::system::return_free_memory();
     }
 }
 

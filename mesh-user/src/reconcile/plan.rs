@@ -70,8 +70,10 @@ impl Ops {
         }
     }
 
+    /// By phase, and within a phase by kind (nothing in one phase depends on another write of
+    /// it), so writes of one kind can go to the kernel as one batch.
     fn into_sorted(mut self) -> Vec<MapOp> {
-        self.0.sort_by_key(|(phase, _)| *phase);
+        self.0.sort_by_key(|(phase, op)| (*phase, op.kind()));
         self.0.into_iter().map(|(_, op)| op).collect()
     }
 }
