@@ -21,6 +21,7 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// `BPF_LINK_UPDATE` flag: fail unless the link still runs `old_prog_fd`'s program, so two
 /// writers never silently replace each other's program.
 const BPF_F_REPLACE: u32 = 1 << 2;
@@ -217,4 +218,52 @@ pub fn map_update_batch(
             error,
         }),
     }
+}
+
+/// Every element of a hash map, read with `BPF_MAP_LOOKUP_BATCH` a few thousand at a time
+/// instead of two syscalls per element: (keys, values), each back to back (per-CPU values:
+/// one slot per possible CPU, each rounded up to 8 bytes). Not for arrays (their batch token
+/// is key-sized, a hash map's a bucket number).
+pub fn map_lookup_batch_all(
+    map: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+) -> io::Result<(Vec<u8>, Vec<u8>)> {
+    let mut chunk: usize = 4096;
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    let mut token: u64 = 0;
+    let mut first = true;
+    // Each call returns at least one element or ends; bounded by the map's size anyway.
+    for _ in 0..(1 << 20) {
+        let have = keys.len() / key_size.max(1);
+        keys.resize((have + chunk) * key_size, 0);
+        values.resize((have + chunk) * value_size, 0);
+        let mut next: u64 = 0;
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { &raw const token as u64 },
+            out_batch: &raw mut next as u64,
+            keys: keys[have * key_size..].as_mut_ptr() as u64,
+            values: values[have * value_size..].as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let result = bpf_syscall(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let got = (attr.count as usize).min(chunk);
+        keys.truncate((have + got) * key_size);
+        values.truncate((have + got) * value_size);
+        match result {
+            Ok(_) => {
+                token = next;
+                first = false;
+            }
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok((keys, values)),
+            // One bucket holds more elements than fit: ask for more at once.
+            Err(err) if err.raw_os_error() == Some(libc::ENOSPC) && chunk < (1 << 20) => {
+                chunk *= 2;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Err(io::Error::other("BPF_MAP_LOOKUP_BATCH did not end"))
 }

@@ -216,37 +216,25 @@ impl Maps {
 
     fn read_all(&self) -> anyhow::Result<Snapshot> {
         let mut snap = Snapshot::default();
-        for entry in self.services.iter() {
-            let (key, svc) = entry?;
+        for (key, svc) in entries(&self.services)? {
             snap.services.insert(vip_of_key(&key)?, svc);
         }
-        for entry in self.slots.iter() {
-            let (key, backend) = entry?;
-            snap.slots.insert(key, backend);
-        }
-        for entry in self.backends.iter() {
-            let (id, backend) = entry?;
+        snap.slots.extend(entries(&self.slots)?);
+        for (id, backend) in entries(&self.backends)? {
             snap.backends.insert(id, addr_of_backend(&backend)?);
         }
-        for entry in self.service_names.iter() {
-            let (id, name) = entry?;
+        for (id, name) in entries(&self.service_names)? {
             snap.names.insert(id, name_of(&name));
         }
-        for entry in self.backend_stats.iter() {
-            let (key, per_cpu) = entry?;
+        for (key, per_cpu) in per_cpu_entries(&self.backend_stats, self.nr_cpus)? {
             snap.backend_stats
                 .insert(key, sum_backend_stats(per_cpu.iter()));
         }
-        for entry in self.active.iter() {
-            let (key, slots) = entry?;
-            snap.active.insert(key, slots);
-        }
-        for entry in self.passive.iter() {
-            let (key, state) = entry?;
+        snap.active.extend(entries(&self.active)?);
+        for (key, state) in entries(&self.passive)? {
             snap.passive.insert(key, state.consecutive_failures);
         }
-        for entry in self.affinity.iter() {
-            let (key, value) = entry?;
+        for (key, value) in entries(&self.affinity)? {
             snap.affinity.push((key, value.backend_id));
         }
         for svc in snap.services.values() {
@@ -423,6 +411,63 @@ impl Maps {
         }
         Ok(())
     }
+}
+
+/// Every element of a hash map: in batches, or (a kernel without batch lookups) one by one.
+fn entries<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> anyhow::Result<Vec<(K, V)>> {
+    let fd = map.map().fd().as_fd();
+    match super::bpf::map_lookup_batch_all(fd, size_of::<K>(), size_of::<V>()) {
+        Ok((keys, values)) => Ok(keys
+            .chunks_exact(size_of::<K>())
+            .zip(values.chunks_exact(size_of::<V>()))
+            .map(|(k, v)| (read_pod(k), read_pod(v)))
+            .collect()),
+        Err(err) if batch_unsupported(&err) => map.iter().map(|e| e.map_err(Into::into)).collect(),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// `entries` of a per-CPU hash map: each value per possible CPU.
+fn per_cpu_entries<K: aya::Pod, V: aya::Pod>(
+    map: &PerCpuHashMap<MapData, K, V>,
+    nr_cpus: usize,
+) -> anyhow::Result<Vec<(K, Vec<V>)>> {
+    let fd = map.map().fd().as_fd();
+    let slot = size_of::<V>().next_multiple_of(8);
+    match super::bpf::map_lookup_batch_all(fd, size_of::<K>(), slot * nr_cpus) {
+        Ok((keys, values)) => Ok(keys
+            .chunks_exact(size_of::<K>())
+            .zip(values.chunks_exact(slot * nr_cpus))
+            .map(|(k, v)| {
+                let per_cpu = v.chunks_exact(slot).map(|s| read_pod(&s[..size_of::<V>()]));
+                (read_pod(k), per_cpu.collect())
+            })
+            .collect()),
+        Err(err) if batch_unsupported(&err) => map
+            .iter()
+            .map(|e| {
+                let (k, v) = e?;
+                Ok((k, v.iter().copied().collect()))
+            })
+            .collect(),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// A kernel or map without batch lookups: EINVAL, EOPNOTSUPP, or the kernel-internal
+/// ENOTSUPP (524) some versions return.
+fn batch_unsupported(err: &std::io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | 524)
+    )
+}
+
+/// A value from the bytes the kernel wrote for it.
+fn read_pod<T: aya::Pod>(bytes: &[u8]) -> T {
+    assert_eq!(bytes.len(), size_of::<T>());
+    // SAFETY: `Pod` types are valid for any bit pattern, and the slice has exactly the size.
+    unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) }
 }
 
 /// Runs shorter than this are written one by one.
