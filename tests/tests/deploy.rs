@@ -2,8 +2,9 @@
 //! network, every capability dropped but the DaemonSet's `capabilities.add` list (read from the
 //! manifest itself), podman's default seccomp profile (as Kubernetes' `RuntimeDefault`), a
 //! read-only root, the host's bpffs and cgroup v2 mount, and the ConfigMap's own mesh.toml
-//! (read from deploy/kubernetes/configmap.yaml; its Kubernetes source points at a closed
-//! loopback port, since no API server runs here) with test services appended.
+//! (read from deploy/kubernetes/configmap.yaml; its Kubernetes source points at the tests' own
+//! API server on loopback, holding an empty cluster, since no kube-apiserver runs here) with
+//! test services appended. A pod turns ready only once that cluster's first (empty) set is in.
 //!
 //! To obey the rules for privileged tests, the agent attaches to a cgroup this test creates,
 //! pins into this test's bpffs directories and serves metrics on loopback; clients run inside
@@ -26,6 +27,7 @@ use integration_tests::container::{
     ContainerAgent, ContainerSpec, manifest, run_init_script, test_image, yaml_block,
     yaml_capabilities_add, yaml_shell_script,
 };
+use integration_tests::kube_api::KubeApi;
 use integration_tests::probe::move_into_cgroup_at_spawn;
 use integration_tests::{
     BpffsDir, CgroupGuard, ServiceSpec, TcpBackend, UdpBackend, assert_split, probe_bin,
@@ -66,19 +68,13 @@ fn pod_config(backends: &Backends, with_u2: bool) -> String {
     format!("{base}\n{}", render_config(&[tcp, udp]))
 }
 
-/// A kubeconfig whose server is a loopback port nothing listens on: the watchers fail fast
-/// and retry, as they do while a real API server is unreachable.
-fn unreachable_kubeconfig() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("an ephemeral loopback port")
-        .port();
-    format!(
-        "apiVersion: v1\nkind: Config\ncurrent-context: none\n\
-         clusters:\n- name: none\n  cluster:\n    server: http://127.0.0.1:{port}\n\
-         contexts:\n- name: none\n  context:\n    cluster: none\n    user: none\n\
-         users:\n- name: none\n  user: {{}}\n"
-    )
+/// The tests' API server (an empty cluster) and a kubeconfig for it: the pod shares the host's
+/// network, so it reaches the loopback address. A fresh pod is ready only once its watchers
+/// listed this cluster.
+fn empty_cluster() -> (KubeApi, String) {
+    let api = KubeApi::start();
+    let kubeconfig = integration_tests::kube_api::kubeconfig_yaml(&api.url());
+    (api, kubeconfig)
 }
 
 /// The agent's exit reason: `main`'s `Error: ...` and its `Caused by:` chain on one line, or
@@ -324,7 +320,7 @@ fn image_runs_the_agent_with_exactly_the_daemonset_capabilities() {
         u2: UdpBackend::start("deploy-u2"),
     };
     let config = pod_config(&backends, true);
-    let kubeconfig = unreachable_kubeconfig();
+    let (_cluster, kubeconfig) = empty_cluster();
     // The test's node: its root cgroup and its pins, kept by every pod but the first-pod
     // runs without a capability, which get a node of their own each (a second set of
     // programs attached to the same cgroup would answer for them).
@@ -430,7 +426,7 @@ fn without_seccomp_adopting_pins_still_needs_sys_admin() {
         u2: UdpBackend::start("deploy-sc-u2"),
     };
     let config = pod_config(&backends, true);
-    let kubeconfig = unreachable_kubeconfig();
+    let (_cluster, kubeconfig) = empty_cluster();
     let pods = Pods {
         image: &image,
         config: &config,

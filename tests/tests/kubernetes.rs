@@ -61,6 +61,15 @@ fn ready<'a>(ip: &'a str, node: &'a str) -> Ep<'a> {
     (ip, true, true, false, node)
 }
 
+/// Service `name` on `cluster_ip`:80 with one slice "s" of one ready endpoint on node-a.
+fn one_endpoint_service(api: &KubeApi, name: &str, cluster_ip: &str, endpoint: &str) {
+    api.apply(service(
+        name,
+        json!({"clusterIP": cluster_ip, "ports": [{"name": "http", "port": 80}]}),
+    ));
+    api.apply(slice(name, "s", http_ports(), &[ready(endpoint, "node-a")]));
+}
+
 fn backend(name: &str, ip: &str) -> TcpBackend {
     TcpBackend::start_on(name, format!("{ip}:8080").parse().unwrap())
 }
@@ -359,16 +368,7 @@ fn a_fresh_node_turns_ready_only_once_the_cluster_services_are_in_the_maps() {
     let mut api = KubeApi::start();
     api.apply(node("node-a", "127.10.0.1", "zone-1"));
     let a = backend("fresh-a", "127.0.18.1");
-    api.apply(service(
-        "fresh",
-        json!({"clusterIP": "127.96.0.90", "ports": [{"name": "http", "port": 80}]}),
-    ));
-    api.apply(slice(
-        "fresh",
-        "s",
-        http_ports(),
-        &[ready("127.0.18.1", "node-a")],
-    ));
+    one_endpoint_service(&api, "fresh", "127.96.0.90", "127.0.18.1");
     // A new node whose API server does not answer yet: it has no saved set to serve.
     api.stop();
     let mut node = Node::spawn("k8s-fresh", &api, "node-a");
@@ -564,16 +564,7 @@ fn works_after_restarting_the_agent_and_keeps_serving_through_an_api_server_outa
     api.apply(node("node-a", "127.10.0.1", "zone-1"));
     let a = backend("out-a", "127.0.17.1");
     let b = backend("out-b", "127.0.17.2");
-    api.apply(service(
-        "steady",
-        json!({"clusterIP": "127.96.0.80", "ports": [{"name": "http", "port": 80}]}),
-    ));
-    api.apply(slice(
-        "steady",
-        "s",
-        http_ports(),
-        &[ready("127.0.17.1", "node-a")],
-    ));
+    one_endpoint_service(&api, "steady", "127.96.0.80", "127.0.17.1");
     let mut node = Node::start("k8s-outage", &api, "node-a");
     node.wait_for("default/steady:http", &addrs(&[&a]));
 

@@ -303,12 +303,7 @@ impl Maps {
                     generation,
                     backends,
                 } => {
-                    for (slot, backend) in backends.iter().enumerate() {
-                        let key = SlotKey {
-                            service_id: *service_id,
-                            generation: *generation,
-                            slot: slot as u32,
-                        };
+                    for (key, backend) in slot_entries(*service_id, *generation, backends) {
                         batch.push(&key, backend);
                     }
                 }
@@ -368,12 +363,7 @@ impl Maps {
                 generation,
                 backends,
             } => {
-                for (slot, backend) in backends.iter().enumerate() {
-                    let key = SlotKey {
-                        service_id: *service_id,
-                        generation: *generation,
-                        slot: slot as u32,
-                    };
+                for (key, backend) in slot_entries(*service_id, *generation, backends) {
                     self.slots.insert(key, backend, 0)?;
                 }
             }
@@ -468,6 +458,22 @@ fn read_pod<T: aya::Pod>(bytes: &[u8]) -> T {
     assert_eq!(bytes.len(), size_of::<T>());
     // SAFETY: `Pod` types are valid for any bit pattern, and the slice has exactly the size.
     unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) }
+}
+
+/// The slots map entries of one generation's slot set.
+fn slot_entries(
+    service_id: u32,
+    generation: u32,
+    backends: &[u32],
+) -> impl Iterator<Item = (SlotKey, &u32)> {
+    backends.iter().enumerate().map(move |(slot, backend)| {
+        let key = SlotKey {
+            service_id,
+            generation,
+            slot: slot as u32,
+        };
+        (key, backend)
+    })
 }
 
 /// Runs shorter than this are written one by one.
