@@ -929,9 +929,15 @@ fn kill_and_time_ejection(
             result.total
         );
     }
+    // The one client may have had a request in flight on the victim when it was killed: that
+    // connection is reset, once at most. Anything else is a connect the data path got wrong.
+    let mut unexpected = unexpected_errors(&result);
+    if unexpected.get("ECONNRESET") == Some(&1) {
+        unexpected.remove("ECONNRESET");
+    }
     assert!(
-        unexpected_errors(&result).is_empty(),
-        "{name}: client errors other than ECONNREFUSED: {:?}",
+        unexpected.is_empty(),
+        "{name}: client errors other than ECONNREFUSED (and one reset in flight): {:?}",
         result.total.errors
     );
     let t = wait_transition(env, mark, vip, victim, "unhealthy");
