@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
 use super::Settings;
-use super::mesh::{Agent, ServiceConf, catalog_services, config_text};
+use super::mesh::{Agent, ServiceConf, catalog_services, config_text, limits_for};
 use super::procs::{Proc, line_reader};
 use super::system::{Cgroup, monotonic_ns, scratch_name};
 use crate::signal;
@@ -248,7 +248,7 @@ impl ControlPlane<'_> {
         println!("\n==> bench: control plane: {size} services, cold start");
         let services = catalog_services(size, None);
         let refs: Vec<&ServiceConf> = services.iter().collect();
-        let text = config_text(&refs);
+        let text = format!("{}{}", limits_for(size), config_text(&refs));
         // A start that fails is recorded and retried, up to two extra attempts in all.
         let wanted = self.settings.cp_repeats;
         let mut repeat = 0;

@@ -77,6 +77,20 @@ pub fn catalog_services(n: usize, health: Option<&str>) -> Vec<ServiceConf> {
         .collect()
 }
 
+/// `[agent.limits]` for `n` catalog services (4 distinct backends each): the agent validates
+/// that the maps hold twice the registry (old and new entries coexist during an update), which
+/// the default limits do not at 50k services (400,001 backend ids needed, 262,144 by default).
+pub fn limits_for(n: usize) -> String {
+    let size = |needed: usize, default: usize| needed.max(default).next_power_of_two();
+    format!(
+        "[agent.limits]\nmax_services = {}\nmax_backends = {}\nmax_service_backends = {}\nmax_slots = {}\n",
+        size(2 * n + 1, 131_072),
+        size(8 * n + 1, 262_144),
+        size(8 * n, 524_288),
+        size(8 * n, 1_048_576),
+    )
+}
+
 /// The config file text. Agent settings (bpffs, cgroup, metrics) are passed on the command line.
 pub fn config_text(services: &[&ServiceConf]) -> String {
     let mut out = String::with_capacity(services.len() * 300);
@@ -339,6 +353,15 @@ mod tests {
                 .iter()
                 .all(|b| matches!(b.ip(), std::net::IpAddr::V4(ip) if ip.octets()[0] == 127))
         );
+    }
+
+    #[test]
+    fn limits_hold_twice_the_catalog() {
+        assert!(limits_for(10_000).contains("max_backends = 262144\n"));
+        let big = limits_for(50_000);
+        assert!(big.contains("max_backends = 524288\n"), "{big}");
+        assert!(big.contains("max_service_backends = 524288\n"), "{big}");
+        assert!(big.contains("max_services = 131072\n"), "{big}");
     }
 
     #[test]
