@@ -23,6 +23,7 @@ mod baselines;
 mod chart;
 mod control;
 mod dataplane;
+mod kernel_cost;
 mod mesh;
 mod procs;
 mod proto;
@@ -76,6 +77,9 @@ pub struct Settings {
     pub changes_10k: usize,
     /// Window for agent CPU measurements, seconds.
     pub idle_secs: f64,
+    /// Rounds and sequential connects per case of the BPF-time-per-connection measurement.
+    pub kernel_rounds: usize,
+    pub kernel_connects: u64,
 }
 
 impl Settings {
@@ -96,6 +100,8 @@ impl Settings {
             changes: 50,
             changes_10k: 20,
             idle_secs: 5.0,
+            kernel_rounds: 5,
+            kernel_connects: 20_000,
         }
     }
 
@@ -116,6 +122,8 @@ impl Settings {
             changes: 10,
             changes_10k: 5,
             idle_secs: 2.0,
+            kernel_rounds: 3,
+            kernel_connects: 5_000,
         }
     }
 }
@@ -189,6 +197,7 @@ struct Results<'a> {
     summaries: &'a [report::CaseSummary],
     targets: &'a [report::Target],
     control: &'a ControlResults,
+    kernel_cost: &'a kernel_cost::KernelCostResults,
     warnings: &'a [String],
     errors: &'a [String],
     runs: &'a [Run],
@@ -265,7 +274,7 @@ pub fn run(quick: bool) -> Result<()> {
 
     let mut warnings = Vec::new();
     let mut errors = Vec::new();
-    let (warmups, runs) = {
+    let ((warmups, runs), kernel) = {
         let haproxy = baselines::Haproxy::start(&scratch.0, local(HAPROXY_PORT), &backends)?;
         let cgroup = Cgroup::create(&scratch_name(""))?;
         let bpffs = Path::new(system::BPFFS).join(scratch_name("dataplane"));
@@ -292,10 +301,30 @@ pub fn run(quick: bool) -> Result<()> {
         };
         let result = dp.rounds();
         warnings.append(&mut dp.warnings);
+        let kernel = result.is_ok().then(|| {
+            println!("\n==> bench: BPF time per connection (kernel accounting)");
+            kernel_cost::measure(&kernel_cost::Inputs {
+                loadgen: &loadgen,
+                mesh_cgroup: cgroup.path(),
+                mesh_vip: SocketAddr::V4(dataplane::MESH_VIP),
+                backends: &backends,
+                rounds: settings.kernel_rounds,
+                connects: settings.kernel_connects,
+            })
+        });
         drop(dp);
         drop(cgroup);
         drop(haproxy);
-        result?
+        let kernel = match kernel {
+            Some(Ok(kernel)) => kernel,
+            Some(Err(e)) if e.downcast_ref::<signal::Interrupted>().is_some() => return Err(e),
+            Some(Err(e)) => {
+                errors.push(format!("BPF time per connection: {e:#}"));
+                kernel_cost::KernelCostResults::default()
+            }
+            None => kernel_cost::KernelCostResults::default(),
+        };
+        (result?, kernel)
     };
 
     let mut cp = ControlPlane {
@@ -331,13 +360,15 @@ pub fn run(quick: bool) -> Result<()> {
         .collect();
     let summaries = report::summarize(&runs, &main_cases);
     let targets = report::targets(&runs, &control, &settings.scale_levels);
-    let markdown = report::markdown(
+    let mut markdown = report::markdown(
         &summaries,
         &runs,
         &control,
         &targets,
         &settings.scale_levels,
     );
+    markdown.push('\n');
+    markdown.push_str(&kernel_cost::markdown(&kernel));
     println!("\n{markdown}");
     for w in &warnings {
         println!("warning: {w}");
@@ -363,6 +394,7 @@ pub fn run(quick: bool) -> Result<()> {
         summaries: &summaries,
         targets: &targets,
         control: &control,
+        kernel_cost: &kernel,
         warnings: &warnings,
         errors: &errors,
         runs: &runs,
@@ -390,4 +422,62 @@ pub fn run(quick: bool) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     cp_result
+}
+
+/// `cargo xtask bench --kernel-cost`: only the BPF time per connection, with an agent on the
+/// bench's single service (see `kernel_cost`).
+pub fn run_kernel_cost(quick: bool) -> Result<()> {
+    let settings = if quick {
+        Settings::quick()
+    } else {
+        Settings::full()
+    };
+    setup::run()?;
+    let (mesh, loadgen) = build_binaries()?;
+    system::clean_leftovers(&mesh)?;
+    let scratch = ScratchDir(std::env::temp_dir().join(scratch_name("")));
+    std::fs::create_dir_all(&scratch.0)?;
+    let backends: Vec<SocketAddr> = BACKEND_PORTS.iter().map(|&p| local(p)).collect();
+    for &addr in backends.iter().chain(&[local(DATAPLANE_METRICS_PORT)]) {
+        system::require_free(addr)?;
+    }
+    let _servers = backends
+        .iter()
+        .enumerate()
+        .map(|(i, &addr)| start_backend(&loadgen, &scratch.0, i, addr))
+        .collect::<Result<Vec<_>>>()?;
+    let cgroup = Cgroup::create(&scratch_name(""))?;
+    let bpffs = Path::new(system::BPFFS).join(scratch_name("dataplane"));
+    let mut agent = mesh::Agent::start(
+        &mesh,
+        &scratch.0,
+        "dataplane",
+        &DataPlane::initial_mesh_config(&backends),
+        cgroup.path(),
+        &bpffs,
+        local(DATAPLANE_METRICS_PORT),
+    )?;
+    agent.wait_ready(Duration::from_secs(60))?;
+    println!("\n==> bench: BPF time per connection (kernel accounting)");
+    let results = kernel_cost::measure(&kernel_cost::Inputs {
+        loadgen: &loadgen,
+        mesh_cgroup: cgroup.path(),
+        mesh_vip: SocketAddr::V4(dataplane::MESH_VIP),
+        backends: &backends,
+        rounds: settings.kernel_rounds,
+        connects: settings.kernel_connects,
+    })?;
+    drop(agent);
+    drop(cgroup);
+    let markdown = kernel_cost::markdown(&results);
+    println!("\n{markdown}");
+    let out_dir = target_dir().join("bench");
+    std::fs::create_dir_all(&out_dir)?;
+    std::fs::write(
+        out_dir.join("kernel-cost.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    std::fs::write(out_dir.join("kernel-cost.md"), &markdown)?;
+    println!("bench: wrote {}", out_dir.join("kernel-cost.md").display());
+    Ok(())
 }

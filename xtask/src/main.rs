@@ -74,6 +74,10 @@ enum Command {
         /// Short run.
         #[arg(long)]
         quick: bool,
+        /// Only the BPF time per connection (kernel accounting: mesh's programs next to the
+        /// minimal connect4 baseline), a minute or two.
+        #[arg(long)]
+        kernel_cost: bool,
     },
     /// Remove leftovers of interrupted test runs (mesh-test-* bpffs dirs and cgroups).
     Cleanup,
@@ -104,7 +108,13 @@ fn main() -> ExitCode {
             }
         }
         Command::Manifests => setup::run().and_then(|()| manifests::validate()),
-        Command::Bench { quick } => bench::run(quick),
+        Command::Bench { quick, kernel_cost } => {
+            if kernel_cost {
+                bench::run_kernel_cost(quick)
+            } else {
+                bench::run(quick)
+            }
+        }
         Command::Cleanup => cleanup::run(),
     };
     match result {

@@ -45,6 +45,18 @@ pub struct CrrResult {
     pub cpu: CpuWindow,
 }
 
+/// `loadgen connects`: an exact number of sequential connect/1 byte/close transactions.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConnectsResult {
+    /// Transactions that completed.
+    pub conns: u64,
+    /// Transactions that failed (connect or read).
+    pub errors: u64,
+    pub secs: f64,
+    /// Completed transactions per backend id (the 1-byte reply names the backend).
+    pub per_backend: Vec<u64>,
+}
+
 /// `loadgen rr`: 1-byte round trips on one established connection.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RrResult {

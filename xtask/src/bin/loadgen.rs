@@ -8,7 +8,9 @@
 //!   the count (u64, little endian) is sent back. No half-close is needed, so proxies that
 //!   close abruptly (HAProxy with `option nolinger`) carry it unchanged.
 //!
-//! Clients: `crr` (connect, 1-byte request/reply, close: TCP_CRR), `rr` (1-byte round trips on
+//! Clients: `crr` (connect, 1-byte request/reply, close: TCP_CRR), `connects` (the same
+//! transaction an exact number of times, one after another, for the kernel's per-program
+//! accounting), `rr` (1-byte round trips on
 //! one connection: TCP_RR), `bulk` (upload throughput) and `probe` (connects in a loop and
 //! prints when the answering backend changes). Every loop is bounded in count and time.
 //! Traffic goes only to the addresses given, which xtask keeps inside 127.0.0.0/8.
@@ -28,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
-use proto::{BulkResult, CpuWindow, CrrResult, Percentiles, RrResult};
+use proto::{BulkResult, ConnectsResult, CpuWindow, CrrResult, Percentiles, RrResult};
 
 #[derive(Parser)]
 #[command(
@@ -67,6 +69,16 @@ enum Command {
         #[arg(long, default_value_t = 1.0)]
         warmup: f64,
         /// Join this cgroup v2 directory first (the mesh path: its programs see our connects).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+    },
+    /// Exactly `--count` sequential `crr` transactions (connect, 1 byte each way, close with
+    /// RST) over the targets in turn: every BPF program run they cause is theirs.
+    Connects {
+        #[arg(long = "target", required = true)]
+        targets: Vec<SocketAddr>,
+        #[arg(long)]
+        count: u64,
         #[arg(long)]
         cgroup: Option<PathBuf>,
     },
@@ -126,6 +138,14 @@ fn main() -> Result<()> {
             join_cgroup(cgroup.as_deref())?;
             let result = crr(&targets, threads.clamp(1, 256), duration, warmup)?;
             print_json(&result)
+        }
+        Command::Connects {
+            targets,
+            count,
+            cgroup,
+        } => {
+            join_cgroup(cgroup.as_deref())?;
+            print_json(&connects(&targets, count))
         }
         Command::Rr {
             target,
@@ -580,6 +600,48 @@ fn crr(targets: &[SocketAddr], threads: usize, duration: f64, warmup: f64) -> Re
     })
 }
 
+/// One transaction: connect, send `i`, read the backend's id, close with RST.
+fn identify(target: SocketAddr, timeout: Duration) -> io::Result<u8> {
+    let mut s = TcpStream::connect_timeout(&target, timeout)?;
+    linger_zero(&s);
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"i")?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b)?;
+    Ok(b[0])
+}
+
+fn connects(targets: &[SocketAddr], count: u64) -> ConnectsResult {
+    let count = count.clamp(1, 10_000_000);
+    // Bounded in time too: a path that fails slowly stops the run instead of hanging it.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut result = ConnectsResult::default();
+    let mut per_backend = [0u64; 8];
+    let start = Instant::now();
+    for i in 0..count {
+        if Instant::now() >= deadline {
+            break;
+        }
+        match identify(targets[i as usize % targets.len()], Duration::from_secs(2)) {
+            Ok(id) => {
+                result.conns += 1;
+                if let Some(c) = per_backend.get_mut(usize::from(id)) {
+                    *c += 1;
+                }
+            }
+            Err(_) => result.errors += 1,
+        }
+    }
+    result.secs = start.elapsed().as_secs_f64();
+    let used = per_backend
+        .iter()
+        .rposition(|&c| c > 0)
+        .map_or(0, |i| i + 1);
+    result.per_backend = per_backend[..used].to_vec();
+    result
+}
+
 fn rr(target: SocketAddr, count: u64, warmup: u64) -> Result<RrResult> {
     let count = count.clamp(1, 10_000_000);
     let mut s = TcpStream::connect(target).with_context(|| format!("connecting to {target}"))?;
@@ -655,16 +717,7 @@ fn bulk(targets: &[SocketAddr], conns: usize, bytes: u64) -> Result<BulkResult> 
 
 /// One probe attempt: the answering backend's id, or 255.
 fn probe_once(target: SocketAddr) -> u8 {
-    let attempt = || -> io::Result<u8> {
-        let mut s = TcpStream::connect_timeout(&target, Duration::from_millis(500))?;
-        linger_zero(&s);
-        s.set_read_timeout(Some(Duration::from_millis(500)))?;
-        s.write_all(b"i")?;
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b)?;
-        Ok(b[0])
-    };
-    attempt().unwrap_or(255)
+    identify(target, Duration::from_millis(500)).unwrap_or(255)
 }
 
 fn probe(target: SocketAddr, interval: Duration, max: Duration) -> Result<()> {
