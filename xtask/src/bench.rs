@@ -481,3 +481,49 @@ pub fn run_kernel_cost(quick: bool) -> Result<()> {
     println!("bench: wrote {}", out_dir.join("kernel-cost.md").display());
     Ok(())
 }
+
+/// `cargo xtask bench --health`: only the control plane's health-check measurements.
+pub fn run_health(quick: bool) -> Result<()> {
+    let settings = if quick {
+        Settings::quick()
+    } else {
+        Settings::full()
+    };
+    setup::run()?;
+    let (mesh, loadgen) = build_binaries()?;
+    system::clean_leftovers(&mesh)?;
+    let scratch = ScratchDir(std::env::temp_dir().join(scratch_name("")));
+    std::fs::create_dir_all(&scratch.0)?;
+    let backends: Vec<SocketAddr> = BACKEND_PORTS.iter().map(|&p| local(p)).collect();
+    for &addr in backends
+        .iter()
+        .chain(&[local(VICTIM_PORT), local(CONTROL_METRICS_PORT)])
+    {
+        system::require_free(addr)?;
+    }
+    let _servers = backends
+        .iter()
+        .enumerate()
+        .map(|(i, &addr)| start_backend(&loadgen, &scratch.0, i, addr))
+        .collect::<Result<Vec<_>>>()?;
+    let mut cp = ControlPlane {
+        settings: &settings,
+        mesh,
+        loadgen,
+        dir: scratch.0.clone(),
+        backends,
+        victim: local(VICTIM_PORT),
+        metrics: local(CONTROL_METRICS_PORT),
+        agents_started: 0,
+        results: ControlResults::default(),
+    };
+    let result = cp.run_health();
+    let out_dir = target_dir().join("bench");
+    std::fs::create_dir_all(&out_dir)?;
+    std::fs::write(
+        out_dir.join("health.json"),
+        serde_json::to_string_pretty(&cp.results.health)?,
+    )?;
+    println!("bench: wrote {}", out_dir.join("health.json").display());
+    result
+}

@@ -78,6 +78,10 @@ enum Command {
         /// minimal connect4 baseline), a minute or two.
         #[arg(long)]
         kernel_cost: bool,
+        /// Only the health-check measurements of the control plane (ejection time, agent RSS
+        /// and CPU with checks at 10k services), a few minutes.
+        #[arg(long, conflicts_with = "kernel_cost")]
+        health: bool,
     },
     /// Remove leftovers of interrupted test runs (mesh-test-* bpffs dirs and cgroups).
     Cleanup,
@@ -108,9 +112,15 @@ fn main() -> ExitCode {
             }
         }
         Command::Manifests => setup::run().and_then(|()| manifests::validate()),
-        Command::Bench { quick, kernel_cost } => {
+        Command::Bench {
+            quick,
+            kernel_cost,
+            health,
+        } => {
             if kernel_cost {
                 bench::run_kernel_cost(quick)
+            } else if health {
+                bench::run_health(quick)
             } else {
                 bench::run(quick)
             }

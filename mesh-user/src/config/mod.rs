@@ -333,7 +333,7 @@ impl Default for Affinity {
 }
 
 /// `[services.health]`: active health checks of the backends.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// TOML key `type`.

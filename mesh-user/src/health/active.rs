@@ -1,13 +1,19 @@
-//! Active health checks: one tokio task per (VIP, backend) that probes the backend (TCP connect
-//! or HTTP/1.1 GET) and turns consecutive results into a `Health` with rise/fall hysteresis.
+//! Active health checks: one probe (a tokio task) per distinct (backend, check settings) that
+//! checks the backend (TCP connect or HTTP/1.1 GET) and turns consecutive results into a
+//! `Health` with rise/fall hysteresis. A target is a (service VIP, backend) pair; targets with
+//! the same backend address and the same `[services.health]` settings share one probe, so a
+//! backend behind many services is checked once per interval, not once per service.
 //!
 //! The agent hands the monitor its targets (`set_targets`), reads `health` when it builds the
-//! desired state, and re-reconciles when a `Transition` arrives on the events channel. Passive
-//! detection (connect failures the kernel counts) ejects a backend at once with
-//! `force_unhealthy`; the active checks then decide when it comes back.
+//! desired state, and re-reconciles when a `Transition` arrives on the events channel: a change
+//! of a shared probe's health is sent once for every service that uses it. Passive detection
+//! (connect failures the kernel counts) ejects a backend at once with `force_unhealthy`; the
+//! active checks then decide when it comes back. Since health belongs to the probe, such an
+//! ejection applies to every service that checks that backend with the same settings (passive
+//! detection included in those settings).
 //!
-//! Rules, per target:
-//! - `Unknown` (a new target) becomes `Healthy` after ONE success, not `rise`: a backend that is
+//! Rules, per probe:
+//! - `Unknown` (a new probe) becomes `Healthy` after ONE success, not `rise`: a backend that is
 //!   added to a service gets traffic as soon as it answers once, and nothing it has done yet
 //!   suggests it is flapping. It becomes `Unhealthy` after `fall` consecutive failures.
 //! - `Healthy` becomes `Unhealthy` after `fall` consecutive failures.
@@ -15,14 +21,14 @@
 //! - `type = "none"`: no task, no checks; the target is `Healthy` and `force_unhealthy` leaves
 //!   it alone (nothing would ever bring it back).
 //!
-//! Every checker task runs its checks one after the other, so a backend never has more than one
-//! check in flight; a semaphore caps the checks in flight over all targets. State is shared
-//! between the tasks and the monitor through a `std::sync::Mutex` per target, never held across
-//! an `.await`. Transitions are sent while that lock is held, so the events of one target
-//! arrive in the order they happened.
+//! Every probe runs its checks one after the other, so a backend never has more than one check
+//! of one setting in flight; a semaphore caps the checks in flight over all probes. State is
+//! shared between the tasks and the monitor through a `std::sync::Mutex` per probe, never held
+//! across an `.await`. Transitions are sent while that lock is held, so the events of one
+//! target arrive in the order they happened.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     hash::{BuildHasher as _, RandomState},
     io,
@@ -97,25 +103,28 @@ pub struct Transition {
 pub type CheckObserver = Arc<dyn Fn(&'static str, Duration) + Send + Sync>;
 
 type Key = (Vip, SocketAddr);
+/// What one probe checks: a backend, with one set of check settings.
+type ProbeKey = (SocketAddr, HealthConfig);
 type ObserverSlot = Arc<RwLock<Option<CheckObserver>>>;
 
 /// Runs the checks and holds the health of every target.
 pub struct HealthMonitor {
-    targets: BTreeMap<Key, Checked>,
+    /// Each target's check settings (with the backend, the key of its probe).
+    targets: BTreeMap<Key, HealthConfig>,
+    probes: HashMap<ProbeKey, Probe>,
     permits: Arc<Semaphore>,
     events: UnboundedSender<Transition>,
     observer: ObserverSlot,
 }
 
-/// A target as the monitor holds it.
-struct Checked {
-    check: HealthConfig,
-    state: Arc<Mutex<TargetState>>,
+/// A probe as the monitor holds it.
+struct Probe {
+    state: Arc<Mutex<ProbeState>>,
     /// `None` for `type = "none"`.
     task: Option<JoinHandle<()>>,
 }
 
-impl Checked {
+impl Probe {
     /// Stops the task for good: after this it neither changes the state nor sends events, even
     /// if it was in the middle of a check on another thread. Returns the last health.
     fn retire(self) -> Health {
@@ -131,20 +140,22 @@ impl Checked {
     }
 }
 
-/// What a checker task and the monitor share about one target.
+/// What a probe's task and the monitor share.
 #[derive(Debug)]
-struct TargetState {
+struct ProbeState {
     health: Health,
     /// Consecutive successes and failures; one of them is always 0.
     successes: u32,
     failures: u32,
     /// Bumped by `force_unhealthy`: a check that was in flight then does not count.
     epoch: u64,
-    /// Set when the target is removed or replaced.
+    /// Set when the last target of the probe is removed.
     retired: bool,
+    /// The services whose target this probe is; each gets the probe's transitions.
+    users: BTreeSet<Vip>,
 }
 
-impl TargetState {
+impl ProbeState {
     fn new(health: Health) -> Self {
         Self {
             health,
@@ -152,6 +163,7 @@ impl TargetState {
             failures: 0,
             epoch: 0,
             retired: false,
+            users: BTreeSet::new(),
         }
     }
 
@@ -179,6 +191,29 @@ impl TargetState {
         }
         (self.health != from).then_some((from, self.health))
     }
+
+    /// Sends `from -> to` to every service of the probe.
+    fn emit(
+        &self,
+        events: &UnboundedSender<Transition>,
+        backend: SocketAddr,
+        from: Health,
+        to: Health,
+        reason: &str,
+    ) {
+        for &vip in &self.users {
+            emit(
+                events,
+                Transition {
+                    vip,
+                    backend,
+                    from,
+                    to,
+                    reason: reason.to_owned(),
+                },
+            );
+        }
+    }
 }
 
 impl HealthMonitor {
@@ -186,6 +221,7 @@ impl HealthMonitor {
     pub fn new(max_concurrent: usize, events: UnboundedSender<Transition>) -> Self {
         Self {
             targets: BTreeMap::new(),
+            probes: HashMap::new(),
             permits: Arc::new(Semaphore::new(max_concurrent.max(1))),
             events,
             observer: Arc::new(RwLock::new(None)),
@@ -203,12 +239,15 @@ impl HealthMonitor {
     #[cfg(test)]
     /// Replaces the set of targets (the last one wins if a (vip, backend) appears twice).
     ///
-    /// - Unchanged targets keep their state and running task.
-    /// - Removed targets have their task aborted; `health` returns `Unknown` for them.
-    /// - New targets start `Unknown`, or `Healthy` if they are in `initially_healthy` (the
-    ///   backends that already carry traffic, so an agent restart ejects nobody).
-    /// - Targets whose check config changed get a new task; they keep their health but the
-    ///   consecutive counts restart from 0.
+    /// - Unchanged targets keep their probe (state and running task).
+    /// - Removed targets leave their probe, which stops with its last target; `health`
+    ///   returns `Unknown` for them.
+    /// - New targets join the probe of their backend and settings if there is one (and get
+    ///   its health), else start one: `Unknown`, or `Healthy` if any of its new targets is in
+    ///   `initially_healthy` (the backends that already carry traffic, so an agent restart
+    ///   ejects nobody).
+    /// - Targets whose check config changed move to the probe of the new settings; a probe
+    ///   started for them keeps their health, with the consecutive counts from 0.
     /// - `type = "none"` targets are `Healthy`, without a task.
     ///
     /// Sends no events: the caller reads `health` for the states it has just set.
@@ -227,8 +266,8 @@ impl HealthMonitor {
         self.retarget(|vip| vips.contains(vip), targets, initially_healthy);
     }
 
-    /// Stops the checks of targets at VIPs `in_scope` accepts that `targets` no longer lists,
-    /// and starts (or restarts, when the check changed) those it lists.
+    /// Detaches targets at VIPs `in_scope` accepts that `targets` no longer lists, and attaches
+    /// (or moves, when the check changed) those it lists.
     fn retarget(
         &mut self,
         in_scope: impl Fn(&Vip) -> bool,
@@ -246,37 +285,72 @@ impl HealthMonitor {
             .copied()
             .collect();
         for key in gone {
-            if let Some(checked) = self.targets.remove(&key) {
-                checked.retire();
-                debug!(vip = %key.0, backend = %key.1, "health checks stopped");
-            }
+            self.detach(key);
         }
+        // The health a probe started now begins with: healthy if any of its new targets
+        // already carries traffic, else the health a moved target had.
+        let mut starting: HashMap<ProbeKey, Health> = HashMap::new();
+        let mut joining: Vec<(Key, HealthConfig)> = Vec::new();
         for (key, check) in wanted {
-            let health = match self.targets.remove(&key) {
-                Some(checked) if checked.check == check => {
-                    self.targets.insert(key, checked);
-                    continue;
-                }
-                Some(changed) => changed.retire(),
+            let previous = match self.targets.get(&key) {
+                Some(current) if *current == check => continue,
+                Some(_) => self.detach(key),
+                None => None,
+            };
+            let health = match previous {
+                Some(health) => health,
                 None if initially_healthy(&key) => Health::Healthy,
                 None => Health::Unknown,
             };
-            let checked = self.start(key, check, health);
-            self.targets.insert(key, checked);
+            let probe = (key.1, check.clone());
+            if !self.probes.contains_key(&probe) {
+                let best = starting.entry(probe).or_insert(health);
+                if health == Health::Healthy {
+                    *best = Health::Healthy;
+                }
+            }
+            joining.push((key, check));
+        }
+        for ((vip, backend), check) in joining {
+            let probe = (backend, check);
+            if !self.probes.contains_key(&probe) {
+                let health = starting.get(&probe).copied().unwrap_or(Health::Unknown);
+                let started = self.start(backend, &probe.1, health);
+                self.probes.insert(probe.clone(), started);
+            }
+            if let Some(p) = self.probes.get(&probe) {
+                lock(&p.state).users.insert(vip);
+            }
+            self.targets.insert((vip, backend), probe.1);
         }
     }
 
-    fn start(&self, (vip, backend): Key, check: HealthConfig, health: Health) -> Checked {
+    /// Removes a target; its probe stops with its last target. Returns the target's health.
+    fn detach(&mut self, key: Key) -> Option<Health> {
+        let check = self.targets.remove(&key)?;
+        let probe = (key.1, check);
+        let (health, last) = {
+            let p = self.probes.get(&probe)?;
+            let mut state = lock(&p.state);
+            state.users.remove(&key.0);
+            (state.health, state.users.is_empty())
+        };
+        if last && let Some(p) = self.probes.remove(&probe) {
+            p.retire();
+            debug!(backend = %key.1, "health checks stopped");
+        }
+        Some(health)
+    }
+
+    fn start(&self, backend: SocketAddr, check: &HealthConfig, health: Health) -> Probe {
         if check.kind == HealthKind::None {
-            return Checked {
-                check,
-                state: Arc::new(Mutex::new(TargetState::new(Health::Healthy))),
+            return Probe {
+                state: Arc::new(Mutex::new(ProbeState::new(Health::Healthy))),
                 task: None,
             };
         }
-        let state = Arc::new(Mutex::new(TargetState::new(health)));
+        let state = Arc::new(Mutex::new(ProbeState::new(health)));
         let checker = Checker {
-            vip,
             backend,
             check: check.clone(),
             state: state.clone(),
@@ -284,48 +358,56 @@ impl HealthMonitor {
             events: self.events.clone(),
             observer: self.observer.clone(),
         };
-        debug!(%vip, %backend, kind = ?check.kind, %health, "health checks started");
-        Checked {
-            check,
+        debug!(%backend, kind = ?check.kind, %health, "health checks started");
+        Probe {
             state,
             task: Some(tokio::spawn(checker.run())),
         }
     }
 
+    fn probe_of(&self, vip: &Vip, backend: &SocketAddr) -> Option<(&HealthConfig, &Probe)> {
+        let check = self.targets.get(&(*vip, *backend))?;
+        let probe = self.probes.get(&(*backend, check.clone()))?;
+        Some((check, probe))
+    }
+
     /// The health of a target; `Unknown` if it is not one.
     pub fn health(&self, vip: &Vip, backend: &SocketAddr) -> Health {
-        self.targets
-            .get(&(*vip, *backend))
-            .map_or(Health::Unknown, |checked| lock(&checked.state).health)
+        self.probe_of(vip, backend)
+            .map_or(Health::Unknown, |(_, probe)| lock(&probe.state).health)
+    }
+
+    /// How many probes run (distinct backend and settings).
+    #[cfg(test)]
+    pub fn probe_count(&self) -> usize {
+        self.probes.values().filter(|p| p.task.is_some()).count()
     }
 
     /// Passive detection (kernel-observed connect failures) makes a backend `Unhealthy` at once
-    /// and emits the transition; it then needs `rise` consecutive successful checks, counted
-    /// from now (a check in flight does not count). Ignored for targets that are not checked.
+    /// and emits the transition (to every service of its probe); it then needs `rise`
+    /// consecutive successful checks, counted from now (a check in flight does not count).
+    /// Ignored for targets that are not checked.
     pub fn force_unhealthy(&self, vip: &Vip, backend: &SocketAddr, reason: &str) {
-        let Some(checked) = self.targets.get(&(*vip, *backend)) else {
+        let Some((check, probe)) = self.probe_of(vip, backend) else {
             debug!(%vip, %backend, reason, "not a health check target; passive failure ignored");
             return;
         };
-        if checked.check.kind == HealthKind::None {
+        if check.kind == HealthKind::None {
             debug!(%vip, %backend, reason, "health checks are off; passive failure ignored");
             return;
         }
-        let mut state = lock(&checked.state);
+        let mut state = lock(&probe.state);
         state.epoch += 1;
         state.successes = 0;
         let from = state.health;
         if from != Health::Unhealthy {
             state.health = Health::Unhealthy;
-            emit(
+            state.emit(
                 &self.events,
-                Transition {
-                    vip: *vip,
-                    backend: *backend,
-                    from,
-                    to: Health::Unhealthy,
-                    reason: format!("forced by passive detection: {reason}"),
-                },
+                *backend,
+                from,
+                Health::Unhealthy,
+                &format!("forced by passive detection: {reason}"),
             );
         }
     }
@@ -333,10 +415,11 @@ impl HealthMonitor {
     /// Every target with its health and consecutive failed checks, for metrics.
     pub fn snapshot(&self) -> Vec<(Vip, SocketAddr, Health, u32)> {
         self.targets
-            .iter()
-            .map(|(&(vip, backend), checked)| {
-                let state = lock(&checked.state);
-                (vip, backend, state.health, state.failures)
+            .keys()
+            .filter_map(|&(vip, backend)| {
+                let (_, probe) = self.probe_of(&vip, &backend)?;
+                let state = lock(&probe.state);
+                Some((vip, backend, state.health, state.failures))
             })
             .collect()
     }
@@ -346,13 +429,13 @@ impl Drop for HealthMonitor {
     fn drop(&mut self) {
         // First, so that no check starts with a permit an already aborted task gave back.
         self.permits.close();
-        for (_, checked) in std::mem::take(&mut self.targets) {
-            checked.retire();
+        for (_, probe) in std::mem::take(&mut self.probes) {
+            probe.retire();
         }
     }
 }
 
-fn lock(state: &Mutex<TargetState>) -> MutexGuard<'_, TargetState> {
+fn lock(state: &Mutex<ProbeState>) -> MutexGuard<'_, ProbeState> {
     // The state stays consistent even if a holder panicked: every update is a few assignments.
     state.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -370,12 +453,11 @@ fn emit(events: &UnboundedSender<Transition>, transition: Transition) {
     let _ = events.send(transition);
 }
 
-/// The task of one target.
+/// The task of one probe.
 struct Checker {
-    vip: Vip,
     backend: SocketAddr,
     check: HealthConfig,
-    state: Arc<Mutex<TargetState>>,
+    state: Arc<Mutex<ProbeState>>,
     permits: Arc<Semaphore>,
     events: UnboundedSender<Transition>,
     observer: ObserverSlot,
@@ -384,7 +466,7 @@ struct Checker {
 impl Checker {
     async fn run(self) {
         let mut rng = Rng::seeded();
-        // Spread the first checks so that targets added together are not checked in lockstep,
+        // Spread the first checks so that probes started together do not check in lockstep,
         // but over at most 100 ms: a new backend gets no traffic before its first success.
         let spread = self.check.interval.min(Duration::from_millis(100));
         tokio::time::sleep(rng.below(spread)).await;
@@ -421,14 +503,14 @@ impl Checker {
             return;
         }
         if state.epoch != epoch {
-            debug!(vip = %self.vip, backend = %self.backend, %reason,
+            debug!(backend = %self.backend, %reason,
                 "health check started before a forced ejection; not counted");
             return;
         }
         let change = state.record(outcome.is_success(), self.check.rise, self.check.fall);
         debug!(
-            vip = %self.vip,
             backend = %self.backend,
+            services = state.users.len(),
             outcome = outcome.label(),
             ?elapsed,
             %reason,
@@ -438,16 +520,7 @@ impl Checker {
             "health check"
         );
         if let Some((from, to)) = change {
-            emit(
-                &self.events,
-                Transition {
-                    vip: self.vip,
-                    backend: self.backend,
-                    from,
-                    to,
-                    reason,
-                },
-            );
+            state.emit(&self.events, self.backend, from, to, &reason);
         }
     }
 }
@@ -846,20 +919,20 @@ mod tests {
     fn health_rules_follow_rise_and_fall() {
         let (rise, fall) = (3, 2);
         // Unknown: one success is enough.
-        let mut s = TargetState::new(Health::Unknown);
+        let mut s = ProbeState::new(Health::Unknown);
         assert_eq!(
             s.record(true, rise, fall),
             Some((Health::Unknown, Health::Healthy))
         );
         // Unknown: `fall` failures make it unhealthy.
-        let mut s = TargetState::new(Health::Unknown);
+        let mut s = ProbeState::new(Health::Unknown);
         assert_eq!(s.record(false, rise, fall), None);
         assert_eq!(
             s.record(false, rise, fall),
             Some((Health::Unknown, Health::Unhealthy))
         );
         // Healthy: a success resets the failures, so only consecutive ones count.
-        let mut s = TargetState::new(Health::Healthy);
+        let mut s = ProbeState::new(Health::Healthy);
         assert_eq!(s.record(false, rise, fall), None);
         assert_eq!(s.record(true, rise, fall), None);
         assert_eq!(s.record(false, rise, fall), None);
@@ -936,6 +1009,125 @@ mod tests {
         // may already have ended.
         assert!(trailing_successes(&outcomes) >= rise as usize);
         assert_eq!(mon.snapshot(), [(vip(80), backend, Health::Healthy, 0)]);
+    }
+
+    #[tokio::test]
+    async fn health_services_sharing_a_backend_and_settings_share_one_probe() {
+        let server = TcpServer::start(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let backend = server.addr;
+        let check = tcp(50, 2, 2);
+        let (mut mon, mut events) = monitor(64);
+        let services: Vec<Vip> = (0..50).map(|i| vip(1000 + i)).collect();
+        let targets = services
+            .iter()
+            .map(|&v| target(v, backend, check.clone()))
+            .collect();
+        mon.set_targets(targets, |_: &Key| false);
+        assert_eq!(mon.probe_count(), 1);
+
+        // One success turns all 50 targets healthy, each told once.
+        let mut told = BTreeSet::new();
+        while told.len() < services.len() {
+            let t = next_transition(&mut events).await;
+            assert_eq!(
+                (t.from, t.to, t.backend),
+                (Health::Unknown, Health::Healthy, backend)
+            );
+            assert!(told.insert(t.vip), "{} told twice", t.vip);
+        }
+        assert!(
+            services
+                .iter()
+                .all(|v| mon.health(v, &backend) == Health::Healthy)
+        );
+
+        // Checked once per interval, not 50 times: ~10 checks in 500 ms (jitter 10%).
+        let before = server.accepted();
+        sleep(Duration::from_millis(500)).await;
+        let checks = server.accepted() - before;
+        assert!((5..=15).contains(&checks), "{checks} checks in 500 ms");
+
+        // Other settings for the same backend are another probe.
+        mon.set_targets_of(
+            &BTreeSet::from([vip(2000)]),
+            vec![target(vip(2000), backend, tcp(60, 2, 2))],
+            |_: &Key| false,
+        );
+        assert_eq!(mon.probe_count(), 2);
+    }
+
+    #[tokio::test]
+    async fn health_a_shared_probe_stops_with_its_last_service() {
+        let server = TcpServer::start(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let backend = server.addr;
+        let check = tcp(20, 2, 2);
+        let (mut mon, _events) = monitor(4);
+        mon.set_targets(
+            vec![
+                target(vip(80), backend, check.clone()),
+                target(vip(81), backend, check.clone()),
+            ],
+            |_: &Key| true,
+        );
+        // Both start healthy: one of them already carried traffic.
+        assert_eq!(mon.health(&vip(81), &backend), Health::Healthy);
+        mon.set_targets(vec![target(vip(81), backend, check.clone())], |_: &Key| {
+            false
+        });
+        assert_eq!(mon.health(&vip(80), &backend), Health::Unknown);
+        assert_eq!(mon.health(&vip(81), &backend), Health::Healthy);
+        let before = server.accepted();
+        eventually("checks continue for the remaining service", || {
+            server.accepted() >= before + 3
+        })
+        .await;
+
+        mon.set_targets(vec![], |_: &Key| false);
+        assert_eq!(mon.probe_count(), 0);
+        // A check in flight may still land; after that, none.
+        sleep(Duration::from_millis(100)).await;
+        let stopped = server.accepted();
+        sleep(Duration::from_millis(200)).await;
+        assert_eq!(server.accepted(), stopped);
+    }
+
+    #[tokio::test]
+    async fn health_passive_ejection_reaches_every_service_of_the_probe() {
+        let server = TcpServer::start(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let backend = server.addr;
+        let check = HealthConfig {
+            passive_failures: 3,
+            ..tcp(10_000, 2, 2)
+        };
+        let unobserved = HealthConfig {
+            passive_failures: 0,
+            ..check.clone()
+        };
+        let (mut mon, mut events) = monitor(4);
+        mon.set_targets(
+            vec![
+                target(vip(80), backend, check.clone()),
+                target(vip(81), backend, check.clone()),
+                // Same backend without passive detection: not the same settings, not ejected.
+                target(vip(82), backend, unobserved),
+            ],
+            |_: &Key| true,
+        );
+        mon.force_unhealthy(&vip(80), &backend, "3 failed connects");
+        let mut ejected = BTreeSet::new();
+        for _ in 0..2 {
+            let t = next_transition(&mut events).await;
+            assert_eq!((t.from, t.to), (Health::Healthy, Health::Unhealthy));
+            assert!(
+                t.reason.starts_with("forced by passive detection"),
+                "{}",
+                t.reason
+            );
+            ejected.insert(t.vip);
+        }
+        assert_eq!(ejected, BTreeSet::from([vip(80), vip(81)]));
+        assert_eq!(mon.health(&vip(82), &backend), Health::Healthy);
+        no_transition(&mut events, Duration::from_millis(100)).await;
     }
 
     #[tokio::test]
@@ -1135,10 +1327,19 @@ mod tests {
         };
         let (mut mon, _events) = monitor(5);
         let outcomes = record_outcomes(&mut mon);
+        // Distinct settings (paths): 50 probes of one server. The same settings would share
+        // one probe, which never overlaps with itself.
         let targets = (0..50)
-            .map(|i| target(vip(1000 + i), server.addr, check.clone()))
+            .map(|i| {
+                let check = HealthConfig {
+                    path: format!("/{i}"),
+                    ..check.clone()
+                };
+                target(vip(1000 + i), server.addr, check)
+            })
             .collect();
         mon.set_targets(targets, |_: &Key| false);
+        assert_eq!(mon.probe_count(), 50);
         eventually("100 checks", || {
             server.accepted.load(Ordering::SeqCst) >= 100
         })

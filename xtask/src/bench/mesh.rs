@@ -77,6 +77,31 @@ pub fn catalog_services(n: usize, health: Option<&str>) -> Vec<ServiceConf> {
         .collect()
 }
 
+/// `n` services with 4 backends each drawn from `distinct` (non-listening) backends
+/// 127.105.0.0 upwards, so each backend serves about `4 n / distinct` services: what shared
+/// health checks are measured with.
+pub fn shared_backend_services(n: usize, distinct: usize, health: &str) -> Vec<ServiceConf> {
+    (0..n)
+        .map(|i| {
+            let backends = (0..4)
+                .map(|j| {
+                    SocketAddr::from(SocketAddrV4::new(
+                        nth_ip(Ipv4Addr::new(127, 105, 0, 0), (4 * i + j) % distinct.max(4)),
+                        80,
+                    ))
+                })
+                .collect();
+            let mut s = ServiceConf::new(
+                format!("svc-{i:05}"),
+                SocketAddrV4::new(nth_ip(Ipv4Addr::new(127, 102, 0, 1), i), 80),
+                backends,
+            );
+            s.health = Some(health.to_owned());
+            s
+        })
+        .collect()
+}
+
 /// `[agent.limits]` for `n` catalog services (4 distinct backends each): the agent validates
 /// that the maps hold twice the registry (old and new entries coexist during an update), which
 /// the default limits do not at 50k services (400,001 backend ids needed, 262,144 by default).

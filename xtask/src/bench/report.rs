@@ -673,6 +673,20 @@ pub fn markdown(
         }
         None => out.push_str("| agent at 10k services with tcp checks | not measured |\n"),
     }
+    match &h.usage_shared_1k {
+        Some(u) => {
+            let _ = writeln!(
+                out,
+                "| agent at 10k services over 1k distinct refusing backends, tcp checks every 1 s | RSS {}, CPU {}% of a core |",
+                fmt_mb(u.rss_kib),
+                u.cpu_percent
+                    .map_or_else(|| "-".into(), |c| format!("{c:.1}"))
+            );
+        }
+        None => out.push_str(
+            "| agent at 10k services over 1k backends with tcp checks | not measured |\n",
+        ),
+    }
     let _ = writeln!(
         out,
         "| time to ejection of a killed backend ({}) | {} |",
