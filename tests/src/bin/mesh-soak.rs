@@ -5,9 +5,10 @@
 //! backends), `api` (TCP, re-registered, re-weighted and removed through the admin API) and
 //! `file` (TCP, added, changed and removed by rewriting the config file). The run is cut into
 //! rounds of 3 s. Each round first may change the registry (admin API or config file, waited
-//! for until the maps show it), then starts `mesh-probe connect-until` clients through every
-//! TCP VIP, and 1 s in may kill or restart a `chaos` backend, or SIGKILL or SIGTERM the agent
-//! and start it again; at its end a burst of UDP requests goes through the UDP VIP.
+//! for until every backend of the changed service has slots: a new backend gets them after its
+//! first passed check), then starts `mesh-probe connect-until` clients through every TCP VIP,
+//! and 1 s in may kill or restart a `chaos` backend, or SIGKILL or SIGTERM the agent and start
+//! it again; at its end a burst of UDP requests goes through the UDP VIP.
 //!
 //! Checked every round (a violation is printed at once and fails the run):
 //! - no failed connect through `stable`, `api`, `file` and `udp` (their backends stay up, also
@@ -249,12 +250,21 @@ fn api_json(pool: &[TcpBackend], picked: &[(usize, u32)]) -> String {
     serde_json::json!({ "vip": API_VIP, "backends": backends }).to_string()
 }
 
-/// The maps' backends per service, from `mesh services`.
+/// The backends per service that the maps route to (they have slots), from `mesh services`. A
+/// new backend gets slots once its first health check passed.
 fn applied(env: &TestEnv) -> BTreeMap<String, BTreeSet<SocketAddr>> {
     services(&env.bpffs)
         .services
         .iter()
-        .map(|s| (s.name.clone(), s.backend_addrs()))
+        .map(|s| {
+            let routed = s
+                .backends
+                .iter()
+                .filter(|b| b.slots > 0)
+                .map(|b| b.socket_addr())
+                .collect();
+            (s.name.clone(), routed)
+        })
         .collect()
 }
 
