@@ -41,7 +41,12 @@ pub struct RedisClient {
 
 impl RedisClient {
     pub fn connect(addr: SocketAddr) -> RedisResult<RedisClient> {
-        let client = redis::Client::open(format!("redis://{addr}/"))?;
+        RedisClient::connect_url(&format!("redis://{addr}/"))
+    }
+
+    /// Connects to `url` (`redis://[user:password@]host:port/`, no TLS).
+    pub fn connect_url(url: &str) -> RedisResult<RedisClient> {
+        let client = redis::Client::open(url)?;
         let connection = client.get_connection_with_timeout(IO_TIMEOUT)?;
         connection.set_read_timeout(Some(IO_TIMEOUT))?;
         connection.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -131,11 +136,23 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     log: PathBuf,
+    /// `redis.conf` lines of [`RedisServer::start_with`] (ACL users, TLS...), in `dir`.
+    conf: Option<PathBuf>,
+    /// The `default` user's password (`requirepass`), which [`RedisServer::client`] sends.
+    password: Option<String>,
 }
 
 impl RedisServer {
     /// Starts it and waits (5 s) until it answers PING. Panics if the port is taken.
     pub fn start(port: u16, dir: &Path) -> RedisServer {
+        RedisServer::start_with(port, dir, "", None)
+    }
+
+    /// [`RedisServer::start`] with `conf` as its redis.conf (written to `dir/redis.conf`; the
+    /// port, bind address and persistence settings are given on the command line after it), and
+    /// `password` as the `default` user's password, which the harness's own client sends
+    /// (the conf must set it: `requirepass <password>`).
+    pub fn start_with(port: u16, dir: &Path, conf: &str, password: Option<&str>) -> RedisServer {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         assert!(
             TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err(),
@@ -144,11 +161,19 @@ impl RedisServer {
         std::fs::create_dir_all(dir)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
         let log = dir.join("redis.log");
+        let conf = (!conf.is_empty()).then(|| {
+            let path = dir.join("redis.conf");
+            std::fs::write(&path, conf)
+                .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+            path
+        });
         let mut server = RedisServer {
             child: None,
             port,
             dir: dir.to_path_buf(),
             log,
+            conf,
+            password: password.map(str::to_owned),
         };
         server.spawn();
         server
@@ -162,6 +187,10 @@ impl RedisServer {
             .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.log.display()));
         let port = self.port.to_string();
         let mut cmd = Command::new("redis-server");
+        // The config file must be the first argument.
+        if let Some(conf) = &self.conf {
+            cmd.arg(conf);
+        }
         cmd.args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
             .args(["--appendonly", "no", "--dbfilename", "dump.rdb"])
             .arg("--dir")
@@ -184,7 +213,7 @@ impl RedisServer {
             .unwrap_or_else(|e| panic!("cannot start redis-server (is it installed?): {e}"));
         self.child = Some(child);
         let ready = crate::wait_until(Duration::from_secs(5), || {
-            RedisClient::connect(self.addr()).is_ok_and(|mut c| c.ping())
+            RedisClient::connect_url(&self.admin_url()).is_ok_and(|mut c| c.ping())
         });
         assert!(
             ready,
@@ -202,8 +231,22 @@ impl RedisServer {
         format!("redis://{}/", self.addr())
     }
 
+    /// The URL of the `default` user, with its password if it has one.
+    fn admin_url(&self) -> String {
+        match &self.password {
+            Some(password) => format!("redis://:{password}@{}/", self.addr()),
+            None => self.url(),
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A client logged in as the `default` user.
     pub fn client(&self) -> RedisClient {
-        RedisClient::connect(self.addr())
+        RedisClient::connect_url(&self.admin_url())
             .unwrap_or_else(|e| panic!("cannot connect to redis-server at {}: {e}", self.addr()))
     }
 
@@ -228,5 +271,109 @@ impl Drop for RedisServer {
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// A certificate authority for TLS tests, made with `openssl` in a test's directory: it signs
+/// server and client certificates for 127.0.0.1.
+pub struct TestCa {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    dir: PathBuf,
+}
+
+/// `openssl` with `args`, bounded; panics with its output unless it succeeds.
+fn openssl(args: &[&std::ffi::OsStr]) {
+    let out =
+        crate::process::run_bounded(Command::new("openssl").args(args), Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("openssl {args:?}: {e}"));
+    assert!(out.status.success(), "openssl {args:?}: {}", out.describe());
+}
+
+impl TestCa {
+    /// A self-signed CA (P-256) named `name`, its files `dir/<name>.crt` and `.key`.
+    pub fn new(dir: &Path, name: &str) -> TestCa {
+        let cert = dir.join(format!("{name}.crt"));
+        let key = dir.join(format!("{name}.key"));
+        let subject = format!("/CN={name}");
+        openssl(&[
+            "req".as_ref(),
+            "-x509".as_ref(),
+            "-newkey".as_ref(),
+            "ec".as_ref(),
+            "-pkeyopt".as_ref(),
+            "ec_paramgen_curve:prime256v1".as_ref(),
+            "-nodes".as_ref(),
+            "-days".as_ref(),
+            "1".as_ref(),
+            "-subj".as_ref(),
+            subject.as_ref(),
+            "-addext".as_ref(),
+            "basicConstraints=critical,CA:TRUE".as_ref(),
+            "-addext".as_ref(),
+            "keyUsage=critical,keyCertSign,cRLSign".as_ref(),
+            "-keyout".as_ref(),
+            key.as_os_str(),
+            "-out".as_ref(),
+            cert.as_os_str(),
+        ]);
+        TestCa {
+            cert,
+            key,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// A certificate signed by this CA for IP 127.0.0.1, for a server (`serverAuth`) or a
+    /// client (`clientAuth`): `(cert, key)` in the CA's directory, named `name`.
+    pub fn issue(&self, name: &str, client: bool) -> (PathBuf, PathBuf) {
+        let cert = self.dir.join(format!("{name}.crt"));
+        let key = self.dir.join(format!("{name}.key"));
+        let csr = self.dir.join(format!("{name}.csr"));
+        let ext = self.dir.join(format!("{name}.ext"));
+        let usage = if client { "clientAuth" } else { "serverAuth" };
+        std::fs::write(
+            &ext,
+            format!(
+                "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\n\
+                 keyUsage=critical,digitalSignature\nextendedKeyUsage={usage}\n"
+            ),
+        )
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", ext.display()));
+        let subject = format!("/CN={name}");
+        openssl(&[
+            "req".as_ref(),
+            "-new".as_ref(),
+            "-newkey".as_ref(),
+            "ec".as_ref(),
+            "-pkeyopt".as_ref(),
+            "ec_paramgen_curve:prime256v1".as_ref(),
+            "-nodes".as_ref(),
+            "-subj".as_ref(),
+            subject.as_ref(),
+            "-keyout".as_ref(),
+            key.as_os_str(),
+            "-out".as_ref(),
+            csr.as_os_str(),
+        ]);
+        openssl(&[
+            "x509".as_ref(),
+            "-req".as_ref(),
+            "-in".as_ref(),
+            csr.as_os_str(),
+            "-CA".as_ref(),
+            self.cert.as_os_str(),
+            "-CAkey".as_ref(),
+            self.key.as_os_str(),
+            "-set_serial".as_ref(),
+            "2".as_ref(),
+            "-days".as_ref(),
+            "1".as_ref(),
+            "-extfile".as_ref(),
+            ext.as_os_str(),
+            "-out".as_ref(),
+            cert.as_os_str(),
+        ]);
+        (cert, key)
     }
 }

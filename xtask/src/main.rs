@@ -9,6 +9,7 @@ mod run;
 mod services;
 mod setup;
 mod signal;
+mod soak;
 mod test;
 mod util;
 
@@ -85,6 +86,17 @@ enum Command {
     },
     /// Remove leftovers of interrupted test runs (mesh-test-* bpffs dirs and cgroups).
     Cleanup,
+    /// Setup, build, then a chaos run under load: clients through TCP and UDP VIPs while
+    /// backends are killed, the registry churns (admin API, config file) and the agent is
+    /// SIGKILLed / SIGTERMed and restarted; fails on any violation of its checks.
+    Soak {
+        /// How long to run.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// The random seed (printed by every run) to replay a run's choices.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -126,6 +138,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Cleanup => cleanup::run(),
+        Command::Soak { seconds, seed } => soak::run(seconds, seed),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

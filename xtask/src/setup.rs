@@ -22,6 +22,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     "haproxy",
     "redis-server",
+    // Certificates of the TLS tests (admin API, Redis).
+    "openssl",
     "prometheus",
     "wrk",
     "procps",

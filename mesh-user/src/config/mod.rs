@@ -16,11 +16,13 @@ use mesh_common::{
 use serde::{Deserialize, Serialize};
 
 mod access;
+mod redis_config;
 mod reparse;
 mod validate;
 
 use crate::model::Vip;
 
+pub use redis_config::Scheme as RedisScheme;
 pub use reparse::Reparser;
 pub use validate::{ConfigError, Usage, distinct_backends, service_slots};
 
@@ -137,17 +139,68 @@ impl Default for AgentConfig {
 
 /// `[agent.redis]`: services from a Redis hash (field = service name, value = the service as
 /// JSON), re-read on every message on the channel `<key>:changed` and every `resync`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Whoever can write the hash can redirect any destination of the node, so the connection can
+/// authenticate (an ACL user and a password read from a file) and use TLS (`rediss://`, with
+/// certificate verification always on).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[[user]:password@]host[:port][/db]` (no TLS).
+    /// `redis://host[:port][/db]`, or `rediss://...` for TLS. A password in it
+    /// (`redis://user:password@...`) works but is visible to whoever reads the config:
+    /// prefer `password_file`.
     pub url: String,
+    /// The ACL user to authenticate as (`AUTH <username> <password>`); default: the URL's
+    /// user, else Redis's `default` user. Needs a password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// A file holding the password (a trailing newline is stripped), read at start; the
+    /// password is never logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// TLS: the CA certificates (PEM) that sign the server's certificate, trusted instead of
+    /// the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// TLS: a client certificate chain (PEM) for servers that require one (mutual TLS), with
+    /// `client_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<PathBuf>,
+    /// TLS: the private key (PEM) of `client_cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<PathBuf>,
     /// The hash holding the services.
     #[serde(default = "default_redis_key")]
     pub key: String,
     /// How often the whole hash is read even without a change message.
     #[serde(default = "default_redis_resync", with = "humantime_serde")]
     pub resync: Duration,
+}
+
+/// The URL's password is never shown (a `Config` may be printed with `{:?}`).
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let RedisConfig {
+            url,
+            username,
+            password_file,
+            ca_file,
+            client_cert,
+            client_key,
+            key,
+            resync,
+        } = self;
+        f.debug_struct("RedisConfig")
+            .field("url", &redis_config::redact_url(url))
+            .field("username", username)
+            .field("password_file", password_file)
+            .field("ca_file", ca_file)
+            .field("client_cert", client_cert)
+            .field("client_key", client_key)
+            .field("key", key)
+            .field("resync", resync)
+            .finish()
+    }
 }
 
 fn default_redis_key() -> String {

@@ -149,40 +149,6 @@ fn u32_range(value: u32, lo: u32, hi: u32) -> Option<String> {
     (!(lo..=hi).contains(&value)).then(|| format!("must be between {lo} and {hi}, got {value}"))
 }
 
-impl RedisConfig {
-    fn check(&self, p: &mut Problems) {
-        // Never echo the URL: it may hold a password.
-        match self.url.split_once("://") {
-            Some(("redis", _)) => {
-                if let Err(err) = redis::Client::open(self.url.as_str()) {
-                    p.agent(
-                        "agent.redis.url",
-                        format!("is not a valid Redis URL: {err}"),
-                    );
-                }
-            }
-            Some(("rediss", _)) => p.agent(
-                "agent.redis.url",
-                "rediss:// (TLS) is not supported; use redis://".to_owned(),
-            ),
-            _ => p.agent(
-                "agent.redis.url",
-                "must start with redis://, like \"redis://127.0.0.1:6379/\"".to_owned(),
-            ),
-        }
-        if self.key.is_empty() {
-            p.agent("agent.redis.key", "must not be empty".to_owned());
-        }
-        if let Some(reason) = duration_range(
-            self.resync,
-            Duration::from_millis(100),
-            Duration::from_secs(3600),
-        ) {
-            p.agent("agent.redis.resync", reason);
-        }
-    }
-}
-
 impl Config {
     /// Checks everything parsing cannot; returns all problems found, not only the first.
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
@@ -199,7 +165,7 @@ impl Config {
             );
         }
         if let Some(redis) = &self.agent.redis {
-            redis.check(&mut p);
+            p.0.extend(redis_config::check(redis));
         }
         if let Some(reason) = duration_range(self.agent.resync, RESYNC_MIN, RESYNC_MAX) {
             p.agent("agent.resync", reason);

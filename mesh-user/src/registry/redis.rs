@@ -7,23 +7,32 @@
 //! and the previous services stay. While Redis is unreachable the last services stay too: the
 //! source reconnects with a capped backoff and sends nothing until it has read the hash again.
 //! `mesh_registry_source_up{source="redis"}` is 1 only while the last read was applied.
+//!
+//! The connection may authenticate (`username`, `password_file`) and use TLS (`rediss://`,
+//! `ca_file`, `client_cert`/`client_key`); every file is read once at start, and a problem
+//! with one stops the agent naming the field. The password is never logged: messages name the
+//! server by `host:port` and the user by name only.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap, os::unix::fs::MetadataExt as _, path::Path, sync::Arc, time::Duration,
+};
 
-use anyhow::Context as _;
+use anyhow::{Context as _, anyhow, bail};
 use futures_util::{FutureExt as _, StreamExt as _};
-use redis::AsyncConnectionConfig;
+use redis::{AsyncConnectionConfig, IntoConnectionInfo as _};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use tokio::{
     sync::{mpsc, watch},
     time::{Instant, timeout},
 };
+use tokio_rustls::rustls;
 use tracing::{debug, error, info, warn};
 
 use super::{
     Listing, Outcome, Source, SourceObserver, SourceUpdate,
     update::{self, SavedServices, Verdict},
 };
-use crate::config::{RedisConfig, ServiceConfig};
+use crate::config::{RedisConfig, RedisScheme, ServiceConfig};
 
 /// Connecting (and subscribing) gives up after this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -47,9 +56,12 @@ pub async fn start(
     registry: watch::Receiver<Listing>,
     metrics: Arc<dyn SourceObserver>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let client = redis::Client::open(config.url.as_str()).context("[agent.redis] url")?;
-    // The address only: the URL may hold a password.
-    let server = client.get_connection_info().addr().to_string();
+    let Endpoint {
+        client,
+        server,
+        user,
+        tls,
+    } = endpoint(config)?;
     let initial = match saved.load() {
         Ok(initial) => initial,
         Err(err) => {
@@ -68,6 +80,8 @@ pub async fn start(
     let source = RedisSource {
         client,
         server,
+        user,
+        tls,
         key: config.key.clone(),
         channel: channel(&config.key),
         resync: config.resync,
@@ -83,10 +97,205 @@ pub async fn start(
     Ok(tokio::spawn(source.run(initial)))
 }
 
+/// Where and as whom the source connects.
+struct Endpoint {
+    /// The address, the credentials and the TLS settings.
+    client: redis::Client,
+    /// `host:port` for messages (never the URL: it may hold a password).
+    server: String,
+    /// The ACL user for messages: `None` when the connection sends no password.
+    user: Option<String>,
+    /// `rediss://`.
+    tls: bool,
+}
+
+/// The client for `[agent.redis]`: the URL, with the user and the password of `username` and
+/// `password_file` set on its connection info (not pasted into the URL), and TLS settings.
+fn endpoint(config: &RedisConfig) -> anyhow::Result<Endpoint> {
+    // Validation has checked the URL; never echo it, it may hold a password.
+    let info = config
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(|err| anyhow!("[agent.redis] url: is not a valid Redis URL: {err}"))?;
+    if config.url_has_password() {
+        warn!(
+            "[agent.redis] url: holds a password, which whoever can read the config file sees; \
+             move it to [agent.redis] password_file (mode 0600)"
+        );
+    }
+    // No `CLIENT SETINFO` after connecting: the source's ACL user needs nothing but HGETALL and
+    // SUBSCRIBE, and a refused SETINFO would fill the server's ACL log.
+    let mut settings = info.redis_settings().clone().set_skip_set_lib_name();
+    if let Some(username) = &config.username {
+        settings = settings.set_username(username);
+    }
+    if let Some(path) = &config.password_file {
+        settings = settings.set_password(read_password(path)?);
+    }
+    let user = settings
+        .password()
+        .is_some()
+        .then(|| settings.username().unwrap_or("default").to_owned());
+    let info = info.set_redis_settings(settings);
+    let server = info.addr().to_string();
+    let tls = config.scheme() == Some(RedisScheme::Tls);
+    let client = if tls {
+        use_ring_provider();
+        redis::Client::build_with_tls(info, tls_certificates(config)?)
+            .map_err(|err| anyhow!("[agent.redis] TLS settings: {err}"))?
+    } else {
+        redis::Client::open(info).map_err(|err| anyhow!("[agent.redis] url: {err}"))?
+    };
+    info!(
+        "redis source: {server}, {}, {}, hash {:?}",
+        if tls {
+            match &config.ca_file {
+                Some(ca) => format!("TLS trusting the CA of {}", ca.display()),
+                None => "TLS trusting the system's CAs".to_owned(),
+            }
+        } else {
+            "no TLS".to_owned()
+        },
+        match &user {
+            Some(user) => format!("authenticating as user {user:?}"),
+            None => "no password".to_owned(),
+        },
+        config.key
+    );
+    Ok(Endpoint {
+        client,
+        server,
+        user,
+        tls,
+    })
+}
+
+/// The password in `path`: its content without one trailing newline.
+fn read_password(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        anyhow!(
+            "[agent.redis] password_file: cannot read {}: {err}",
+            path.display()
+        )
+    })?;
+    let password = text
+        .strip_suffix('\n')
+        .map_or(text.as_str(), |t| t.strip_suffix('\r').unwrap_or(t));
+    if password.is_empty() {
+        bail!("[agent.redis] password_file: {} is empty", path.display());
+    }
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.mode() & 0o077 != 0
+    {
+        warn!(
+            "[agent.redis] password_file: {} is readable by other users (mode {:o}); chmod 0600 it",
+            path.display(),
+            meta.mode() & 0o777
+        );
+    }
+    Ok(password.to_owned())
+}
+
+/// The redis crate builds its rustls configs with the process's default provider: make it ring,
+/// the one the rest of the agent uses, unless one is installed already.
+fn use_ring_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race to another installer is fine: there is a default either way.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+/// Reads one of the TLS files of `[agent.redis]`.
+fn read_tls_file(field: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|err| {
+        anyhow!(
+            "[agent.redis] {field}: cannot read {}: {err}",
+            path.display()
+        )
+    })
+}
+
+/// The PEM certificates of `pem` (one at least).
+fn certificates(
+    field: &str,
+    path: &Path,
+    pem: &[u8],
+) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| anyhow!("[agent.redis] {field}: {}: {err}", path.display()))?;
+    if certs.is_empty() {
+        bail!(
+            "[agent.redis] {field}: {}: no PEM certificate in it",
+            path.display()
+        );
+    }
+    Ok(certs)
+}
+
+/// The CA and client certificate of `[agent.redis]`, checked here so that a bad file stops the
+/// agent naming it, instead of failing every connect.
+fn tls_certificates(config: &RedisConfig) -> anyhow::Result<redis::TlsCertificates> {
+    let root_cert = match &config.ca_file {
+        Some(path) => {
+            let pem = read_tls_file("ca_file", path)?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in certificates("ca_file", path, &pem)? {
+                roots.add(cert).map_err(|err| {
+                    anyhow!(
+                        "[agent.redis] ca_file: {}: not a CA certificate: {err}",
+                        path.display()
+                    )
+                })?;
+            }
+            Some(pem)
+        }
+        None => None,
+    };
+    let client_tls = match (&config.client_cert, &config.client_key) {
+        (Some(cert_path), Some(key_path)) => {
+            let client_cert = read_tls_file("client_cert", cert_path)?;
+            let certs = certificates("client_cert", cert_path, &client_cert)?;
+            let client_key = read_tls_file("client_key", key_path)?;
+            let key = PrivateKeyDer::from_pem_slice(&client_key).map_err(|err| {
+                anyhow!("[agent.redis] client_key: {}: {err}", key_path.display())
+            })?;
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .context("[agent.redis] TLS protocol versions")?
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_client_auth_cert(certs, key)
+                .map_err(|err| {
+                    anyhow!(
+                        "[agent.redis] client_key: {} does not fit client_cert {}: {err}",
+                        key_path.display(),
+                        cert_path.display()
+                    )
+                })?;
+            Some(redis::ClientTlsConfig {
+                client_cert,
+                client_key,
+            })
+        }
+        // Validation allows both or neither.
+        _ => None,
+    };
+    Ok(redis::TlsCertificates {
+        client_tls,
+        root_cert,
+    })
+}
+
 struct RedisSource {
     client: redis::Client,
     /// `host:port` for messages.
     server: String,
+    /// The ACL user, for messages (`None`: no password is sent).
+    user: Option<String>,
+    /// Whether the connection uses TLS.
+    tls: bool,
     key: String,
     channel: String,
     resync: Duration,
@@ -108,6 +317,9 @@ struct RedisSource {
 enum End {
     /// Unreachable, or the connection broke: reconnect.
     Redis(String),
+    /// Redis refused the login or a command for lack of an ACL permission: reconnect too (the
+    /// operator may fix it), but this is a configuration error, logged as one.
+    Denied(String),
     /// The agent is stopping.
     AgentGone,
 }
@@ -137,31 +349,39 @@ impl RedisSource {
         }
         self.report();
         let mut backoff = MIN_BACKOFF;
-        // An outage was reported and Redis has not been read since.
-        let mut down = false;
+        // An outage was reported and Redis has not been read since; whether as a denial.
+        let mut down: Option<bool> = None;
         loop {
             let (reached, end) = self.session().await;
-            let reason = match end {
+            let (reason, denied) = match end {
                 End::AgentGone => return,
-                End::Redis(reason) => reason,
+                End::Redis(reason) => (reason, false),
+                End::Denied(reason) => (reason, true),
             };
             self.up = false;
             self.report();
             if reached {
                 // The connection worked: this is a new outage.
                 backoff = MIN_BACKOFF;
-                down = false;
+                down = None;
             }
-            if down {
-                debug!("redis {}: {reason}; retrying in {backoff:?}", self.server);
-            } else {
-                let kept = self.applied.as_ref().map_or(0, Vec::len);
-                warn!(
+            let kept = self.applied.as_ref().map_or(0, Vec::len);
+            match down {
+                // A denial is reported even amid an outage (a dropped connection that cannot
+                // log in again): it needs the operator.
+                Some(reported_denial) if reported_denial || !denied => {
+                    debug!("redis {}: {reason}; retrying in {backoff:?}", self.server);
+                }
+                _ if denied => error!(
                     "redis {}: {reason}; the last {kept} services stay in force, retrying (backoff up to {MAX_BACKOFF:?})",
                     self.server
-                );
-                down = true;
+                ),
+                _ => warn!(
+                    "redis {}: {reason}; the last {kept} services stay in force, retrying (backoff up to {MAX_BACKOFF:?})",
+                    self.server
+                ),
             }
+            down = Some(denied || down == Some(true));
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
@@ -172,7 +392,7 @@ impl RedisSource {
     async fn session(&mut self) -> (bool, End) {
         let mut pubsub = match timeout(CONNECT_TIMEOUT, self.client.get_async_pubsub()).await {
             Ok(Ok(pubsub)) => pubsub,
-            Ok(Err(err)) => return (false, End::Redis(format!("connecting: {err}"))),
+            Ok(Err(err)) => return (false, self.failure("connecting", &err)),
             Err(_) => {
                 return (
                     false,
@@ -187,7 +407,7 @@ impl RedisSource {
             Ok(Err(err)) => {
                 return (
                     false,
-                    End::Redis(format!("subscribing to {}: {err}", self.channel)),
+                    self.failure(&format!("subscribing to {}", self.channel), &err),
                 );
             }
             Err(_) => {
@@ -209,7 +429,7 @@ impl RedisSource {
             .await
         {
             Ok(conn) => conn,
-            Err(err) => return (false, End::Redis(format!("connecting: {err}"))),
+            Err(err) => return (false, self.failure("connecting", &err)),
         };
         if let Err(end) = self.sync(&mut conn, false).await {
             return (false, end);
@@ -256,6 +476,10 @@ impl RedisSource {
             redis::cmd("HGETALL").arg(&self.key).query_async(conn).await;
         let entries = match entries {
             Ok(entries) => entries,
+            // Not the data's fault: the login or the ACL (NOAUTH, NOPERM).
+            Err(err) if denial(&err) => {
+                return Err(self.failure(&format!("HGETALL {}", self.key), &err));
+            }
             // Redis answered, but not with a hash of UTF-8 names (WRONGTYPE...): the data is
             // wrong, the connection is fine.
             Err(err)
@@ -267,7 +491,7 @@ impl RedisSource {
                 self.problem(format!("key {:?}: {err}", self.key));
                 return Ok(());
             }
-            Err(err) => return Err(End::Redis(format!("HGETALL {}: {err}", self.key))),
+            Err(err) => return Err(self.failure(&format!("HGETALL {}", self.key), &err)),
         };
         let services = match parse_hash(&self.key, &entries) {
             Ok(services) => services,
@@ -321,6 +545,38 @@ impl RedisSource {
         Ok(())
     }
 
+    /// Why `doing` failed, in words: a refused login or a missing ACL permission is named as
+    /// such (neither heals by itself), with what the source needs.
+    fn failure(&self, doing: &str, err: &redis::RedisError) -> End {
+        let user = self.user.as_deref().unwrap_or("default");
+        if err.kind() == redis::ErrorKind::AuthenticationFailed {
+            End::Denied(format!(
+                "{doing}: Redis refused the login as user {user:?} (wrong password, or the user \
+                 does not exist or is disabled): {err}"
+            ))
+        } else if err.code() == Some("NOAUTH") {
+            End::Denied(format!(
+                "{doing}: Redis requires a password; set [agent.redis] password_file: {err}"
+            ))
+        } else if err.code() == Some("NOPERM") {
+            End::Denied(format!(
+                "{doing}: the ACL user {user:?} lacks a permission the source needs (HGETALL on \
+                 the key {:?}, SUBSCRIBE to the channel {:?}): {err}",
+                self.key, self.channel
+            ))
+        } else if self.tls && err.is_io_error() && err.to_string().contains("certificate") {
+            End::Denied(format!(
+                "{doing}: TLS: the server's certificate was refused (is it signed by a CA of \
+                 [agent.redis] ca_file, or of the system when that is unset, and does it name \
+                 the host of the URL?): {err}"
+            ))
+        } else if self.tls && err.is_io_error() {
+            End::Redis(format!("{doing} (TLS): {err}"))
+        } else {
+            End::Redis(format!("{doing}: {err}"))
+        }
+    }
+
     /// Reports a problem with the hash's contents: the previous services stay.
     fn problem(&mut self, reason: String) {
         if self.problem.as_ref() != Some(&reason) {
@@ -345,6 +601,11 @@ impl RedisSource {
         self.metrics
             .source_state(Source::Redis.name(), self.up, services);
     }
+}
+
+/// Whether Redis refused a command for want of a login or an ACL permission.
+fn denial(err: &redis::RedisError) -> bool {
+    matches!(err.code(), Some("NOAUTH" | "NOPERM"))
 }
 
 /// The services of the hash `key`, in field order, or every entry's problem.
@@ -413,5 +674,115 @@ mod tests {
             .collect();
         assert_eq!(names, ["a", "b"]);
         assert_eq!(parse_hash("k", &BTreeMap::new()).unwrap(), []);
+    }
+
+    fn temp_dir(tag: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("mesh-unit-redis-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_password_file_loses_one_trailing_newline_only() {
+        let dir = temp_dir("password");
+        let path = dir.join("pw");
+        for (content, want) in [
+            ("s3cret\n", "s3cret"),
+            ("s3cret\r\n", "s3cret"),
+            ("s3cret", "s3cret"),
+            (" s3 cret \n\n", " s3 cret \n"),
+        ] {
+            std::fs::write(&path, content).unwrap();
+            assert_eq!(read_password(&path).unwrap(), want, "{content:?}");
+        }
+        std::fs::write(&path, "\n").unwrap();
+        assert_eq!(
+            read_password(&path).unwrap_err().to_string(),
+            format!("[agent.redis] password_file: {} is empty", path.display())
+        );
+        let missing = dir.join("missing");
+        assert_eq!(
+            read_password(&missing).unwrap_err().to_string(),
+            format!(
+                "[agent.redis] password_file: cannot read {}: No such file or directory (os error 2)",
+                missing.display()
+            )
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_client_carries_the_user_and_the_password_of_the_file() {
+        let dir = temp_dir("endpoint");
+        let path = dir.join("pw");
+        std::fs::write(&path, "file-pw-1\n").unwrap();
+        let mut config = crate::config::parse(
+            &format!(
+                "[agent.redis]\nurl = \"redis://127.0.0.1:6399/3\"\nusername = \"mesh\"\n\
+                 password_file = {:?}\n",
+                path.display().to_string()
+            ),
+            "mesh.toml",
+        )
+        .unwrap()
+        .agent
+        .redis
+        .unwrap();
+        let got = endpoint(&config).unwrap();
+        let info = got.client.get_connection_info();
+        assert_eq!(info.redis_settings().username(), Some("mesh"));
+        assert_eq!(info.redis_settings().password(), Some("file-pw-1"));
+        assert_eq!(info.redis_settings().db(), 3);
+        assert_eq!(got.server, "127.0.0.1:6399");
+        assert_eq!(got.user.as_deref(), Some("mesh"));
+        assert!(!got.tls);
+        assert!(!format!("{info:?}").contains("file-pw-1"));
+        // A password in the URL: the default user.
+        config.username = None;
+        config.password_file = None;
+        config.url = "redis://:url-pw@127.0.0.1:6399/".to_owned();
+        let got = endpoint(&config).unwrap();
+        assert_eq!(got.user.as_deref(), Some("default"));
+        // No password: no login.
+        config.url = "rediss://127.0.0.1:6399/".to_owned();
+        let got = endpoint(&config).unwrap();
+        assert_eq!(got.user, None);
+        assert!(got.tls);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tls_files_that_do_not_hold_what_they_should_are_named() {
+        let dir = temp_dir("tls");
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "hello\n").unwrap();
+        let mut config = crate::config::parse(
+            "[agent.redis]\nurl = \"rediss://127.0.0.1:6399/\"\n",
+            "mesh.toml",
+        )
+        .unwrap()
+        .agent
+        .redis
+        .unwrap();
+        config.ca_file = Some(not_pem.clone());
+        assert_eq!(
+            tls_certificates(&config).unwrap_err().to_string(),
+            format!(
+                "[agent.redis] ca_file: {}: no PEM certificate in it",
+                not_pem.display()
+            )
+        );
+        config.ca_file = None;
+        config.client_cert = Some(not_pem.clone());
+        config.client_key = Some(dir.join("missing.key"));
+        assert_eq!(
+            tls_certificates(&config).unwrap_err().to_string(),
+            format!(
+                "[agent.redis] client_cert: {}: no PEM certificate in it",
+                not_pem.display()
+            )
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
