@@ -959,6 +959,7 @@ fn validate_checks_configs_built_in_code() {
             ..HealthConfig::default()
         }),
         terminate_udp_flows: true,
+        external: None,
     });
     let err = c.validate("built-in").unwrap_err();
     assert_eq!(

@@ -473,6 +473,7 @@ mod tests {
         Vip {
             addr: s.parse().unwrap(),
             proto: PROTO_TCP,
+            external: false,
         }
     }
 

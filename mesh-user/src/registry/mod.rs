@@ -504,6 +504,7 @@ mod index_tests {
                 affinity: None,
                 health: None,
                 terminate_udp_flows: true,
+                external: None,
             })
     }
 

@@ -26,7 +26,8 @@ use k8s_openapi::api::{
 use mesh_common::SERVICE_NAME_LEN;
 
 use crate::config::{
-    Affinity, BackendConfig, EmptyPolicy, HealthConfig, HealthKind, Protocol, ServiceConfig,
+    Affinity, BackendConfig, EmptyPolicy, ExternalPolicy, HealthConfig, HealthKind, Protocol,
+    ServiceConfig,
 };
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -218,6 +219,11 @@ fn translate_service(
         }
     };
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let external_policy = if spec.external_traffic_policy.as_deref() == Some("Local") {
+        ExternalPolicy::Local
+    } else {
+        ExternalPolicy::Cluster
+    };
     let publish_not_ready = spec.publish_not_ready_addresses == Some(true);
     let external: Vec<IpAddr> = spec
         .external_ips
@@ -312,6 +318,40 @@ fn translate_service(
                 affinity: affinity.clone(),
                 health: health.clone(),
                 terminate_udp_flows: true,
+                external: None,
+            });
+        }
+        // Traffic from other hosts (the TC programs, IPv4): the NodePort on this node's
+        // addresses, the ExternalIPs and the LoadBalancer IPs, each an external service with
+        // the endpoints externalTrafficPolicy picks (Local: this node's only).
+        let mut outside: Vec<SocketAddr> = external
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, port_number))
+            .collect();
+        if let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()) {
+            outside.extend(node.addresses.iter().map(|ip| SocketAddr::new(*ip, node_port)));
+        }
+        let mut seen = BTreeSet::new();
+        for vip in outside {
+            if !vip.is_ipv4() || !seen.insert(vip) {
+                continue;
+            }
+            let (cluster, local, all) = sets(&vip.ip());
+            let set = match external_policy {
+                ExternalPolicy::Local => local,
+                ExternalPolicy::Cluster => cluster,
+            };
+            out.services.push(ServiceConfig {
+                name: fit_name(&format!("{base}@ext/{}:{}", vip.ip(), vip.port())),
+                vip,
+                protocol,
+                backends: members(set, all),
+                on_empty: EmptyPolicy::Reject,
+                // The TC programs keep no per-client affinity (validation rejects it).
+                affinity: None,
+                health: health.clone(),
+                terminate_udp_flows: true,
+                external: Some(external_policy),
             });
         }
     }
