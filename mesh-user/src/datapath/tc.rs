@@ -227,6 +227,17 @@ pub fn counters(bpffs: &Path) -> anyhow::Result<Option<NodeportCounters>> {
     }))
 }
 
+/// Entries (both directions of every flow) in the pinned `nat_flows`; None when not pinned.
+pub fn nat_flow_entries(bpffs: &Path) -> anyhow::Result<Option<usize>> {
+    let path = PinLayout::new(bpffs).map(map_names::NAT_FLOWS);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let map: HashMap<MapData, FlowKey, NatEntry> =
+        HashMap::try_from(Map::from_map_data(MapData::from_pin(&path)?)?)?;
+    Ok(Some(map.keys().filter(Result::is_ok).count()))
+}
+
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
