@@ -3,8 +3,7 @@
 //! that validation accepts always fits (nothing is found full half-way through writing it).
 
 use crate::{
-    DEFAULT_MAX_AFFINITY, DEFAULT_MAX_UDP_FLOWS, map_names,
-    nodeport::MAX_NODEPORT_DEVICES,
+    DEFAULT_MAX_AFFINITY, DEFAULT_MAX_UDP_FLOWS, map_names, nodeport::MAX_NODEPORT_DEVICES,
 };
 
 /// Default `max_service_backends`: (service, backend) pairs, old and new during an update.
@@ -103,7 +102,11 @@ impl Limits {
             ),
             fixed(map_names::DATAPATH_STATS, 1, "node-wide counters"),
             fixed(map_names::SETTINGS, 1, "agent settings"),
-            fixed(map_names::NP_DEVICES, MAX_NODEPORT_DEVICES, "external device"),
+            fixed(
+                map_names::NP_DEVICES,
+                MAX_NODEPORT_DEVICES,
+                "external device",
+            ),
             fixed(map_names::NP_STATS, 1, "node-wide TC counters"),
         ]
     }

@@ -126,8 +126,7 @@ pub struct SockRev {
 /// External address (node address + NodePort, ExternalIP, LoadBalancer IP) -> service. Keyed
 /// and valued like `SERVICES`, with its own ids, pointing into the same slots and backends.
 #[btf_map]
-pub static EXT_SERVICES: HashMap<ServiceKey, Service, MAX_SERVICES, NO_PREALLOC> =
-    HashMap::new();
+pub static EXT_SERVICES: HashMap<ServiceKey, Service, MAX_SERVICES, NO_PREALLOC> = HashMap::new();
 
 /// A packet's 5-tuple -> its translation; two entries per flow (see `mesh_common::nodeport`).
 /// Written by the kernel; idle entries are deleted by the agent.

@@ -147,12 +147,22 @@ fn rewrite(ctx: &TcContext, pkt: &Packet, to: &NatEntry) -> Result<(), i64> {
     if to.to_sport != pkt.key.sport {
         let new = to.to_sport.to_be();
         ctx.store(L4_OFF, &new, 0)?;
-        ctx.l4_csum_replace(check, u64::from(pkt.key.sport.to_be()), u64::from(new), mangled | 2)?;
+        ctx.l4_csum_replace(
+            check,
+            u64::from(pkt.key.sport.to_be()),
+            u64::from(new),
+            mangled | 2,
+        )?;
     }
     if to.to_dport != pkt.key.dport {
         let new = to.to_dport.to_be();
         ctx.store(L4_OFF + 2, &new, 0)?;
-        ctx.l4_csum_replace(check, u64::from(pkt.key.dport.to_be()), u64::from(new), mangled | 2)?;
+        ctx.l4_csum_replace(
+            check,
+            u64::from(pkt.key.dport.to_be()),
+            u64::from(new),
+            mangled | 2,
+        )?;
     }
     Ok(())
 }
@@ -248,7 +258,13 @@ pub fn ingress(ctx: &TcContext) -> i32 {
 
 /// The first packet of a flow to an external service.
 #[inline(always)]
-fn new_flow(ctx: &TcContext, pkt: &Packet, ifindex: u32, skey: &ServiceKey, service: &Service) -> i32 {
+fn new_flow(
+    ctx: &TcContext,
+    pkt: &Packet,
+    ifindex: u32,
+    skey: &ServiceKey,
+    service: &Service,
+) -> i32 {
     let mut backend = Backend::default();
     let backend_id = pick(skey, service, &mut backend);
     if backend_id == 0 || backend.family != FAMILY_V4 {
@@ -413,8 +429,13 @@ fn build_reset(ctx: &TcContext, pkt: &Packet) -> Result<(), i64> {
     let (new_seq, new_ack, flags) = if pkt.tcp_flags & TCP_ACK != 0 {
         (ack, 0u32, TCP_RST)
     } else {
-        let syn_fin = u32::from(pkt.tcp_flags & TCP_SYN != 0) + u32::from(pkt.tcp_flags & TCP_FIN != 0);
-        (0u32, seq.wrapping_add(payload).wrapping_add(syn_fin), TCP_RST | TCP_ACK)
+        let syn_fin =
+            u32::from(pkt.tcp_flags & TCP_SYN != 0) + u32::from(pkt.tcp_flags & TCP_FIN != 0);
+        (
+            0u32,
+            seq.wrapping_add(payload).wrapping_add(syn_fin),
+            TCP_RST | TCP_ACK,
+        )
     };
     // Drop the payload and TCP options: a 20-byte IP and a 20-byte TCP header remain.
     // SAFETY: the context is valid; the helper checks the length.

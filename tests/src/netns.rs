@@ -170,15 +170,19 @@ impl NetNs {
         let mut cmd = self.command("sysctl");
         cmd.args(["-q", "-w", setting]);
         let out = run_bounded(&mut cmd, IP_TIMEOUT).unwrap_or_else(|e| panic!("sysctl: {e}"));
-        assert!(out.status.success(), "sysctl -w {setting}: {}", out.describe());
+        assert!(
+            out.status.success(),
+            "sysctl -w {setting}: {}",
+            out.describe()
+        );
     }
 }
 
 /// Moves the calling thread into the network namespace pinned at `path`; panics on failure.
 pub fn enter_netns(path: &std::path::Path) {
     use std::os::fd::AsRawFd as _;
-    let file = std::fs::File::open(path)
-        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    let file =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
     // SAFETY: a valid namespace fd; only the calling thread changes namespace.
     let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
     assert_eq!(

@@ -132,7 +132,16 @@ fn build_topology() -> Topology {
         ("pb", &node_b, NODE_B),
     ] {
         switch.ip(&[
-            "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns.name(),
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
         ]);
         switch.ip(&["link", "set", port, "master", "br0", "up"]);
         ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
@@ -148,7 +157,16 @@ fn build_topology() -> Topology {
     ] {
         let pod = NetNs::new(tag);
         node.ip(&[
-            "link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns", pod.name(),
+            "link",
+            "add",
+            dev,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            pod.name(),
         ]);
         node.ip(&["link", "set", dev, "up"]);
         node.sysctl(&format!("net.ipv4.conf.{dev}.proxy_arp=1"));
@@ -368,7 +386,12 @@ fn nodeport_from_other_hosts() {
 
     // Local: only node A's endpoints, and they see the client's own address.
     let r = tcp(&topo, &local_a, 20);
-    assert_eq!(r.counts(), counts(&[("a1", 10), ("a2", 10)]), "{}", r.stdout);
+    assert_eq!(
+        r.counts(),
+        counts(&[("a1", 10), ("a2", 10)]),
+        "{}",
+        r.stdout
+    );
     assert_eq!(backends[0].take_peers(), counts(&[(CLIENT, 10)]));
     assert_eq!(backends[1].take_peers(), counts(&[(CLIENT, 10)]));
     assert!(backends[2].take_peers().is_empty());
@@ -392,25 +415,44 @@ fn nodeport_from_other_hosts() {
     }
 
     // Counted at this layer (every flow above was created by node A's programs).
-    let created = metric(&agent_a, "mesh_nodeport_events_total{event=\"flow_created\"}").unwrap();
+    let created = metric(
+        &agent_a,
+        "mesh_nodeport_events_total{event=\"flow_created\"}",
+    )
+    .unwrap();
     assert_eq!(created, 30 + 30 + 20 + 10, "flows created by node A");
     let no_backend_b =
         metric(&agent_b, "mesh_nodeport_events_total{event=\"no_backend\"}").unwrap();
-    assert!(no_backend_b >= 3, "node B counted {no_backend_b} packets without backend");
+    assert!(
+        no_backend_b >= 3,
+        "node B counted {no_backend_b} packets without backend"
+    );
 
     // Removing a backend: new connections never reach it.
     agent_a.write_config(&node_a_config(false));
     assert!(
         wait_until(Duration::from_secs(5), || {
-            metric(&agent_a, "mesh_service_slots{service=\"np-tcp\",vip=\"10.77.0.2:30080\",protocol=\"tcp\"}")
-                == Some(2)
+            metric(
+                &agent_a,
+                "mesh_service_slots{service=\"np-tcp\",vip=\"10.77.0.2:30080\",protocol=\"tcp\"}",
+            ) == Some(2)
         }),
         "the edit did not reach the maps"
     );
     let r = tcp(&topo, &nodeport_tcp, 20);
-    assert_eq!(r.counts(), counts(&[("a1", 10), ("b1", 10)]), "{}", r.stdout);
+    assert_eq!(
+        r.counts(),
+        counts(&[("a1", 10), ("b1", 10)]),
+        "{}",
+        r.stdout
+    );
     let r = udp(&topo, &nodeport_udp, 20);
-    assert_eq!(r.counts(), counts(&[("a1", 10), ("b1", 10)]), "{}", r.stdout);
+    assert_eq!(
+        r.counts(),
+        counts(&[("a1", 10), ("b1", 10)]),
+        "{}",
+        r.stdout
+    );
     assert_eq!(backends[1].take_peers().len(), 0, "a2 was removed");
 
     // Nothing leaks: the closed TCP flows (closing timeout 2 s) and the UDP flows (2 s idle)
@@ -422,8 +464,16 @@ fn nodeport_from_other_hosts() {
         "nat_flows still holds entries:\n{}",
         agent_a.metrics_text()
     );
-    let created = metric(&agent_a, "mesh_nodeport_events_total{event=\"flow_created\"}").unwrap();
-    let expired = metric(&agent_a, "mesh_nodeport_events_total{event=\"flow_expired\"}").unwrap();
+    let created = metric(
+        &agent_a,
+        "mesh_nodeport_events_total{event=\"flow_created\"}",
+    )
+    .unwrap();
+    let expired = metric(
+        &agent_a,
+        "mesh_nodeport_events_total{event=\"flow_expired\"}",
+    )
+    .unwrap();
     assert_eq!(created, 130);
     assert_eq!(expired, created, "every flow expired exactly once");
     assert_eq!(metric(&agent_a, "mesh_nodeport_flows"), Some(0));

@@ -143,7 +143,9 @@ fn start_datapath(config: &Config) -> anyhow::Result<Started> {
     let devices = if nodeport.enabled {
         let devices = datapath::tc::devices(&nodeport.devices)?;
         if devices.is_empty() {
-            warn!("[agent.nodeport]: no device holds a node address; traffic from other hosts is not translated");
+            warn!(
+                "[agent.nodeport]: no device holds a node address; traffic from other hosts is not translated"
+            );
         }
         Some(devices)
     } else {

@@ -211,7 +211,11 @@ impl NodeportConfig {
         for (field, value, hi) in [
             ("agent.nodeport.udp_timeout", self.udp_timeout, day),
             ("agent.nodeport.tcp_timeout", self.tcp_timeout, 7 * day),
-            ("agent.nodeport.tcp_closing_timeout", self.tcp_closing_timeout, day),
+            (
+                "agent.nodeport.tcp_closing_timeout",
+                self.tcp_closing_timeout,
+                day,
+            ),
         ] {
             if let Some(reason) = duration_range(value, Duration::from_secs(1), hi) {
                 p.agent(field, reason);

@@ -25,8 +25,8 @@ use aya::{
 use mesh_common::{
     map_names,
     nodeport::{
-        FlowKey, FlowTimeouts, NAT_F_REPLY, NatEntry, NodeportDevice, NodeportStats,
-        pair_expired, reply_key,
+        FlowKey, FlowTimeouts, NAT_F_REPLY, NatEntry, NodeportDevice, NodeportStats, pair_expired,
+        reply_key,
     },
 };
 use tracing::{info, warn};
@@ -108,7 +108,11 @@ fn link_name(program: &str, device: &str) -> String {
 /// Loads the TC programs and attaches them to `devices` through pinned TCX links (updating
 /// the program inside links an earlier agent pinned), removes the links of other devices, and
 /// writes the devices' addresses for the programs.
-pub(super) fn attach(ebpf: &mut Ebpf, layout: &PinLayout, devices: &[Device]) -> anyhow::Result<()> {
+pub(super) fn attach(
+    ebpf: &mut Ebpf,
+    layout: &PinLayout,
+    devices: &[Device],
+) -> anyhow::Result<()> {
     let mut keep = BTreeSet::new();
     for &(name, attach_type) in TC_PROGRAMS {
         let program = ebpf

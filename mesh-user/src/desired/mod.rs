@@ -3,9 +3,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
-use mesh_common::{
-    SVC_F_AFFINITY, SVC_F_PASSIVE, SVC_F_REJECT_EMPTY, nodeport::SVC_F_EXT_LOCAL,
-};
+use mesh_common::{SVC_F_AFFINITY, SVC_F_PASSIVE, SVC_F_REJECT_EMPTY, nodeport::SVC_F_EXT_LOCAL};
 
 pub mod slots;
 

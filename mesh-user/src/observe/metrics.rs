@@ -525,10 +525,7 @@ impl KernelCounters {
         ]
         .into_iter()
         .chain(maps.extra_entry_counts())
-        .chain(
-            crate::datapath::tc::nat_flow_entries(&self.bpffs)?
-                .map(|n| ("nat_flows", n)),
-        )
+        .chain(crate::datapath::tc::nat_flow_entries(&self.bpffs)?.map(|n| ("nat_flows", n)))
         {
             let _ = writeln!(out, "mesh_map_entries{{map=\"{map}\"}} {entries}");
         }

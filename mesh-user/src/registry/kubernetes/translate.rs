@@ -329,7 +329,11 @@ fn translate_service(
             .map(|ip| SocketAddr::new(*ip, port_number))
             .collect();
         if let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()) {
-            outside.extend(node.addresses.iter().map(|ip| SocketAddr::new(*ip, node_port)));
+            outside.extend(
+                node.addresses
+                    .iter()
+                    .map(|ip| SocketAddr::new(*ip, node_port)),
+            );
         }
         let mut seen = BTreeSet::new();
         for vip in outside {
