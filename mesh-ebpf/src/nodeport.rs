@@ -200,7 +200,7 @@ fn route(ctx: &TcContext, ifindex: u32, proto: u8, saddr: [u8; 4], daddr: [u8; 4
 fn forward(out_ifindex: u32) -> i32 {
     if out_ifindex == 0 {
         count(|s| s.fib_misses += 1);
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     // SAFETY: no memory arguments (the neighbour is resolved by the kernel).
     unsafe { bpf_redirect_neigh(out_ifindex, core::ptr::null_mut(), 0, 0) as i32 }
@@ -216,13 +216,13 @@ fn ingress_ifindex(ctx: &TcContext) -> u32 {
 #[inline(always)]
 pub fn ingress(ctx: &TcContext) -> i32 {
     let Some(pkt) = parse(ctx) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     let ifindex = ingress_ifindex(ctx);
     if let Some(entry) = NAT_FLOWS.get_ptr_mut(pkt.key) {
         let entry = touch(entry, &pkt);
         if rewrite(ctx, &pkt, &entry).is_err() {
-            return TC_ACT_SHOT as i32;
+            return TC_ACT_SHOT;
         }
         if entry.flags & NAT_F_REPLY != 0 {
             count(|s| {
@@ -250,7 +250,7 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     skey.ip[3] = pkt.key.daddr[3];
     // SAFETY: a shared reference into the map value, copied at once.
     let Some(service) = (unsafe { EXT_SERVICES.get(skey) }) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     let service = *service;
     new_flow(ctx, &pkt, ifindex, &skey, &service)
@@ -270,12 +270,12 @@ fn new_flow(
     if backend_id == 0 || backend.family != FAMILY_V4 {
         count(|s| s.no_backend += 1);
         if service.flags & SVC_F_REJECT_EMPTY == 0 {
-            return TC_ACT_OK as i32;
+            return TC_ACT_OK;
         }
         if pkt.key.proto == PROTO_TCP && pkt.tcp_flags & TCP_RST == 0 {
             return reset(ctx, pkt, ifindex);
         }
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     let now = unsafe { bpf_ktime_get_ns() };
     let bip = [backend.ip[0], backend.ip[1], backend.ip[2], backend.ip[3]];
@@ -337,7 +337,7 @@ fn new_flow(
     }
     if !inserted || NAT_FLOWS.insert(pkt.key, fwd, 0).is_err() {
         count(|s| s.flow_failures += 1);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     count_backend(service.id, backend_id);
     count(|s| {
@@ -346,7 +346,7 @@ fn new_flow(
         s.bytes_in += u64::from(pkt.len);
     });
     if rewrite(ctx, pkt, &fwd).is_err() {
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     forward(out)
 }
@@ -412,7 +412,7 @@ fn reset(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> i32 {
     match build_reset(ctx, pkt) {
         // SAFETY: no memory arguments.
         Ok(()) => unsafe { bpf_redirect(ifindex, 0) as i32 },
-        Err(_) => TC_ACT_SHOT as i32,
+        Err(_) => TC_ACT_SHOT,
     }
 }
 
@@ -498,22 +498,22 @@ fn fold(mut sum: u32) -> u16 {
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> i32 {
     let Some(pkt) = parse(ctx) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     let Some(entry) = NAT_FLOWS.get_ptr_mut(pkt.key) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     // SAFETY: a valid value of the map (flags only read).
     if unsafe { (*entry).flags } & NAT_F_REPLY == 0 {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     let entry = touch(entry, &pkt);
     if rewrite(ctx, &pkt, &entry).is_err() {
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     count(|s| {
         s.packets_out += 1;
         s.bytes_out += u64::from(pkt.len);
     });
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
