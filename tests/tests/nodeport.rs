@@ -35,6 +35,8 @@ const POD_A2: &str = "10.244.1.3";
 const POD_B1: &str = "10.244.2.2";
 const TCP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 5353;
+/// The Local service's healthCheckNodePort.
+const HC_PORT: u16 = 32100;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A pod's TCP and UDP backend, serving from the test process on sockets made inside the pod's
@@ -235,9 +237,10 @@ addr = "{POD_A1}:{UDP_PORT}"
 addr = "{POD_B1}:{UDP_PORT}"
 
 [[services]]
-name = "np-local"
+name = "default/np-local:http@ext/{NODE_A}:30081"
 vip = "{NODE_A}:30081"
 external = "local"
+health_check_node_port = {{ port = {HC_PORT} }}
 [[services.backends]]
 addr = "{POD_A1}:{TCP_PORT}"
 {a2_tcp}
@@ -267,9 +270,10 @@ max_external_flows = 4096
 devices = ["eth0"]
 
 [[services]]
-name = "np-local"
+name = "default/np-local:http@ext/{NODE_B}:30081"
 vip = "{NODE_B}:30081"
 external = "local"
+health_check_node_port = {{ port = {HC_PORT} }}
 "#
     )
 }
@@ -406,6 +410,28 @@ fn nodeport_from_other_hosts() {
         r.stdout
     );
     assert!(started.elapsed() < Duration::from_secs(5));
+
+    // healthCheckNodePort, asked from the client host as a cloud load balancer would: node A
+    // has two local endpoints, node B none.
+    let health = |node: &str| {
+        let addr: SocketAddr = format!("{node}:{HC_PORT}").parse().unwrap();
+        topo.client.run_in(|| {
+            integration_tests::http::get_here(addr, "/healthz", Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("GET {addr}: {e}"))
+        })
+    };
+    let a = health(NODE_A);
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(
+        a.body,
+        r#"{"service":{"namespace":"default","name":"np-local"},"localEndpoints":2,"serviceProxyHealthy":true}"#
+    );
+    let b = health(NODE_B);
+    assert_eq!(b.status, 503, "{b:?}");
+    assert_eq!(
+        b.body,
+        r#"{"service":{"namespace":"default","name":"np-local"},"localEndpoints":0,"serviceProxyHealthy":true}"#
+    );
 
     // An ExternalIP routed to node A.
     let r = tcp(&topo, &external_ip, 10);

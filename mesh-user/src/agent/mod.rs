@@ -238,6 +238,8 @@ async fn serve(args: AgentArgs, config: Config, started: Started) -> anyhow::Res
     health.on_check(metrics.health_check_observer());
     let registry = Registry::new(config);
     let (published, listing_rx) = watch::channel(listing(&registry));
+    // healthCheckNodePort servers follow every applied registry.
+    let _health_check_ports = crate::observe::healthcheck::spawn(published.subscribe());
     // Started before the first reconcile: the services they saved (admin API, last Redis read)
     // are applied together with the file's, so a restart keeps their VIPs mapped.
     let (sources_tx, mut sources_rx) = mpsc::channel::<SourceUpdate>(16);

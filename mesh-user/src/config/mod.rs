@@ -283,6 +283,23 @@ pub struct ServiceConfig {
     /// `externalTrafficPolicy`. Unset: a socket-level service for clients on this node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external: Option<ExternalPolicy>,
+    /// `external = "local"` only: serve kube-proxy's health check for this service on this
+    /// TCP port of the node (`healthCheckNodePort`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check_node_port: Option<HealthCheckNodePort>,
+}
+
+/// `health_check_node_port = { port = 32000 }`: 200 while the node has local endpoints, 503
+/// otherwise, with kube-proxy's JSON body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckNodePort {
+    pub port: u16,
+    /// The local endpoints to report; unset: the service's non-draining backends (by address).
+    /// The Kubernetes source sets it to the ready ones, so a node whose local endpoints are
+    /// all terminating answers 503 while they still finish their work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_endpoints: Option<u32>,
 }
 
 impl ServiceConfig {

@@ -961,6 +961,7 @@ fn validate_checks_configs_built_in_code() {
         }),
         terminate_udp_flows: true,
         external: None,
+        health_check_node_port: None,
     });
     let err = c.validate("built-in").unwrap_err();
     assert_eq!(

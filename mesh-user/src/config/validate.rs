@@ -519,6 +519,24 @@ impl ServiceConfig {
                 );
             }
         }
+        if let Some(hc) = &self.health_check_node_port {
+            if self.external != Some(ExternalPolicy::Local) {
+                p.service(
+                    i,
+                    self,
+                    "health_check_node_port",
+                    "only external = \"local\" services have a health check node port".to_owned(),
+                );
+            }
+            if hc.port == 0 {
+                p.service(
+                    i,
+                    self,
+                    "health_check_node_port.port",
+                    "must not be 0".to_owned(),
+                );
+            }
+        }
     }
 
     fn check_name(&self, i: usize, p: &mut Problems) {

@@ -505,6 +505,7 @@ mod index_tests {
                 health: None,
                 terminate_udp_flows: true,
                 external: None,
+                health_check_node_port: None,
             })
     }
 

@@ -26,8 +26,8 @@ use k8s_openapi::api::{
 use mesh_common::SERVICE_NAME_LEN;
 
 use crate::config::{
-    Affinity, BackendConfig, EmptyPolicy, ExternalPolicy, HealthConfig, HealthKind, Protocol,
-    ServiceConfig,
+    Affinity, BackendConfig, EmptyPolicy, ExternalPolicy, HealthCheckNodePort, HealthConfig,
+    HealthKind, Protocol, ServiceConfig,
 };
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -224,6 +224,10 @@ fn translate_service(
     } else {
         ExternalPolicy::Cluster
     };
+    let health_check_port = spec
+        .health_check_node_port
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|&p| p != 0 && external_policy == ExternalPolicy::Local);
     let publish_not_ready = spec.publish_not_ready_addresses == Some(true);
     let external: Vec<IpAddr> = spec
         .external_ips
@@ -319,6 +323,7 @@ fn translate_service(
                 health: health.clone(),
                 terminate_udp_flows: true,
                 external: None,
+                health_check_node_port: None,
             });
         }
         // Traffic from other hosts (the TC programs, IPv4): the NodePort on this node's
@@ -356,6 +361,15 @@ fn translate_service(
                 health: health.clone(),
                 terminate_udp_flows: true,
                 external: Some(external_policy),
+                // kube-proxy counts only ready local endpoints: a node left with terminating
+                // ones answers 503.
+                health_check_node_port: health_check_port.map(|port| HealthCheckNodePort {
+                    port,
+                    local_endpoints: Some(
+                        u32::try_from(all.iter().filter(|e| e.is_local(node) && e.ready).count())
+                            .unwrap_or(u32::MAX),
+                    ),
+                }),
             });
         }
     }
