@@ -211,6 +211,7 @@ resync = "1s"
 [agent.limits]
 max_external_flows = 4096
 [agent.nodeport]
+enabled = true
 udp_timeout = "2s"
 tcp_closing_timeout = "2s"
 tcp_timeout = "60s"
@@ -267,6 +268,7 @@ fn node_b_config() -> String {
 [agent.limits]
 max_external_flows = 4096
 [agent.nodeport]
+enabled = true
 devices = ["eth0"]
 
 [[services]]

@@ -182,7 +182,8 @@ pub struct KubernetesConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeportConfig {
-    /// Attach the TC programs at all.
+    /// Attach the TC programs at all. Off by default: they go on the node's own devices, which
+    /// an agent that only balances its cgroup's connections must not touch.
     pub enabled: bool,
     /// The external devices, by name; empty: every device that holds one of the node's global
     /// IPv4 addresses (not loopback), found at start.
@@ -201,7 +202,7 @@ pub struct NodeportConfig {
 impl Default for NodeportConfig {
     fn default() -> Self {
         Self {
-            enabled: true,
+            enabled: false,
             devices: Vec::new(),
             udp_timeout: Duration::from_secs(30),
             tcp_timeout: Duration::from_secs(6 * 3600),

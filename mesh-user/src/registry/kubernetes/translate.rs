@@ -7,7 +7,11 @@
 //! Endpoints follow pkg/proxy/topology.go: ready endpoints serve; when none is usable,
 //! serving-and-terminating ones do (decided separately for the Cluster and the Local set);
 //! topology hints apply only when every ready endpoint carries them and one matches this node
-//! (PreferSameNode) or zone (PreferSameZone). The cluster IP uses the Local set with
+//! (PreferSameNode) or zone (PreferSameZone). For traffic from other hosts, the NodePort on each
+//! of this node's IPv4 addresses, each ExternalIP and LoadBalancer IP is also an external
+//! service (matched by the TC programs) with the Cluster or the Local set as
+//! `externalTrafficPolicy` says, and the Local ones carry `healthCheckNodePort` with the count
+//! of ready local endpoints. The cluster IP uses the Local set with
 //! `internalTrafficPolicy: Local`. External VIPs dialled from this node use the Cluster set, as
 //! kube-proxy short-circuits node-local traffic to external destinations. Endpoints that are
 //! not used but still terminating stay as draining members: no new connections, and their
