@@ -2,7 +2,9 @@
 //! agent sizes the maps from this table and validates every registry against it, so a registry
 //! that validation accepts always fits (nothing is found full half-way through writing it).
 
-use crate::{DEFAULT_MAX_AFFINITY, DEFAULT_MAX_UDP_FLOWS, map_names};
+use crate::{
+    DEFAULT_MAX_AFFINITY, DEFAULT_MAX_UDP_FLOWS, map_names, nodeport::MAX_NODEPORT_DEVICES,
+};
 
 /// Default `max_service_backends`: (service, backend) pairs, old and new during an update.
 pub const DEFAULT_MAX_SERVICE_BACKENDS: u32 = 524_288;
@@ -18,6 +20,9 @@ pub struct Limits {
     pub max_service_backends: u32,
     /// Round-robin slots of all services, counting the live and the previous generation.
     pub max_slots: u32,
+    /// Flows from other hosts translated at once by the TC programs (each is two `nat_flows`
+    /// entries: the client's direction and the replies').
+    pub max_external_flows: u32,
 }
 
 /// What each map holds and how many entries it has room for.
@@ -35,7 +40,7 @@ pub struct MapCapacity {
 
 impl Limits {
     /// Every map with a capacity (socket storage has none: it lives with its socket).
-    pub fn table(&self) -> [MapCapacity; 13] {
+    pub fn table(&self) -> [MapCapacity; 17] {
         let sized = |map, max_entries, entry| MapCapacity {
             map,
             max_entries,
@@ -50,6 +55,17 @@ impl Limits {
         };
         [
             sized(map_names::SERVICES, self.max_services, "service (VIP)"),
+            // External services share the id space (and rr_state, slots, ...) of the others.
+            sized(
+                map_names::EXT_SERVICES,
+                self.max_services,
+                "external service (address)",
+            ),
+            sized(
+                map_names::NAT_FLOWS,
+                self.max_external_flows.saturating_mul(2),
+                "direction of a flow from another host, LRU",
+            ),
             sized(map_names::RR_STATE, self.max_services, "service id"),
             sized(map_names::SERVICE_STATS, self.max_services, "service id"),
             sized(map_names::SERVICE_NAMES, self.max_services, "service id"),
@@ -86,6 +102,12 @@ impl Limits {
             ),
             fixed(map_names::DATAPATH_STATS, 1, "node-wide counters"),
             fixed(map_names::SETTINGS, 1, "agent settings"),
+            fixed(
+                map_names::NP_DEVICES,
+                MAX_NODEPORT_DEVICES,
+                "external device",
+            ),
+            fixed(map_names::NP_STATS, 1, "node-wide TC counters"),
         ]
     }
 
@@ -152,6 +174,7 @@ mod tests {
             max_backends: 20,
             max_service_backends: 30,
             max_slots: 40,
+            max_external_flows: 50,
         };
         for map in [
             map_names::BACKEND_STATS,
@@ -163,5 +186,7 @@ mod tests {
         assert_eq!(limits.capacity_of(map_names::BACKENDS), Some(20));
         assert_eq!(limits.capacity_of(map_names::SLOTS), Some(40));
         assert_eq!(limits.capacity_of(map_names::SERVICES), Some(10));
+        assert_eq!(limits.capacity_of(map_names::EXT_SERVICES), Some(10));
+        assert_eq!(limits.capacity_of(map_names::NAT_FLOWS), Some(100));
     }
 }

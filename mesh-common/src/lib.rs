@@ -13,6 +13,7 @@
 #![no_std]
 
 pub mod capacity;
+pub mod nodeport;
 
 /// Bump when any map key or value below changes layout. It is part of every pin path, so a new
 /// agent never reuses a pinned map with an old layout.
@@ -268,6 +269,10 @@ pub mod map_names {
     pub const DATAPATH_STATS: &str = "DATAPATH_STATS";
     pub const PASSIVE: &str = "PASSIVE";
     pub const SETTINGS: &str = "SETTINGS";
+    pub const EXT_SERVICES: &str = "EXT_SERVICES";
+    pub const NAT_FLOWS: &str = "NAT_FLOWS";
+    pub const NP_DEVICES: &str = "NP_DEVICES";
+    pub const NP_STATS: &str = "NP_STATS";
 }
 
 #[cfg(feature = "user")]

@@ -24,6 +24,7 @@
 mod addr;
 mod connect;
 mod maps;
+mod nodeport;
 mod reverse;
 mod service;
 mod sockops;
@@ -32,8 +33,8 @@ mod stats;
 mod udp;
 
 use aya_ebpf::{
-    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, sock_ops},
-    programs::{SockAddrContext, SockContext, SockOpsContext, SockoptContext},
+    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier, sock_ops},
+    programs::{SockAddrContext, SockContext, SockOpsContext, SockoptContext, TcContext},
 };
 use mesh_common::{FAMILY_V4, FAMILY_V6};
 
@@ -102,6 +103,18 @@ pub fn tcp_outcome(ctx: SockOpsContext) -> u32 {
     sockops::tcp_outcome(&ctx);
     // sock_ops programs return 1 ("ok"); the verdict is ignored for the callbacks used here.
     1
+}
+
+/// TC ingress of the node's external devices: traffic from other hosts to external services.
+#[classifier]
+pub fn nodeport_ingress(ctx: TcContext) -> i32 {
+    nodeport::ingress(&ctx)
+}
+
+/// TC egress of the node's external devices: replies of local backends to such traffic.
+#[classifier]
+pub fn nodeport_egress(ctx: TcContext) -> i32 {
+    nodeport::egress(&ctx)
 }
 
 #[cfg(not(test))]

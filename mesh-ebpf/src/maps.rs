@@ -11,6 +11,10 @@ use mesh_common::{
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, DEFAULT_MAX_UDP_FLOWS,
     DatapathStats, PassiveState, Service, ServiceKey, ServiceName, ServiceStats, Settings, SlotKey,
     UdpFlow,
+    nodeport::{
+        DEFAULT_MAX_EXTERNAL_FLOWS, FlowKey, MAX_NODEPORT_DEVICES, NatEntry, NodeportDevice,
+        NodeportStats,
+    },
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -116,3 +120,25 @@ pub struct SockRev {
     /// 1 once the socket's cookie is in `UDP_FLOWS`: release deletes it then, and only then.
     pub has_flow: u32,
 }
+
+// ---- Traffic from other hosts (TC programs on the external devices, `nodeport`) ----
+
+/// External address (node address + NodePort, ExternalIP, LoadBalancer IP) -> service. Keyed
+/// and valued like `SERVICES`, with its own ids, pointing into the same slots and backends.
+#[btf_map]
+pub static EXT_SERVICES: HashMap<ServiceKey, Service, MAX_SERVICES, NO_PREALLOC> = HashMap::new();
+
+/// A packet's 5-tuple -> its translation; two entries per flow (see `mesh_common::nodeport`).
+/// Written by the kernel; idle entries are deleted by the agent.
+#[btf_map]
+pub static NAT_FLOWS: LruHashMap<FlowKey, NatEntry, { 2 * DEFAULT_MAX_EXTERNAL_FLOWS as usize }> =
+    LruHashMap::new();
+
+/// Ifindex -> external device (its IPv4 address, the source of SNATed flows).
+#[btf_map]
+pub static NP_DEVICES: HashMap<u32, NodeportDevice, { MAX_NODEPORT_DEVICES as usize }> =
+    HashMap::new();
+
+/// Node-wide per-CPU counters of the TC programs (index 0).
+#[btf_map]
+pub static NP_STATS: PerCpuArray<NodeportStats, 1> = PerCpuArray::new();

@@ -10,6 +10,10 @@ pub struct Vip {
     pub addr: SocketAddr,
     /// IP protocol number (`PROTO_TCP` or `PROTO_UDP`).
     pub proto: u8,
+    /// An external service: matched by the TC programs on the node's external devices for
+    /// traffic from other hosts (`EXT_SERVICES`), not by the socket-level programs. The same
+    /// address may be both (a NodePort dialled on the node and from outside).
+    pub external: bool,
 }
 
 impl Vip {
@@ -28,6 +32,10 @@ pub fn protocol_name(proto: u8) -> &'static str {
 
 impl fmt::Display for Vip {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.protocol_name())
+        write!(f, "{}/{}", self.addr, self.protocol_name())?;
+        if self.external {
+            f.write_str(" (external)")?;
+        }
+        Ok(())
     }
 }

@@ -34,6 +34,8 @@ pub struct Agent {
     log_path: PathBuf,
     metrics_addr: SocketAddr,
     admin_socket: PathBuf,
+    /// The network namespace the agent runs in (`/run/netns/<name>`), if not the test's.
+    netns: Option<PathBuf>,
 }
 
 impl Agent {
@@ -77,6 +79,17 @@ impl Agent {
         extra_args: &[&str],
         env: &[(&str, Option<&str>)],
     ) -> Agent {
+        Agent::spawn_with(config_toml, cgroup, bpffs, extra_args, env, None)
+    }
+
+    fn spawn_with(
+        config_toml: &str,
+        cgroup: &CgroupGuard,
+        bpffs: &BpffsDir,
+        extra_args: &[&str],
+        env: &[(&str, Option<&str>)],
+        netns: Option<PathBuf>,
+    ) -> Agent {
         crate::require_root();
         let dir =
             std::env::temp_dir().join(format!("{}-agent-{}", cgroup.name(), crate::next_unique()));
@@ -114,7 +127,7 @@ impl Agent {
             .map(|(name, value)| ((*name).to_owned(), value.map(str::to_owned)))
             .collect();
 
-        let child = spawn(&args, &env, &log_path);
+        let child = spawn(&args, &env, &log_path, netns.as_deref());
         Agent {
             child,
             exit_status: None,
@@ -125,6 +138,37 @@ impl Agent {
             log_path,
             metrics_addr,
             admin_socket,
+            netns,
+        }
+    }
+
+    /// [`Agent::start`] inside the network namespace `netns` (only the network namespace is
+    /// entered, so the agent still sees the host's bpffs and cgroup mounts); its metrics
+    /// address is that namespace's loopback, reached by the harness from inside it.
+    pub fn start_in_netns(
+        config_toml: &str,
+        cgroup: &CgroupGuard,
+        bpffs: &BpffsDir,
+        netns: &crate::NetNs,
+    ) -> Agent {
+        let mut agent = Agent::spawn_with(config_toml, cgroup, bpffs, &[], &[], Some(netns.path()));
+        agent.wait_ready(READY_TIMEOUT);
+        agent
+    }
+
+    /// GET `path` on the metrics address, from the agent's network namespace.
+    fn get(&self, path: &str, timeout: Duration) -> std::io::Result<crate::http::Response> {
+        let addr = self.metrics_addr;
+        match &self.netns {
+            None => crate::http::get(addr, path, timeout),
+            Some(ns) => std::thread::scope(|s| {
+                s.spawn(|| {
+                    crate::netns::enter_netns(ns);
+                    crate::http::get_here(addr, path, timeout)
+                })
+                .join()
+                .expect("metrics request thread")
+            }),
         }
     }
 
@@ -140,8 +184,7 @@ impl Agent {
                     self.log_text()
                 );
             }
-            let last = match crate::http::get(self.metrics_addr, "/readyz", Duration::from_secs(1))
-            {
+            let last = match self.get("/readyz", Duration::from_secs(1)) {
                 Ok(response) if response.status == 200 => return,
                 Ok(response) => format!("HTTP {}: {}", response.status, response.body),
                 Err(e) => e.to_string(),
@@ -247,7 +290,7 @@ impl Agent {
 
     /// GET `path` on the metrics address.
     pub fn http_get(&self, path: &str) -> std::io::Result<crate::http::Response> {
-        crate::http::get(self.metrics_addr, path, Duration::from_secs(5))
+        self.get(path, Duration::from_secs(5))
     }
 
     /// The `/metrics` text; panics unless it answers 200.
@@ -294,7 +337,7 @@ impl Agent {
     /// same arguments, config file, metrics address and log file, and waits for `/readyz`.
     pub fn restart(&mut self) {
         self.stop_or_kill();
-        self.child = spawn(&self.args, &self.env, &self.log_path);
+        self.child = spawn(&self.args, &self.env, &self.log_path, self.netns.as_deref());
         self.exit_status = None;
         self.wait_ready(READY_TIMEOUT);
     }
@@ -343,7 +386,7 @@ impl std::fmt::Debug for Agent {
 /// An environment change for the agent: set (`Some`) or remove (`None`) a variable.
 type EnvChange = (String, Option<String>);
 
-fn spawn(args: &[OsString], env: &[EnvChange], log_path: &Path) -> Child {
+fn spawn(args: &[OsString], env: &[EnvChange], log_path: &Path, netns: Option<&Path>) -> Child {
     let log = File::options()
         .create(true)
         .append(true)
@@ -364,11 +407,21 @@ fn spawn(args: &[OsString], env: &[EnvChange], log_path: &Path) -> Child {
             None => cmd.env_remove(name),
         };
     }
-    // SAFETY: prctl is async-signal-safe; the closure allocates nothing. If the test process dies
-    // without running Drop, the agent gets SIGTERM instead of running on.
+    // Opened before the fork: the child only calls setns on it.
+    let netns_fd = netns.map(|path| {
+        File::open(path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()))
+    });
+    let netns_raw = netns_fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+    // SAFETY: prctl and setns are async-signal-safe; the closure allocates nothing. If the test
+    // process dies without running Drop, the agent gets SIGTERM instead of running on.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = netns_raw
+                && libc::setns(fd, libc::CLONE_NEWNET) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

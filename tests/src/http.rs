@@ -33,6 +33,54 @@ pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<R
     request(addr, "GET", path, None, timeout)
 }
 
+/// `GET http://<addr><path>` over a plain socket made on the calling thread (HTTP/1.0, the
+/// whole body read until the server closes). The shared client runs on a thread of its own,
+/// so it cannot reach an address inside the network namespace the calling thread entered.
+pub fn get_here(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<Response> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response");
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok(Response { status, body })
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
 /// `method http://<addr><path>`, with `body` sent as `application/json` if given; bounded by
 /// `timeout`. Any status is a response; only I/O and protocol failures are errors
 /// ([`std::io::ErrorKind::TimedOut`] for a timeout).

@@ -145,6 +145,55 @@ impl Drop for NetNs {
     }
 }
 
+impl NetNs {
+    /// Where `ip netns` keeps the namespace (open it and `setns` to enter it).
+    pub fn path(&self) -> std::path::PathBuf {
+        std::path::PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Runs `f` on a thread of its own that has entered this namespace (a network namespace
+    /// is per thread), and returns its result: sockets `f` creates live in the namespace.
+    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = self.path();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                enter_netns(&path);
+                f()
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
+    }
+
+    /// Runs `sysctl -w <setting>` inside the namespace.
+    pub fn sysctl(&self, setting: &str) {
+        let mut cmd = self.command("sysctl");
+        cmd.args(["-q", "-w", setting]);
+        let out = run_bounded(&mut cmd, IP_TIMEOUT).unwrap_or_else(|e| panic!("sysctl: {e}"));
+        assert!(
+            out.status.success(),
+            "sysctl -w {setting}: {}",
+            out.describe()
+        );
+    }
+}
+
+/// Moves the calling thread into the network namespace pinned at `path`; panics on failure.
+pub fn enter_netns(path: &std::path::Path) {
+    use std::os::fd::AsRawFd as _;
+    let file =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    // SAFETY: a valid namespace fd; only the calling thread changes namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "setns {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
 /// Runs `ip <args>`; panics with its output if it fails.
 fn ip(args: &[&str]) -> String {
     let mut cmd = Command::new("ip");

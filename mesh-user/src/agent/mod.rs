@@ -139,12 +139,48 @@ fn start_datapath(config: &Config) -> anyhow::Result<Started> {
         None => system::cgroup2_root()?,
     };
     let capacities = agent.limits.capacities();
+    let nodeport = &agent.nodeport;
+    let devices = if nodeport.enabled {
+        let devices = datapath::tc::devices(&nodeport.devices)?;
+        if devices.is_empty() {
+            warn!(
+                "[agent.nodeport]: no device holds a node address; traffic from other hosts is not translated"
+            );
+        }
+        Some(devices)
+    } else {
+        None
+    };
     let mut datapath = Datapath::load(&LoadOptions {
         bpffs: &agent.bpffs,
         cgroup: &cgroup,
         capacities,
         kernel_log: kernel_log_level(agent.kernel_log),
+        nodeport_devices: devices.as_deref(),
     })?;
+    if let Some(devices) = &devices {
+        let timeouts = mesh_common::nodeport::FlowTimeouts {
+            udp_ns: nodeport.udp_timeout.as_nanos() as u64,
+            tcp_ns: nodeport.tcp_timeout.as_nanos() as u64,
+            tcp_closing_ns: nodeport.tcp_closing_timeout.as_nanos() as u64,
+        };
+        // A pass every quarter of the shortest timeout (at most every second), so an idle
+        // flow is gone within 1.25 x its timeout.
+        let every = nodeport
+            .udp_timeout
+            .min(nodeport.tcp_closing_timeout)
+            .div_f64(4.0)
+            .clamp(Duration::from_millis(100), Duration::from_secs(1));
+        datapath::tc::spawn_expiry(&agent.bpffs, timeouts, every)?;
+        let names: Vec<String> = devices
+            .iter()
+            .map(|d| match d.ipv4 {
+                Some(ip) => format!("{} ({ip})", d.name),
+                None => d.name.clone(),
+            })
+            .collect();
+        info!(devices = ?names, "TC programs attached for traffic from other hosts");
+    }
     let flags = if agent.telemetry {
         SETTINGS_F_TELEMETRY
     } else {
@@ -202,6 +238,8 @@ async fn serve(args: AgentArgs, config: Config, started: Started) -> anyhow::Res
     health.on_check(metrics.health_check_observer());
     let registry = Registry::new(config);
     let (published, listing_rx) = watch::channel(listing(&registry));
+    // healthCheckNodePort servers follow every applied registry.
+    let _health_check_ports = crate::observe::healthcheck::spawn(published.subscribe());
     // Started before the first reconcile: the services they saved (admin API, last Redis read)
     // are applied together with the file's, so a restart keeps their VIPs mapped.
     let (sources_tx, mut sources_rx) = mpsc::channel::<SourceUpdate>(16);

@@ -698,6 +698,7 @@ pub mod tests {
         Vip {
             addr: addr.parse().unwrap(),
             proto,
+            external: false,
         }
     }
 

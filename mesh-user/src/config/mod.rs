@@ -72,6 +72,8 @@ pub struct AgentConfig {
     pub kubernetes: Option<KubernetesConfig>,
     /// `[agent.limits]`: map capacities.
     pub limits: Limits,
+    /// `[agent.nodeport]`: the TC programs for traffic from other hosts (external services).
+    pub nodeport: NodeportConfig,
     /// Count per-backend bytes and TCP round-trip times in the kernel (a few map updates per
     /// closed connection; see BENCHMARKS.md for its cost).
     pub telemetry: bool,
@@ -129,6 +131,7 @@ impl Default for AgentConfig {
             redis: None,
             kubernetes: None,
             limits: Limits::default(),
+            nodeport: NodeportConfig::default(),
             telemetry: true,
             kernel_log: KernelLog::default(),
             resync: Duration::from_secs(30),
@@ -227,6 +230,40 @@ pub struct KubernetesConfig {
     pub service_proxy_name: String,
 }
 
+/// `[agent.nodeport]`: where and how traffic from other hosts to external services is
+/// translated (TC programs on the node's external devices).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeportConfig {
+    /// Attach the TC programs at all. Off by default: they go on the node's own devices, which
+    /// an agent that only balances its cgroup's connections must not touch.
+    pub enabled: bool,
+    /// The external devices, by name; empty: every device that holds one of the node's global
+    /// IPv4 addresses (not loopback), found at start.
+    pub devices: Vec<String>,
+    /// A UDP flow's translation is forgotten after this long without a packet.
+    #[serde(with = "humantime_serde")]
+    pub udp_timeout: Duration,
+    /// A TCP flow's translation is forgotten after this long without a packet...
+    #[serde(with = "humantime_serde")]
+    pub tcp_timeout: Duration,
+    /// ...or this long after a FIN or RST was seen.
+    #[serde(with = "humantime_serde")]
+    pub tcp_closing_timeout: Duration,
+}
+
+impl Default for NodeportConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            devices: Vec::new(),
+            udp_timeout: Duration::from_secs(30),
+            tcp_timeout: Duration::from_secs(6 * 3600),
+            tcp_closing_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// `[agent.limits]`: `max_entries` of the maps, fixed when they are created. Every map's
 /// capacity follows from these in one table (`mesh_common::capacity::Limits::table`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,6 +278,8 @@ pub struct Limits {
     pub max_service_backends: u32,
     /// Entries of the slots map, shared by all services and both generations.
     pub max_slots: u32,
+    /// Flows from other hosts translated at once (two `nat_flows` entries each; LRU).
+    pub max_external_flows: u32,
 }
 
 impl Default for Limits {
@@ -250,6 +289,7 @@ impl Default for Limits {
             max_backends: DEFAULT_MAX_BACKENDS,
             max_service_backends: mesh_common::capacity::DEFAULT_MAX_SERVICE_BACKENDS,
             max_slots: DEFAULT_MAX_SLOTS,
+            max_external_flows: mesh_common::nodeport::DEFAULT_MAX_EXTERNAL_FLOWS,
         }
     }
 }
@@ -262,6 +302,7 @@ impl Limits {
             max_backends: self.max_backends,
             max_service_backends: self.max_service_backends,
             max_slots: self.max_slots,
+            max_external_flows: self.max_external_flows,
         }
     }
 }
@@ -291,6 +332,28 @@ pub struct ServiceConfig {
     /// balancer pointed at it, so clients notice and reconnect.
     #[serde(default = "default_true")]
     pub terminate_udp_flows: bool,
+    /// Set: an external service, for traffic from other hosts arriving on the node's external
+    /// devices (NodePort on a node address, ExternalIP, LoadBalancer IP); the value is its
+    /// `externalTrafficPolicy`. Unset: a socket-level service for clients on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalPolicy>,
+    /// `external = "local"` only: serve kube-proxy's health check for this service on this
+    /// TCP port of the node (`healthCheckNodePort`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check_node_port: Option<HealthCheckNodePort>,
+}
+
+/// `health_check_node_port = { port = 32000 }`: 200 while the node has local endpoints, 503
+/// otherwise, with kube-proxy's JSON body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckNodePort {
+    pub port: u16,
+    /// The local endpoints to report; unset: the service's non-draining backends (by address).
+    /// The Kubernetes source sets it to the ready ones, so a node whose local endpoints are
+    /// all terminating answers 503 while they still finish their work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_endpoints: Option<u32>,
 }
 
 impl ServiceConfig {
@@ -299,8 +362,21 @@ impl ServiceConfig {
         Vip {
             addr: self.vip,
             proto: self.protocol.ip_proto(),
+            external: self.external.is_some(),
         }
     }
+}
+
+/// `external`: how traffic from other hosts reaches the backends (kube-proxy's
+/// `externalTrafficPolicy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExternalPolicy {
+    /// The client's source address is kept (the backends are expected to be on this node).
+    Local,
+    /// A backend reached through an external device (another node) gets the node's address
+    /// as source, so its reply comes back through this node.
+    Cluster,
 }
 
 fn default_true() -> bool {

@@ -80,6 +80,7 @@ fn empty_file_is_valid_and_all_defaults() {
             max_backends: DEFAULT_MAX_BACKENDS,
             max_service_backends: mesh_common::capacity::DEFAULT_MAX_SERVICE_BACKENDS,
             max_slots: DEFAULT_MAX_SLOTS,
+            max_external_flows: mesh_common::nodeport::DEFAULT_MAX_EXTERNAL_FLOWS,
         }
     );
     assert!(c.services.is_empty());
@@ -959,6 +960,8 @@ fn validate_checks_configs_built_in_code() {
             ..HealthConfig::default()
         }),
         terminate_udp_flows: true,
+        external: None,
+        health_check_node_port: None,
     });
     let err = c.validate("built-in").unwrap_err();
     assert_eq!(

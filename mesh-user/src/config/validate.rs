@@ -149,11 +149,53 @@ fn u32_range(value: u32, lo: u32, hi: u32) -> Option<String> {
     (!(lo..=hi).contains(&value)).then(|| format!("must be between {lo} and {hi}, got {value}"))
 }
 
+impl NodeportConfig {
+    fn check(&self, p: &mut Problems) {
+        let max = mesh_common::nodeport::MAX_NODEPORT_DEVICES as usize;
+        if self.devices.len() > max {
+            p.agent(
+                "agent.nodeport.devices",
+                format!("at most {max} devices, got {}", self.devices.len()),
+            );
+        }
+        let mut seen = BTreeSet::new();
+        for (i, dev) in self.devices.iter().enumerate() {
+            // IFNAMSIZ is 16 with the terminating zero; '/' and whitespace are never in one.
+            if dev.is_empty() || dev.len() > 15 || dev.contains(['/', ' ', '\t', '\n']) {
+                p.agent(
+                    &format!("agent.nodeport.devices[{i}]"),
+                    format!("{dev:?} is not a network device name (1-15 bytes, no '/' or spaces)"),
+                );
+            } else if !seen.insert(dev.as_str()) {
+                p.agent(
+                    &format!("agent.nodeport.devices[{i}]"),
+                    format!("{dev:?} is listed twice"),
+                );
+            }
+        }
+        let day = Duration::from_secs(24 * 3600);
+        for (field, value, hi) in [
+            ("agent.nodeport.udp_timeout", self.udp_timeout, day),
+            ("agent.nodeport.tcp_timeout", self.tcp_timeout, 7 * day),
+            (
+                "agent.nodeport.tcp_closing_timeout",
+                self.tcp_closing_timeout,
+                day,
+            ),
+        ] {
+            if let Some(reason) = duration_range(value, Duration::from_secs(1), hi) {
+                p.agent(field, reason);
+            }
+        }
+    }
+}
+
 impl Config {
     /// Checks everything parsing cannot; returns all problems found, not only the first.
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         let mut p = Problems::default();
         self.agent.limits.check(&mut p);
+        self.agent.nodeport.check(&mut p);
         p.0.extend(access::check(&self.agent));
         if !self.agent.state_dir.is_absolute() {
             p.agent(
@@ -191,7 +233,7 @@ impl Config {
     /// Names and (vip, protocol) pairs are keys in the agent's state and the services map.
     fn check_unique(&self, p: &mut Problems) {
         let mut names: BTreeMap<&str, usize> = BTreeMap::new();
-        let mut vips: BTreeMap<(SocketAddr, Protocol), usize> = BTreeMap::new();
+        let mut vips: BTreeMap<(SocketAddr, Protocol, bool), usize> = BTreeMap::new();
         for (i, svc) in self.services.iter().enumerate() {
             if let Some(&first) = names.get(svc.name.as_str()) {
                 p.service(
@@ -203,18 +245,22 @@ impl Config {
             } else {
                 names.insert(&svc.name, i);
             }
-            if let Some(&first) = vips.get(&(svc.vip, svc.protocol)) {
+            let external = svc.external.is_some();
+            if let Some(&first) = vips.get(&(svc.vip, svc.protocol, external)) {
                 p.service(
                     i,
                     svc,
                     "vip",
                     format!(
-                        "{}/{} is already the vip of services[{first}] {:?}",
-                        svc.vip, svc.protocol, self.services[first].name
+                        "{}/{}{} is already the vip of services[{first}] {:?}",
+                        svc.vip,
+                        svc.protocol,
+                        if external { " (external)" } else { "" },
+                        self.services[first].name
                     ),
                 );
             } else {
-                vips.insert((svc.vip, svc.protocol), i);
+                vips.insert((svc.vip, svc.protocol, external), i);
             }
         }
     }
@@ -379,6 +425,7 @@ impl Limits {
                 self.max_service_backends,
             ),
             ("agent.limits.max_slots", self.max_slots),
+            ("agent.limits.max_external_flows", self.max_external_flows),
         ] {
             if let Some(reason) = u32_range(value, LIMIT_MIN, LIMIT_MAX) {
                 p.agent(field, reason);
@@ -415,6 +462,46 @@ impl ServiceConfig {
         }
         if let Some(health) = &self.health {
             health.check(i, self, p);
+        }
+        if self.external.is_some() {
+            // The TC programs translate IPv4 only, and keep no per-client affinity.
+            if !self.vip.is_ipv4() {
+                p.service(
+                    i,
+                    self,
+                    "external",
+                    format!(
+                        "{} is IPv6; external services (traffic from other hosts) are IPv4 only",
+                        self.vip
+                    ),
+                );
+            }
+            if self.affinity.is_some() {
+                p.service(
+                    i,
+                    self,
+                    "affinity",
+                    "session affinity is not supported for external services".to_owned(),
+                );
+            }
+        }
+        if let Some(hc) = &self.health_check_node_port {
+            if self.external != Some(ExternalPolicy::Local) {
+                p.service(
+                    i,
+                    self,
+                    "health_check_node_port",
+                    "only external = \"local\" services have a health check node port".to_owned(),
+                );
+            }
+            if hc.port == 0 {
+                p.service(
+                    i,
+                    self,
+                    "health_check_node_port.port",
+                    "must not be 0".to_owned(),
+                );
+            }
         }
     }
 

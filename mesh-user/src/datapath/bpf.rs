@@ -131,6 +131,23 @@ pub fn link_create(
     Ok(owned_fd(fd))
 }
 
+/// Attaches `program` to the network device `ifindex` through a new TCX link (appended after
+/// the device's other TCX programs).
+pub fn link_create_ifindex(
+    program: BorrowedFd<'_>,
+    ifindex: u32,
+    attach_type: u32,
+) -> anyhow::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        target_fd: ifindex,
+        attach_type,
+        flags: 0,
+    };
+    let fd = bpf_syscall(BPF_LINK_CREATE, &mut attr).context("BPF_LINK_CREATE (tcx)")?;
+    Ok(owned_fd(fd))
+}
+
 pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> anyhow::Result<()> {
     let cpath = CString::new(path.as_os_str().as_bytes())?;
     let mut attr = ObjGetAttr {

@@ -18,10 +18,12 @@ pub fn key_of_vip(vip: &Vip) -> ServiceKey {
     }
 }
 
-pub fn vip_of_key(key: &ServiceKey) -> anyhow::Result<Vip> {
+/// The VIP of a `services` key (`external` false) or an `ext_services` key (true).
+pub fn vip_of_key(key: &ServiceKey, external: bool) -> anyhow::Result<Vip> {
     Ok(Vip {
         addr: SocketAddr::new(ip_of_bytes(&key.ip, key.family)?, key.port),
         proto: key.proto,
+        external,
     })
 }
 
@@ -89,8 +91,12 @@ mod tests {
         for addr in ["127.0.0.1:8081", "[fd00::1]:443"] {
             let addr: SocketAddr = addr.parse().unwrap();
             assert_eq!(addr_of_backend(&backend_of_addr(&addr)).unwrap(), addr);
-            let vip = Vip { addr, proto: 6 };
-            assert_eq!(vip_of_key(&key_of_vip(&vip)).unwrap(), vip);
+            let vip = Vip {
+                addr,
+                proto: 6,
+                external: false,
+            };
+            assert_eq!(vip_of_key(&key_of_vip(&vip), false).unwrap(), vip);
         }
     }
 
@@ -99,6 +105,7 @@ mod tests {
         let vip = Vip {
             addr: "127.100.0.1:80".parse().unwrap(),
             proto: 6,
+            external: false,
         };
         let key = key_of_vip(&vip);
         assert_eq!(&key.ip[..4], &[127, 100, 0, 1]);

@@ -32,6 +32,8 @@ const ENOMEM_RETRY_FOR: Duration = Duration::from_secs(2);
 /// Typed handles on every map.
 pub struct Maps {
     services: HashMap<MapData, ServiceKey, Service>,
+    /// External services (traffic from other hosts, matched at TC): `Vip::external`.
+    ext_services: HashMap<MapData, ServiceKey, Service>,
     slots: HashMap<MapData, SlotKey, u32>,
     backends: HashMap<MapData, u32, Backend>,
     rr_state: Array<MapData, u64>,
@@ -122,6 +124,7 @@ impl Maps {
     fn build(mut map: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
         Ok(Self {
             services: HashMap::try_from(map(map_names::SERVICES)?)?,
+            ext_services: HashMap::try_from(map(map_names::EXT_SERVICES)?)?,
             slots: HashMap::try_from(map(map_names::SLOTS)?)?,
             backends: HashMap::try_from(map(map_names::BACKENDS)?)?,
             rr_state: Array::try_from(map(map_names::RR_STATE)?)?,
@@ -217,7 +220,10 @@ impl Maps {
     fn read_all(&self) -> anyhow::Result<Snapshot> {
         let mut snap = Snapshot::default();
         for (key, svc) in entries(&self.services)? {
-            snap.services.insert(vip_of_key(&key)?, svc);
+            snap.services.insert(vip_of_key(&key, false)?, svc);
+        }
+        for (key, svc) in entries(&self.ext_services)? {
+            snap.services.insert(vip_of_key(&key, true)?, svc);
         }
         snap.slots.extend(entries(&self.slots)?);
         for (id, backend) in entries(&self.backends)? {
@@ -279,18 +285,46 @@ impl Maps {
             .context("batch write to service_stats failed")
     }
 
+    /// `PutService` for a run of VIPs: socket-level and external ones go to their own maps.
+    fn service_batch(&mut self, run: &[MapOp]) -> anyhow::Result<()> {
+        let (mut socket, mut external) = (Batch::default(), Batch::default());
+        for op in run {
+            if let MapOp::PutService { vip, service } = op {
+                let batch = if vip.external {
+                    &mut external
+                } else {
+                    &mut socket
+                };
+                batch.push(&key_of_vip(vip), service);
+            }
+        }
+        for (batch, map, name) in [
+            (socket, &self.services, "services"),
+            (external, &self.ext_services, "ext_services"),
+        ] {
+            if batch.count > 0 {
+                batch.write(map.map().fd().as_fd()).with_context(|| {
+                    format!("batch write of {} entries to {name} failed", batch.count)
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes a run of puts of one kind with `BPF_MAP_UPDATE_BATCH` (one syscall instead of
     /// one per element: most of a cold start's time). False for kinds written one by one.
     fn put_batch(&mut self, run: &[MapOp]) -> anyhow::Result<bool> {
         if let MapOp::ResetService { .. } = run[0] {
             return self.reset_batch(run).map(|()| true);
         }
+        if let MapOp::PutService { .. } = run[0] {
+            return self.service_batch(run).map(|()| true);
+        }
         let mut batch = Batch::default();
         let (map, fd) = match &run[0] {
             MapOp::PutBackend { .. } => ("backends", self.backends.map().fd().as_fd()),
             MapOp::PutSlots { .. } => ("slots", self.slots.map().fd().as_fd()),
             MapOp::PutName { .. } => ("service_names", self.service_names.map().fd().as_fd()),
-            MapOp::PutService { .. } => ("services", self.services.map().fd().as_fd()),
             MapOp::PutActive { .. } => ("active", self.active.map().fd().as_fd()),
             // Batches take no BPF_NOEXIST, and a counter must never be reset: one by one.
             _ => return Ok(false),
@@ -308,7 +342,6 @@ impl Maps {
                     }
                 }
                 MapOp::PutName { service_id, name } => batch.push(service_id, &service_name(name)),
-                MapOp::PutService { vip, service } => batch.push(&key_of_vip(vip), service),
                 MapOp::PutActive { key, slots } => batch.push(key, slots),
                 _ => unreachable!("a run holds one kind"),
             }
@@ -390,8 +423,14 @@ impl Maps {
             MapOp::DeleteName { service_id } => {
                 ignore_missing(self.service_names.remove(service_id))?
             }
+            MapOp::PutService { vip, service } if vip.external => {
+                self.ext_services.insert(key_of_vip(vip), service, 0)?
+            }
             MapOp::PutService { vip, service } => {
                 self.services.insert(key_of_vip(vip), service, 0)?
+            }
+            MapOp::DeleteService { vip } if vip.external => {
+                ignore_missing(self.ext_services.remove(&key_of_vip(vip)))?
             }
             MapOp::DeleteService { vip } => ignore_missing(self.services.remove(&key_of_vip(vip)))?,
             MapOp::PutActive { key, slots } => self.active.insert(key, slots, 0)?,

@@ -17,6 +17,7 @@ mod netns;
 mod ops;
 pub mod sockdiag;
 pub mod system;
+pub mod tc;
 
 use std::{
     fs,
@@ -73,6 +74,10 @@ const MAPS: &[&str] = &[
     map_names::DATAPATH_STATS,
     map_names::PASSIVE,
     map_names::SETTINGS,
+    map_names::EXT_SERVICES,
+    map_names::NAT_FLOWS,
+    map_names::NP_DEVICES,
+    map_names::NP_STATS,
     SOCK_REV,
 ];
 
@@ -129,6 +134,9 @@ pub struct LoadOptions<'a> {
     pub cgroup: &'a Path,
     pub capacities: capacity::Limits,
     pub kernel_log: KernelLogLevel,
+    /// The external devices to attach the TC programs to; None: nodeport is off (any TC
+    /// links pinned earlier are removed).
+    pub nodeport_devices: Option<&'a [tc::Device]>,
 }
 
 impl Datapath {
@@ -169,6 +177,10 @@ impl Datapath {
                 .with_context(|| format!("program {name} missing from the eBPF object"))?;
             attach(program, attach_type, &cgroup, &layout.link(name))
                 .with_context(|| format!("attaching {name} to {}", opts.cgroup.display()))?;
+        }
+        match opts.nodeport_devices {
+            Some(devices) => tc::attach(&mut ebpf, &layout, devices)?,
+            None => tc::detach_all(&layout)?,
         }
         let maps = Maps::take(&mut ebpf)?;
         let logger = aya_log::EbpfLogger::init(&mut ebpf).context("kernel log ring buffer")?;
@@ -288,6 +300,7 @@ fn remove_pins(layout: &PinLayout) -> anyhow::Result<Vec<PathBuf>> {
     let pins = PROGRAMS
         .iter()
         .map(|&(program, _)| layout.link(program))
+        .chain(tc::tc_link_pins(layout)?)
         .chain(MAPS.iter().map(|&name| layout.map(name)));
     for pin in pins {
         if pin.exists() {

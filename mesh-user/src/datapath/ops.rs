@@ -107,6 +107,9 @@ impl MapOp {
             | MapOp::PutSlot { .. }
             | MapOp::DeleteSlot(_) => "slots",
             MapOp::PutName { .. } | MapOp::DeleteName { .. } => "service_names",
+            MapOp::PutService { vip, .. } | MapOp::DeleteService { vip } if vip.external => {
+                "ext_services"
+            }
             MapOp::PutService { .. } | MapOp::DeleteService { .. } => "services",
             MapOp::PutActive { .. } | MapOp::DeleteActive(_) => "active",
             MapOp::DeletePassive(_) => "passive",

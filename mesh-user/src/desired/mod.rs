@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
-use mesh_common::{SVC_F_AFFINITY, SVC_F_PASSIVE, SVC_F_REJECT_EMPTY};
+use mesh_common::{SVC_F_AFFINITY, SVC_F_PASSIVE, SVC_F_REJECT_EMPTY, nodeport::SVC_F_EXT_LOCAL};
 
 pub mod slots;
 
@@ -11,7 +11,7 @@ pub mod slots;
 use crate::config::Config;
 
 use crate::{
-    config::{AllUnhealthy, EmptyPolicy, HealthKind, ServiceConfig},
+    config::{AllUnhealthy, EmptyPolicy, ExternalPolicy, HealthKind, ServiceConfig},
     health::Health,
     model::Vip,
 };
@@ -79,6 +79,9 @@ fn desired_service(svc: &ServiceConfig) -> DesiredService {
         .is_some_and(|h| h.kind != HealthKind::None && h.passive_failures > 0)
     {
         flags |= SVC_F_PASSIVE;
+    }
+    if svc.external == Some(ExternalPolicy::Local) {
+        flags |= SVC_F_EXT_LOCAL;
     }
     let mut affinity_timeout_secs = 0;
     if let Some(affinity) = &svc.affinity {

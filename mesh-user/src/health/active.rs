@@ -699,6 +699,7 @@ mod tests {
         Vip {
             addr: SocketAddr::from(([127, 100, 0, 1], port)),
             proto: PROTO_TCP,
+            external: false,
         }
     }
 

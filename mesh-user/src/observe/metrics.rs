@@ -538,8 +538,54 @@ impl KernelCounters {
         ]
         .into_iter()
         .chain(maps.extra_entry_counts())
+        .chain(crate::datapath::tc::nat_flow_entries(&self.bpffs)?.map(|n| ("nat_flows", n)))
         {
             let _ = writeln!(out, "mesh_map_entries{{map=\"{map}\"}} {entries}");
+        }
+        if let Some(np) = crate::datapath::tc::counters(&self.bpffs)? {
+            let s = &np.stats;
+            header(
+                out,
+                "mesh_nodeport_events_total",
+                "counter",
+                "Traffic from other hosts at the TC programs: flows created/expired, packets without backend, flows that could not be recorded, route lookups that failed",
+            );
+            for (event, value) in [
+                ("flow_created", s.flows_created),
+                ("flow_expired", np.flows_expired),
+                ("no_backend", s.no_backend),
+                ("flow_failed", s.flow_failures),
+                ("fib_miss", s.fib_misses),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "mesh_nodeport_events_total{{event=\"{event}\"}} {value}"
+                );
+            }
+            for (name, help, values) in [
+                (
+                    "mesh_nodeport_packets_total",
+                    "Packets the TC programs translated, towards backends (in) and back to clients (out)",
+                    [s.packets_in, s.packets_out],
+                ),
+                (
+                    "mesh_nodeport_bytes_total",
+                    "Bytes (whole frames) the TC programs translated, by direction",
+                    [s.bytes_in, s.bytes_out],
+                ),
+            ] {
+                header(out, name, "counter", help);
+                for (dir, value) in ["in", "out"].into_iter().zip(values) {
+                    let _ = writeln!(out, "{name}{{direction=\"{dir}\"}} {value}");
+                }
+            }
+            header(
+                out,
+                "mesh_nodeport_flows",
+                "gauge",
+                "Flows from other hosts in nat_flows at the last expiry pass",
+            );
+            let _ = writeln!(out, "mesh_nodeport_flows {}", np.flows_live);
         }
         header(
             out,
@@ -684,6 +730,7 @@ mod tests {
         let vip = |port| Vip {
             addr: SocketAddr::from(([127, 100, 0, 1], port)),
             proto: mesh_common::PROTO_TCP,
+            external: false,
         };
         let b1 = SocketAddr::from(([127, 0, 0, 1], 8001));
         let b2 = SocketAddr::from(([127, 0, 0, 1], 8002));

@@ -467,12 +467,14 @@ mod tests {
         max_backends: 16,
         max_service_backends: 64,
         max_slots: 256,
+        max_external_flows: 16,
     };
 
     fn vip(s: &str) -> Vip {
         Vip {
             addr: s.parse().unwrap(),
             proto: PROTO_TCP,
+            external: false,
         }
     }
 
@@ -1033,6 +1035,7 @@ mod tests {
                 max_backends: 13,
                 max_service_backends: 16,
                 max_slots: 40,
+                max_external_flows: 16,
             };
             let mut applied = Applied::default();
             let mut model = Model::default();

@@ -504,6 +504,8 @@ mod index_tests {
                 affinity: None,
                 health: None,
                 terminate_udp_flows: true,
+                external: None,
+                health_check_node_port: None,
             })
     }
 

@@ -7,7 +7,11 @@
 //! Endpoints follow pkg/proxy/topology.go: ready endpoints serve; when none is usable,
 //! serving-and-terminating ones do (decided separately for the Cluster and the Local set);
 //! topology hints apply only when every ready endpoint carries them and one matches this node
-//! (PreferSameNode) or zone (PreferSameZone). The cluster IP uses the Local set with
+//! (PreferSameNode) or zone (PreferSameZone). For traffic from other hosts, the NodePort on each
+//! of this node's IPv4 addresses, each ExternalIP and LoadBalancer IP is also an external
+//! service (matched by the TC programs) with the Cluster or the Local set as
+//! `externalTrafficPolicy` says, and the Local ones carry `healthCheckNodePort` with the count
+//! of ready local endpoints. The cluster IP uses the Local set with
 //! `internalTrafficPolicy: Local`. External VIPs dialled from this node use the Cluster set, as
 //! kube-proxy short-circuits node-local traffic to external destinations. Endpoints that are
 //! not used but still terminating stay as draining members: no new connections, and their
@@ -26,7 +30,8 @@ use k8s_openapi::api::{
 use mesh_common::SERVICE_NAME_LEN;
 
 use crate::config::{
-    Affinity, BackendConfig, EmptyPolicy, HealthConfig, HealthKind, Protocol, ServiceConfig,
+    Affinity, BackendConfig, EmptyPolicy, ExternalPolicy, HealthCheckNodePort, HealthConfig,
+    HealthKind, Protocol, ServiceConfig,
 };
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -218,6 +223,15 @@ fn translate_service(
         }
     };
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let external_policy = if spec.external_traffic_policy.as_deref() == Some("Local") {
+        ExternalPolicy::Local
+    } else {
+        ExternalPolicy::Cluster
+    };
+    let health_check_port = spec
+        .health_check_node_port
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|&p| p != 0 && external_policy == ExternalPolicy::Local);
     let publish_not_ready = spec.publish_not_ready_addresses == Some(true);
     let external: Vec<IpAddr> = spec
         .external_ips
@@ -312,6 +326,54 @@ fn translate_service(
                 affinity: affinity.clone(),
                 health: health.clone(),
                 terminate_udp_flows: true,
+                external: None,
+                health_check_node_port: None,
+            });
+        }
+        // Traffic from other hosts (the TC programs, IPv4): the NodePort on this node's
+        // addresses, the ExternalIPs and the LoadBalancer IPs, each an external service with
+        // the endpoints externalTrafficPolicy picks (Local: this node's only).
+        let mut outside: Vec<SocketAddr> = external
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, port_number))
+            .collect();
+        if let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()) {
+            outside.extend(
+                node.addresses
+                    .iter()
+                    .map(|ip| SocketAddr::new(*ip, node_port)),
+            );
+        }
+        let mut seen = BTreeSet::new();
+        for vip in outside {
+            if !vip.is_ipv4() || !seen.insert(vip) {
+                continue;
+            }
+            let (cluster, local, all) = sets(&vip.ip());
+            let set = match external_policy {
+                ExternalPolicy::Local => local,
+                ExternalPolicy::Cluster => cluster,
+            };
+            out.services.push(ServiceConfig {
+                name: fit_name(&format!("{base}@ext/{}:{}", vip.ip(), vip.port())),
+                vip,
+                protocol,
+                backends: members(set, all),
+                on_empty: EmptyPolicy::Reject,
+                // The TC programs keep no per-client affinity (validation rejects it).
+                affinity: None,
+                health: health.clone(),
+                terminate_udp_flows: true,
+                external: Some(external_policy),
+                // kube-proxy counts only ready local endpoints: a node left with terminating
+                // ones answers 503.
+                health_check_node_port: health_check_port.map(|port| HealthCheckNodePort {
+                    port,
+                    local_endpoints: Some(
+                        u32::try_from(all.iter().filter(|e| e.is_local(node) && e.ready).count())
+                            .unwrap_or(u32::MAX),
+                    ),
+                }),
             });
         }
     }

@@ -351,7 +351,8 @@ fn node_ports_external_ips_and_load_balancer_ips_are_vips_too() {
         json!([ready("10.1.0.1", "node-a"), ready("10.1.0.2", "node-b")]),
     )];
     let t = run(&[svc], &slices);
-    let vips: Vec<String> = t.services.iter().map(|s| s.vip.to_string()).collect();
+    let socket: Vec<&ServiceConfig> = t.services.iter().filter(|s| s.external.is_none()).collect();
+    let vips: Vec<String> = socket.iter().map(|s| s.vip.to_string()).collect();
     assert_eq!(
         vips,
         [
@@ -363,7 +364,76 @@ fn node_ports_external_ips_and_load_balancer_ips_are_vips_too() {
         ]
     );
     // externalTrafficPolicy: Local does not narrow what clients on this node reach.
-    assert!(t.services.iter().all(|s| s.backends.len() == 2));
+    assert!(socket.iter().all(|s| s.backends.len() == 2));
+}
+
+/// Traffic from other hosts: the NodePort on the node's addresses, the ExternalIPs and the
+/// LoadBalancer IPs are external services too (not 127.0.0.1, not the cluster IP), with the
+/// endpoints externalTrafficPolicy picks.
+fn external_view(policy: &str) -> Vec<(String, String, Vec<String>, Option<ExternalPolicy>)> {
+    let mut svc = web(
+        json!({"type": "LoadBalancer", "externalIPs": ["127.20.0.1"],
+                             "externalTrafficPolicy": policy}),
+    );
+    svc.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].node_port = Some(30080);
+    svc.status = serde_json::from_value(json!({"loadBalancer": {"ingress": [
+        {"ip": "127.30.0.1"}, {"ip": "127.30.0.2", "ipMode": "Proxy"}]}}))
+    .unwrap();
+    let slices = [slice(
+        "web",
+        "w",
+        "IPv4",
+        http_port(),
+        json!([ready("10.1.0.1", "node-a"), ready("10.1.0.2", "node-b")]),
+    )];
+    run(&[svc], &slices)
+        .services
+        .iter()
+        .filter(|s| s.external.is_some())
+        .map(|s| {
+            let backends = s.backends.iter().map(|b| b.addr.to_string()).collect();
+            (s.name.clone(), s.vip.to_string(), backends, s.external)
+        })
+        .collect()
+}
+
+#[test]
+fn external_traffic_policy_picks_the_endpoints_of_external_services() {
+    let both = vec!["10.1.0.1:8080".to_owned(), "10.1.0.2:8080".to_owned()];
+    let cluster = Some(ExternalPolicy::Cluster);
+    assert_eq!(
+        external_view("Cluster"),
+        vec![
+            (
+                "default/web:http@ext/127.10.0.1:30080".into(),
+                "127.10.0.1:30080".into(),
+                both.clone(),
+                cluster
+            ),
+            (
+                "default/web:http@ext/127.20.0.1:80".into(),
+                "127.20.0.1:80".into(),
+                both.clone(),
+                cluster
+            ),
+            (
+                "default/web:http@ext/127.30.0.1:80".into(),
+                "127.30.0.1:80".into(),
+                both,
+                cluster
+            ),
+        ]
+    );
+    let local = external_view("Local");
+    assert_eq!(local.len(), 3);
+    for (_, _, backends, policy) in &local {
+        assert_eq!(
+            backends,
+            &["10.1.0.1:8080".to_owned()],
+            "only node-a's endpoint"
+        );
+        assert_eq!(*policy, Some(ExternalPolicy::Local));
+    }
 }
 
 #[test]
@@ -539,4 +609,64 @@ fn active_checks_only_when_an_annotation_asks() {
     let t = run(&[svc], &[]);
     assert!(t.services[0].health.is_none());
     assert_eq!(t.skipped.len(), 1);
+}
+
+#[test]
+fn health_check_node_port_counts_only_ready_local_endpoints() {
+    let mut svc = web(
+        json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                             "healthCheckNodePort": 32100}),
+    );
+    svc.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].node_port = Some(30080);
+    let terminating = ep(
+        "10.1.0.1",
+        "node-a",
+        json!({"ready": false, "serving": true, "terminating": true}),
+    );
+    let hc = |endpoints: Value| {
+        let slices = [slice("web", "w", "IPv4", http_port(), endpoints)];
+        let t = run(std::slice::from_ref(&svc), &slices);
+        let ext: Vec<&ServiceConfig> = t.services.iter().filter(|s| s.external.is_some()).collect();
+        assert_eq!(ext.len(), 1);
+        assert!(
+            t.services
+                .iter()
+                .filter(|s| s.external.is_none())
+                .all(|s| s.health_check_node_port.is_none())
+        );
+        (ext[0].health_check_node_port.clone(), ext[0].backends.len())
+    };
+    let port = |n| {
+        Some(HealthCheckNodePort {
+            port: 32100,
+            local_endpoints: Some(n),
+        })
+    };
+    assert_eq!(
+        hc(json!([
+            ready("10.1.0.1", "node-a"),
+            ready("10.1.0.2", "node-b")
+        ])),
+        (port(1), 1)
+    );
+    // Only a terminating local endpoint: it still serves, but the node reports 0 (503).
+    assert_eq!(
+        hc(json!([terminating, ready("10.1.0.2", "node-b")])).0,
+        port(0)
+    );
+    // Cluster services have no health check port.
+    svc.spec.as_mut().unwrap().external_traffic_policy = Some("Cluster".into());
+    let slices = [slice(
+        "web",
+        "w",
+        "IPv4",
+        http_port(),
+        json!([ready("10.1.0.1", "node-a")]),
+    )];
+    assert!(
+        run(&[svc], &slices)
+            .services
+            .iter()
+            .all(|s| s.health_check_node_port.is_none())
+    );
 }

@@ -1,0 +1,509 @@
+//! Traffic from other hosts: NodePort, ExternalIPs and externalTrafficPolicy at the node's
+//! external devices (the TC programs), end to end in network namespaces the test creates.
+//!
+//! ```text
+//!   client 10.77.0.1 ----+
+//!   nodeA  10.77.0.2 ----+---- bridge in the "switch" namespace
+//!   nodeB  10.77.0.3 ----+
+//!   nodeA: pods a1 10.244.1.2, a2 10.244.1.3    nodeB: pod b1 10.244.2.2
+//! ```
+//!
+//! Pods sit behind their node on a veth (routed, proxy ARP on the node side, as Calico does);
+//! each node routes the other node's pod range through it; the client has no route to any pod,
+//! so a reply that is not translated back never reaches it as the address it dialled. One mesh
+//! agent per node runs inside the node's namespace: socket level on a cgroup of its own, TC on
+//! the node's device (node A's found automatically, node B's named in its config).
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use integration_tests::probe::{ProbeResult, run_probe_command};
+use integration_tests::{Agent, BpffsDir, CgroupGuard, NetNs, wait_until};
+
+const CLIENT: &str = "10.77.0.1";
+const NODE_A: &str = "10.77.0.2";
+const NODE_B: &str = "10.77.0.3";
+/// An ExternalIP routed by the client to node A.
+const EXTERNAL_IP: &str = "10.77.0.100";
+const POD_A1: &str = "10.244.1.2";
+const POD_A2: &str = "10.244.1.3";
+const POD_B1: &str = "10.244.2.2";
+const TCP_PORT: u16 = 8080;
+const UDP_PORT: u16 = 5353;
+/// The Local service's healthCheckNodePort.
+const HC_PORT: u16 = 32100;
+const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A pod's TCP and UDP backend, serving from the test process on sockets made inside the pod's
+/// namespace. Answers with its name and remembers who it saw as the peer.
+struct PodBackend {
+    peers: Arc<Mutex<Vec<IpAddr>>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl PodBackend {
+    fn start(pod: &NetNs, name: &str, ip: &str) -> PodBackend {
+        let tcp_addr: SocketAddr = format!("{ip}:{TCP_PORT}").parse().unwrap();
+        let udp_addr: SocketAddr = format!("{ip}:{UDP_PORT}").parse().unwrap();
+        let (listener, socket) = pod.run_in(|| {
+            (
+                TcpListener::bind(tcp_addr).expect("bind the pod's TCP backend"),
+                UdpSocket::bind(udp_addr).expect("bind the pod's UDP backend"),
+            )
+        });
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        listener.set_nonblocking(true).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let (tcp_peers, tcp_stop, reply) = (peers.clone(), stop.clone(), format!("{name}\n"));
+        let tcp = std::thread::spawn(move || {
+            while !tcp_stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((mut stream, peer)) => {
+                        tcp_peers.lock().unwrap().push(peer.ip());
+                        let _ = stream.set_nonblocking(false);
+                        let _ = stream.write_all(reply.as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        let (udp_peers, udp_stop, reply) = (peers.clone(), stop.clone(), name.to_owned());
+        let udp = std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !udp_stop.load(Ordering::SeqCst) {
+                if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                    udp_peers.lock().unwrap().push(peer.ip());
+                    let _ = socket.send_to(reply.as_bytes(), peer);
+                }
+            }
+        });
+        PodBackend {
+            peers,
+            stop,
+            threads: vec![tcp, udp],
+        }
+    }
+
+    /// Peer address -> how many connections/datagrams came from it; forgets them.
+    fn take_peers(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for ip in self.peers.lock().unwrap().drain(..) {
+            *out.entry(ip.to_string()).or_default() += 1;
+        }
+        out
+    }
+}
+
+impl Drop for PodBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The whole topology; dropping it deletes every namespace (and so every veth).
+struct Topology {
+    client: NetNs,
+    node_a: NetNs,
+    node_b: NetNs,
+    pods: Vec<NetNs>,
+    _switch: NetNs,
+}
+
+fn build_topology() -> Topology {
+    let switch = NetNs::new("np-sw");
+    let client = NetNs::new("np-cl");
+    let node_a = NetNs::new("np-na");
+    let node_b = NetNs::new("np-nb");
+    switch.ip(&["link", "add", "br0", "type", "bridge"]);
+    switch.ip(&["link", "set", "br0", "up"]);
+    for (port, ns, addr) in [
+        ("pc", &client, CLIENT),
+        ("pa", &node_a, NODE_A),
+        ("pb", &node_b, NODE_B),
+    ] {
+        switch.ip(&[
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ]);
+        switch.ip(&["link", "set", port, "master", "br0", "up"]);
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+    }
+    // The client reaches the ExternalIP through node A (as a router or an LB would send it).
+    client.ip(&["route", "add", &format!("{EXTERNAL_IP}/32"), "via", NODE_A]);
+    let mut pods = Vec::new();
+    for (node, tag, dev, ip) in [
+        (&node_a, "np-a1", "va1", POD_A1),
+        (&node_a, "np-a2", "va2", POD_A2),
+        (&node_b, "np-b1", "vb1", POD_B1),
+    ] {
+        let pod = NetNs::new(tag);
+        node.ip(&[
+            "link",
+            "add",
+            dev,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            pod.name(),
+        ]);
+        node.ip(&["link", "set", dev, "up"]);
+        node.sysctl(&format!("net.ipv4.conf.{dev}.proxy_arp=1"));
+        node.ip(&["route", "add", &format!("{ip}/32"), "dev", dev]);
+        pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+        pod.ip(&["link", "set", "eth0", "up"]);
+        pod.ip(&["route", "add", "default", "dev", "eth0"]);
+        pods.push(pod);
+    }
+    for node in [&node_a, &node_b] {
+        node.sysctl("net.ipv4.ip_forward=1");
+        node.sysctl("net.ipv4.conf.all.rp_filter=0");
+        node.sysctl("net.ipv4.conf.default.rp_filter=0");
+    }
+    node_a.ip(&["route", "add", "10.244.2.0/24", "via", NODE_B]);
+    node_b.ip(&["route", "add", "10.244.1.0/24", "via", NODE_A]);
+    Topology {
+        client,
+        node_a,
+        node_b,
+        pods,
+        _switch: switch,
+    }
+}
+
+/// Node A's registry: the NodePort on node A's address (TCP and UDP, Cluster), a Local one,
+/// and an ExternalIP (Cluster).
+fn node_a_config(with_a2: bool) -> String {
+    let a2 = |port: u16| {
+        if with_a2 {
+            format!("\n[[services.backends]]\naddr = \"{POD_A2}:{port}\"\n")
+        } else {
+            String::new()
+        }
+    };
+    format!(
+        r#"
+[agent]
+resync = "1s"
+[agent.limits]
+max_external_flows = 4096
+[agent.nodeport]
+enabled = true
+udp_timeout = "2s"
+tcp_closing_timeout = "2s"
+tcp_timeout = "60s"
+
+[[services]]
+name = "np-tcp"
+vip = "{NODE_A}:30080"
+external = "cluster"
+[[services.backends]]
+addr = "{POD_A1}:{TCP_PORT}"
+{a2_tcp}
+[[services.backends]]
+addr = "{POD_B1}:{TCP_PORT}"
+
+[[services]]
+name = "np-udp"
+vip = "{NODE_A}:30053"
+protocol = "udp"
+external = "cluster"
+[[services.backends]]
+addr = "{POD_A1}:{UDP_PORT}"
+{a2_udp}
+[[services.backends]]
+addr = "{POD_B1}:{UDP_PORT}"
+
+[[services]]
+name = "default/np-local:http@ext/{NODE_A}:30081"
+vip = "{NODE_A}:30081"
+external = "local"
+health_check_node_port = {{ port = {HC_PORT} }}
+[[services.backends]]
+addr = "{POD_A1}:{TCP_PORT}"
+{a2_tcp}
+
+[[services]]
+name = "ext-ip"
+vip = "{EXTERNAL_IP}:80"
+external = "cluster"
+[[services.backends]]
+addr = "{POD_A1}:{TCP_PORT}"
+[[services.backends]]
+addr = "{POD_B1}:{TCP_PORT}"
+"#,
+        a2_tcp = a2(TCP_PORT),
+        a2_udp = a2(UDP_PORT),
+    )
+}
+
+/// Node B: the Local NodePort of the same Service; node B has no endpoint of it.
+fn node_b_config() -> String {
+    format!(
+        r#"
+[agent]
+[agent.limits]
+max_external_flows = 4096
+[agent.nodeport]
+enabled = true
+devices = ["eth0"]
+
+[[services]]
+name = "default/np-local:http@ext/{NODE_B}:30081"
+vip = "{NODE_B}:30081"
+external = "local"
+health_check_node_port = {{ port = {HC_PORT} }}
+"#
+    )
+}
+
+fn client_probe(topo: &Topology, args: &[&str]) -> ProbeResult {
+    let mut cmd = topo.client.command(integration_tests::probe_bin());
+    cmd.args(args);
+    run_probe_command(&mut cmd, None, PROBE_TIMEOUT)
+}
+
+fn tcp(topo: &Topology, addr: &str, count: usize) -> ProbeResult {
+    client_probe(
+        topo,
+        &[
+            "connect",
+            "--addr",
+            addr,
+            "--count",
+            &count.to_string(),
+            "--timeout-ms",
+            "2000",
+        ],
+    )
+}
+
+/// `count` request/replies, each from a new socket (a new source port: a new flow; datagrams
+/// of one socket are one flow and stay on one backend).
+fn udp(topo: &Topology, addr: &str, count: usize) -> ProbeResult {
+    client_probe(
+        topo,
+        &[
+            "udp-fresh",
+            "--addr",
+            addr,
+            "--count",
+            &count.to_string(),
+            "--timeout-ms",
+            "2000",
+        ],
+    )
+}
+
+fn counts(pairs: &[(&str, usize)]) -> BTreeMap<String, usize> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+}
+
+/// `name{labels} value` of one series of the agent's /metrics.
+fn metric(agent: &Agent, series: &str) -> Option<u64> {
+    agent.metrics_text().lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?.trim();
+        rest.parse().ok()
+    })
+}
+
+#[test]
+fn nodeport_from_other_hosts() {
+    let topo = build_topology();
+    let backends = [
+        PodBackend::start(&topo.pods[0], "a1", POD_A1),
+        PodBackend::start(&topo.pods[1], "a2", POD_A2),
+        PodBackend::start(&topo.pods[2], "b1", POD_B1),
+    ];
+    let nodeport_tcp = format!("{NODE_A}:30080");
+    let nodeport_udp = format!("{NODE_A}:30053");
+    let local_a = format!("{NODE_A}:30081");
+    let local_b = format!("{NODE_B}:30081");
+    let external_ip = format!("{EXTERNAL_IP}:80");
+
+    // Without the agents nothing answers on the NodePorts: every success below is mesh's.
+    let before = tcp(&topo, &nodeport_tcp, 1);
+    assert_eq!(before.counts().len(), 0, "{}", before.stdout);
+
+    let (cg_a, cg_b) = (CgroupGuard::new("np-a"), CgroupGuard::new("np-b"));
+    let (bpf_a, bpf_b) = (BpffsDir::new("np-a"), BpffsDir::new("np-b"));
+    let agent_a = Agent::start_in_netns(&node_a_config(true), &cg_a, &bpf_a, &topo.node_a);
+    let agent_b = Agent::start_in_netns(&node_b_config(), &cg_b, &bpf_b, &topo.node_b);
+    // Node A's device was found on its own (the pods' devices hold no node address).
+    let log_a = agent_a.log_text();
+    assert!(
+        log_a.contains(&format!("\"eth0 ({NODE_A})\"")) && !log_a.contains("va1"),
+        "node A should attach to eth0 only:\n{log_a}"
+    );
+    for b in &backends {
+        b.take_peers();
+    }
+
+    // Cluster, TCP: exact round-robin over both nodes' endpoints from the client host.
+    let r = tcp(&topo, &nodeport_tcp, 30);
+    assert_eq!(
+        r.counts(),
+        counts(&[("a1", 10), ("a2", 10), ("b1", 10)]),
+        "{}",
+        r.stdout
+    );
+    // Local pods saw the client; node B's pod saw node A (SNAT), so its replies came back
+    // through node A, which translated them to the NodePort the client dialled.
+    assert_eq!(backends[0].take_peers(), counts(&[(CLIENT, 10)]));
+    assert_eq!(backends[1].take_peers(), counts(&[(CLIENT, 10)]));
+    assert_eq!(backends[2].take_peers(), counts(&[(NODE_A, 10)]));
+
+    // Cluster, UDP: request/reply, every reply from the address dialled.
+    let r = udp(&topo, &nodeport_udp, 30);
+    assert_eq!(
+        r.counts(),
+        counts(&[("a1", 10), ("a2", 10), ("b1", 10)]),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(r.sources(), counts(&[(nodeport_udp.as_str(), 30)]));
+    assert_eq!(backends[2].take_peers(), counts(&[(NODE_A, 10)]));
+    for b in &backends[..2] {
+        b.take_peers();
+    }
+
+    // Local: only node A's endpoints, and they see the client's own address.
+    let r = tcp(&topo, &local_a, 20);
+    assert_eq!(
+        r.counts(),
+        counts(&[("a1", 10), ("a2", 10)]),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(backends[0].take_peers(), counts(&[(CLIENT, 10)]));
+    assert_eq!(backends[1].take_peers(), counts(&[(CLIENT, 10)]));
+    assert!(backends[2].take_peers().is_empty());
+
+    // Node B has no local endpoint of the Local service: refused at once (a TCP reset).
+    let started = Instant::now();
+    let r = tcp(&topo, &local_b, 3);
+    assert_eq!(
+        r.error_counts(),
+        counts(&[("ECONNREFUSED", 3)]),
+        "{}",
+        r.stdout
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // healthCheckNodePort, asked from the client host as a cloud load balancer would: node A
+    // has two local endpoints, node B none.
+    let health = |node: &str| {
+        let addr: SocketAddr = format!("{node}:{HC_PORT}").parse().unwrap();
+        topo.client.run_in(|| {
+            integration_tests::http::get_here(addr, "/healthz", Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("GET {addr}: {e}"))
+        })
+    };
+    let a = health(NODE_A);
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(
+        a.body,
+        r#"{"service":{"namespace":"default","name":"np-local"},"localEndpoints":2,"serviceProxyHealthy":true}"#
+    );
+    let b = health(NODE_B);
+    assert_eq!(b.status, 503, "{b:?}");
+    assert_eq!(
+        b.body,
+        r#"{"service":{"namespace":"default","name":"np-local"},"localEndpoints":0,"serviceProxyHealthy":true}"#
+    );
+
+    // An ExternalIP routed to node A.
+    let r = tcp(&topo, &external_ip, 10);
+    assert_eq!(r.counts(), counts(&[("a1", 5), ("b1", 5)]), "{}", r.stdout);
+    for b in &backends {
+        b.take_peers();
+    }
+
+    // Counted at this layer (every flow above was created by node A's programs).
+    let created = metric(
+        &agent_a,
+        "mesh_nodeport_events_total{event=\"flow_created\"}",
+    )
+    .unwrap();
+    assert_eq!(created, 30 + 30 + 20 + 10, "flows created by node A");
+    let no_backend_b =
+        metric(&agent_b, "mesh_nodeport_events_total{event=\"no_backend\"}").unwrap();
+    assert!(
+        no_backend_b >= 3,
+        "node B counted {no_backend_b} packets without backend"
+    );
+
+    // Removing a backend: new connections never reach it.
+    agent_a.write_config(&node_a_config(false));
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            metric(
+                &agent_a,
+                "mesh_service_slots{service=\"np-tcp\",vip=\"10.77.0.2:30080\",protocol=\"tcp\"}",
+            ) == Some(2)
+        }),
+        "the edit did not reach the maps"
+    );
+    let r = tcp(&topo, &nodeport_tcp, 20);
+    assert_eq!(
+        r.counts(),
+        counts(&[("a1", 10), ("b1", 10)]),
+        "{}",
+        r.stdout
+    );
+    let r = udp(&topo, &nodeport_udp, 20);
+    assert_eq!(
+        r.counts(),
+        counts(&[("a1", 10), ("b1", 10)]),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(backends[1].take_peers().len(), 0, "a2 was removed");
+
+    // Nothing leaks: the closed TCP flows (closing timeout 2 s) and the UDP flows (2 s idle)
+    // are expired, both entries of each.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            metric(&agent_a, "mesh_map_entries{map=\"nat_flows\"}") == Some(0)
+        }),
+        "nat_flows still holds entries:\n{}",
+        agent_a.metrics_text()
+    );
+    let created = metric(
+        &agent_a,
+        "mesh_nodeport_events_total{event=\"flow_created\"}",
+    )
+    .unwrap();
+    let expired = metric(
+        &agent_a,
+        "mesh_nodeport_events_total{event=\"flow_expired\"}",
+    )
+    .unwrap();
+    assert_eq!(created, 130);
+    assert_eq!(expired, created, "every flow expired exactly once");
+    assert_eq!(metric(&agent_a, "mesh_nodeport_flows"), Some(0));
+    drop(backends);
+}
