@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod cleanup;
+mod fuzz;
 mod image;
 mod manifests;
 mod run;
@@ -77,6 +78,16 @@ enum Command {
     },
     /// Remove leftovers of interrupted test runs (mesh-test-* bpffs dirs and cgroups).
     Cleanup,
+    /// Build the cargo-fuzz targets of fuzz/ (installing cargo-fuzz if missing) and run each
+    /// for the given time, one after the other; prints the executions of each. A crash fails.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = fuzz::TEST_SECONDS)]
+        seconds: u64,
+        /// Only this target (config, admin_api, redis, kubernetes, sockdiag).
+        #[arg(long)]
+        target: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -106,6 +117,7 @@ fn main() -> ExitCode {
         Command::Manifests => setup::run().and_then(|()| manifests::validate()),
         Command::Bench { quick } => bench::run(quick),
         Command::Cleanup => cleanup::run(),
+        Command::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
