@@ -24,8 +24,8 @@ backends = [{ addr = "127.0.0.1:8080" }]
 
 /// Hands `services` to a registry holding `FILE_CONFIG` as `source`'s update, as the control
 /// loop does, and checks the verdict: the quick check agrees with validating the whole merged
-/// config, an accepted update is what the registry then holds (and validates again), a
-/// rejected one changes nothing and says why.
+/// config, an accepted update is what the registry then holds (validates again, and is saved
+/// and read back unchanged), a rejected one changes nothing and says why.
 pub fn check_update(source: Source, services: Vec<ServiceConfig>) {
     let file = parse(FILE_CONFIG, "fuzz").expect("FILE_CONFIG is valid");
     let mut registry = Registry::new(file);
@@ -46,6 +46,7 @@ pub fn check_update(source: Source, services: Vec<ServiceConfig>) {
                 .expect("an accepted registry validates again");
             for svc in &services {
                 assert_eq!(registry.service(&svc.vip()), Some(svc));
+                check_saved(svc);
             }
         }
         Err(err) => {

@@ -19,6 +19,17 @@ pub const TARGETS: &[&str] = &["config", "admin_api", "redis", "kubernetes", "so
 /// Seconds per target in `cargo xtask test`: 5 targets x 12 s, about a minute of runs.
 pub const TEST_SECONDS: u64 = 12;
 
+/// The libFuzzer dictionary of a target (`fuzz/dict/`): the keys and keywords its parser knows,
+/// which mutation alone finds slowly.
+fn dictionary(target: &str) -> Option<&'static str> {
+    match target {
+        "config" => Some("config.dict"),
+        "admin_api" | "redis" => Some("service.dict"),
+        "kubernetes" => Some("kubernetes.dict"),
+        _ => None,
+    }
+}
+
 /// Inputs longer than this are not tried (the longest seed is ~3.3 kB).
 const MAX_LEN: u32 = 8192;
 
@@ -52,7 +63,8 @@ where
     command
 }
 
-pub fn run(seconds: u64, only: Option<&str>) -> Result<()> {
+/// Runs the targets (`only`: one) for `seconds` each, or until `runs` executions if given.
+pub fn run(seconds: u64, runs: Option<u64>, only: Option<&str>) -> Result<()> {
     if seconds == 0 {
         bail!("--seconds must be at least 1");
     }
@@ -73,7 +85,7 @@ pub fn run(seconds: u64, only: Option<&str>) -> Result<()> {
     build.run().context("building the fuzz targets")?;
     let mut outcomes = Vec::new();
     for target in targets {
-        let outcome = run_target(target, seconds)?;
+        let outcome = run_target(target, seconds, runs)?;
         println!(
             "fuzz: {target}: {} executions in {:.0} s ({:.0}/s), corpus {}, no crash",
             outcome.executions,
@@ -85,7 +97,11 @@ pub fn run(seconds: u64, only: Option<&str>) -> Result<()> {
         );
         outcomes.push(outcome);
     }
-    println!("\nfuzz: {seconds} s per target, no crash:");
+    let limit = match runs {
+        Some(runs) => format!("{runs} executions or {seconds} s"),
+        None => format!("{seconds} s"),
+    };
+    println!("\nfuzz: {limit} per target, no crash:");
     for o in &outcomes {
         println!(
             "  {:<12} {:>12} executions  {:>6.0} s  (log: {})",
@@ -98,7 +114,7 @@ pub fn run(seconds: u64, only: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-fn run_target(target: &'static str, seconds: u64) -> Result<Outcome> {
+fn run_target(target: &'static str, seconds: u64, runs: Option<u64>) -> Result<Outcome> {
     let dir = fuzz_dir();
     let seeds = dir.join("corpus").join(target);
     let scratch = dir.join("target").join("corpus").join(target);
@@ -114,10 +130,15 @@ fn run_target(target: &'static str, seconds: u64) -> Result<Outcome> {
     );
     let start = Instant::now();
     // libFuzzer adds what it finds to the first corpus directory: the scratch one.
-    let result = cargo_fuzz(["run", target])
-        .arg(&scratch)
-        .arg(&seeds)
-        .arg("--")
+    let mut command = cargo_fuzz(["run", target]);
+    command.arg(&scratch).arg(&seeds).arg("--");
+    if let Some(dict) = dictionary(target) {
+        command.arg(format!("-dict={}", dir.join("dict").join(dict).display()));
+    }
+    if let Some(runs) = runs {
+        command.arg(format!("-runs={runs}"));
+    }
+    let result = command
         .arg(format!("-max_total_time={seconds}"))
         .arg(format!("-max_len={MAX_LEN}"))
         .arg("-print_final_stats=1")
@@ -218,6 +239,10 @@ stat::new_units_added:          20
         for target in TARGETS {
             let source = fuzz_dir().join("fuzz_targets").join(format!("{target}.rs"));
             assert!(source.is_file(), "{} is missing", source.display());
+            if let Some(dict) = dictionary(target) {
+                let dict = fuzz_dir().join("dict").join(dict);
+                assert!(dict.is_file(), "{} is missing", dict.display());
+            }
             let seeds = seeds(target);
             assert!(!seeds.is_empty(), "no seeds for {target}");
             for seed in seeds {

@@ -84,6 +84,9 @@ enum Command {
         /// Seconds per target.
         #[arg(long, default_value_t = fuzz::TEST_SECONDS)]
         seconds: u64,
+        /// Stop a target after this many executions (if that comes before --seconds).
+        #[arg(long)]
+        runs: Option<u64>,
         /// Only this target (config, admin_api, redis, kubernetes, sockdiag).
         #[arg(long)]
         target: Option<String>,
@@ -117,7 +120,11 @@ fn main() -> ExitCode {
         Command::Manifests => setup::run().and_then(|()| manifests::validate()),
         Command::Bench { quick } => bench::run(quick),
         Command::Cleanup => cleanup::run(),
-        Command::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
+        Command::Fuzz {
+            seconds,
+            runs,
+            target,
+        } => fuzz::run(seconds, runs, target.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

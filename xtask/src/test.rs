@@ -133,7 +133,7 @@ fn run_steps(steps: &mut Steps, skip_lint: bool, extra: &[String]) -> Result<()>
     unit?;
     // Each fuzz target briefly, from its seeds: a parser that now panics on one of them, or on
     // what a few seconds of mutation find, fails the run.
-    steps.run("fuzz", || fuzz::run(fuzz::TEST_SECONDS, None))?;
+    steps.run("fuzz", || fuzz::run(fuzz::TEST_SECONDS, None, None))?;
     let image = steps.run("image", container_image)?;
     // Dropped at the end of this function, whatever happens after this line.
     let redis_port = redis_port()?;

@@ -433,7 +433,8 @@ fn dump_reply(
 ) -> Option<io::Result<()>> {
     match ty {
         NLMSG_DONE => Some(match payload_errno(payload) {
-            Some(errno) if errno < 0 => Err(io::Error::from_raw_os_error(-errno)),
+            // Saturating: `-i32::MIN` overflows (found by the sockdiag fuzz target).
+            Some(errno) if errno < 0 => Err(io::Error::from_raw_os_error(errno.saturating_neg())),
             _ => Ok(()),
         }),
         NLMSG_ERROR => Some(match payload_errno(payload) {
@@ -960,6 +961,67 @@ mod tests {
         .expect("destroy");
         assert_eq!(destroyed, 1);
         assert_aborted(&kept);
+    }
+
+    /// A netlink message as the kernel writes it: header, payload, padding to 4 bytes.
+    fn message(ty: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+        let len = size_of::<NlMsgHdr>() + payload.len();
+        let mut bytes = Vec::with_capacity(nlmsg_align(len));
+        bytes.extend_from_slice(&(len as u32).to_ne_bytes());
+        bytes.extend_from_slice(&ty.to_ne_bytes());
+        bytes.extend_from_slice(&0u16.to_ne_bytes());
+        bytes.extend_from_slice(&seq.to_ne_bytes());
+        bytes.extend_from_slice(&0u32.to_ne_bytes());
+        bytes.extend_from_slice(payload);
+        bytes.resize(nlmsg_align(len), 0);
+        bytes
+    }
+
+    /// Regression (fuzz/corpus/sockdiag/crash-done-errno-min.bin): an `NLMSG_DONE` carrying
+    /// `i32::MIN` overflowed negating it (a panic with overflow checks on).
+    #[test]
+    fn a_dump_done_with_the_lowest_errno_is_an_error() {
+        // An NLMSG_NOOP (1) first: skipped.
+        let mut datagram = message(1, 7, &[0; 4]);
+        datagram.extend(message(NLMSG_DONE, 7, &i32::MIN.to_ne_bytes()));
+        let mut targets = Vec::new();
+        let result = walk_datagram(&datagram, 7, &mut |ty, payload| {
+            dump_reply(ty, payload, &mut |_| true, &mut targets)
+        });
+        let err = result
+            .expect("the dump ends")
+            .expect_err("a negative errno is an error");
+        assert_eq!(err.raw_os_error(), Some(i32::MAX));
+        assert!(targets.is_empty());
+    }
+
+    /// The bounds of the reply parser: a length past the datagram or below the header is
+    /// malformed, other sequences are skipped, a truncated socket message is malformed.
+    #[test]
+    fn malformed_replies_are_errors() {
+        let done = message(NLMSG_DONE, 7, &0i32.to_ne_bytes());
+        let mut too_long = done.clone();
+        too_long[..4].copy_from_slice(&(done.len() as u32 + 4).to_ne_bytes());
+        let mut too_short = done.clone();
+        too_short[..4].copy_from_slice(&15u32.to_ne_bytes());
+        for bad in [
+            too_long,
+            too_short,
+            message(SOCK_DIAG_BY_FAMILY, 7, &[0; 71]),
+        ] {
+            let result = walk_datagram(&bad, 7, &mut |ty, payload| {
+                dump_reply(ty, payload, &mut |_| true, &mut Vec::new())
+            });
+            let err = result.expect("ends").expect_err("malformed");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{bad:?}");
+        }
+        let other_seq = walk_datagram(&done, 8, &mut |ty, payload| {
+            dump_reply(ty, payload, &mut |_| true, &mut Vec::new())
+        });
+        assert!(other_seq.is_none());
+        let ack = message(NLMSG_ERROR, 7, &(-libc::ENOENT).to_ne_bytes());
+        let gone = walk_datagram(&ack, 7, &mut destroy_reply).expect("ends");
+        assert!(matches!(gone, Ok(false)), "{gone:?}");
     }
 
     #[test]
