@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod cleanup;
+mod fuzz;
 mod image;
 mod manifests;
 mod run;
@@ -97,6 +98,19 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Build the cargo-fuzz targets of fuzz/ (installing cargo-fuzz if missing) and run each
+    /// for the given time, one after the other; prints the executions of each. A crash fails.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = fuzz::TEST_SECONDS)]
+        seconds: u64,
+        /// Stop a target after this many executions (if that comes before --seconds).
+        #[arg(long)]
+        runs: Option<u64>,
+        /// Only this target (config, admin_api, redis, kubernetes, sockdiag).
+        #[arg(long)]
+        target: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -139,6 +153,11 @@ fn main() -> ExitCode {
         }
         Command::Cleanup => cleanup::run(),
         Command::Soak { seconds, seed } => soak::run(seconds, seed),
+        Command::Fuzz {
+            seconds,
+            runs,
+            target,
+        } => fuzz::run(seconds, runs, target.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

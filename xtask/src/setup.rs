@@ -55,6 +55,7 @@ pub fn run() -> Result<()> {
     nightly_components()?;
     python_client()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     bpffs()?;
     kubernetes_validate()?;
     let cgroup2 = cgroup2_mount()?;
@@ -218,6 +219,42 @@ fn bpf_linker() -> Result<()> {
     let version = bpf_linker_version()
         .context("bpf-linker was installed but `bpf-linker --version` still fails")?;
     println!("setup: bpf-linker: {version}");
+    Ok(())
+}
+
+/// cargo-fuzz, for `cargo xtask fuzz` (pinned: 0.13.2 builds with the installed nightly).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+fn cargo_fuzz_version() -> Option<String> {
+    cmd("cargo", ["fuzz", "--version"])
+        .stdout_if_ok()
+        .map(|v| v.trim().to_owned())
+}
+
+/// Installs cargo-fuzz from crates.io unless a `cargo fuzz` is there already.
+pub fn cargo_fuzz() -> Result<()> {
+    if let Some(version) = cargo_fuzz_version() {
+        println!("setup: {version}");
+        return Ok(());
+    }
+    println!(
+        "setup: cargo-fuzz not found: installing {CARGO_FUZZ_VERSION} (takes a minute or two)"
+    );
+    cmd(
+        "cargo",
+        [
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            CARGO_FUZZ_VERSION,
+        ],
+    )
+    .run()
+    .context("cannot install cargo-fuzz")?;
+    let version = cargo_fuzz_version()
+        .context("cargo-fuzz was installed but `cargo fuzz --version` still fails")?;
+    println!("setup: {version}");
     Ok(())
 }
 

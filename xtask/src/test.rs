@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::build::{self, Profile};
 use crate::util::{Run as _, TestTotals, cargo};
-use crate::{cleanup, image, manifests, services, setup, signal};
+use crate::{cleanup, fuzz, image, manifests, services, setup, signal};
 
 /// The port of the Redis the end-to-end tests share; `MESH_TEST_REDIS_PORT` overrides it (for
 /// a machine where another run already uses it).
@@ -131,6 +131,9 @@ fn run_steps(steps: &mut Steps, skip_lint: bool, extra: &[String]) -> Result<()>
     });
     steps.totals = totals;
     unit?;
+    // Each fuzz target briefly, from its seeds: a parser that now panics on one of them, or on
+    // what a few seconds of mutation find, fails the run.
+    steps.run("fuzz", || fuzz::run(fuzz::TEST_SECONDS, None, None))?;
     let image = steps.run("image", container_image)?;
     // Dropped at the end of this function, whatever happens after this line.
     let redis_port = redis_port()?;

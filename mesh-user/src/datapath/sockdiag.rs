@@ -336,23 +336,10 @@ impl DiagSocket {
         seq: u32,
         mut on_msg: impl FnMut(u16, &[u8]) -> Option<io::Result<R>>,
     ) -> io::Result<R> {
-        const HDR_LEN: usize = size_of::<NlMsgHdr>();
         for _ in 0..MAX_RECV_CALLS {
             let n = self.recv()?;
-            let data = &self.buf[..n];
-            let mut off = 0;
-            while off + HDR_LEN <= n {
-                let hdr: NlMsgHdr = read_pod(&data[off..]).ok_or_else(malformed)?;
-                let len = hdr.nlmsg_len as usize;
-                if len < HDR_LEN || len > n - off {
-                    return Err(malformed());
-                }
-                if hdr.nlmsg_seq == seq
-                    && let Some(result) = on_msg(hdr.nlmsg_type, &data[off + HDR_LEN..off + len])
-                {
-                    return result;
-                }
-                off += nlmsg_align(len);
+            if let Some(result) = walk_datagram(&self.buf[..n], seq, &mut on_msg) {
+                return result;
             }
         }
         Err(io::Error::new(
@@ -382,31 +369,8 @@ impl DiagSocket {
         };
         let seq = self.send(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, req)?;
         let mut targets = Vec::new();
-        self.recv_until(seq, |ty, payload| match ty {
-            NLMSG_DONE => Some(match payload_errno(payload) {
-                Some(errno) if errno < 0 => Err(io::Error::from_raw_os_error(-errno)),
-                _ => Ok(()),
-            }),
-            NLMSG_ERROR => Some(match payload_errno(payload) {
-                // An ACK does not end a dump normally, but there is nothing more to read.
-                Some(0) => Ok(()),
-                Some(errno) => Err(io::Error::from_raw_os_error(errno.saturating_neg())),
-                None => Err(malformed()),
-            }),
-            SOCK_DIAG_BY_FAMILY => match read_pod::<InetDiagMsg>(payload) {
-                Some(msg) => {
-                    if keep(&msg) {
-                        targets.push(Target {
-                            family: msg.idiag_family,
-                            id: msg.id,
-                        });
-                    }
-                    None
-                }
-                None => Some(Err(malformed())),
-            },
-            // NLMSG_NOOP and anything unexpected: ignore.
-            _ => None,
+        self.recv_until(seq, |ty, payload| {
+            dump_reply(ty, payload, &mut keep, &mut targets)
         })?;
         Ok(targets)
     }
@@ -423,16 +387,128 @@ impl DiagSocket {
             id: target.id,
         };
         let seq = self.send(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, req)?;
-        self.recv_until(seq, |ty, payload| match ty {
-            NLMSG_ERROR => Some(match payload_errno(payload) {
-                Some(0) => Ok(true),
-                Some(errno) if errno == -libc::ENOENT => Ok(false),
-                Some(errno) => Err(io::Error::from_raw_os_error(errno.saturating_neg())),
-                None => Err(malformed()),
-            }),
-            _ => None,
-        })
+        self.recv_until(seq, destroy_reply)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replies: pure parsing of what the kernel sent (fuzzed on raw bytes, see fuzz/)
+// ---------------------------------------------------------------------------------------------
+
+/// Feeds the messages of sequence `seq` in one received datagram to `on_msg`, until it returns
+/// `Some`; `None` when the datagram ends first. A message whose length leaves the datagram is
+/// malformed.
+fn walk_datagram<R>(
+    data: &[u8],
+    seq: u32,
+    on_msg: &mut impl FnMut(u16, &[u8]) -> Option<io::Result<R>>,
+) -> Option<io::Result<R>> {
+    const HDR_LEN: usize = size_of::<NlMsgHdr>();
+    let mut off = 0;
+    while off + HDR_LEN <= data.len() {
+        let Some(hdr) = read_pod::<NlMsgHdr>(&data[off..]) else {
+            return Some(Err(malformed()));
+        };
+        let len = hdr.nlmsg_len as usize;
+        if len < HDR_LEN || len > data.len() - off {
+            return Some(Err(malformed()));
+        }
+        if hdr.nlmsg_seq == seq
+            && let Some(result) = on_msg(hdr.nlmsg_type, &data[off + HDR_LEN..off + len])
+        {
+            return Some(result);
+        }
+        off += nlmsg_align(len);
+    }
+    None
+}
+
+/// One message of a `SOCK_DIAG_BY_FAMILY` dump's reply: the sockets `keep` accepts go to
+/// `targets`; `Some` ends the dump (done, or an error).
+fn dump_reply(
+    ty: u16,
+    payload: &[u8],
+    keep: &mut impl FnMut(&InetDiagMsg) -> bool,
+    targets: &mut Vec<Target>,
+) -> Option<io::Result<()>> {
+    match ty {
+        NLMSG_DONE => Some(match payload_errno(payload) {
+            // Saturating: `-i32::MIN` overflows (found by the sockdiag fuzz target).
+            Some(errno) if errno < 0 => Err(io::Error::from_raw_os_error(errno.saturating_neg())),
+            _ => Ok(()),
+        }),
+        NLMSG_ERROR => Some(match payload_errno(payload) {
+            // An ACK does not end a dump normally, but there is nothing more to read.
+            Some(0) => Ok(()),
+            Some(errno) => Err(io::Error::from_raw_os_error(errno.saturating_neg())),
+            None => Err(malformed()),
+        }),
+        SOCK_DIAG_BY_FAMILY => match read_pod::<InetDiagMsg>(payload) {
+            Some(msg) => {
+                if keep(&msg) {
+                    targets.push(Target {
+                        family: msg.idiag_family,
+                        id: msg.id,
+                    });
+                }
+                None
+            }
+            None => Some(Err(malformed())),
+        },
+        // NLMSG_NOOP and anything unexpected: ignore.
+        _ => None,
+    }
+}
+
+/// One message of a `SOCK_DESTROY`'s reply: `Ok(true)` destroyed, `Ok(false)` already gone.
+fn destroy_reply(ty: u16, payload: &[u8]) -> Option<io::Result<bool>> {
+    match ty {
+        NLMSG_ERROR => Some(match payload_errno(payload) {
+            Some(0) => Ok(true),
+            Some(errno) if errno == -libc::ENOENT => Ok(false),
+            Some(errno) => Err(io::Error::from_raw_os_error(errno.saturating_neg())),
+            None => Err(malformed()),
+        }),
+        _ => None,
+    }
+}
+
+/// The replies to a dump and to a destroy, parsed as `recv_until`, `dump_udp`, `destroy` and
+/// `destroy_here` parse them, from `datagrams` as the kernel could send them (for the fuzz
+/// targets: the parsing without the socket). `None`: the datagrams end before the reply does.
+#[cfg(feature = "fuzzing")]
+pub fn parse_replies(
+    datagrams: &[&[u8]],
+    seq: u32,
+    cookies: &HashSet<u64>,
+    backend: IpAddr,
+) -> (Option<io::Result<Vec<u64>>>, Option<io::Result<bool>>) {
+    let mut targets = Vec::new();
+    let mut keep = |msg: &InetDiagMsg| wanted(msg, cookies, cookies, backend);
+    let dump = datagrams.iter().find_map(|data| {
+        walk_datagram(data, seq, &mut |ty, payload| {
+            dump_reply(ty, payload, &mut keep, &mut targets)
+        })
+    });
+    let dump = dump.map(|done| done.map(|()| targets.iter().map(|t| t.id.cookie()).collect()));
+    let destroy = datagrams
+        .iter()
+        .find_map(|data| walk_datagram(data, seq, &mut destroy_reply));
+    (dump, destroy)
+}
+
+/// Whether a dumped socket is one to destroy: its cookie is still pending and recorded for
+/// `backend`, and its remote address is the backend's.
+fn wanted(
+    msg: &InetDiagMsg,
+    pending: &HashSet<u64>,
+    cookies: &HashSet<u64>,
+    backend: IpAddr,
+) -> bool {
+    let cookie = msg.id.cookie();
+    pending.contains(&cookie)
+        && cookies.contains(&cookie)
+        && remote_is(msg.idiag_family, &msg.id, backend)
 }
 
 /// The leading `int` of an `NLMSG_ERROR` / `NLMSG_DONE` payload.
@@ -621,10 +697,7 @@ fn destroy_here(
         let dport = backend.port().to_be_bytes();
         for &family in families {
             let targets = sock.dump_udp(family, Some(dport), |msg| {
-                let cookie = msg.id.cookie();
-                pending.contains(&cookie)
-                    && cookies.contains(&cookie)
-                    && remote_is(msg.idiag_family, &msg.id, backend.ip())
+                wanted(msg, pending, cookies, backend.ip())
             })?;
             found.extend(targets.into_iter().map(|target| (backend, target)));
         }
@@ -888,6 +961,67 @@ mod tests {
         .expect("destroy");
         assert_eq!(destroyed, 1);
         assert_aborted(&kept);
+    }
+
+    /// A netlink message as the kernel writes it: header, payload, padding to 4 bytes.
+    fn message(ty: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+        let len = size_of::<NlMsgHdr>() + payload.len();
+        let mut bytes = Vec::with_capacity(nlmsg_align(len));
+        bytes.extend_from_slice(&(len as u32).to_ne_bytes());
+        bytes.extend_from_slice(&ty.to_ne_bytes());
+        bytes.extend_from_slice(&0u16.to_ne_bytes());
+        bytes.extend_from_slice(&seq.to_ne_bytes());
+        bytes.extend_from_slice(&0u32.to_ne_bytes());
+        bytes.extend_from_slice(payload);
+        bytes.resize(nlmsg_align(len), 0);
+        bytes
+    }
+
+    /// Regression (fuzz/corpus/sockdiag/crash-done-errno-min.bin): an `NLMSG_DONE` carrying
+    /// `i32::MIN` overflowed negating it (a panic with overflow checks on).
+    #[test]
+    fn a_dump_done_with_the_lowest_errno_is_an_error() {
+        // An NLMSG_NOOP (1) first: skipped.
+        let mut datagram = message(1, 7, &[0; 4]);
+        datagram.extend(message(NLMSG_DONE, 7, &i32::MIN.to_ne_bytes()));
+        let mut targets = Vec::new();
+        let result = walk_datagram(&datagram, 7, &mut |ty, payload| {
+            dump_reply(ty, payload, &mut |_| true, &mut targets)
+        });
+        let err = result
+            .expect("the dump ends")
+            .expect_err("a negative errno is an error");
+        assert_eq!(err.raw_os_error(), Some(i32::MAX));
+        assert!(targets.is_empty());
+    }
+
+    /// The bounds of the reply parser: a length past the datagram or below the header is
+    /// malformed, other sequences are skipped, a truncated socket message is malformed.
+    #[test]
+    fn malformed_replies_are_errors() {
+        let done = message(NLMSG_DONE, 7, &0i32.to_ne_bytes());
+        let mut too_long = done.clone();
+        too_long[..4].copy_from_slice(&(done.len() as u32 + 4).to_ne_bytes());
+        let mut too_short = done.clone();
+        too_short[..4].copy_from_slice(&15u32.to_ne_bytes());
+        for bad in [
+            too_long,
+            too_short,
+            message(SOCK_DIAG_BY_FAMILY, 7, &[0; 71]),
+        ] {
+            let result = walk_datagram(&bad, 7, &mut |ty, payload| {
+                dump_reply(ty, payload, &mut |_| true, &mut Vec::new())
+            });
+            let err = result.expect("ends").expect_err("malformed");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{bad:?}");
+        }
+        let other_seq = walk_datagram(&done, 8, &mut |ty, payload| {
+            dump_reply(ty, payload, &mut |_| true, &mut Vec::new())
+        });
+        assert!(other_seq.is_none());
+        let ack = message(NLMSG_ERROR, 7, &(-libc::ENOENT).to_ne_bytes());
+        let gone = walk_datagram(&ack, 7, &mut destroy_reply).expect("ends");
+        assert!(matches!(gone, Ok(false)), "{gone:?}");
     }
 
     #[test]

@@ -609,7 +609,7 @@ fn denial(err: &redis::RedisError) -> bool {
 }
 
 /// The services of the hash `key`, in field order, or every entry's problem.
-fn parse_hash(
+pub fn parse_hash(
     key: &str,
     entries: &BTreeMap<String, Vec<u8>>,
 ) -> Result<Vec<ServiceConfig>, Vec<String>> {

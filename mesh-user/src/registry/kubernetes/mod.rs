@@ -14,7 +14,7 @@
 //!   it is left out (logged, counted as a rejection), never a silent override.
 
 pub mod translate;
-mod translated;
+pub mod translated;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -495,7 +495,7 @@ impl KubernetesSource {
 
 /// Whether a translated service is valid on its own (a VIP outside `vip_ranges`, ...): one
 /// that is not is reported and left out, instead of the whole cluster being rejected.
-fn valid_alone(agent: &AgentConfig, metrics: &dyn SourceObserver, svc: &ServiceConfig) -> bool {
+pub fn valid_alone(agent: &AgentConfig, metrics: &dyn SourceObserver, svc: &ServiceConfig) -> bool {
     let alone = Config {
         agent: agent.clone(),
         services: vec![svc.clone()],
