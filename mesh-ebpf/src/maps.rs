@@ -22,9 +22,13 @@ const MAX_SERVICES: usize = DEFAULT_MAX_SERVICES as usize;
 const MAX_BACKENDS: usize = DEFAULT_MAX_BACKENDS as usize;
 const MAX_SLOTS: usize = DEFAULT_MAX_SLOTS as usize;
 
+/// A map from VIPs to services: `SERVICES` (connects on this node) and `EXT_SERVICES`
+/// (traffic from other hosts) have this one type, so the same round-robin serves both.
+pub type ServiceMap = HashMap<ServiceKey, Service, MAX_SERVICES, NO_PREALLOC>;
+
 /// VIP (ip, port, protocol, family) -> service (id, live slot set, flags).
 #[btf_map]
-pub static SERVICES: HashMap<ServiceKey, Service, MAX_SERVICES, NO_PREALLOC> = HashMap::new();
+pub static SERVICES: ServiceMap = HashMap::new();
 
 /// (service id, generation, slot) -> backend id. A slot set is written in full before the
 /// service entry points at it; the old set may be deleted right after the switch.
@@ -126,7 +130,7 @@ pub struct SockRev {
 /// External address (node address + NodePort, ExternalIP, LoadBalancer IP) -> service. Keyed
 /// and valued like `SERVICES`, with its own ids, pointing into the same slots and backends.
 #[btf_map]
-pub static EXT_SERVICES: HashMap<ServiceKey, Service, MAX_SERVICES, NO_PREALLOC> = HashMap::new();
+pub static EXT_SERVICES: ServiceMap = HashMap::new();
 
 /// A packet's 5-tuple -> its translation; two entries per flow (see `mesh_common::nodeport`).
 /// Written by the kernel; idle entries are deleted by the agent.

@@ -22,15 +22,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use mesh_common::{
-    Backend, FAMILY_V4, PROTO_TCP, PROTO_UDP, SVC_F_REJECT_EMPTY, Service, ServiceKey, SlotKey,
+    Backend, FAMILY_V4, PROTO_TCP, PROTO_UDP, SVC_F_REJECT_EMPTY, Service, ServiceKey,
     nodeport::{
         FlowKey, NAT_F_CLOSING, NAT_F_REPLY, NAT_F_SNAT, NatEntry, NodeportStats, SNAT_TRIES,
         SVC_F_EXT_LOCAL, reply_key, snat_port,
     },
-    slot_index,
 };
 
-use crate::maps::{BACKENDS, EXT_SERVICES, NAT_FLOWS, NP_DEVICES, NP_STATS, RR_STATE, SLOTS};
+use crate::maps::{EXT_SERVICES, NAT_FLOWS, NP_DEVICES, NP_STATS};
+use crate::service::pick_round_robin;
 use crate::stats::count_backend;
 
 const ETH_LEN: usize = 14;
@@ -266,7 +266,8 @@ fn new_flow(
     service: &Service,
 ) -> i32 {
     let mut backend = Backend::default();
-    let backend_id = pick(skey, service, &mut backend);
+    // External services have ids of their own: their round-robin position is theirs alone.
+    let backend_id = pick_round_robin(&EXT_SERVICES, skey, service, &mut backend);
     if backend_id == 0 || backend.family != FAMILY_V4 {
         count(|s| s.no_backend += 1);
         if service.flags & SVC_F_REJECT_EMPTY == 0 {
@@ -349,60 +350,6 @@ fn new_flow(
         return TC_ACT_SHOT;
     }
     forward(out)
-}
-
-/// Next backend of the external service, round-robin over its live slot set (one atomic
-/// position per service, shared with nothing else: external services have their own ids).
-/// A slot that is gone means the set was switched: the entry is read again once.
-#[inline(always)]
-fn pick(key: &ServiceKey, service: &Service, backend: &mut Backend) -> u32 {
-    if service.slot_count == 0 {
-        return 0;
-    }
-    let Some(position) = RR_STATE.get_ptr_mut(service.id) else {
-        return 0;
-    };
-    // SAFETY: `position` points at this service's array value; the add is atomic.
-    let turn = unsafe {
-        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::SeqCst }>(
-            position, 1,
-        )
-    };
-    let id = slot_backend(service, turn, backend);
-    if id != 0 {
-        return id;
-    }
-    // SAFETY: a shared reference into the map value, copied at once.
-    match unsafe { EXT_SERVICES.get(key) } {
-        Some(fresh) if fresh.id == service.id => {
-            let fresh = *fresh;
-            slot_backend(&fresh, turn, backend)
-        }
-        _ => 0,
-    }
-}
-
-#[inline(always)]
-fn slot_backend(service: &Service, turn: u64, backend: &mut Backend) -> u32 {
-    if service.slot_count == 0 {
-        return 0;
-    }
-    let slot = SlotKey {
-        service_id: service.id,
-        generation: service.generation,
-        slot: slot_index(turn, service.slot_count),
-    };
-    // SAFETY: shared references into map values, copied at once.
-    let Some(&id) = (unsafe { SLOTS.get(slot) }) else {
-        return 0;
-    };
-    match unsafe { BACKENDS.get(id) } {
-        Some(found) => {
-            *backend = *found;
-            id
-        }
-        None => 0,
-    }
 }
 
 /// Answers a TCP segment to a service without backends with a reset, sent back out of the

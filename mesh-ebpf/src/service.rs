@@ -12,7 +12,7 @@ use mesh_common::{
 };
 
 use crate::addr::Dest;
-use crate::maps::{ACTIVE, AFFINITY, BACKENDS, RR_STATE, SERVICES, SLOTS};
+use crate::maps::{ACTIVE, AFFINITY, BACKENDS, RR_STATE, SERVICES, SLOTS, ServiceMap};
 use crate::stats::{count, count_backend, count_no_backend};
 
 const ECONNREFUSED: i32 = 111;
@@ -52,7 +52,7 @@ pub fn translate(ctx: &SockAddrContext, dest: &Dest, family: u8) -> Verdict {
     let backend_id = if service.flags & SVC_F_AFFINITY != 0 {
         pick_with_affinity(ctx, &key, &service, &mut backend)
     } else {
-        pick_round_robin(&key, &service, &mut backend)
+        pick_round_robin(&SERVICES, &key, &service, &mut backend)
     };
     if backend_id != 0 && backend.family == key.family {
         count_backend(service.id, backend_id);
@@ -83,8 +83,8 @@ pub fn refuse() -> i32 {
     DENY
 }
 
-/// Next backend of the service's live slot set, round-robin: its id (0 if there is none) and,
-/// through `backend`, its address.
+/// Next backend of the live slot set of `services`' entry for `key`, round-robin: its id (0 if
+/// there is none) and, through `backend`, its address.
 ///
 /// The agent writes a new slot set under the next generation, switches the service entry, and
 /// may delete the old set (and backends only it used) right away, while a connect that read
@@ -94,7 +94,12 @@ pub fn refuse() -> i32 {
 /// set exactly in order; the connect that raced the switch lands on the new set's slot for its
 /// turn.
 #[inline(always)]
-fn pick_round_robin(key: &ServiceKey, service: &Service, backend: &mut Backend) -> u32 {
+pub fn pick_round_robin(
+    services: &ServiceMap,
+    key: &ServiceKey,
+    service: &Service,
+    backend: &mut Backend,
+) -> u32 {
     if service.slot_count == 0 {
         return 0;
     }
@@ -115,7 +120,7 @@ fn pick_round_robin(key: &ServiceKey, service: &Service, backend: &mut Backend) 
     }
     count(|s| s.slot_retries += 1);
     // SAFETY: a shared reference into the map value, copied at once.
-    let backend_id = match unsafe { SERVICES.get(key) } {
+    let backend_id = match unsafe { services.get(key) } {
         // Ids are stable while a VIP's service exists; another id is another service, whose
         // counters this connect must not touch.
         Some(fresh) if fresh.id == service.id => {
@@ -191,7 +196,7 @@ fn pick_with_affinity(
             return entry.backend_id;
         }
     }
-    let backend_id = pick_round_robin(key, service, backend);
+    let backend_id = pick_round_robin(&SERVICES, key, service, backend);
     if backend_id == 0 {
         return 0;
     }

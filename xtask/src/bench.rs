@@ -424,28 +424,61 @@ pub fn run(quick: bool) -> Result<()> {
     cp_result
 }
 
+/// What a bench of one part (`--kernel-cost`, `--health`) starts from: setup done, binaries
+/// built, leftovers cleaned, the bench's backends running.
+struct Partial {
+    settings: Settings,
+    mesh: PathBuf,
+    loadgen: PathBuf,
+    scratch: ScratchDir,
+    backends: Vec<SocketAddr>,
+    _servers: Vec<Proc>,
+}
+
+impl Partial {
+    /// `ports`: the other ports on 127.0.0.1 this part listens on, which must be free.
+    fn prepare(quick: bool, ports: &[u16]) -> Result<Partial> {
+        let settings = if quick {
+            Settings::quick()
+        } else {
+            Settings::full()
+        };
+        setup::run()?;
+        let (mesh, loadgen) = build_binaries()?;
+        system::clean_leftovers(&mesh)?;
+        let scratch = ScratchDir(std::env::temp_dir().join(scratch_name("")));
+        std::fs::create_dir_all(&scratch.0)?;
+        let backends: Vec<SocketAddr> = BACKEND_PORTS.iter().map(|&p| local(p)).collect();
+        for &port in BACKEND_PORTS.iter().chain(ports) {
+            system::require_free(local(port))?;
+        }
+        let servers = backends
+            .iter()
+            .enumerate()
+            .map(|(i, &addr)| start_backend(&loadgen, &scratch.0, i, addr))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Partial {
+            settings,
+            mesh,
+            loadgen,
+            scratch,
+            backends,
+            _servers: servers,
+        })
+    }
+}
+
 /// `cargo xtask bench --kernel-cost`: only the BPF time per connection, with an agent on the
 /// bench's single service (see `kernel_cost`).
 pub fn run_kernel_cost(quick: bool) -> Result<()> {
-    let settings = if quick {
-        Settings::quick()
-    } else {
-        Settings::full()
-    };
-    setup::run()?;
-    let (mesh, loadgen) = build_binaries()?;
-    system::clean_leftovers(&mesh)?;
-    let scratch = ScratchDir(std::env::temp_dir().join(scratch_name("")));
-    std::fs::create_dir_all(&scratch.0)?;
-    let backends: Vec<SocketAddr> = BACKEND_PORTS.iter().map(|&p| local(p)).collect();
-    for &addr in backends.iter().chain(&[local(DATAPLANE_METRICS_PORT)]) {
-        system::require_free(addr)?;
-    }
-    let _servers = backends
-        .iter()
-        .enumerate()
-        .map(|(i, &addr)| start_backend(&loadgen, &scratch.0, i, addr))
-        .collect::<Result<Vec<_>>>()?;
+    let Partial {
+        settings,
+        mesh,
+        loadgen,
+        scratch,
+        backends,
+        _servers,
+    } = Partial::prepare(quick, &[DATAPLANE_METRICS_PORT])?;
     let cgroup = Cgroup::create(&scratch_name(""))?;
     let bpffs = Path::new(system::BPFFS).join(scratch_name("dataplane"));
     let mut agent = mesh::Agent::start(
@@ -484,28 +517,14 @@ pub fn run_kernel_cost(quick: bool) -> Result<()> {
 
 /// `cargo xtask bench --health`: only the control plane's health-check measurements.
 pub fn run_health(quick: bool) -> Result<()> {
-    let settings = if quick {
-        Settings::quick()
-    } else {
-        Settings::full()
-    };
-    setup::run()?;
-    let (mesh, loadgen) = build_binaries()?;
-    system::clean_leftovers(&mesh)?;
-    let scratch = ScratchDir(std::env::temp_dir().join(scratch_name("")));
-    std::fs::create_dir_all(&scratch.0)?;
-    let backends: Vec<SocketAddr> = BACKEND_PORTS.iter().map(|&p| local(p)).collect();
-    for &addr in backends
-        .iter()
-        .chain(&[local(VICTIM_PORT), local(CONTROL_METRICS_PORT)])
-    {
-        system::require_free(addr)?;
-    }
-    let _servers = backends
-        .iter()
-        .enumerate()
-        .map(|(i, &addr)| start_backend(&loadgen, &scratch.0, i, addr))
-        .collect::<Result<Vec<_>>>()?;
+    let Partial {
+        settings,
+        mesh,
+        loadgen,
+        scratch,
+        backends,
+        _servers,
+    } = Partial::prepare(quick, &[VICTIM_PORT, CONTROL_METRICS_PORT])?;
     let mut cp = ControlPlane {
         settings: &settings,
         mesh,

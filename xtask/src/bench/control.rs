@@ -584,48 +584,46 @@ impl ControlPlane<'_> {
 
         let size = 10_000;
         let services = catalog_services(size, Some("type = \"tcp\""));
-        let refs: Vec<&ServiceConf> = services.iter().collect();
-        let mut agent = self.start_agent(cgroup, &config_text(&refs))?;
-        match agent.wait_ready(Duration::from_secs(300)) {
-            Ok(_) => {
-                settle_checks(&agent)?;
-                let usage = measure_usage(&agent, size, self.settings.idle_secs)?;
-                println!(
-                    "  10k services with tcp checks (default interval, 40k backends that refuse): \
-                     RSS {:.1} MB, CPU {:.1}% of a core",
-                    mb(usage.rss_kib),
-                    usage.cpu_percent.unwrap_or(0.0)
-                );
-                self.results.health.usage_with_checks = Some(usage);
-            }
-            Err(e) => self.error(format!(
-                "10k services with health checks: {}",
-                first_line(&format!("{e:#}"))
-            )),
-        }
-        drop(agent);
-
+        self.results.health.usage_with_checks = self.usage_with_checks(
+            cgroup,
+            &services,
+            "10k services with tcp checks (default interval, 40k backends that refuse)",
+        )?;
         let services = shared_backend_services(size, 1_000, "type = \"tcp\"\ninterval = \"1s\"");
+        self.results.health.usage_shared_1k = self.usage_with_checks(
+            cgroup,
+            &services,
+            "10k services over 1k distinct backends (refusing), tcp checks every 1 s",
+        )?;
+        Ok(())
+    }
+
+    /// The agent's RSS and CPU with `services`, once their checks settled; None (an error
+    /// recorded) if the agent did not get ready.
+    fn usage_with_checks(
+        &mut self,
+        cgroup: &Cgroup,
+        services: &[ServiceConf],
+        what: &str,
+    ) -> Result<Option<AgentUsage>> {
         let refs: Vec<&ServiceConf> = services.iter().collect();
         let mut agent = self.start_agent(cgroup, &config_text(&refs))?;
         match agent.wait_ready(Duration::from_secs(300)) {
             Ok(_) => {
                 settle_checks(&agent)?;
-                let usage = measure_usage(&agent, size, self.settings.idle_secs)?;
+                let usage = measure_usage(&agent, services.len(), self.settings.idle_secs)?;
                 println!(
-                    "  10k services over 1k distinct backends (refusing), tcp checks every 1 s: \
-                     RSS {:.1} MB, CPU {:.1}% of a core",
+                    "  {what}: RSS {:.1} MB, CPU {:.1}% of a core",
                     mb(usage.rss_kib),
                     usage.cpu_percent.unwrap_or(0.0)
                 );
-                self.results.health.usage_shared_1k = Some(usage);
+                Ok(Some(usage))
             }
-            Err(e) => self.error(format!(
-                "10k services over 1k backends with health checks: {}",
-                first_line(&format!("{e:#}"))
-            )),
+            Err(e) => {
+                self.error(format!("{what}: {}", first_line(&format!("{e:#}"))));
+                Ok(None)
+            }
         }
-        Ok(())
     }
 }
 

@@ -56,12 +56,30 @@ pub fn other_services(n: usize, backends: &[SocketAddr]) -> Vec<ServiceConf> {
 /// `n` services with 4 distinct (non-listening) backends each, 127.104.0.0 upwards, for the
 /// control-plane measurements.
 pub fn catalog_services(n: usize, health: Option<&str>) -> Vec<ServiceConf> {
+    services_over(n, Ipv4Addr::new(127, 104, 0, 0), 4 * n, health)
+}
+
+/// `n` services with 4 backends each drawn from `distinct` (non-listening) backends
+/// 127.105.0.0 upwards, so each backend serves about `4 n / distinct` services: what shared
+/// health checks are measured with.
+pub fn shared_backend_services(n: usize, distinct: usize, health: &str) -> Vec<ServiceConf> {
+    services_over(n, Ipv4Addr::new(127, 105, 0, 0), distinct, Some(health))
+}
+
+/// `n` services (VIPs 127.102.0.1 upwards), service `i` with backends `4i .. 4i+3` modulo
+/// `distinct` (at least 4), port 80 from `base` upwards.
+fn services_over(
+    n: usize,
+    base: Ipv4Addr,
+    distinct: usize,
+    health: Option<&str>,
+) -> Vec<ServiceConf> {
     (0..n)
         .map(|i| {
             let backends = (0..4)
                 .map(|j| {
                     SocketAddr::from(SocketAddrV4::new(
-                        nth_ip(Ipv4Addr::new(127, 104, 0, 0), 4 * i + j),
+                        nth_ip(base, (4 * i + j) % distinct.max(4)),
                         80,
                     ))
                 })
@@ -72,31 +90,6 @@ pub fn catalog_services(n: usize, health: Option<&str>) -> Vec<ServiceConf> {
                 backends,
             );
             s.health = health.map(str::to_owned);
-            s
-        })
-        .collect()
-}
-
-/// `n` services with 4 backends each drawn from `distinct` (non-listening) backends
-/// 127.105.0.0 upwards, so each backend serves about `4 n / distinct` services: what shared
-/// health checks are measured with.
-pub fn shared_backend_services(n: usize, distinct: usize, health: &str) -> Vec<ServiceConf> {
-    (0..n)
-        .map(|i| {
-            let backends = (0..4)
-                .map(|j| {
-                    SocketAddr::from(SocketAddrV4::new(
-                        nth_ip(Ipv4Addr::new(127, 105, 0, 0), (4 * i + j) % distinct.max(4)),
-                        80,
-                    ))
-                })
-                .collect();
-            let mut s = ServiceConf::new(
-                format!("svc-{i:05}"),
-                SocketAddrV4::new(nth_ip(Ipv4Addr::new(127, 102, 0, 1), i), 80),
-                backends,
-            );
-            s.health = Some(health.to_owned());
             s
         })
         .collect()
