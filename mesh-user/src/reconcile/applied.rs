@@ -130,6 +130,21 @@ impl Applied {
             .map(|(&id, _)| id)
     }
 
+    /// Drops from the model the backend entries no service names, and returns their ids: the
+    /// resync then sees them as entries nobody owns and deletes them from the map. Plans never
+    /// leave such an entry; this is the safety net should one ever remain.
+    pub fn forget_unnamed_backends(&mut self) -> Vec<u32> {
+        let unnamed: Vec<u32> = self.unnamed_backends().collect();
+        for id in &unnamed {
+            if let Some((addr, _)) = self.by_id.remove(id)
+                && self.backends.get(&addr) == Some(id)
+            {
+                self.backends.remove(&addr);
+            }
+        }
+        unnamed
+    }
+
     pub fn service_ids(&self) -> BTreeSet<u32> {
         self.services.values().map(|s| s.id).collect()
     }
