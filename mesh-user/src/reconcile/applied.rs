@@ -32,8 +32,9 @@ pub struct AppliedService {
     pub affinity_timeout_secs: u32,
     /// The live slot set (the service entry points at it).
     pub live: SlotSet,
-    /// The slot set before it, kept until the next switch so a connect that read the service
-    /// entry just before the switch still finds its slot (no timing assumption).
+    /// The slot set before it, kept until the next switch, or until the resync retires it (at
+    /// least a second after the switch), so a connect that read the service entry just before
+    /// the switch still finds its slot.
     pub previous: Option<SlotSet>,
     /// Backends with a counter entry for this service.
     pub members: BTreeSet<u32>,

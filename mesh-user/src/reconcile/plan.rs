@@ -4,7 +4,8 @@
 //! Ordering is what keeps concurrent connects safe: backends, counters and the new slot set are
 //! written first, then the service entry is switched to the new slot set in one update. The
 //! slot set it switched away from stays until the service's next switch (when it is deleted
-//! before the new set is written), so a connect that read the entry just before a switch still
+//! before the new set is written) or until the resync retires it (`retire_previous`, at least
+//! a second after the switch), so a connect that read the entry just before a switch still
 //! finds its slot; the kernel also re-reads the entry once when a slot is missing. Nothing here
 //! waits for time to pass.
 
