@@ -32,8 +32,9 @@ pub struct AppliedService {
     pub affinity_timeout_secs: u32,
     /// The live slot set (the service entry points at it).
     pub live: SlotSet,
-    /// The slot set before it, kept until the next switch so a connect that read the service
-    /// entry just before the switch still finds its slot (no timing assumption).
+    /// The slot set before it, kept until the next switch, or until the resync retires it (at
+    /// least a second after the switch), so a connect that read the service entry just before
+    /// the switch still finds its slot.
     pub previous: Option<SlotSet>,
     /// Backends with a counter entry for this service.
     pub members: BTreeSet<u32>,
@@ -128,6 +129,21 @@ impl Applied {
             .iter()
             .filter(|(_, (_, users))| *users == 0)
             .map(|(&id, _)| id)
+    }
+
+    /// Drops from the model the backend entries no service names, and returns their ids: the
+    /// resync then sees them as entries nobody owns and deletes them from the map. Plans never
+    /// leave such an entry; this is the safety net should one ever remain.
+    pub fn forget_unnamed_backends(&mut self) -> Vec<u32> {
+        let unnamed: Vec<u32> = self.unnamed_backends().collect();
+        for id in &unnamed {
+            if let Some((addr, _)) = self.by_id.remove(id)
+                && self.backends.get(&addr) == Some(id)
+            {
+                self.backends.remove(&addr);
+            }
+        }
+        unnamed
     }
 
     pub fn service_ids(&self) -> BTreeSet<u32> {

@@ -2,7 +2,7 @@
 //! and netlink never block the async runtime).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     time::{Duration, Instant},
 };
@@ -12,7 +12,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{
     applied::{Applied, pair},
-    plan::{Scope, plan_scoped},
+    plan::{Scope, plan_scoped, retire_previous},
     repair::{count_by_map, repair},
 };
 use crate::{
@@ -20,6 +20,11 @@ use crate::{
     desired::DesiredState,
     model::Vip,
 };
+
+/// How long a previous slot set is kept at least after its service's switch before the resync
+/// retires it: far longer than a connect takes from reading the service entry to its slot (and
+/// the kernel reads the entry again once should a slot or backend be gone anyway).
+const PREVIOUS_SET_GRACE: Duration = Duration::from_secs(1);
 
 /// What one apply did.
 #[derive(Clone, Debug, Default)]
@@ -38,6 +43,11 @@ pub struct Executor {
     /// The model was read back from the maps (adopted, or after a failed write): the next plan
     /// looks at every service, whatever the caller says changed.
     plan_all: bool,
+    /// When services last switched to a new slot set (their previous set was made then), so
+    /// the resync retires previous sets once they are old: without it a set, and the backend
+    /// entries only it names, would stay until the service's next switch, which may never come.
+    /// A service missing here (adopted, or its model re-read) counts as switched long ago.
+    switched: BTreeMap<Vip, Instant>,
 }
 
 impl Executor {
@@ -60,6 +70,7 @@ impl Executor {
             limits,
             settings_flags,
             plan_all: true,
+            switched: BTreeMap::new(),
         };
         let orphans = repair(&executor.applied.entries(), &snap);
         if !orphans.is_empty() {
@@ -114,6 +125,24 @@ impl Executor {
         }
         let left = self.udp_backends_left(&ops, desired);
         let previous_ids = self.backend_ids_of(&left);
+        let now = Instant::now();
+        for (vip, service) in &patch.services {
+            match service {
+                Some(new)
+                    if self
+                        .applied
+                        .services
+                        .get(vip)
+                        .is_none_or(|old| old.live.generation != new.live.generation) =>
+                {
+                    self.switched.insert(*vip, now);
+                }
+                Some(_) => {}
+                None => {
+                    self.switched.remove(vip);
+                }
+            }
+        }
         self.applied.patch(patch);
         let udp_terminated = self.terminate_udp_flows(&left, &previous_ids);
         self.save_settings()?;
@@ -128,6 +157,11 @@ impl Executor {
     /// deleted or changed behind its back), and deletes leaked kernel-created state. Returns
     /// the repairs by map.
     pub fn resync(&mut self) -> anyhow::Result<BTreeMap<&'static str, u64>> {
+        self.retire_old_previous_sets()?;
+        let forgotten = self.applied.forget_unnamed_backends();
+        if !forgotten.is_empty() {
+            warn!(ids = ?forgotten, "backend entries no service names: deleting them");
+        }
         let snap = self.maps.snapshot()?;
         let ops = repair(&self.applied.entries(), &snap);
         if ops.is_empty() {
@@ -136,6 +170,55 @@ impl Executor {
         let counts = count_by_map(&ops);
         self.maps.apply(&ops)?;
         Ok(counts)
+    }
+
+    /// Deletes the previous slot sets older than `PREVIOUS_SET_GRACE`, with the backend entries
+    /// only they named. Routine, so not counted as a repair. On a write error the model is
+    /// re-read from the maps, as after a failed apply.
+    fn retire_old_previous_sets(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let old: BTreeSet<Vip> = self
+            .applied
+            .services
+            .iter()
+            .filter(|(vip, svc)| {
+                svc.previous.is_some()
+                    && self
+                        .switched
+                        .get(vip)
+                        .is_none_or(|&at| now.duration_since(at) >= PREVIOUS_SET_GRACE)
+            })
+            .map(|(vip, _)| *vip)
+            .collect();
+        let applied = &self.applied;
+        self.switched.retain(|vip, _| {
+            applied
+                .services
+                .get(vip)
+                .is_some_and(|s| s.previous.is_some())
+        });
+        if old.is_empty() {
+            return Ok(());
+        }
+        let (ops, patch) = retire_previous(&self.applied, &old);
+        debug!(
+            services = old.len(),
+            writes = ops.len(),
+            "retiring previous slot sets"
+        );
+        if let Err(err) = self.maps.apply(&ops) {
+            match self.maps.snapshot() {
+                Ok(snap) => self.applied = Applied::from_snapshot(&snap),
+                Err(read) => warn!("re-reading the maps after a failed write: {read:#}"),
+            }
+            self.plan_all = true;
+            return Err(err);
+        }
+        self.applied.patch(patch);
+        for vip in &old {
+            self.switched.remove(vip);
+        }
+        Ok(())
     }
 
     /// Keeps the id cursors in the pinned settings map, so a restarted agent does not hand out

@@ -4,7 +4,8 @@
 //! Ordering is what keeps concurrent connects safe: backends, counters and the new slot set are
 //! written first, then the service entry is switched to the new slot set in one update. The
 //! slot set it switched away from stays until the service's next switch (when it is deleted
-//! before the new set is written), so a connect that read the entry just before a switch still
+//! before the new set is written) or until the resync retires it (`retire_previous`, at least
+//! a second after the switch), so a connect that read the entry just before a switch still
 //! finds its slot; the kernel also re-reads the entry once when a slot is missing. Nothing here
 //! waits for time to pass.
 
@@ -247,6 +248,45 @@ fn plan_with(
     patch.next_service_id = service_ids.cursor;
     patch.next_backend_id = backend_ids.cursor;
     Ok((ops.into_sorted(), patch))
+}
+
+/// Drops the previous slot sets of the services at `vips`, and the backend entries only those
+/// sets still named (backends that left every service): a previous set is kept at a switch for
+/// connects that read the entry just before it, and must not outlive them until the service's
+/// next switch, which may never come. The caller decides when a set is old enough.
+pub fn retire_previous(applied: &Applied, vips: &BTreeSet<Vip>) -> (Vec<MapOp>, Patch) {
+    let mut ops = Ops(Vec::new());
+    let mut patch = Patch {
+        next_service_id: applied.next_service_id,
+        next_backend_id: applied.next_backend_id,
+        ..Default::default()
+    };
+    let mut users_delta: BTreeMap<u32, i64> = BTreeMap::new();
+    for vip in vips {
+        let Some(old) = applied.services.get(vip) else {
+            continue;
+        };
+        let Some(previous) = &old.previous else {
+            continue;
+        };
+        ops.delete_set(Phase::Retire, old.id, previous);
+        let service = AppliedService {
+            previous: None,
+            ..old.clone()
+        };
+        for &id in named_backends(old).difference(&named_backends(&service)) {
+            *users_delta.entry(id).or_default() -= 1;
+        }
+        patch.services.push((*vip, Some(service)));
+    }
+    for (id, delta) in users_delta {
+        if i64::from(applied.users_of(id)) + delta <= 0 {
+            // After the slots: nothing names it any more.
+            ops.push(Phase::BackendsGone, MapOp::DeleteBackend { id });
+            patch.backends_removed.push(id);
+        }
+    }
+    (ops.into_sorted(), patch)
 }
 
 /// The writes that make one service what `want` says; returns it as the maps will hold it.
@@ -655,6 +695,140 @@ mod tests {
         model.check_previous(&before)
     }
 
+    /// The maps the model holds, as the resync reads them back.
+    fn snapshot(model: &Model) -> crate::datapath::Snapshot {
+        let e = &model.0;
+        crate::datapath::Snapshot {
+            services: e.services.clone(),
+            slots: e.slots.clone(),
+            backends: e.backends.clone(),
+            names: e.names.clone(),
+            backend_stats: e
+                .counters
+                .iter()
+                .map(|k| (*k, Default::default()))
+                .collect(),
+            active: e.active.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// What `Executor::resync` does once every previous slot set is older than its grace:
+    /// retire them, forget backend entries nothing names, then repair the maps against the
+    /// model. The maps must end holding exactly what the model implies.
+    fn resync(applied: &mut Applied, model: &mut Model) -> Result<(), String> {
+        let old: BTreeSet<Vip> = applied
+            .services
+            .iter()
+            .filter(|(_, svc)| svc.previous.is_some())
+            .map(|(vip, _)| *vip)
+            .collect();
+        let (ops, patch) = retire_previous(applied, &old);
+        apply_checked(model, &ops)?;
+        applied.patch(patch);
+        applied.forget_unnamed_backends();
+        for op in &super::super::repair::repair(&applied.entries(), &snapshot(model)) {
+            model.apply(op);
+        }
+        if model.0 != applied.entries() {
+            return Err(format!(
+                "after the resync the maps hold {:?}, the model implies {:?}",
+                model.0,
+                applied.entries()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The backend addresses a desired state uses (members, in rotation or not).
+    fn used_addrs(desired: &DesiredState) -> BTreeSet<SocketAddr> {
+        desired
+            .services
+            .values()
+            .flat_map(|s| s.members.iter().map(|m| m.addr))
+            .collect()
+    }
+
+    fn held_addrs(model: &Model) -> BTreeSet<SocketAddr> {
+        model.0.backends.values().copied().collect()
+    }
+
+    /// The soak's finding: `api` is PUT with backends 1 and 2, then with 1 only and another
+    /// weight, and never switches again. Backend 2 stays readable right after the switch (the
+    /// previous slot set names it), and the resync removes it.
+    #[test]
+    fn a_backend_that_left_every_service_is_gone_after_the_resync() {
+        let stable = (
+            "127.100.0.1:80",
+            service("stable", &[("127.0.0.1:9", 1, true)]),
+        );
+        let api = vip("127.100.0.4:80");
+        let v1 = desired(vec![
+            stable.clone(),
+            (
+                "127.100.0.4:80",
+                service("api", &[("127.0.0.1:1", 1, true), ("127.0.0.1:2", 3, true)]),
+            ),
+        ]);
+        let (ops, mut applied) = plan(&v1, &Applied::default(), &LIMITS).unwrap();
+        let mut model = Model::default();
+        apply_checked(&mut model, &ops).unwrap();
+        let v2 = desired(vec![
+            stable,
+            (
+                "127.100.0.4:80",
+                service("api", &[("127.0.0.1:1", 2, true)]),
+            ),
+        ]);
+        let (ops, patch) =
+            plan_scoped(&v2, &applied, &LIMITS, Scope::Only(&BTreeSet::from([api]))).unwrap();
+        apply_checked(&mut model, &ops).unwrap();
+        applied.patch(patch);
+        assert_eq!(model.0, applied.entries());
+        let two: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        assert!(
+            held_addrs(&model).contains(&two),
+            "kept for connects racing the switch"
+        );
+        resync(&mut applied, &mut model).unwrap();
+        assert_eq!(held_addrs(&model), used_addrs(&v2));
+        assert_eq!(model.0.backends.len(), 2);
+        assert!(applied.services[&api].previous.is_none());
+        // Nothing left to do: the next resync and an unchanged plan write nothing.
+        let (ops, again) = plan(&v2, &applied, &LIMITS).unwrap();
+        assert_eq!(ops, vec![]);
+        assert_eq!(again, applied);
+        let (ops, _) = retire_previous(&applied, &BTreeSet::from([api]));
+        assert_eq!(ops, vec![]);
+    }
+
+    /// Defence in depth: a backend entry no service names (read back from the maps, or one the
+    /// model does not know at all) is deleted by the resync.
+    #[test]
+    fn the_resync_deletes_backend_entries_no_service_names() {
+        let v1 = desired(vec![(
+            "127.100.0.1:80",
+            service("web", &[("127.0.0.1:1", 1, true)]),
+        )]);
+        let (ops, mut applied) = plan(&v1, &Applied::default(), &LIMITS).unwrap();
+        let mut model = Model::default();
+        apply_checked(&mut model, &ops).unwrap();
+
+        // An entry the model does not know.
+        model.0.backends.insert(7, "127.0.0.1:7".parse().unwrap());
+        resync(&mut applied, &mut model).unwrap();
+        assert_eq!(held_addrs(&model), used_addrs(&v1));
+
+        // An entry the model knows but nothing names (as an agent reads the maps back).
+        model.0.backends.insert(8, "127.0.0.1:8".parse().unwrap());
+        let mut read = Applied::from_snapshot(&snapshot(&model));
+        assert_eq!(read.users_of(8), 0);
+        assert_eq!(model.0, read.entries(), "the model keeps the leak");
+        resync(&mut read, &mut model).unwrap();
+        assert_eq!(held_addrs(&model), used_addrs(&v1));
+        assert!(!read.backend_ids().contains(&8));
+    }
+
     #[test]
     fn new_service_writes_backends_and_slots_before_the_entry() {
         let want = desired(vec![(
@@ -965,6 +1139,49 @@ mod tests {
                 applied = next;
                 before = desired.clone();
             }
+        }
+    }
+
+    proptest! {
+        /// Scoped plans as the agent runs them, with resyncs in between (each retiring every
+        /// previous slot set, as the agent's does once they are older than the grace): every
+        /// backend entry is always named by some service (a member, a live slot or a kept
+        /// previous slot), and right after a resync the backends map holds exactly the
+        /// addresses the desired state uses, one entry each.
+        #[test]
+        fn the_backends_map_holds_only_backends_services_use(
+            steps in proptest::collection::vec((arb_desired(), any::<bool>()), 1..12)
+        ) {
+            let mut applied = Applied::default();
+            let mut model = Model::default();
+            let mut before = DesiredState::default();
+            for (desired, resync_after) in &steps {
+                let changed: BTreeSet<Vip> = desired
+                    .services
+                    .keys()
+                    .chain(before.services.keys())
+                    .filter(|vip| desired.services.get(vip) != before.services.get(vip))
+                    .copied()
+                    .collect();
+                let (ops, patch) =
+                    plan_scoped(desired, &applied, &LIMITS, Scope::Only(&changed)).unwrap();
+                apply_checked(&mut model, &ops).map_err(TestCaseError::fail)?;
+                applied.patch(patch);
+                prop_assert_eq!(&model.0, &applied.entries());
+                let named: BTreeSet<u32> =
+                    applied.services.values().flat_map(named_backends).collect();
+                for id in model.0.backends.keys() {
+                    prop_assert!(named.contains(id), "backend {} named by no service", id);
+                }
+                if *resync_after {
+                    resync(&mut applied, &mut model).map_err(TestCaseError::fail)?;
+                    prop_assert_eq!(held_addrs(&model), used_addrs(desired));
+                    prop_assert_eq!(model.0.backends.len(), used_addrs(desired).len());
+                }
+                before = desired.clone();
+            }
+            resync(&mut applied, &mut model).map_err(TestCaseError::fail)?;
+            prop_assert_eq!(held_addrs(&model), used_addrs(&before));
         }
     }
 
