@@ -168,6 +168,27 @@ fn build_binaries() -> Result<(PathBuf, PathBuf)> {
     Ok((mesh, build::bin(Profile::Release, "loadgen")))
 }
 
+/// The data-path agent: the bench service only, attached to `cgroup`, ready.
+fn dataplane_agent(
+    mesh: &Path,
+    dir: &Path,
+    backends: &[SocketAddr],
+    cgroup: &Cgroup,
+) -> Result<mesh::Agent> {
+    let bpffs = Path::new(system::BPFFS).join(scratch_name("dataplane"));
+    let mut agent = mesh::Agent::start(
+        mesh,
+        dir,
+        "dataplane",
+        &DataPlane::initial_mesh_config(backends),
+        cgroup.path(),
+        &bpffs,
+        local(DATAPLANE_METRICS_PORT),
+    )?;
+    agent.wait_ready(Duration::from_secs(60))?;
+    Ok(agent)
+}
+
 fn start_backend(loadgen: &Path, dir: &Path, id: usize, addr: SocketAddr) -> Result<Proc> {
     let mut command = cmd(loadgen, ["serve", "--id"]);
     command
@@ -277,17 +298,7 @@ pub fn run(quick: bool) -> Result<()> {
     let ((warmups, runs), kernel) = {
         let haproxy = baselines::Haproxy::start(&scratch.0, local(HAPROXY_PORT), &backends)?;
         let cgroup = Cgroup::create(&scratch_name(""))?;
-        let bpffs = Path::new(system::BPFFS).join(scratch_name("dataplane"));
-        let mut agent = mesh::Agent::start(
-            &mesh,
-            &scratch.0,
-            "dataplane",
-            &DataPlane::initial_mesh_config(&backends),
-            cgroup.path(),
-            &bpffs,
-            local(DATAPLANE_METRICS_PORT),
-        )?;
-        agent.wait_ready(Duration::from_secs(60))?;
+        let agent = dataplane_agent(&mesh, &scratch.0, &backends, &cgroup)?;
         let mut dp = DataPlane {
             settings: &settings,
             loadgen: loadgen.clone(),
@@ -480,17 +491,7 @@ pub fn run_kernel_cost(quick: bool) -> Result<()> {
         _servers,
     } = Partial::prepare(quick, &[DATAPLANE_METRICS_PORT])?;
     let cgroup = Cgroup::create(&scratch_name(""))?;
-    let bpffs = Path::new(system::BPFFS).join(scratch_name("dataplane"));
-    let mut agent = mesh::Agent::start(
-        &mesh,
-        &scratch.0,
-        "dataplane",
-        &DataPlane::initial_mesh_config(&backends),
-        cgroup.path(),
-        &bpffs,
-        local(DATAPLANE_METRICS_PORT),
-    )?;
-    agent.wait_ready(Duration::from_secs(60))?;
+    let agent = dataplane_agent(&mesh, &scratch.0, &backends, &cgroup)?;
     println!("\n==> bench: BPF time per connection (kernel accounting)");
     let results = kernel_cost::measure(&kernel_cost::Inputs {
         loadgen: &loadgen,
