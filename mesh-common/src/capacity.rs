@@ -3,7 +3,8 @@
 //! that validation accepts always fits (nothing is found full half-way through writing it).
 
 use crate::{
-    DEFAULT_MAX_AFFINITY, DEFAULT_MAX_UDP_FLOWS, map_names, nodeport::MAX_NODEPORT_DEVICES,
+    DEFAULT_MAX_AFFINITY, DEFAULT_MAX_TCP_PEERS, DEFAULT_MAX_UDP_FLOWS, map_names,
+    nodeport::MAX_NODEPORT_DEVICES,
 };
 
 /// Default `max_service_backends`: (service, backend) pairs, old and new during an update.
@@ -40,7 +41,7 @@ pub struct MapCapacity {
 
 impl Limits {
     /// Every map with a capacity (socket storage has none: it lives with its socket).
-    pub fn table(&self) -> [MapCapacity; 17] {
+    pub fn table(&self) -> [MapCapacity; 18] {
         let sized = |map, max_entries, entry| MapCapacity {
             map,
             max_entries,
@@ -99,6 +100,11 @@ impl Limits {
                 map_names::UDP_FLOWS,
                 DEFAULT_MAX_UDP_FLOWS,
                 "connected UDP socket",
+            ),
+            fixed(
+                map_names::TCP_PEERS,
+                DEFAULT_MAX_TCP_PEERS,
+                "TCP socket connected through a VIP (beyond: socket storage)",
             ),
             fixed(map_names::DATAPATH_STATS, 1, "node-wide counters"),
             fixed(map_names::SETTINGS, 1, "agent settings"),

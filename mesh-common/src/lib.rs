@@ -162,6 +162,11 @@ pub struct Settings {
 
 /// `Settings::flags`: record per-backend bytes and RTT of TCP connections at close.
 pub const SETTINGS_F_TELEMETRY: u32 = 1 << 0;
+/// `Settings::flags`: answer getsockopt(SO_ORIGINAL_DST) on TCP sockets connected through a
+/// VIP. Their translation then lives in socket-local storage (allocated per connect) instead
+/// of the preallocated `tcp_peers` map, which the getsockopt hook cannot read (it has no socket
+/// cookie helper).
+pub const SETTINGS_F_ORIGINAL_DST: u32 = 1 << 1;
 
 /// Value of the per-CPU `service_stats` array (index: service id).
 #[repr(C)]
@@ -253,6 +258,12 @@ pub struct AffinityValue {
 /// Default capacities of the maps whose size does not follow from the registry.
 pub const DEFAULT_MAX_UDP_FLOWS: u32 = 65_536;
 pub const DEFAULT_MAX_AFFINITY: u32 = 65_536;
+/// TCP sockets connected through a VIP whose translation fits the preallocated `tcp_peers`
+/// map at once; beyond that a socket's translation goes to socket-local storage (slower to
+/// create, same behaviour).
+pub const DEFAULT_MAX_TCP_PEERS: u32 = 65_536;
+/// Size of a `tcp_peers` value (its layout is the kernel's: the agent only counts entries).
+pub const TCP_PEER_SIZE: usize = 56;
 
 /// Names of the maps as declared in the eBPF object (the kernel truncates names to 15 bytes).
 pub mod map_names {
@@ -266,6 +277,7 @@ pub mod map_names {
     pub const ACTIVE: &str = "ACTIVE";
     pub const AFFINITY: &str = "AFFINITY";
     pub const UDP_FLOWS: &str = "UDP_FLOWS";
+    pub const TCP_PEERS: &str = "TCP_PEERS";
     pub const DATAPATH_STATS: &str = "DATAPATH_STATS";
     pub const PASSIVE: &str = "PASSIVE";
     pub const SETTINGS: &str = "SETTINGS";

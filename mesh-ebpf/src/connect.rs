@@ -5,9 +5,10 @@ use aya_ebpf::programs::SockAddrContext;
 
 use crate::ALLOW;
 use crate::addr::{read_dest, write_backend};
-use crate::reverse::{as_socket_sees, entry, sock_rev};
+use crate::maps::TcpPeer;
+use crate::reverse::{as_socket_sees, entry, remember_tcp_peer, sock_rev};
 use crate::service::{Verdict, refuse, translate};
-use crate::sockops::telemetry_on;
+use crate::settings::{original_dst_on, telemetry_on};
 use crate::udp;
 
 /// connect(): translate, remember the translation for getpeername/SO_ORIGINAL_DST, and record
@@ -27,6 +28,28 @@ pub fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
             passive,
         } => {
             let dest = write_backend(sa, &backend, family);
+            let peer = entry(
+                &as_socket_sees(&vip, family, sa.family),
+                &as_socket_sees(&dest, family, sa.family),
+            );
+            let observe = u32::from(passive || telemetry_on());
+            let udp = udp::is_udp(sa.protocol);
+            // TCP's common case: a preallocated entry, no allocation on the connect path.
+            if !udp
+                && !original_dst_on()
+                && remember_tcp_peer(
+                    ctx,
+                    &TcpPeer {
+                        peer,
+                        service_id,
+                        backend_id,
+                        observe,
+                        state_cb: 0,
+                    },
+                )
+            {
+                return ALLOW;
+            }
             // Without state the connection still goes to the backend; only its reverse view
             // (and, for UDP, its flow record, which could never be removed) is missing.
             let Some(rev) = sock_rev(ctx) else {
@@ -35,15 +58,12 @@ pub fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
             // SAFETY: storage of this socket, which only this program run writes now (a socket
             // connects under its lock).
             let rev = unsafe { &mut *rev };
-            rev.peer = entry(
-                &as_socket_sees(&vip, family, sa.family),
-                &as_socket_sees(&dest, family, sa.family),
-            );
+            rev.peer = peer;
             rev.has_peer = 1;
             rev.service_id = service_id;
             rev.backend_id = backend_id;
-            rev.observe = u32::from(passive || telemetry_on());
-            if udp::is_udp(sa.protocol) {
+            rev.observe = observe;
+            if udp {
                 udp::record_flow(ctx, rev, service_id, backend_id);
             }
             ALLOW

@@ -5,11 +5,12 @@
 //!   socket talks to the backend directly: no per-packet work at all.
 //! - `sendmsg4/6` do the same per datagram for unconnected UDP; `recvmsg4/6` make replies
 //!   appear to come from the VIP; `getpeername4/6` and getsockopt(SO_ORIGINAL_DST) report the
-//!   VIP. The reverse translation lives in socket-local storage, freed with the socket.
+//!   VIP. The reverse translation of TCP sockets lives in a preallocated map keyed by socket
+//!   cookie (deleted at release), the rest in socket-local storage, freed with the socket.
 //! - Dual-stack sockets (AF_INET6, IPV6_V6ONLY=0) reach IPv4 services through v4-mapped
 //!   addresses (`::ffff:a.b.c.d`): the 6 hooks look those up as the IPv4 service, write the
 //!   backend v4-mapped, and show the VIP v4-mapped.
-//! - `sock_release` forgets connected UDP flows and counts released reverse state.
+//! - `sock_release` forgets TCP translations and connected UDP flows.
 //! - `tcp_outcome` (sock_ops) feeds passive health detection and telemetry.
 //!
 //! Entry points are thin; the logic is in the modules, by concern.
@@ -27,6 +28,7 @@ mod maps;
 mod nodeport;
 mod reverse;
 mod service;
+mod settings;
 mod sockops;
 mod sockopt;
 mod stats;
@@ -40,6 +42,8 @@ use mesh_common::{FAMILY_V4, FAMILY_V6};
 
 /// Verdict of cgroup sock_addr, sock and sockopt programs that lets the syscall go on.
 const ALLOW: i32 = 1;
+/// `bpf_map_update_elem` with BPF_NOEXIST on an existing key.
+const EEXIST: i32 = 17;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -87,7 +91,7 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock(sock_release)]
 pub fn sock_release(ctx: SockContext) -> i32 {
-    udp::release(ctx.sock);
+    reverse::release(ctx.sock);
     ALLOW
 }
 

@@ -8,9 +8,9 @@ use aya_ebpf::{
 };
 use mesh_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, BackendStatsKey, DEFAULT_MAX_AFFINITY,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, DEFAULT_MAX_UDP_FLOWS,
-    DatapathStats, PassiveState, Service, ServiceKey, ServiceName, ServiceStats, Settings, SlotKey,
-    UdpFlow,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, DEFAULT_MAX_TCP_PEERS,
+    DEFAULT_MAX_UDP_FLOWS, DatapathStats, PassiveState, Service, ServiceKey, ServiceName,
+    ServiceStats, Settings, SlotKey, UdpFlow,
     nodeport::{
         DEFAULT_MAX_EXTERNAL_FLOWS, FlowKey, MAX_NODEPORT_DEVICES, NatEntry, NodeportDevice,
         NodeportStats,
@@ -88,9 +88,34 @@ pub static PASSIVE: HashMap<BackendStatsKey, PassiveState, MAX_BACKENDS, NO_PREA
 pub static SETTINGS: Array<Settings, 1> = Array::new();
 
 /// Reverse translation of one socket, in socket-local storage: the kernel frees it with the
-/// socket, so it can neither fill up nor leak nor evict live entries.
+/// socket, so it can neither fill up nor leak nor evict live entries. Used for UDP, and for TCP
+/// when `tcp_peers` is full or SO_ORIGINAL_DST is on: creating it costs an allocation per
+/// socket (about 450 ns of BPF time here, BENCHMARKS.md).
 #[btf_map]
 pub static SOCK_REV: SkStorage<SockRev> = SkStorage::new();
+
+/// Socket cookie -> translation of a TCP socket connected through a VIP. Preallocated (no
+/// BPF_F_NO_PREALLOC), so the insert at connect() allocates nothing. Deleted when the socket
+/// reaches TCP_CLOSE while `sock_ops` follows its states (after the telemetry read at close),
+/// else at its release; so it cannot leak. Written and deleted by the kernel only.
+#[btf_map]
+pub static TCP_PEERS: HashMap<u64, TcpPeer, { DEFAULT_MAX_TCP_PEERS as usize }> = HashMap::new();
+
+/// A TCP socket's translation: what getpeername() shows and whose counters `sock_ops` feeds.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TcpPeer {
+    pub peer: RevEntry,
+    pub service_id: u32,
+    pub backend_id: u32,
+    /// As `SockRev::observe`.
+    pub observe: u32,
+    /// 1 while `sock_ops` state callbacks are on for the socket: its TCP_CLOSE callback, which
+    /// may come after the release (a closing connection), deletes the entry then.
+    pub state_cb: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<TcpPeer>() == mesh_common::TCP_PEER_SIZE);
 
 /// A backend address and the VIP it stands for, both as the socket sees them.
 #[repr(C)]

@@ -1,5 +1,7 @@
-//! Reverse translation: each translated socket keeps, in socket-local storage, which backend
-//! stands for which VIP, so getpeername(), recvmsg() and SO_ORIGINAL_DST show the VIP.
+//! Reverse translation: each translated socket keeps which backend stands for which VIP, so
+//! getpeername(), recvmsg() and SO_ORIGINAL_DST show the VIP. A TCP socket keeps it in the
+//! preallocated, cookie-keyed `TCP_PEERS` (nothing is allocated per connect); UDP sockets, and
+//! TCP ones when that map is full or SO_ORIGINAL_DST is on, in socket-local storage.
 //!
 //! Entries hold addresses in the form the socket itself sees them: an AF_INET6 socket sees an
 //! IPv4 peer v4-mapped, even when the kernel ran a 4 hook for it (sendmsg4 for its datagrams to
@@ -8,12 +10,18 @@
 
 use core::ffi::c_void;
 
-use aya_ebpf::{bindings::bpf_sock, helpers::bpf_sk_storage_get, programs::SockAddrContext};
-use mesh_common::{BackendStatsKey, FAMILY_V4, v4_mapped};
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, bpf_sock},
+    helpers::{bpf_get_socket_cookie, bpf_sk_storage_get},
+    programs::SockAddrContext,
+};
+use mesh_common::{BackendStatsKey, FAMILY_V4, PROTO_TCP, tcp_state, v4_mapped};
 
+use crate::EEXIST;
 use crate::addr::{Dest, read_dest, write_dest};
-use crate::maps::{REV_SENT, RevEntry, SOCK_REV, SockRev};
+use crate::maps::{REV_SENT, RevEntry, SOCK_REV, SockRev, TCP_PEERS, TcpPeer};
 use crate::stats::count;
+use crate::udp;
 
 /// `sockaddr.sa_family` of IPv6 sockets (`bpf_sock_addr.family`, `bpf_sock.family`).
 pub const AF_INET6: u32 = 10;
@@ -76,17 +84,44 @@ pub fn existing_sock_rev(sk: *mut bpf_sock) -> *const SockRev {
     .cast()
 }
 
-/// Whether the connection's states feed passive detection or telemetry.
+/// Remembers a TCP socket's translation in `TCP_PEERS`; false if the map is full (the caller
+/// falls back to socket storage). A socket that connects again (after a failed connect)
+/// overwrites its entry.
 #[inline(always)]
-pub fn observed(sk: *mut bpf_sock) -> bool {
-    let rev = existing_sock_rev(sk);
-    // SAFETY: non-null storage of this socket.
-    !rev.is_null() && unsafe { (*rev).observe } != 0
+pub fn remember_tcp_peer(ctx: &SockAddrContext, peer: &TcpPeer) -> bool {
+    // SAFETY: the helper only reads the valid context's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    match TCP_PEERS.insert(cookie, peer, BPF_NOEXIST.into()) {
+        Ok(()) => {
+            count(|s| s.rev_created += 1);
+            true
+        }
+        Err(e) if e == -EEXIST => TCP_PEERS.insert(cookie, peer, 0).is_ok(),
+        Err(_) => false,
+    }
 }
 
-/// (service, backend) of a socket whose connect the load balancer translated.
+/// What `sock_ops` needs of a socket the load balancer translated: whose counters its outcome
+/// feeds, and whether its states are observed at all.
+pub struct Translation {
+    pub key: BackendStatsKey,
+    pub observe: bool,
+}
+
+/// The translation of the socket with `cookie` (`sk`, checked for null), if the load balancer
+/// translated its connect.
 #[inline(always)]
-pub fn translated_peer(sk: *mut bpf_sock) -> Option<BackendStatsKey> {
+pub fn translation(cookie: u64, sk: *mut bpf_sock) -> Option<Translation> {
+    // SAFETY: a shared reference into the map value, copied at once.
+    if let Some(peer) = unsafe { TCP_PEERS.get(cookie) } {
+        return Some(Translation {
+            key: BackendStatsKey {
+                service_id: peer.service_id,
+                backend_id: peer.backend_id,
+            },
+            observe: peer.observe != 0,
+        });
+    }
     if sk.is_null() {
         return None;
     }
@@ -99,10 +134,60 @@ pub fn translated_peer(sk: *mut bpf_sock) -> Option<BackendStatsKey> {
     if rev.has_peer == 0 {
         return None;
     }
-    Some(BackendStatsKey {
-        service_id: rev.service_id,
-        backend_id: rev.backend_id,
+    Some(Translation {
+        key: BackendStatsKey {
+            service_id: rev.service_id,
+            backend_id: rev.backend_id,
+        },
+        observe: rev.observe != 0,
     })
+}
+
+/// sock_release: forget the socket's translation (and its UDP flow), counting it as released.
+/// A TCP entry whose socket `sock_ops` still follows is left to its TCP_CLOSE callback, which
+/// reads it for the telemetry of the closing connection (the release comes first).
+#[inline(always)]
+pub fn release(sk: *mut bpf_sock) {
+    // SAFETY: the kernel hands a valid socket to sock_release programs.
+    let sock = unsafe { &*sk };
+    if sock.protocol == u32::from(PROTO_TCP) {
+        // SAFETY: the helper only reads the valid socket.
+        let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
+        // A lookup first: most sockets have no entry, and a miss takes no bucket lock.
+        if let Some(peer) = TCP_PEERS.get_ptr(cookie) {
+            // SAFETY: a valid value of the map.
+            let followed = unsafe { (*peer).state_cb } != 0;
+            if !followed || sock.state == tcp_state::CLOSE {
+                forget_tcp_peer(cookie);
+            }
+        }
+    }
+    let rev = existing_sock_rev(sk);
+    if rev.is_null() {
+        return;
+    }
+    count(|s| s.rev_released += 1);
+    // SAFETY: non-null storage of this socket.
+    if unsafe { (*rev).has_flow } != 0 {
+        udp::forget_flow(sk);
+    }
+}
+
+/// Deletes the TCP translation of the socket with `cookie`, counting it as released.
+#[inline(always)]
+pub fn forget_tcp_peer(cookie: u64) {
+    if TCP_PEERS.remove(cookie).is_ok() {
+        count(|s| s.rev_released += 1);
+    }
+}
+
+/// Records whether `sock_ops` state callbacks are on for the socket with `cookie`.
+#[inline(always)]
+pub fn set_state_cb(cookie: u64, on: bool) {
+    if let Some(peer) = TCP_PEERS.get_ptr_mut(cookie) {
+        // SAFETY: a valid value of the map; sock_ops of one socket run under its lock.
+        unsafe { (*peer).state_cb = u32::from(on) };
+    }
 }
 
 /// Remembers a datagram's translation: one entry per backend, overwriting a match, else the
@@ -132,6 +217,23 @@ pub fn remember_sent(rev: &mut SockRev, sent: RevEntry, backend: &Dest) {
 pub fn reverse(ctx: &SockAddrContext, family: u8, datagram: bool) {
     // SAFETY: the kernel hands a valid context.
     let sa = unsafe { &mut *ctx.sock_addr };
+    // A 6 hook sees the address as the (AF_INET6) socket does; stored entries use that form.
+    let seen = read_dest(sa, family);
+    if !datagram && sa.protocol == u32::from(PROTO_TCP) {
+        // SAFETY: the helper only reads the valid context's socket.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+        // SAFETY: a shared reference into the map value, copied at once.
+        if let Some(peer) = unsafe { TCP_PEERS.get(cookie) }
+            && same_addr(&peer.peer, &seen)
+        {
+            let vip = Dest {
+                ip: peer.peer.vip_ip,
+                port: peer.peer.vip_port,
+            };
+            write_dest(sa, &vip, family);
+            return;
+        }
+    }
     // SAFETY: the context's socket is valid for the program run.
     let rev = unsafe { SOCK_REV.get_ptr_mut(ctx) };
     if rev.is_null() {
@@ -139,8 +241,6 @@ pub fn reverse(ctx: &SockAddrContext, family: u8, datagram: bool) {
     }
     // SAFETY: non-null storage of this socket.
     let rev = unsafe { &*rev };
-    // A 6 hook sees the address as the (AF_INET6) socket does; stored entries use that form.
-    let seen = read_dest(sa, family);
     let mut found = None;
     if rev.has_peer != 0 && same_addr(&rev.peer, &seen) {
         found = Some(rev.peer);

@@ -6,19 +6,17 @@ use aya_ebpf::{
         BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
     },
+    helpers::bpf_get_socket_cookie,
     programs::SockOpsContext,
 };
 use aya_log_ebpf::debug;
-use mesh_common::{
-    BackendStatsKey, PassiveState, SETTINGS_F_TELEMETRY, closed_flags, rtt_bucket, tcp_state,
-};
+use mesh_common::{BackendStatsKey, PassiveState, closed_flags, rtt_bucket, tcp_state};
 
-use crate::maps::{BACKEND_STATS, PASSIVE, SETTINGS};
-use crate::reverse::{observed, translated_peer};
+use crate::EEXIST;
+use crate::maps::{BACKEND_STATS, PASSIVE};
+use crate::reverse::{Translation, forget_tcp_peer, set_state_cb, translation};
+use crate::settings::telemetry_on;
 use crate::stats::count;
-
-/// `bpf_map_update_elem` with BPF_NOEXIST on an existing key.
-const EEXIST: i32 = 17;
 
 #[inline(always)]
 pub fn tcp_outcome(ctx: &SockOpsContext) {
@@ -29,21 +27,37 @@ pub fn tcp_outcome(ctx: &SockOpsContext) {
     {
         return;
     }
-    // SAFETY: the kernel hands a valid context; `sk` is checked for null below.
+    // SAFETY: the kernel hands a valid context; `sk` is checked for null where it is read.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    let Some(key) = translated_peer(sk) else {
+    // SAFETY: the helper only reads the valid context's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    let Some(Translation { key, observe }) = translation(cookie, sk) else {
         return;
     };
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         // Ask for state changes of this connection only, and only when someone reads them.
-        if observed(sk) {
-            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        if observe
+            && ctx
+                .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
+                .is_ok()
+        {
+            set_state_cb(cookie, true);
         }
     } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         if let Some(state) = PASSIVE.get_ptr_mut(key) {
             // SAFETY: a valid value of the map; a racing failure count is overwritten, as a
             // success after it would do anyway.
             unsafe { (*state).consecutive_failures = 0 };
+        }
+        // The connect succeeded: without telemetry no later state matters, so the connection
+        // costs no more callbacks.
+        if observe
+            && !telemetry_on()
+            && ctx
+                .set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
+                .is_ok()
+        {
+            set_state_cb(cookie, false);
         }
     } else if ctx.arg(1) == tcp_state::CLOSE {
         if ctx.arg(0) == tcp_state::SYN_SENT {
@@ -64,6 +78,8 @@ pub fn tcp_outcome(ctx: &SockOpsContext) {
                 u64::from(ops.srtt_us >> 3),
             );
         }
+        // The last callback of this socket's connection (a reconnect makes a new entry).
+        forget_tcp_peer(cookie);
     }
 }
 
@@ -116,13 +132,6 @@ fn add_failure(key: &BackendStatsKey) -> bool {
         );
     }
     true
-}
-
-#[inline(always)]
-pub fn telemetry_on() -> bool {
-    SETTINGS
-        .get(0)
-        .is_some_and(|s| s.flags & SETTINGS_F_TELEMETRY != 0)
 }
 
 #[inline(always)]

@@ -9,7 +9,7 @@ use crate::ALLOW;
 use crate::addr::{read_dest, write_backend};
 use crate::maps::SockRev;
 use crate::maps::UDP_FLOWS;
-use crate::reverse::{as_socket_sees, entry, existing_sock_rev, remember_sent, sock_rev};
+use crate::reverse::{as_socket_sees, entry, remember_sent, sock_rev};
 use crate::service::{Verdict, refuse, translate};
 use crate::stats::count;
 
@@ -71,19 +71,11 @@ pub fn record_flow(ctx: &SockAddrContext, rev: &mut SockRev, service_id: u32, ba
     }
 }
 
-/// sock_release: count released reverse state and forget the socket's flow, if it has one.
+/// Forgets the flow of a released connected UDP socket (one whose reverse state says it has
+/// one).
 #[inline(always)]
-pub fn release(sk: *mut bpf_sock) {
-    // The kernel hands a valid socket to sock_release programs.
-    let rev = existing_sock_rev(sk);
-    if rev.is_null() {
-        return;
-    }
-    count(|s| s.rev_released += 1);
-    // SAFETY: non-null storage of this socket.
-    if unsafe { (*rev).has_flow } != 0 {
-        // SAFETY: the helper only reads the valid socket.
-        let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
-        let _ = UDP_FLOWS.remove(cookie);
-    }
+pub fn forget_flow(sk: *mut bpf_sock) {
+    // SAFETY: the helper only reads the valid socket.
+    let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
+    let _ = UDP_FLOWS.remove(cookie);
 }

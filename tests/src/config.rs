@@ -88,6 +88,9 @@ impl ServiceSpec {
     }
 }
 
+/// An `[agent]` table that switches SO_ORIGINAL_DST answers on; goes before the services.
+pub const ORIGINAL_DST_ON: &str = "[agent]\noriginal_dst = true\n\n";
+
 /// The config file text for `services`.
 pub fn render_config(services: &[ServiceSpec]) -> String {
     if services.is_empty() {

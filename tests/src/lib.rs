@@ -47,7 +47,7 @@ pub use backend::{TcpBackend, UdpBackend};
 pub use bpffs::BpffsDir;
 pub use cgroup::CgroupGuard;
 pub use clients::ClientLoop;
-pub use config::{ServiceSpec, render_config};
+pub use config::{ORIGINAL_DST_ON, ServiceSpec, render_config};
 pub use http_backend::{HealthReply, HttpBackend};
 pub use netns::{NetNs, ProbeServer, ServerKind};
 pub use probe::{

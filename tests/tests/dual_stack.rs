@@ -19,8 +19,8 @@ use integration_tests::probe::{assert_no_errors, expect_counts};
 use integration_tests::probe::{move_into_cgroup_at_spawn, run_probe_in_for};
 use integration_tests::process::{Captured, run_bounded};
 use integration_tests::{
-    HttpBackend, ProbeResult, ServiceSpec, TcpBackend, TestEnv, UdpBackend, assert_split,
-    probe_summary_in, render_config, service_status, workspace_root,
+    HttpBackend, ORIGINAL_DST_ON, ProbeResult, ServiceSpec, TcpBackend, TestEnv, UdpBackend,
+    assert_split, probe_summary_in, render_config, service_status, workspace_root,
 };
 
 /// Time bound of one client run (a JVM start included).
@@ -275,7 +275,10 @@ fn dual_stack_tcp_getpeername_and_original_dst_report_the_mapped_vip() {
     let vip = "127.100.70.4:80";
     let env = TestEnv::start(
         "dspeer",
-        &render_config(&[ServiceSpec::tcp("ds-peer", vip).backends([a.addr(), b.addr()])]),
+        &format!(
+            "{ORIGINAL_DST_ON}{}",
+            render_config(&[ServiceSpec::tcp("ds-peer", vip).backends([a.addr(), b.addr()])])
+        ),
     );
     let vip6 = mapped(vip);
     let mut replies = BTreeMap::new();

@@ -47,8 +47,8 @@ use integration_tests::probe::move_into_cgroup_at_spawn;
 use integration_tests::probe::{assert_no_errors, expect_counts};
 use integration_tests::process::{Captured, RunError, run_bounded};
 use integration_tests::{
-    CgroupGuard, NetNs, ProbeResult, ProbeServer, ProbeSummary, ServerKind, ServiceSpec, TestEnv,
-    probe_bin, render_config, service_status, wait_for_backends, wait_until,
+    CgroupGuard, NetNs, ORIGINAL_DST_ON, ProbeResult, ProbeServer, ProbeSummary, ServerKind,
+    ServiceSpec, TestEnv, probe_bin, render_config, service_status, wait_for_backends, wait_until,
 };
 
 /// Time bound of one probe run.
@@ -217,10 +217,13 @@ fn pod_clients_are_balanced_round_robin_over_tcp_and_udp() {
     let dns = node.backends(ServerKind::Udp, "dns", 5353);
     let env = TestEnv::start(
         "pods-rr",
-        &render_config(&[
-            ServiceSpec::tcp("pod-web", tcp_vip).backends(web.iter().map(ProbeServer::addr)),
-            ServiceSpec::udp("pod-dns", udp_vip).backends(dns.iter().map(ProbeServer::addr)),
-        ]),
+        &format!(
+            "{ORIGINAL_DST_ON}{}",
+            render_config(&[
+                ServiceSpec::tcp("pod-web", tcp_vip).backends(web.iter().map(ProbeServer::addr)),
+                ServiceSpec::udp("pod-dns", udp_vip).backends(dns.iter().map(ProbeServer::addr)),
+            ])
+        ),
     );
     let pods = [
         Pod::new(&node, &env, "pod-a", 1),

@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 
 use integration_tests::agent::is_warn_or_error;
 use integration_tests::maps::{datapath_counters, map_len};
-use integration_tests::probe::{ProbeLine, probe_udp_in, run_probe_in_for};
+use integration_tests::probe::{ProbeLine, probe_connect_in, probe_udp_in, run_probe_in_for};
 use integration_tests::probe::{assert_no_errors, expect_counts};
 use integration_tests::{
-    NetNs, ProbeServer, ProbeSummary, ServerKind, ServiceSpec, TcpBackend, TestEnv, UdpBackend,
-    probe_summary_in, render_config, service_status, services, spawn_probe_in, wait_for_backends,
-    wait_until,
+    NetNs, ORIGINAL_DST_ON, ProbeServer, ProbeSummary, ServerKind, ServiceSpec, TcpBackend,
+    TestEnv, UdpBackend, probe_summary_in, render_config, service_status, services, spawn_probe_in,
+    wait_for_backends, wait_until,
 };
 
 /// How long we poll for an applied config before giving up.
@@ -319,12 +319,15 @@ fn connected_udp_and_tcp_getpeername_and_original_dst_report_the_vip() {
     );
     let env = TestEnv::start(
         "peer",
-        &render_config(&[
-            tcp_service("peer-tcp", tcp_vip, &[&a, &b]),
-            udp_service("peer-udp", udp_vip, &[&u]),
-            ServiceSpec::tcp("peer-tcp6", tcp6_vip).backend(t6.addr(), 1),
-            ServiceSpec::udp("peer-udp6", udp6_vip).backend(u6.addr(), 1),
-        ]),
+        &format!(
+            "{ORIGINAL_DST_ON}{}",
+            render_config(&[
+                tcp_service("peer-tcp", tcp_vip, &[&a, &b]),
+                udp_service("peer-udp", udp_vip, &[&u]),
+                ServiceSpec::tcp("peer-tcp6", tcp6_vip).backend(t6.addr(), 1),
+                ServiceSpec::udp("peer-udp6", udp6_vip).backend(u6.addr(), 1),
+            ])
+        ),
     );
 
     // TCP over IPv4, four times so both backends are behind it at least once.
@@ -386,6 +389,104 @@ fn connected_udp_and_tcp_getpeername_and_original_dst_report_the_vip() {
         "getpeername() of a UDP6 socket"
     );
     assert_eq!(report.reply, format!("peer-u6 from {}", sock(udp6_vip)));
+}
+
+/// By default a TCP socket's translation lives in the preallocated `tcp_peers` map, not in
+/// socket storage: getpeername() shows the VIP, SO_ORIGINAL_DST is left to the kernel (which
+/// has no DNAT record of the VIP), and the entry exists exactly while the socket is open.
+#[test]
+fn tcp_translations_live_in_tcp_peers_while_their_socket_is_open() {
+    tcp_peers_follow_their_sockets("tcppeers", "127.100.13.2", "");
+}
+
+/// With telemetry off `sock_ops` stops following a connection once it is established, so its
+/// entry goes at release instead of at TCP_CLOSE: nothing may stay behind either way.
+#[test]
+fn tcp_translations_are_released_with_telemetry_off() {
+    tcp_peers_follow_their_sockets(
+        "tcppeers-nt",
+        "127.100.13.3",
+        "[agent]\ntelemetry = false\n\n",
+    );
+}
+
+fn tcp_peers_follow_their_sockets(tag: &str, vip_ip: &str, agent_table: &str) {
+    let a = TcpBackend::start(&format!("{tag}-a"));
+    let vip = format!("{vip_ip}:80");
+    let vip = vip.as_str();
+    // A backend nobody listens on, no active checks, passive detection on (so the connect is
+    // followed) but far from ejecting: every connect to it fails in SYN_SENT.
+    let dead = TcpBackend::start(&format!("{tag}-dead"));
+    let dead_addr = dead.addr();
+    drop(dead);
+    let refused_vip = format!("{vip_ip}:81");
+    let env = TestEnv::start(
+        tag,
+        &format!(
+            "{agent_table}{}",
+            render_config(&[
+                tcp_service("tp", vip, &[&a]),
+                ServiceSpec::tcp("tp-refused", &refused_vip)
+                    .set("health", "{ type = \"none\", passive_failures = 1000 }")
+                    .backend(dead_addr, 1),
+            ])
+        ),
+    );
+    let before = datapath_counters(&env.bpffs);
+
+    let out = run_probe_in_for(&env.cgroup, peer_args(vip, "tcp"), PROBE_LIMIT);
+    let report = parse_peer(&out.stdout);
+    eprintln!("tcp4: {report:?}");
+    assert_eq!(report.peer, vip, "getpeername() of a TCP socket");
+    assert_eq!(
+        report.reply,
+        format!("{tag}-a"),
+        "the connection really goes to the backend"
+    );
+    assert_ne!(
+        report.original_dst, vip,
+        "SO_ORIGINAL_DST is answered only with `original_dst = true`"
+    );
+
+    let holder = spawn_probe_in(
+        &env.cgroup,
+        ["peer", "--addr", vip, "--proto", "tcp", "--hold-ms", "3000"],
+    );
+    let mut open = 0;
+    let recorded = wait_until(Duration::from_secs(2), || {
+        open = map_len(&env.bpffs, "tcp_peers");
+        open == 1
+    });
+    let out = holder.wait(Duration::from_secs(10));
+    assert!(
+        recorded,
+        "an open TCP socket connected through the VIP must be in tcp_peers ({open} entries); \
+         probe said:\n{}",
+        out.stdout
+    );
+    assert_eq!(parse_peer(&out.stdout).peer, vip);
+
+    let refused = probe_connect_in(&env.cgroup, &refused_vip, 3);
+    assert_eq!(
+        refused.error_counts(),
+        BTreeMap::from([("ECONNREFUSED".to_owned(), 3)]),
+        "connects to the dead backend are refused by it"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || map_len(&env.bpffs, "tcp_peers")
+            == 0),
+        "tcp_peers must forget every socket once it is closed"
+    );
+    let after = datapath_counters(&env.bpffs);
+    assert_eq!(
+        (
+            after.rev_created - before.rev_created,
+            after.rev_released - before.rev_released,
+            after.rev_failed - before.rev_failed,
+        ),
+        (5, 5, 0),
+        "five TCP sockets: translations created and released, none failed"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

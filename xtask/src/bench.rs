@@ -133,6 +133,7 @@ const VICTIM_PORT: u16 = 21904;
 const HAPROXY_PORT: u16 = 21900;
 const DATAPLANE_METRICS_PORT: u16 = 21910;
 const CONTROL_METRICS_PORT: u16 = 21911;
+const ORIGINAL_DST_METRICS_PORT: u16 = 21912;
 
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -168,25 +169,47 @@ fn build_binaries() -> Result<(PathBuf, PathBuf)> {
     Ok((mesh, build::bin(Profile::Release, "loadgen")))
 }
 
-/// The data-path agent: the bench service only, attached to `cgroup`, ready.
+/// Which data-path agent: the bench's default one, or one with `[agent] original_dst = true`
+/// (TCP translations in socket storage), for the kernel-cost case that measures that.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AgentKind {
+    Default,
+    OriginalDst,
+}
+
+/// A data-path agent: the bench service only, attached to `cgroup`, ready.
 fn dataplane_agent(
     mesh: &Path,
     dir: &Path,
     backends: &[SocketAddr],
     cgroup: &Cgroup,
+    kind: AgentKind,
 ) -> Result<mesh::Agent> {
-    let bpffs = Path::new(system::BPFFS).join(scratch_name("dataplane"));
-    let mut agent = mesh::Agent::start(
-        mesh,
-        dir,
-        "dataplane",
-        &DataPlane::initial_mesh_config(backends),
-        cgroup.path(),
-        &bpffs,
-        local(DATAPLANE_METRICS_PORT),
-    )?;
+    let (name, agent_table, port) = match kind {
+        AgentKind::Default => ("dataplane", "", DATAPLANE_METRICS_PORT),
+        AgentKind::OriginalDst => (
+            "dataplane-odst",
+            "[agent]\noriginal_dst = true\n\n",
+            ORIGINAL_DST_METRICS_PORT,
+        ),
+    };
+    let bpffs = Path::new(system::BPFFS).join(scratch_name(name));
+    let config = format!("{agent_table}{}", DataPlane::initial_mesh_config(backends));
+    let mut agent =
+        mesh::Agent::start(mesh, dir, name, &config, cgroup.path(), &bpffs, local(port))?;
     agent.wait_ready(Duration::from_secs(60))?;
     Ok(agent)
+}
+
+/// The second agent of the kernel-cost cases (`original_dst = true`) in a cgroup of its own.
+fn original_dst_agent(
+    mesh: &Path,
+    dir: &Path,
+    backends: &[SocketAddr],
+) -> Result<(Cgroup, mesh::Agent)> {
+    let cgroup = Cgroup::create(&scratch_name("odst"))?;
+    let agent = dataplane_agent(mesh, dir, backends, &cgroup, AgentKind::OriginalDst)?;
+    Ok((cgroup, agent))
 }
 
 fn start_backend(loadgen: &Path, dir: &Path, id: usize, addr: SocketAddr) -> Result<Proc> {
@@ -283,6 +306,7 @@ pub fn run(quick: bool) -> Result<()> {
         HAPROXY_PORT,
         DATAPLANE_METRICS_PORT,
         CONTROL_METRICS_PORT,
+        ORIGINAL_DST_METRICS_PORT,
     ]) {
         system::require_free(local(*port))?;
     }
@@ -298,7 +322,7 @@ pub fn run(quick: bool) -> Result<()> {
     let ((warmups, runs), kernel) = {
         let haproxy = baselines::Haproxy::start(&scratch.0, local(HAPROXY_PORT), &backends)?;
         let cgroup = Cgroup::create(&scratch_name(""))?;
-        let agent = dataplane_agent(&mesh, &scratch.0, &backends, &cgroup)?;
+        let agent = dataplane_agent(&mesh, &scratch.0, &backends, &cgroup, AgentKind::Default)?;
         let mut dp = DataPlane {
             settings: &settings,
             loadgen: loadgen.clone(),
@@ -314,14 +338,19 @@ pub fn run(quick: bool) -> Result<()> {
         warnings.append(&mut dp.warnings);
         let kernel = result.is_ok().then(|| {
             println!("\n==> bench: BPF time per connection (kernel accounting)");
-            kernel_cost::measure(&kernel_cost::Inputs {
+            let (odst_cgroup, odst_agent) = original_dst_agent(&mesh, &scratch.0, &backends)?;
+            let kernel = kernel_cost::measure(&kernel_cost::Inputs {
                 loadgen: &loadgen,
                 mesh_cgroup: cgroup.path(),
+                original_dst_cgroup: odst_cgroup.path(),
                 mesh_vip: SocketAddr::V4(dataplane::MESH_VIP),
                 backends: &backends,
                 rounds: settings.kernel_rounds,
                 connects: settings.kernel_connects,
-            })
+            });
+            drop(odst_agent);
+            drop(odst_cgroup);
+            kernel
         });
         drop(dp);
         drop(cgroup);
@@ -489,18 +518,22 @@ pub fn run_kernel_cost(quick: bool) -> Result<()> {
         scratch,
         backends,
         _servers,
-    } = Partial::prepare(quick, &[DATAPLANE_METRICS_PORT])?;
+    } = Partial::prepare(quick, &[DATAPLANE_METRICS_PORT, ORIGINAL_DST_METRICS_PORT])?;
     let cgroup = Cgroup::create(&scratch_name(""))?;
-    let agent = dataplane_agent(&mesh, &scratch.0, &backends, &cgroup)?;
+    let agent = dataplane_agent(&mesh, &scratch.0, &backends, &cgroup, AgentKind::Default)?;
+    let (odst_cgroup, odst_agent) = original_dst_agent(&mesh, &scratch.0, &backends)?;
     println!("\n==> bench: BPF time per connection (kernel accounting)");
     let results = kernel_cost::measure(&kernel_cost::Inputs {
         loadgen: &loadgen,
         mesh_cgroup: cgroup.path(),
+        original_dst_cgroup: odst_cgroup.path(),
         mesh_vip: SocketAddr::V4(dataplane::MESH_VIP),
         backends: &backends,
         rounds: settings.kernel_rounds,
         connects: settings.kernel_connects,
     })?;
+    drop(odst_agent);
+    drop(odst_cgroup);
     drop(agent);
     drop(cgroup);
     let markdown = kernel_cost::markdown(&results);

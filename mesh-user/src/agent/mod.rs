@@ -10,7 +10,7 @@ pub mod control;
 use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use mesh_common::SETTINGS_F_TELEMETRY;
+use mesh_common::{SETTINGS_F_ORIGINAL_DST, SETTINGS_F_TELEMETRY};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
@@ -181,17 +181,20 @@ fn start_datapath(config: &Config) -> anyhow::Result<Started> {
             .collect();
         info!(devices = ?names, "TC programs attached for traffic from other hosts");
     }
-    let flags = if agent.telemetry {
-        SETTINGS_F_TELEMETRY
-    } else {
-        0
-    };
+    let mut flags = 0;
+    if agent.telemetry {
+        flags |= SETTINGS_F_TELEMETRY;
+    }
+    if agent.original_dst {
+        flags |= SETTINGS_F_ORIGINAL_DST;
+    }
     let maps = datapath.take_maps().context("maps already taken")?;
     let executor = Executor::adopt(maps, capacities, flags).context("adopting the maps")?;
     info!(
         bpffs = %agent.bpffs.display(),
         cgroup = %cgroup.display(),
         telemetry = agent.telemetry,
+        original_dst = agent.original_dst,
         "programs attached"
     );
     Ok(Started {

@@ -77,6 +77,10 @@ pub struct AgentConfig {
     /// Count per-backend bytes and TCP round-trip times in the kernel (a few map updates per
     /// closed connection; see BENCHMARKS.md for its cost).
     pub telemetry: bool,
+    /// Answer getsockopt(SO_ORIGINAL_DST) on TCP sockets connected through a VIP, as netfilter
+    /// DNAT does. Off by default: it keeps each such socket's translation in socket storage,
+    /// allocated per connect (see BENCHMARKS.md), instead of the preallocated `tcp_peers` map.
+    pub original_dst: bool,
     /// Which log records of the kernel programs reach the agent's log (they are written only
     /// on rare events: a connect without backend, a failed connect, a full map).
     pub kernel_log: KernelLog,
@@ -133,6 +137,7 @@ impl Default for AgentConfig {
             limits: Limits::default(),
             nodeport: NodeportConfig::default(),
             telemetry: true,
+            original_dst: false,
             kernel_log: KernelLog::default(),
             resync: Duration::from_secs(30),
             vip_ranges: Vec::new(),

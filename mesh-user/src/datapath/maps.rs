@@ -12,8 +12,8 @@ use aya::{
 };
 use mesh_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, BackendStatsKey, DatapathStats,
-    PassiveState, Service, ServiceKey, ServiceName, ServiceStats, Settings, SlotKey, UdpFlow,
-    map_names,
+    PassiveState, Service, ServiceKey, ServiceName, ServiceStats, Settings, SlotKey, TCP_PEER_SIZE,
+    UdpFlow, map_names,
 };
 
 use super::{
@@ -42,6 +42,8 @@ pub struct Maps {
     service_names: HashMap<MapData, u32, ServiceName>,
     active: HashMap<MapData, BackendStatsKey, u32>,
     udp_flows: HashMap<MapData, u64, UdpFlow>,
+    /// Only counted here (the kernel writes and deletes it): the value's layout is the kernel's.
+    tcp_peers: HashMap<MapData, u64, [u8; TCP_PEER_SIZE]>,
     datapath_stats: PerCpuArray<MapData, DatapathStats>,
     passive: HashMap<MapData, BackendStatsKey, PassiveState>,
     settings: Array<MapData, Settings>,
@@ -133,6 +135,7 @@ impl Maps {
             service_names: HashMap::try_from(map(map_names::SERVICE_NAMES)?)?,
             active: HashMap::try_from(map(map_names::ACTIVE)?)?,
             udp_flows: HashMap::try_from(map(map_names::UDP_FLOWS)?)?,
+            tcp_peers: HashMap::try_from(map(map_names::TCP_PEERS)?)?,
             datapath_stats: PerCpuArray::try_from(map(map_names::DATAPATH_STATS)?)?,
             passive: HashMap::try_from(map(map_names::PASSIVE)?)?,
             settings: Array::try_from(map(map_names::SETTINGS)?)?,
@@ -161,8 +164,11 @@ impl Maps {
     }
 
     /// Entries of the maps the snapshot does not hold.
-    pub fn extra_entry_counts(&self) -> [(&'static str, usize); 1] {
-        [("udp_flows", self.udp_flows.keys().count())]
+    pub fn extra_entry_counts(&self) -> [(&'static str, usize); 2] {
+        [
+            ("udp_flows", self.udp_flows.keys().count()),
+            ("tcp_peers", self.tcp_peers.keys().count()),
+        ]
     }
 
     pub fn settings(&self) -> anyhow::Result<Settings> {

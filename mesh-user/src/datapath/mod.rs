@@ -71,6 +71,7 @@ const MAPS: &[&str] = &[
     map_names::ACTIVE,
     map_names::AFFINITY,
     map_names::UDP_FLOWS,
+    map_names::TCP_PEERS,
     map_names::DATAPATH_STATS,
     map_names::PASSIVE,
     map_names::SETTINGS,

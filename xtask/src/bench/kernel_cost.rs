@@ -9,6 +9,8 @@
 //!   connect4 rewrite, sock_ops callbacks, sock_release, ...);
 //! - `mesh non-VIP`: mesh's cgroup, to a backend's own address (what every other connection on
 //!   a node pays for mesh being attached);
+//! - `mesh VIP, original_dst`: a second agent with `[agent] original_dst = true`, whose TCP
+//!   translations go to socket storage (allocated per connect) instead of `tcp_peers`;
 //! - `minimal VIP` / `minimal non-VIP`: a cgroup with only `mesh-bench-connect4` attached
 //!   (mesh-ebpf/src/bin/bench-connect4.rs: VIP hash lookup + round-robin rewrite, nothing else).
 
@@ -157,7 +159,13 @@ fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
-pub const CASES: [&str; 4] = ["mesh VIP", "minimal VIP", "mesh non-VIP", "minimal non-VIP"];
+pub const CASES: [&str; 5] = [
+    "mesh VIP",
+    "minimal VIP",
+    "mesh non-VIP",
+    "minimal non-VIP",
+    "mesh VIP, original_dst",
+];
 
 /// The minimal connect4 baseline: loaded and pinned with bpftool, attached to a cgroup of its
 /// own; drop detaches it and removes its pins.
@@ -335,6 +343,8 @@ struct Case {
 pub struct Inputs<'a> {
     pub loadgen: &'a Path,
     pub mesh_cgroup: &'a Path,
+    /// The cgroup of the agent with `original_dst = true` (same service, same VIP).
+    pub original_dst_cgroup: &'a Path,
     pub mesh_vip: SocketAddr,
     pub backends: &'a [SocketAddr],
     pub rounds: usize,
@@ -369,6 +379,12 @@ pub fn measure(inputs: &Inputs) -> Result<KernelCostResults> {
             cgroup: minimal.cgroup().to_path_buf(),
             target: inputs.backends[0],
             balanced: false,
+        },
+        Case {
+            name: CASES[4],
+            cgroup: inputs.original_dst_cgroup.to_path_buf(),
+            target: inputs.mesh_vip,
+            balanced: true,
         },
     ];
     let _stats = StatsOn::enable()?;
@@ -481,6 +497,7 @@ pub fn markdown(results: &KernelCostResults) -> String {
         (CASES[1], CASES[1]),
         (CASES[2], CASES[3]),
         (CASES[3], CASES[3]),
+        (CASES[4], CASES[1]),
     ] {
         let (Some(ns), Some(base)) = (results.median_ns(case), results.median_ns(baseline)) else {
             continue;
@@ -490,7 +507,10 @@ pub fn markdown(results: &KernelCostResults) -> String {
     md.push_str("\n| case | program (attach type) | runs per connection | ns per run | ns per connection |\n| --- | --- | ---: | ---: | ---: |\n");
     for case in CASES {
         for attach_type in results.attach_types(case) {
-            if let Some((ns, runs, per_run)) = results.median_program_ns(case, &attach_type) {
+            // Programs that never ran for this case (UDP, getpeername, ...) are left out.
+            if let Some((ns, runs, per_run)) = results.median_program_ns(case, &attach_type)
+                && runs > 0.0
+            {
                 md.push_str(&format!(
                     "| {case} | {attach_type} | {runs:.2} | {per_run:.0} | {ns:.0} |\n"
                 ));
