@@ -1062,8 +1062,10 @@ fn soak(seconds: u64, seed: u64) -> bool {
             }
             Action::KubeOutage => {
                 if kube.is_running() {
-                    kube.stop();
+                    // Taken first: the agent's watchers fail (and log it) the moment the
+                    // connections drop, before `stop` returns.
                     kube_down_since = Some(SystemTime::now());
+                    kube.stop();
                 } else {
                     kube.restart().expect("restart the Kubernetes API server");
                     kube_outages.extend(kube_down_since.take().map(|t| (t, SystemTime::now())));
