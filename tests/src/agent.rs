@@ -26,6 +26,8 @@ pub const RUST_LOG: &str = "info,mesh=debug";
 /// directory for inspection.
 pub struct Agent {
     child: Child,
+    /// The `mesh` binary [`Agent::restart`] runs (see [`Agent::set_binary`]).
+    bin: PathBuf,
     exit_status: Option<ExitStatus>,
     args: Vec<OsString>,
     env: Vec<EnvChange>,
@@ -127,9 +129,11 @@ impl Agent {
             .map(|(name, value)| ((*name).to_owned(), value.map(str::to_owned)))
             .collect();
 
-        let child = spawn(&args, &env, &log_path, netns.as_deref());
+        let bin = crate::mesh_bin();
+        let child = spawn(&bin, &args, &env, &log_path, netns.as_deref());
         Agent {
             child,
+            bin,
             exit_status: None,
             args,
             env,
@@ -337,9 +341,26 @@ impl Agent {
     /// same arguments, config file, metrics address and log file, and waits for `/readyz`.
     pub fn restart(&mut self) {
         self.stop_or_kill();
-        self.child = spawn(&self.args, &self.env, &self.log_path, self.netns.as_deref());
+        self.child = spawn(
+            &self.bin,
+            &self.args,
+            &self.env,
+            &self.log_path,
+            self.netns.as_deref(),
+        );
         self.exit_status = None;
         self.wait_ready(READY_TIMEOUT);
+    }
+
+    /// The `mesh` binary the next [`Agent::restart`] runs, as an in-place upgrade installs a new
+    /// file and starts it on the same pins.
+    pub fn set_binary(&mut self, bin: impl Into<PathBuf>) {
+        self.bin = bin.into();
+    }
+
+    /// The `mesh` binary the agent runs (or, after [`Agent::set_binary`], the next restart).
+    pub fn binary(&self) -> &Path {
+        &self.bin
     }
 
     fn stop_or_kill(&mut self) {
@@ -386,14 +407,20 @@ impl std::fmt::Debug for Agent {
 /// An environment change for the agent: set (`Some`) or remove (`None`) a variable.
 type EnvChange = (String, Option<String>);
 
-fn spawn(args: &[OsString], env: &[EnvChange], log_path: &Path, netns: Option<&Path>) -> Child {
+fn spawn(
+    bin: &Path,
+    args: &[OsString],
+    env: &[EnvChange],
+    log_path: &Path,
+    netns: Option<&Path>,
+) -> Child {
     let log = File::options()
         .create(true)
         .append(true)
         .open(log_path)
         .unwrap_or_else(|e| panic!("cannot open {}: {e}", log_path.display()));
     let log_err = log.try_clone().expect("clone log file handle");
-    let mut cmd = Command::new(crate::mesh_bin());
+    let mut cmd = Command::new(bin);
     cmd.args(args)
         .env("RUST_LOG", RUST_LOG)
         .env("NO_COLOR", "1")
@@ -427,13 +454,8 @@ fn spawn(args: &[OsString], env: &[EnvChange], log_path: &Path, netns: Option<&P
             Ok(())
         });
     }
-    cmd.spawn().unwrap_or_else(|e| {
-        panic!(
-            "cannot start {} {:?}: {e}",
-            crate::mesh_bin().display(),
-            args
-        )
-    })
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("cannot start {} {:?}: {e}", bin.display(), args))
 }
 
 /// A loopback address with a port that was free a moment ago.

@@ -7,8 +7,8 @@ use std::fmt::Display;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::CgroupGuard;
-use crate::probe::{ProbeSummary, RunningProbe, spawn_probe_in};
+use crate::probe::{ProbeSummary, RunningProbe, spawn_probe_command, spawn_probe_in};
+use crate::{CgroupGuard, NetNs};
 
 /// How long a stopped client gets to finish its attempt in flight and print its summary.
 const STOP_GRACE: Duration = Duration::from_secs(30);
@@ -34,6 +34,32 @@ impl ClientLoop {
     /// Starts `clients` processes of `mesh-probe <mode> --addr <addr> --stop-file <f>
     /// --max-ms <max> <extra...>` inside `cgroup` (`mode` is `connect-until` or `http-until`).
     pub fn start(
+        cgroup: &CgroupGuard,
+        mode: &str,
+        addr: impl Display,
+        clients: usize,
+        max: Duration,
+        extra: &[&str],
+    ) -> ClientLoop {
+        ClientLoop::start_with(None, cgroup, mode, addr, clients, max, extra)
+    }
+
+    /// [`ClientLoop::start`] with the clients inside the network namespace `netns` (and inside
+    /// `cgroup`, which the agent's programs must cover).
+    pub fn start_in_netns(
+        netns: &NetNs,
+        cgroup: &CgroupGuard,
+        mode: &str,
+        addr: impl Display,
+        clients: usize,
+        max: Duration,
+        extra: &[&str],
+    ) -> ClientLoop {
+        ClientLoop::start_with(Some(netns), cgroup, mode, addr, clients, max, extra)
+    }
+
+    fn start_with(
+        netns: Option<&NetNs>,
         cgroup: &CgroupGuard,
         mode: &str,
         addr: impl Display,
@@ -67,7 +93,14 @@ impl ClientLoop {
                     max_ms.clone(),
                 ];
                 args.extend(extra.iter().map(|s| (*s).to_owned()));
-                spawn_probe_in(cgroup, args)
+                match netns {
+                    None => spawn_probe_in(cgroup, args),
+                    Some(ns) => {
+                        let mut cmd = ns.command(crate::probe_bin());
+                        cmd.args(args);
+                        spawn_probe_command(cmd, cgroup)
+                    }
+                }
             })
             .collect();
         ClientLoop {

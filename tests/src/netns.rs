@@ -232,6 +232,18 @@ impl ProbeServer {
     /// Starts a backend on `addr` named `name` inside `netns` (or in the host namespace), and
     /// waits (10 s) until it listens. Host-namespace backends must use 127.0.0.0/8.
     pub fn start(netns: Option<&NetNs>, kind: ServerKind, name: &str, addr: SocketAddr) -> Self {
+        ProbeServer::start_for(netns, kind, name, addr, SERVER_MAX)
+    }
+
+    /// [`ProbeServer::start`] with a time bound other than [`SERVER_MAX`] (for runs longer
+    /// than it).
+    pub fn start_for(
+        netns: Option<&NetNs>,
+        kind: ServerKind,
+        name: &str,
+        addr: SocketAddr,
+        max: Duration,
+    ) -> Self {
         assert!(
             netns.is_some() || addr.ip().is_loopback(),
             "backends in the host namespace listen only on loopback, not {addr}"
@@ -249,7 +261,7 @@ impl ProbeServer {
             None => Command::new(crate::probe_bin()),
         };
         cmd.args([mode, "--addr", &addr.to_string(), "--name", name])
-            .args(["--max-ms", &SERVER_MAX.as_millis().to_string()])
+            .args(["--max-ms", &max.as_millis().to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -465,8 +465,14 @@ where
     S: AsRef<OsStr>,
 {
     let mut cmd = Command::new(crate::probe_bin());
-    cmd.args(args)
-        .stdin(std::process::Stdio::null())
+    cmd.args(args);
+    spawn_probe_command(cmd, cgroup)
+}
+
+/// [`spawn_probe_in`] for a prepared probe command (`cmd` may wrap the probe, e.g.
+/// `ip netns exec NS mesh-probe ...`): the child moves into `cgroup` before exec.
+pub fn spawn_probe_command(mut cmd: Command, cgroup: &CgroupGuard) -> RunningProbe {
+    cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     move_into_cgroup_at_spawn(&mut cmd, cgroup);

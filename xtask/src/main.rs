@@ -87,9 +87,11 @@ enum Command {
     },
     /// Remove leftovers of interrupted test runs (mesh-test-* bpffs dirs and cgroups).
     Cleanup,
-    /// Setup, build, then a chaos run under load: clients through TCP and UDP VIPs while
-    /// backends are killed, the registry churns (admin API, config file) and the agent is
-    /// SIGKILLed / SIGTERMed and restarted; fails on any violation of its checks.
+    /// Setup, build, then a chaos run under load: clients (some in a network namespace) through
+    /// TCP and UDP VIPs while backends are killed, the registry churns through every source
+    /// (admin API, config file, Redis, Kubernetes), Redis and the Kubernetes API server stop and
+    /// start, and the agent is SIGKILLed / SIGTERMed / upgraded in place; fails on any violation
+    /// of its checks (`cargo xtask test` runs it for 60 s).
     Soak {
         /// How long to run.
         #[arg(long, default_value_t = 60)]

@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::build::{self, Profile};
 use crate::util::{Run as _, TestTotals, cargo};
-use crate::{cleanup, fuzz, image, manifests, services, setup, signal};
+use crate::{cleanup, fuzz, image, manifests, services, setup, signal, soak};
 
 /// The port of the Redis the end-to-end tests share; `MESH_TEST_REDIS_PORT` overrides it (for
 /// a machine where another run already uses it).
@@ -142,7 +142,10 @@ fn run_steps(steps: &mut Steps, skip_lint: bool, extra: &[String]) -> Result<()>
         integration_tests(extra, redis_port, image.as_deref(), &mut totals)
     });
     steps.totals = totals;
-    e2e
+    e2e?;
+    // The chaos run under load (tests/src/bin/mesh-soak.rs), with a new seed each time (it
+    // prints how to rerun it).
+    steps.run("soak", || soak::run_built(soak::TEST_SECONDS, None))
 }
 
 /// The image for the container test (tests/tests/deploy.rs), built when podman is installed;
