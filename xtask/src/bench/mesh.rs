@@ -185,6 +185,12 @@ impl Agent {
             .arg(&self.bpffs)
             .arg("--metrics")
             .arg(self.metrics.to_string())
+            // Each bench agent has its own admin socket and state, never the machine's
+            // /run/mesh and /var/lib/mesh (two agents run side by side in --kernel-cost).
+            .arg("--admin-socket")
+            .arg(self.config.with_extension("sock"))
+            .arg("--state-dir")
+            .arg(self.config.with_extension("state"))
             .env("NO_COLOR", "1")
             .env("RUST_BACKTRACE", "0")
             .env("RUST_LOG", "info");
