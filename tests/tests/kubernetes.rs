@@ -607,4 +607,24 @@ fn works_after_restarting_the_agent_and_keeps_serving_through_an_api_server_outa
     let took = node.wait_for("default/steady:http", &addrs(&[&a, &b]));
     println!("relisted and applied {took:?} after the API server came back");
     assert_split(&node.connect("127.96.0.80:80", 20), &[(&a, 10), (&b, 10)]);
+
+    // An outage during which nothing changes: the source shows down, and up again once the
+    // server answers, though the relist brings no change.
+    let source_up = |node: &Node, value: u8| {
+        let line = format!("mesh_registry_source_up{{source=\"kubernetes\"}} {value}");
+        integration_tests::wait_until(Duration::from_secs(10), || {
+            node.agent.metrics_text().lines().any(|l| l == line)
+        })
+    };
+    api.stop();
+    assert!(
+        source_up(&node, 0),
+        "the kubernetes source should show as down"
+    );
+    api.restart().expect("restart the API server");
+    assert!(
+        source_up(&node, 1),
+        "the kubernetes source should show as up again after an unchanged relist"
+    );
+    assert_split(&node.connect("127.96.0.80:80", 20), &[(&a, 10), (&b, 10)]);
 }

@@ -27,6 +27,7 @@ use futures_util::{FutureExt as _, StreamExt as _, stream::BoxStream};
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
     Api, Client, Resource,
+    api::ListParams,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt as _, watcher},
 };
@@ -167,7 +168,7 @@ pub async fn start(
         watcher::Config::default().labels(LABEL_SERVICE_NAME),
     );
     let nodes = watch_kind(
-        Api::<Node>::all(client),
+        Api::<Node>::all(client.clone()),
         watcher::Config::default().fields(&format!("metadata.name={node}")),
     );
     info!(node = %node, service_proxy_name = %filter.service_proxy_name, "kubernetes: watching");
@@ -197,6 +198,8 @@ pub async fn start(
         nodes: Cache::new(),
         sent: None,
         down: None,
+        resend: false,
+        reachability: Api::all(client),
         skipped: BTreeMap::new(),
         translated: Translated::default(),
     };
@@ -221,6 +224,12 @@ struct KubernetesSource {
     sent: Option<Vec<ServiceConfig>>,
     /// The watch error being reported, so an outage is logged once.
     down: Option<String>,
+    /// The API server answers again after `down`: the next publish sends the set even if it
+    /// did not change, so the source's state is reported again.
+    resend: bool,
+    /// Asked while `down`: a watch that resumes where it left off yields nothing until the
+    /// cluster changes, so the end of an outage is seen by asking.
+    reachability: Api<Service>,
     skipped: BTreeMap<&'static str, usize>,
     /// The caches translated, per Service.
     translated: Translated,
@@ -246,12 +255,23 @@ fn start_saver(saved: SavedServices) -> watch::Sender<Option<Vec<ServiceConfig>>
     saver
 }
 
+/// Whether the API server answers a one-item list, asked after a pause (while the watches
+/// fail, which they retry on their own).
+async fn answers(api: &Api<Service>) -> bool {
+    tokio::time::sleep(REACHABILITY_EVERY).await;
+    api.list(&ListParams::default().limit(1)).await.is_ok()
+}
+
+const REACHABILITY_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Which watcher an event came from.
 /// Objects are boxed: they are large and of very different sizes.
 enum Woken {
     Services(Box<Result<watcher::Event<Service>, watcher::Error>>),
     Slices(Box<Result<watcher::Event<EndpointSlice>, watcher::Error>>),
     Nodes(Box<Result<watcher::Event<Node>, watcher::Error>>),
+    /// The API server answered while the watches were failing.
+    Reachable,
     RegistryChanged,
     Ended,
 }
@@ -287,6 +307,7 @@ impl KubernetesSource {
                     Ok(()) => Woken::RegistryChanged,
                     Err(_) => Woken::Ended,
                 },
+                true = answers(&self.reachability), if self.down.is_some() => Woken::Reachable,
             };
             let mut changed = self.wake(woken);
             if changed.is_none() {
@@ -337,13 +358,18 @@ impl KubernetesSource {
                 }
                 changed
             }),
+            Woken::Reachable => Ok(false),
             Woken::RegistryChanged => Ok(true),
             Woken::Ended => return None,
         };
         match result {
             Ok(changed) => {
-                if changed && self.down.take().is_some() {
+                if self.down.take().is_some() {
                     info!("kubernetes: the API server answers again");
+                    // Publish even if nothing changed: sending the set again reports the
+                    // source up (a relist after an outage often brings no change at all).
+                    self.resend = true;
+                    return Some(true);
                 }
                 Some(changed)
             }
@@ -417,7 +443,10 @@ impl KubernetesSource {
             self.skipped = skipped;
         }
         let services = self.without_conflicts(self.translated.services().cloned().collect());
-        if self.sent.as_ref() == Some(&services) && self.down.is_none() {
+        if self.sent.as_ref() == Some(&services)
+            && self.down.is_none()
+            && !std::mem::take(&mut self.resend)
+        {
             return true;
         }
         let count = services.len();
