@@ -51,6 +51,24 @@ impl NetNs {
         ip(&full)
     }
 
+    /// A veth pair: `local` in this namespace, `remote` in `other`. Deleting either namespace
+    /// deletes both ends.
+    pub fn add_veth(&self, local: &str, other: &NetNs, remote: &str) {
+        assert!(local.len() <= 15, "interface name {local} too long");
+        self.ip(&[
+            "link",
+            "add",
+            local,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            remote,
+            "netns",
+            other.name(),
+        ]);
+    }
+
     /// Adds `addr` (e.g. `fd00:100::1/128`) to the namespace's `lo`. IPv6 addresses skip
     /// duplicate address detection, so they are usable at once.
     pub fn add_lo_addr(&self, addr: &str) {

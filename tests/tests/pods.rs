@@ -107,20 +107,7 @@ impl Pod {
     fn new(node: &Node, env: &TestEnv, tag: &str, index: u8) -> Pod {
         let ns = NetNs::new(tag);
         let node_side = format!("veth-{tag}");
-        assert!(node_side.len() <= 15, "interface name {node_side} too long");
-        // Deleting the pod's namespace (its guard's Drop) deletes both ends.
-        node.ns.ip(&[
-            "link",
-            "add",
-            &node_side,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ]);
+        node.ns.add_veth(&node_side, &ns, "eth0");
         let gateway = format!("198.18.{index}.1");
         node.ns
             .ip(&["addr", "add", &format!("{gateway}/24"), "dev", &node_side]);

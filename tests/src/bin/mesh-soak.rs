@@ -309,19 +309,7 @@ struct Pod {
 impl Pod {
     fn new(node: &NetNs, parent: &CgroupGuard) -> Pod {
         let ns = NetNs::new("soak-pod");
-        // Deleting the pod's namespace deletes both ends.
-        node.ip(&[
-            "link",
-            "add",
-            "veth-pod",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ]);
+        node.add_veth("veth-pod", &ns, "eth0");
         node.ip(&["addr", "add", "198.18.1.1/24", "dev", "veth-pod"]);
         node.ip(&["link", "set", "veth-pod", "up"]);
         ns.ip(&["addr", "add", "198.18.1.2/24", "dev", "eth0"]);
