@@ -43,7 +43,8 @@
 //! (one entry per distinct backend address), `slots` (the live generation only, each backend
 //! holding its reduced weight, none for a draining one), `backend_stats` (one entry per member,
 //! draining ones included), `active` (per non-draining member, its slot count), `passive` (no
-//! pair that is not a member), `udp_flows` and `affinity` (empty: no client runs any more). The
+//! pair that is not a member), `udp_flows`, `tcp_peers` and `affinity` (empty: no client runs
+//! any more; `datapath_stats` shows as many translations released as created). The
 //! agent log must have no ERROR line but the Kubernetes client's failed connects while the API
 //! server was stopped (caused on purpose). The agent's resident memory must be flat: the
 //! largest sample of the second half of the run (each agent process's first sample, taken
@@ -762,7 +763,7 @@ fn leaks(env: &TestEnv, world: &World, want: &BTreeMap<String, Want>) -> Vec<Str
             "map slots: per service, backend id -> slots {held:?}, want {slot_holders:?}"
         ));
     }
-    for map in ["udp_flows", "affinity"] {
+    for map in ["udp_flows", "tcp_peers", "affinity"] {
         let n = entries(&map_dump(bpffs, map)).len();
         if n != 0 {
             problems.push(format!("map {map} has {n} entries, want none"));
@@ -1196,6 +1197,13 @@ fn soak(seconds: u64, seed: u64) -> bool {
     let end_counters = datapath_counters(&env.bpffs);
     if let Some(field) = went_down(&node_counters, &end_counters) {
         run.violation(format!("end: datapath_stats {field} went down"));
+    }
+    // Every client socket is closed by now: each translation made was released again.
+    if end_counters.rev_created != end_counters.rev_released {
+        run.violation(format!(
+            "end: datapath_stats rev_created {} != rev_released {}",
+            end_counters.rev_created, end_counters.rev_released
+        ));
     }
     if let Some(kib) = rss_kib(env.agent.pid()) {
         rss.push((
