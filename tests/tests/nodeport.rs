@@ -480,6 +480,15 @@ fn np_backend(
     )
 }
 
+/// One request/reply on a connected UDP socket: the reply, or `ERR <error>`.
+fn udp_exchange(socket: &UdpSocket) -> String {
+    let mut buf = [0u8; 64];
+    match socket.send(b"held\n").and_then(|_| socket.recv(&mut buf)) {
+        Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        Err(e) => format!("ERR {e}"),
+    }
+}
+
 fn counts(pairs: &[(&str, usize)]) -> BTreeMap<String, usize> {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
 }
@@ -739,17 +748,46 @@ fn nodeport_from_other_hosts() {
         Some(3)
     );
 
-    // Removing a backend: new connections never reach it.
+    // Removing a backend. A flow to it that exists already keeps going to it until it expires
+    // (as documented); new connections never reach it. The held flow is a connected UDP
+    // socket whose datagrams landed on a2, kept busy (udp_timeout is 2 s) across the edit.
+    let (held, tries) = topo.client.run_in(|| {
+        // One round of the round-robin (a1, a2, b1) reaches a2 once.
+        for tries in 1..=3 {
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.connect(nodeport_udp.as_str()).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            if udp_exchange(&socket) == "a2" {
+                return (socket, tries);
+            }
+        }
+        panic!("no flow reached a2 in one round of the round-robin");
+    });
+    flows += tries;
+    let slots_of = |service: &str, vip: &str, proto: &str| {
+        metric(
+            &agent_a,
+            &format!(
+                "mesh_service_slots{{service=\"{service}\",vip=\"{vip}\",protocol=\"{proto}\"}}"
+            ),
+        )
+    };
     agent_a.write_config(&node_a_config(false));
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            metric(
-                &agent_a,
-                "mesh_service_slots{service=\"np-tcp\",vip=\"10.77.0.2:30080\",protocol=\"tcp\"}",
-            ) == Some(2)
-        }),
-        "the edit did not reach the maps"
-    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut applied = false;
+    while !applied && Instant::now() < deadline {
+        assert_eq!(udp_exchange(&held), "a2", "the held flow, during the edit");
+        applied = slots_of("np-tcp", &nodeport_tcp, "tcp") == Some(2)
+            && slots_of("np-udp", &nodeport_udp, "udp") == Some(2);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(applied, "the edit did not reach the maps");
+    for _ in 0..3 {
+        assert_eq!(udp_exchange(&held), "a2", "the held flow, after the edit");
+    }
+    assert!(backends[1].take_peers()[CLIENT] >= 4);
     let r = tcp(&topo, &nodeport_tcp, 20);
     assert_eq!(
         r.counts(),
@@ -766,6 +804,7 @@ fn nodeport_from_other_hosts() {
     );
     assert_eq!(backends[1].take_peers().len(), 0, "a2 was removed");
     flows += 40;
+    drop(held);
     // The removed pair's TC counters are gone with it; every remaining pair has one.
     let a2 = format!("{POD_A2}:{TCP_PORT}");
     assert_eq!(
