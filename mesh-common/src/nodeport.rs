@@ -527,7 +527,6 @@ mod tests {
         p
     }
 
-
     #[test]
     fn a_port_unreachable_quotes_the_datagram_with_valid_checksums() {
         let d = datagram(([10, 77, 0, 1], 40_000), ([10, 77, 0, 3], 30_082), b"hello");

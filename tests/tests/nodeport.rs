@@ -368,6 +368,18 @@ addr = "{POD_A1}:{CLOSED_UDP_PORT}"
 addr = "{POD_B1}:{CLOSED_UDP_PORT}"
 
 [[services]]
+name = "np-sticky"
+vip = "{NODE_A}:30085"
+external = "cluster"
+affinity = {{ timeout = "10m" }}
+[[services.backends]]
+addr = "{POD_A1}:{TCP_PORT}"
+[[services.backends]]
+addr = "{POD_A2}:{TCP_PORT}"
+[[services.backends]]
+addr = "{POD_B1}:{TCP_PORT}"
+
+[[services]]
 name = "np-bulk"
 vip = "{NODE_A}:30090"
 external = "cluster"
@@ -664,6 +676,16 @@ fn nodeport_from_other_hosts() {
         no_backend_b >= 3,
         "node B counted {no_backend_b} packets without backend"
     );
+
+    // Session affinity: every connection of the client goes to the backend it got first.
+    let r = tcp(&topo, &format!("{NODE_A}:30085"), 9);
+    let got = r.counts();
+    assert!(
+        got.len() == 1 && got.values().sum::<usize>() == 9,
+        "{}",
+        r.stdout
+    );
+    flows += 9;
 
     // Many short connections: still the exact round-robin.
     let r = tcp(&topo, &nodeport_tcp, 300);

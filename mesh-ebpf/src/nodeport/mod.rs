@@ -9,11 +9,13 @@
 //!   packet (whose source is now a local address) never meets the stack's martian checks.
 //! - `nodeport_egress` translates replies of backends on this node (routed by the stack from a
 //!   pod's device to the client through an external device) back to the service's address.
+//! - A service with session affinity keeps a client (its address) on its backend (`affinity`).
 //! - Both translate ICMP errors about a translated flow (`icmp`), and a new flow to a service
 //!   without a usable backend is refused (`refuse`).
 //!
 //! Packets that are not IPv4, IP fragments and IPv4 headers with options pass untouched.
 
+mod affinity;
 mod count;
 mod icmp;
 mod packet;
@@ -25,7 +27,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use mesh_common::{
-    Backend, FAMILY_V4, PROTO_TCP, PROTO_UDP, SVC_F_REJECT_EMPTY, Service, ServiceKey,
+    Backend, FAMILY_V4, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY, SVC_F_REJECT_EMPTY, Service,
+    ServiceKey,
     nodeport::{
         NAT_F_CLOSING, NAT_F_REPLY, NAT_F_SNAT, NatEntry, PROTO_ICMP, SNAT_TRIES, SVC_F_EXT_LOCAL,
         reply_key, snat_port,
@@ -108,7 +111,11 @@ fn new_flow(
 ) -> i32 {
     let mut backend = Backend::default();
     // External services have ids of their own: their round-robin position is theirs alone.
-    let backend_id = pick_round_robin(&EXT_SERVICES, skey, service, &mut backend);
+    let backend_id = if service.flags & SVC_F_AFFINITY != 0 {
+        affinity::pick(skey, service, pkt.key.saddr, &mut backend)
+    } else {
+        pick_round_robin(&EXT_SERVICES, skey, service, &mut backend)
+    };
     if backend_id == 0 || backend.family != FAMILY_V4 {
         count(|s| s.no_backend += 1);
         count_no_backend(service.id);

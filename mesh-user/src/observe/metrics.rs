@@ -629,7 +629,13 @@ fn render_nodeport_backends(
             rows.push((labels, *s));
         }
     }
-    let families: [(&str, &str, fn(&NodeportBackendStats) -> [u64; 2]); 2] = [
+    /// A metric family: name, help, and its (in, out) values.
+    type Family = (
+        &'static str,
+        &'static str,
+        fn(&NodeportBackendStats) -> [u64; 2],
+    );
+    let families: [Family; 2] = [
         (
             "mesh_nodeport_backend_packets_total",
             "Packets the TC programs translated for the backend of an external service, towards it (in) and back to the client (out)",
