@@ -114,7 +114,7 @@ impl Limits {
                 self.max_service_backends,
                 "(service, backend) pair",
             ),
-            fixed(map_names::NP_ICMP, 1, "TC ICMP rate limit and counters"),
+            fixed(map_names::NP_EVENTS, 1, "TC ICMP rate limit and counters"),
         ]
     }
 

@@ -274,7 +274,7 @@ pub mod map_names {
     pub const NP_DEVICES: &str = "NP_DEVICES";
     pub const NP_STATS: &str = "NP_STATS";
     pub const NP_BACKEND_STATS: &str = "NP_BACKEND_STATS";
-    pub const NP_ICMP: &str = "NP_ICMP";
+    pub const NP_EVENTS: &str = "NP_EVENTS";
 }
 
 #[cfg(feature = "user")]

@@ -117,12 +117,12 @@ pub struct NodeportBackendStats {
     pub bytes_out: u64,
 }
 
-/// Value of the per-CPU `np_icmp` array (index 0): ICMP at the TC programs. The first two
-/// fields are the rate limiter of the port unreachables the programs send (one window per
-/// CPU); the rest are counters.
+/// Value of the per-CPU `np_events` array (index 0): events of the TC programs beyond
+/// `NodeportStats`. The first two fields are the rate limiter of the port unreachables the
+/// programs send (one window per CPU); the rest are counters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct NodeportIcmp {
+pub struct NodeportEvents {
     /// bpf_ktime_get_ns() at the start of this CPU's current one-second window.
     pub window_start_ns: u64,
     /// Port unreachables sent by this CPU in that window.
@@ -134,6 +134,28 @@ pub struct NodeportIcmp {
     pub rate_limited: u64,
     /// ICMP errors about a translated flow, translated back (or forth) like the flow.
     pub errors_translated: u64,
+    /// TCP flows replaced by a new one: the client reused the port of a connection it had
+    /// closed while the old flow's entries were still there (see `reopens`). The old flow is
+    /// deleted by the kernel, so it is never counted as expired.
+    pub flows_reopened: u64,
+}
+
+/// TCP flags (the 14th byte of the TCP header).
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Whether a packet matching the client-direction entry `entry` opens a new connection rather
+/// than belonging to the old one: a SYN without ACK after the client closed the old
+/// connection (FIN or RST seen from it). The client's side of a closed connection holds no
+/// TIME_WAIT when the backend closed first, so it may reuse the port within the closing
+/// timeout; the old flow must not catch the new connection (as conntrack starts a new one).
+/// A retransmitted SYN of a connection not yet closed keeps its flow (and backend).
+#[inline(always)]
+pub fn reopens(entry: &NatEntry, proto: u8, tcp_flags: u8) -> bool {
+    proto == PROTO_TCP
+        && entry.flags & NAT_F_REPLY == 0
+        && entry.flags & NAT_F_CLOSING != 0
+        && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 /// Port unreachables each CPU sends per second at most, as Linux's `icmp_msgs_per_sec`
@@ -143,7 +165,7 @@ pub const ICMP_UNREACHABLE_PER_SEC: u64 = 1000;
 
 /// Whether one more port unreachable may be sent at `now_ns`; counts it if so.
 #[inline(always)]
-pub fn icmp_rate_allow(state: &mut NodeportIcmp, now_ns: u64, per_sec: u64) -> bool {
+pub fn icmp_rate_allow(state: &mut NodeportEvents, now_ns: u64, per_sec: u64) -> bool {
     if now_ns.saturating_sub(state.window_start_ns) >= 1_000_000_000 {
         state.window_start_ns = now_ns;
         state.window_sent = 0;
@@ -370,7 +392,7 @@ mod pod {
     unsafe impl aya::Pod for NodeportDevice {}
     unsafe impl aya::Pod for NodeportStats {}
     unsafe impl aya::Pod for NodeportBackendStats {}
-    unsafe impl aya::Pod for NodeportIcmp {}
+    unsafe impl aya::Pod for NodeportEvents {}
 }
 
 const _: () = {
@@ -379,7 +401,7 @@ const _: () = {
     assert!(core::mem::size_of::<NodeportDevice>() == 4);
     assert!(core::mem::size_of::<NodeportStats>() == 8 * 8);
     assert!(core::mem::size_of::<NodeportBackendStats>() == 8 * 4);
-    assert!(core::mem::size_of::<NodeportIcmp>() == 8 * 5);
+    assert!(core::mem::size_of::<NodeportEvents>() == 8 * 6);
 };
 
 #[cfg(test)]
@@ -613,8 +635,28 @@ mod tests {
     }
 
     #[test]
+    fn a_syn_after_the_client_closed_opens_a_new_flow() {
+        let closed = NatEntry {
+            flags: NAT_F_CLOSING,
+            ..NatEntry::default()
+        };
+        assert!(reopens(&closed, PROTO_TCP, TCP_SYN));
+        // A SYN retransmitted before anything closed keeps its flow.
+        assert!(!reopens(&NatEntry::default(), PROTO_TCP, TCP_SYN));
+        // The old connection's last ACK, a SYN-ACK, the reply direction, UDP: not new.
+        assert!(!reopens(&closed, PROTO_TCP, TCP_ACK));
+        assert!(!reopens(&closed, PROTO_TCP, TCP_SYN | TCP_ACK));
+        let reply = NatEntry {
+            flags: NAT_F_CLOSING | NAT_F_REPLY,
+            ..NatEntry::default()
+        };
+        assert!(!reopens(&reply, PROTO_TCP, TCP_SYN));
+        assert!(!reopens(&closed, PROTO_UDP, TCP_SYN));
+    }
+
+    #[test]
     fn port_unreachables_are_limited_per_second_window() {
-        let mut s = NodeportIcmp::default();
+        let mut s = NodeportEvents::default();
         let t0 = 5_000_000_000;
         for _ in 0..3 {
             assert!(icmp_rate_allow(&mut s, t0, 3));

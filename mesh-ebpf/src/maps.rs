@@ -13,7 +13,7 @@ use mesh_common::{
     UdpFlow,
     nodeport::{
         DEFAULT_MAX_EXTERNAL_FLOWS, FlowKey, MAX_NODEPORT_DEVICES, NatEntry, NodeportBackendStats,
-        NodeportDevice, NodeportIcmp, NodeportStats,
+        NodeportDevice, NodeportEvents, NodeportStats,
     },
 };
 
@@ -161,4 +161,4 @@ pub static NP_BACKEND_STATS: PerCpuHashMap<
 /// ICMP at the TC programs (index 0, per CPU): the rate limit of the port unreachables they
 /// send, and ICMP counters.
 #[btf_map]
-pub static NP_ICMP: PerCpuArray<NodeportIcmp, 1> = PerCpuArray::new();
+pub static NP_EVENTS: PerCpuArray<NodeportEvents, 1> = PerCpuArray::new();

@@ -857,8 +857,36 @@ fn nodeport_from_other_hosts() {
         "mesh_nodeport_events_total{event=\"flow_expired\"}",
     )
     .unwrap();
-    assert_eq!(created, flows);
-    assert_eq!(expired, created, "every flow expired exactly once");
+    // A client may reuse the port of a connection it closed (it holds no TIME_WAIT: the
+    // backend closed first) while the old flow is still there: the kernel then replaces the
+    // old flow, which is not expired by the agent.
+    let reopened = metric(
+        &agent_a,
+        "mesh_nodeport_events_total{event=\"flow_reopened\"}",
+    )
+    .unwrap();
+    let events: Vec<String> = agent_a
+        .metrics_text()
+        .lines()
+        .filter(|l| {
+            l.starts_with("mesh_nodeport_events_total")
+                || l.starts_with("mesh_backend_connections_total")
+        })
+        .map(str::to_owned)
+        .collect();
+    // A fresh UDP socket may get the port of one closed a moment ago whose flow is still live:
+    // its datagrams then continue that flow (as with conntrack; UDP has no connection
+    // boundary), so a few of the flows counted here may not be new ones.
+    assert!(
+        (flows - 3..=flows).contains(&created),
+        "created {created}, expected {flows} (at most 3 fewer): {events:#?}"
+    );
+    assert_eq!(
+        expired + reopened,
+        created,
+        "every flow expired or was replaced, once"
+    );
+    eprintln!("flows created {created}, expired {expired}, replaced {reopened}");
     assert_eq!(metric(&agent_a, "mesh_nodeport_flows"), Some(0));
     drop(backends);
 }

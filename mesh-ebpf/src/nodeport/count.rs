@@ -2,10 +2,10 @@
 
 use mesh_common::{
     BackendStatsKey,
-    nodeport::{NodeportIcmp, NodeportStats},
+    nodeport::{NodeportEvents, NodeportStats},
 };
 
-use crate::maps::{NP_BACKEND_STATS, NP_ICMP, NP_STATS};
+use crate::maps::{NP_BACKEND_STATS, NP_EVENTS, NP_STATS};
 
 /// Adds to the node-wide counters.
 #[inline(always)]
@@ -16,10 +16,10 @@ pub fn count(update: impl FnOnce(&mut NodeportStats)) {
     }
 }
 
-/// Adds to the ICMP state and counters (this CPU's).
+/// Adds to the events (ICMP rate limit state and counters; this CPU's).
 #[inline(always)]
-pub fn icmp<R>(update: impl FnOnce(&mut NodeportIcmp) -> R) -> Option<R> {
-    let state = NP_ICMP.get_ptr_mut(0)?;
+pub fn events<R>(update: impl FnOnce(&mut NodeportEvents) -> R) -> Option<R> {
+    let state = NP_EVENTS.get_ptr_mut(0)?;
     // SAFETY: this CPU's value of a per-CPU array; nothing else holds a reference to it.
     Some(update(unsafe { &mut *state }))
 }

@@ -12,7 +12,7 @@ use mesh_common::nodeport::{
 };
 
 use super::{
-    count::icmp,
+    count::events,
     packet::{IP_DADDR, IP_SADDR, L4_OFF, forward, rewrite_addr, route},
 };
 use crate::maps::NAT_FLOWS;
@@ -81,7 +81,7 @@ pub fn translate(ctx: &TcContext, ifindex: u32, ingress: bool) -> Option<i32> {
     if written.is_err() {
         return Some(TC_ACT_SHOT);
     }
-    icmp(|s| s.errors_translated += 1);
+    events(|s| s.errors_translated += 1);
     if !ingress {
         return Some(TC_ACT_OK);
     }

@@ -31,12 +31,12 @@ use mesh_common::{
     ServiceKey,
     nodeport::{
         NAT_F_CLOSING, NAT_F_REPLY, NAT_F_SNAT, NatEntry, PROTO_ICMP, SNAT_TRIES, SVC_F_EXT_LOCAL,
-        reply_key, snat_port,
+        reopens, reply_key, snat_port,
     },
 };
 
 use self::{
-    count::{count, translated},
+    count::{count, events, translated},
     packet::{Packet, TCP_FIN, TCP_RST, forward, ingress_ifindex, parse, rewrite, route},
 };
 use crate::maps::{EXT_SERVICES, NAT_FLOWS, NP_DEVICES};
@@ -69,18 +69,16 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         return TC_ACT_OK;
     };
     if let Some(entry) = NAT_FLOWS.get_ptr_mut(pkt.key) {
-        let entry = touch(entry, &pkt);
-        if rewrite(ctx, &pkt, &entry).is_err() {
-            return TC_ACT_SHOT;
+        // SAFETY: a valid value of the map, copied.
+        let old = unsafe { *entry };
+        if !reopens(&old, pkt.key.proto, pkt.tcp_flags) {
+            return known_flow(ctx, &pkt, ifindex, entry);
         }
-        translated(
-            entry.service_id,
-            entry.backend_id,
-            entry.flags & NAT_F_REPLY != 0,
-            pkt.len,
-        );
-        let out = route(ctx, ifindex, pkt.key.proto, entry.to_saddr, entry.to_daddr);
-        return forward(out);
+        // A new connection on a port the client closed: the old flow goes, this packet starts
+        // a new one below.
+        let _ = NAT_FLOWS.remove(reply_key(&old, pkt.key.proto));
+        let _ = NAT_FLOWS.remove(pkt.key);
+        events(|s| s.flows_reopened += 1);
     }
     let mut skey = ServiceKey {
         port: pkt.key.dport,
@@ -98,6 +96,23 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     };
     let service = *service;
     new_flow(ctx, &pkt, ifindex, &skey, &service)
+}
+
+/// A packet of a flow in `NAT_FLOWS` (either direction), at ingress.
+#[inline(always)]
+fn known_flow(ctx: &TcContext, pkt: &Packet, ifindex: u32, entry: *mut NatEntry) -> i32 {
+    let entry = touch(entry, pkt);
+    if rewrite(ctx, pkt, &entry).is_err() {
+        return TC_ACT_SHOT;
+    }
+    translated(
+        entry.service_id,
+        entry.backend_id,
+        entry.flags & NAT_F_REPLY != 0,
+        pkt.len,
+    );
+    let out = route(ctx, ifindex, pkt.key.proto, entry.to_saddr, entry.to_daddr);
+    forward(out)
 }
 
 /// The first packet of a flow to an external service.

@@ -16,7 +16,7 @@ use mesh_common::{
 };
 
 use super::{
-    count::icmp,
+    count::events,
     packet::{ETH_LEN, IP_OFF, L4_OFF, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, swap_macs},
 };
 
@@ -36,7 +36,7 @@ pub fn reset(ctx: &TcContext, pkt: &Packet, ifindex: u32) -> i32 {
 pub fn port_unreachable(ctx: &TcContext, ifindex: u32) -> i32 {
     // SAFETY: no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let allowed = icmp(|s| {
+    let allowed = events(|s| {
         let allowed = icmp_rate_allow(s, now, ICMP_UNREACHABLE_PER_SEC);
         if allowed {
             s.unreachable_sent += 1;

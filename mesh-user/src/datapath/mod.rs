@@ -79,7 +79,7 @@ const MAPS: &[&str] = &[
     map_names::NP_DEVICES,
     map_names::NP_STATS,
     map_names::NP_BACKEND_STATS,
-    map_names::NP_ICMP,
+    map_names::NP_EVENTS,
     SOCK_REV,
 ];
 

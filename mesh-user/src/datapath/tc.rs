@@ -25,8 +25,8 @@ use aya::{
 use mesh_common::{
     map_names,
     nodeport::{
-        FlowKey, FlowTimeouts, NAT_F_REPLY, NatEntry, NodeportDevice, NodeportIcmp, NodeportStats,
-        pair_expired, reply_key,
+        FlowKey, FlowTimeouts, NAT_F_REPLY, NatEntry, NodeportDevice, NodeportEvents,
+        NodeportStats, pair_expired, reply_key,
     },
 };
 use tracing::{info, warn};
@@ -200,7 +200,7 @@ static FLOWS_LIVE: AtomicU64 = AtomicU64::new(0);
 pub struct NodeportCounters {
     pub stats: NodeportStats,
     /// ICMP counters (the rate limiter's window fields are meaningless summed).
-    pub icmp: NodeportIcmp,
+    pub icmp: NodeportEvents,
     pub flows_live: u64,
     pub flows_expired: u64,
 }
@@ -226,14 +226,15 @@ pub fn counters(bpffs: &Path) -> anyhow::Result<Option<NodeportCounters>> {
         s.bytes_out += c.bytes_out;
         s.fib_misses += c.fib_misses;
     }
-    let path = PinLayout::new(bpffs).map(map_names::NP_ICMP);
-    let map: PerCpuArray<MapData, NodeportIcmp> =
+    let path = PinLayout::new(bpffs).map(map_names::NP_EVENTS);
+    let map: PerCpuArray<MapData, NodeportEvents> =
         PerCpuArray::try_from(Map::from_map_data(MapData::from_pin(&path)?)?)?;
-    let mut icmp = NodeportIcmp::default();
+    let mut icmp = NodeportEvents::default();
     for c in map.get(&0, 0)?.iter() {
         icmp.unreachable_sent += c.unreachable_sent;
         icmp.rate_limited += c.rate_limited;
         icmp.errors_translated += c.errors_translated;
+        icmp.flows_reopened += c.flows_reopened;
     }
     Ok(Some(NodeportCounters {
         stats: s,
