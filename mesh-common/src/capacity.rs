@@ -41,7 +41,7 @@ pub struct MapCapacity {
 
 impl Limits {
     /// Every map with a capacity (socket storage has none: it lives with its socket).
-    pub fn table(&self) -> [MapCapacity; 18] {
+    pub fn table(&self) -> [MapCapacity; 20] {
         let sized = |map, max_entries, entry| MapCapacity {
             map,
             max_entries,
@@ -114,6 +114,13 @@ impl Limits {
                 "external device",
             ),
             fixed(map_names::NP_STATS, 1, "node-wide TC counters"),
+            // Created and deleted with the pair's `backend_stats` entry.
+            sized(
+                map_names::NP_BACKEND_STATS,
+                self.max_service_backends,
+                "(service, backend) pair",
+            ),
+            fixed(map_names::NP_EVENTS, 1, "TC ICMP rate limit and counters"),
         ]
     }
 

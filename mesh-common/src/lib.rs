@@ -285,6 +285,8 @@ pub mod map_names {
     pub const NAT_FLOWS: &str = "NAT_FLOWS";
     pub const NP_DEVICES: &str = "NP_DEVICES";
     pub const NP_STATS: &str = "NP_STATS";
+    pub const NP_BACKEND_STATS: &str = "NP_BACKEND_STATS";
+    pub const NP_EVENTS: &str = "NP_EVENTS";
 }
 
 #[cfg(feature = "user")]

@@ -12,8 +12,8 @@ use mesh_common::{
     DEFAULT_MAX_UDP_FLOWS, DatapathStats, PassiveState, Service, ServiceKey, ServiceName,
     ServiceStats, Settings, SlotKey, UdpFlow,
     nodeport::{
-        DEFAULT_MAX_EXTERNAL_FLOWS, FlowKey, MAX_NODEPORT_DEVICES, NatEntry, NodeportDevice,
-        NodeportStats,
+        DEFAULT_MAX_EXTERNAL_FLOWS, FlowKey, MAX_NODEPORT_DEVICES, NatEntry, NodeportBackendStats,
+        NodeportDevice, NodeportEvents, NodeportStats,
     },
 };
 
@@ -171,3 +171,19 @@ pub static NP_DEVICES: HashMap<u32, NodeportDevice, { MAX_NODEPORT_DEVICES as us
 /// Node-wide per-CPU counters of the TC programs (index 0).
 #[btf_map]
 pub static NP_STATS: PerCpuArray<NodeportStats, 1> = PerCpuArray::new();
+
+/// (external service id, backend id) -> per-CPU packets and bytes the TC programs translated
+/// for the pair. Created and deleted by the agent with the pair's `BACKEND_STATS` entry (so it
+/// exists exactly while the backend is a member); the kernel only adds to it.
+#[btf_map]
+pub static NP_BACKEND_STATS: PerCpuHashMap<
+    BackendStatsKey,
+    NodeportBackendStats,
+    MAX_BACKENDS,
+    NO_PREALLOC,
+> = PerCpuHashMap::new();
+
+/// ICMP at the TC programs (index 0, per CPU): the rate limit of the port unreachables they
+/// send, and ICMP counters.
+#[btf_map]
+pub static NP_EVENTS: PerCpuArray<NodeportEvents, 1> = PerCpuArray::new();

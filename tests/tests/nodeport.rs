@@ -35,6 +35,12 @@ const POD_A2: &str = "10.244.1.3";
 const POD_B1: &str = "10.244.2.2";
 const TCP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 5353;
+/// A UDP port nothing listens on in the pods: their kernels answer port unreachable.
+const CLOSED_UDP_PORT: u16 = 5354;
+/// The pods' TCP echo servers (the long transfers).
+const ECHO_PORT: u16 = 9000;
+/// Bytes each long transfer sends (and gets echoed back).
+const BULK_BYTES: usize = 8 << 20;
 /// The Local service's healthCheckNodePort.
 const HC_PORT: u16 = 32100;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -51,10 +57,12 @@ impl PodBackend {
     fn start(pod: &NetNs, name: &str, ip: &str) -> PodBackend {
         let tcp_addr: SocketAddr = format!("{ip}:{TCP_PORT}").parse().unwrap();
         let udp_addr: SocketAddr = format!("{ip}:{UDP_PORT}").parse().unwrap();
-        let (listener, socket) = pod.run_in(|| {
+        let echo_addr: SocketAddr = format!("{ip}:{ECHO_PORT}").parse().unwrap();
+        let (listener, socket, echo) = pod.run_in(|| {
             (
                 TcpListener::bind(tcp_addr).expect("bind the pod's TCP backend"),
                 UdpSocket::bind(udp_addr).expect("bind the pod's UDP backend"),
+                TcpListener::bind(echo_addr).expect("bind the pod's echo backend"),
             )
         });
         let peers = Arc::new(Mutex::new(Vec::new()));
@@ -86,10 +94,24 @@ impl PodBackend {
                 }
             }
         });
+        echo.set_nonblocking(true).unwrap();
+        let (echo_peers, echo_stop) = (peers.clone(), stop.clone());
+        let echo = std::thread::spawn(move || {
+            while !echo_stop.load(Ordering::SeqCst) {
+                match echo.accept() {
+                    Ok((stream, peer)) => {
+                        echo_peers.lock().unwrap().push(peer.ip());
+                        // One transfer at a time: the test runs them one after the other.
+                        echo_until_eof(stream);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
         PodBackend {
             peers,
             stop,
-            threads: vec![tcp, udp],
+            threads: vec![tcp, udp, echo],
         }
     }
 
@@ -101,6 +123,86 @@ impl PodBackend {
         }
         out
     }
+}
+
+/// Writes back everything read until the peer shuts its side, then closes.
+fn echo_until_eof(mut stream: std::net::TcpStream) {
+    use std::io::Read as _;
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A deterministic byte stream (xorshift), so a transfer is checked byte for byte without
+/// keeping a copy.
+struct Stream(u64);
+
+impl Stream {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            *b = self.0 as u8;
+        }
+    }
+}
+
+/// Sends `BULK_BYTES` through `addr` from the client host to an echo backend while reading
+/// the echo; returns the bytes that came back equal to what was sent, in order, and the
+/// first offset where they differ, if any.
+fn bulk_transfer(topo: &Topology, addr: &str, seed: u64) -> (usize, Option<usize>) {
+    use std::io::Read as _;
+    let addr: SocketAddr = addr.parse().unwrap();
+    let stream = topo.client.run_in(|| {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connect {addr}: {e}"))
+    });
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut bytes = Stream(seed);
+        let mut chunk = vec![0u8; 64 << 10];
+        let mut sent = 0;
+        while sent < BULK_BYTES {
+            let n = chunk.len().min(BULK_BYTES - sent);
+            bytes.fill(&mut chunk[..n]);
+            writer.write_all(&chunk[..n]).expect("sending the transfer");
+            sent += n;
+        }
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut reader = stream;
+    let mut expect = Stream(seed);
+    let (mut buf, mut want) = (vec![0u8; 64 << 10], vec![0u8; 64 << 10]);
+    let (mut received, mut first_diff) = (0, None);
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        expect.fill(&mut want[..n]);
+        if first_diff.is_none()
+            && let Some(i) = (0..n).find(|&i| buf[i] != want[i])
+        {
+            first_diff = Some(received + i);
+        }
+        received += n;
+    }
+    sender.join().expect("the sender");
+    (received, first_diff)
 }
 
 impl Drop for PodBackend {
@@ -254,6 +356,37 @@ external = "cluster"
 addr = "{POD_A1}:{TCP_PORT}"
 [[services.backends]]
 addr = "{POD_B1}:{TCP_PORT}"
+
+[[services]]
+name = "np-udp-closed"
+vip = "{NODE_A}:30054"
+protocol = "udp"
+external = "cluster"
+[[services.backends]]
+addr = "{POD_A1}:{CLOSED_UDP_PORT}"
+[[services.backends]]
+addr = "{POD_B1}:{CLOSED_UDP_PORT}"
+
+[[services]]
+name = "np-sticky"
+vip = "{NODE_A}:30085"
+external = "cluster"
+affinity = {{ timeout = "10m" }}
+[[services.backends]]
+addr = "{POD_A1}:{TCP_PORT}"
+[[services.backends]]
+addr = "{POD_A2}:{TCP_PORT}"
+[[services.backends]]
+addr = "{POD_B1}:{TCP_PORT}"
+
+[[services]]
+name = "np-bulk"
+vip = "{NODE_A}:30090"
+external = "cluster"
+[[services.backends]]
+addr = "{POD_A1}:{ECHO_PORT}"
+[[services.backends]]
+addr = "{POD_B1}:{ECHO_PORT}"
 "#,
         a2_tcp = a2(TCP_PORT),
         a2_udp = a2(UDP_PORT),
@@ -276,6 +409,12 @@ name = "default/np-local:http@ext/{NODE_B}:30081"
 vip = "{NODE_B}:30081"
 external = "local"
 health_check_node_port = {{ port = {HC_PORT} }}
+
+[[services]]
+name = "np-local-udp"
+vip = "{NODE_B}:30082"
+protocol = "udp"
+external = "local"
 "#
     )
 }
@@ -316,6 +455,50 @@ fn udp(topo: &Topology, addr: &str, count: usize) -> ProbeResult {
             "2000",
         ],
     )
+}
+
+/// `count` new connected UDP sockets: connect, send, recv (where an ICMP error surfaces as
+/// ECONNREFUSED), close.
+fn udp_connected(topo: &Topology, addr: &str, count: usize) -> ProbeResult {
+    client_probe(
+        topo,
+        &[
+            "udp-connected",
+            "--addr",
+            addr,
+            "--count",
+            &count.to_string(),
+            "--timeout-ms",
+            "2000",
+        ],
+    )
+}
+
+/// Packets (`what` = "packets") or bytes of one backend of an external service at the TC
+/// programs, in one direction ("in": towards the backend, "out": its replies).
+fn np_backend(
+    agent: &Agent,
+    what: &str,
+    service: &str,
+    backend: &str,
+    protocol: &str,
+    direction: &str,
+) -> Option<u64> {
+    metric(
+        agent,
+        &format!(
+            "mesh_nodeport_backend_{what}_total{{service=\"{service}\",backend=\"{backend}\",protocol=\"{protocol}\",direction=\"{direction}\"}}"
+        ),
+    )
+}
+
+/// One request/reply on a connected UDP socket: the reply, or `ERR <error>`.
+fn udp_exchange(socket: &UdpSocket) -> String {
+    let mut buf = [0u8; 64];
+    match socket.send(b"held\n").and_then(|_| socket.recv(&mut buf)) {
+        Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        Err(e) => format!("ERR {e}"),
+    }
 }
 
 fn counts(pairs: &[(&str, usize)]) -> BTreeMap<String, usize> {
@@ -390,6 +573,43 @@ fn nodeport_from_other_hosts() {
         b.take_peers();
     }
 
+    // Per-backend counters at this layer. UDP is exact: one datagram each way per flow, every
+    // frame 42 bytes of headers (Ethernet, IPv4, UDP) plus the payload: the probe's request
+    // "mesh-probe <i>\n" (13 bytes for i < 10, 14 after) and the backend's name (2 bytes).
+    // The local pods' replies are counted by the egress program, b1's (SNAT) by ingress.
+    let mut udp_bytes_in = 0;
+    for pod in [POD_A1, POD_A2, POD_B1] {
+        let backend = format!("{pod}:{UDP_PORT}");
+        let get = |what, dir| np_backend(&agent_a, what, "np-udp", &backend, "udp", dir);
+        assert_eq!(get("packets", "in"), Some(10), "{backend}");
+        assert_eq!(get("packets", "out"), Some(10), "{backend}");
+        assert_eq!(get("bytes", "out"), Some(10 * (42 + 2)), "{backend}");
+        let bytes_in = get("bytes", "in").unwrap();
+        assert!(
+            (10 * (42 + 13)..=10 * (42 + 14)).contains(&bytes_in),
+            "{backend}: {bytes_in}"
+        );
+        udp_bytes_in += bytes_in;
+    }
+    assert_eq!(udp_bytes_in, 30 * 42 + 10 * 13 + 20 * 14);
+    // TCP: 10 connections each; a connection is at least SYN, ACK and FIN towards the backend
+    // and SYN-ACK, the reply and FIN back, and about 4 each way in all (never twice that).
+    for pod in [POD_A1, POD_A2, POD_B1] {
+        let backend = format!("{pod}:{TCP_PORT}");
+        for dir in ["in", "out"] {
+            let packets = np_backend(&agent_a, "packets", "np-tcp", &backend, "tcp", dir).unwrap();
+            assert!(
+                (30..=60).contains(&packets),
+                "{backend} {dir}: {packets} packets"
+            );
+            let bytes = np_backend(&agent_a, "bytes", "np-tcp", &backend, "tcp", dir).unwrap();
+            assert!(
+                (54 * packets..=100 * packets).contains(&bytes),
+                "{backend} {dir}: {bytes} bytes in {packets} packets"
+            );
+        }
+    }
+
     // Local: only node A's endpoints, and they see the client's own address.
     let r = tcp(&topo, &local_a, 20);
     assert_eq!(
@@ -449,6 +669,7 @@ fn nodeport_from_other_hosts() {
     )
     .unwrap();
     assert_eq!(created, 30 + 30 + 20 + 10, "flows created by node A");
+    let mut flows = created;
     let no_backend_b =
         metric(&agent_b, "mesh_nodeport_events_total{event=\"no_backend\"}").unwrap();
     assert!(
@@ -456,17 +677,139 @@ fn nodeport_from_other_hosts() {
         "node B counted {no_backend_b} packets without backend"
     );
 
-    // Removing a backend: new connections never reach it.
-    agent_a.write_config(&node_a_config(false));
+    // Session affinity: every connection of the client goes to the backend it got first.
+    let r = tcp(&topo, &format!("{NODE_A}:30085"), 9);
+    let got = r.counts();
     assert!(
-        wait_until(Duration::from_secs(5), || {
-            metric(
-                &agent_a,
-                "mesh_service_slots{service=\"np-tcp\",vip=\"10.77.0.2:30080\",protocol=\"tcp\"}",
-            ) == Some(2)
-        }),
-        "the edit did not reach the maps"
+        got.len() == 1 && got.values().sum::<usize>() == 9,
+        "{}",
+        r.stdout
     );
+    flows += 9;
+
+    // Many short connections: still the exact round-robin.
+    let r = tcp(&topo, &nodeport_tcp, 300);
+    assert_eq!(
+        r.counts(),
+        counts(&[("a1", 100), ("a2", 100), ("b1", 100)]),
+        "{}",
+        r.stdout
+    );
+    flows += 300;
+    for b in &backends {
+        b.take_peers();
+    }
+
+    // Long transfers, echoed back and checked byte for byte: one to a pod on node A, one to
+    // node B's pod (SNAT, replies back through node A).
+    let bulk = format!("{NODE_A}:30090");
+    for seed in [0x9e37_79b9_7f4a_7c15, 0x2545_f491_4f6c_dd1d] {
+        let started = Instant::now();
+        let (received, first_diff) = bulk_transfer(&topo, &bulk, seed);
+        assert_eq!(first_diff, None, "the echo differs from what was sent");
+        assert_eq!(received, BULK_BYTES, "bytes echoed back");
+        eprintln!(
+            "{BULK_BYTES} bytes each way through the NodePort in {:?}",
+            started.elapsed()
+        );
+    }
+    flows += 2;
+    assert_eq!(backends[0].take_peers(), counts(&[(CLIENT, 1)]));
+    assert_eq!(backends[2].take_peers(), counts(&[(NODE_A, 1)]));
+    for pod in [POD_A1, POD_B1] {
+        let backend = format!("{pod}:{ECHO_PORT}");
+        for dir in ["in", "out"] {
+            let bytes = np_backend(&agent_a, "bytes", "np-bulk", &backend, "tcp", dir).unwrap();
+            // The payload and every packet's headers; the acknowledgements add a few percent.
+            assert!(
+                (BULK_BYTES as u64..=BULK_BYTES as u64 * 5 / 4).contains(&bytes),
+                "{backend} {dir}: {bytes} bytes"
+            );
+        }
+    }
+
+    // ICMP errors about translated flows are translated back: the pods' kernels answer the
+    // closed port with port unreachable, about a datagram to the pod (from the client, or from
+    // node A for b1). Untranslated, the client would find no socket it belongs to and its
+    // recv would time out; translated, its connected sockets see ECONNREFUSED. a1's errors
+    // leave through node A's egress program, b1's come in through its ingress program.
+    let translated_before = metric(
+        &agent_a,
+        "mesh_nodeport_events_total{event=\"icmp_error_translated\"}",
+    )
+    .unwrap();
+    let r = udp_connected(&topo, &format!("{NODE_A}:30054"), 4);
+    assert_eq!(
+        r.error_counts(),
+        counts(&[("ECONNREFUSED", 4)]),
+        "{}",
+        r.stdout
+    );
+    flows += 4;
+    let translated = metric(
+        &agent_a,
+        "mesh_nodeport_events_total{event=\"icmp_error_translated\"}",
+    )
+    .unwrap();
+    assert_eq!(translated - translated_before, 4);
+
+    // UDP to a service without a usable backend (node B's Local one): refused with an ICMP
+    // port unreachable from the programs (node B's own stack never sees the datagram).
+    let r = udp_connected(&topo, &format!("{NODE_B}:30082"), 3);
+    assert_eq!(
+        r.error_counts(),
+        counts(&[("ECONNREFUSED", 3)]),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        metric(
+            &agent_b,
+            "mesh_nodeport_events_total{event=\"icmp_unreachable_sent\"}"
+        ),
+        Some(3)
+    );
+
+    // Removing a backend. A flow to it that exists already keeps going to it until it expires
+    // (as documented); new connections never reach it. The held flow is a connected UDP
+    // socket whose datagrams landed on a2, kept busy (udp_timeout is 2 s) across the edit.
+    let (held, tries) = topo.client.run_in(|| {
+        // One round of the round-robin (a1, a2, b1) reaches a2 once.
+        for tries in 1..=3 {
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.connect(nodeport_udp.as_str()).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            if udp_exchange(&socket) == "a2" {
+                return (socket, tries);
+            }
+        }
+        panic!("no flow reached a2 in one round of the round-robin");
+    });
+    flows += tries;
+    let slots_of = |service: &str, vip: &str, proto: &str| {
+        metric(
+            &agent_a,
+            &format!(
+                "mesh_service_slots{{service=\"{service}\",vip=\"{vip}\",protocol=\"{proto}\"}}"
+            ),
+        )
+    };
+    agent_a.write_config(&node_a_config(false));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut applied = false;
+    while !applied && Instant::now() < deadline {
+        assert_eq!(udp_exchange(&held), "a2", "the held flow, during the edit");
+        applied = slots_of("np-tcp", &nodeport_tcp, "tcp") == Some(2)
+            && slots_of("np-udp", &nodeport_udp, "udp") == Some(2);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(applied, "the edit did not reach the maps");
+    for _ in 0..3 {
+        assert_eq!(udp_exchange(&held), "a2", "the held flow, after the edit");
+    }
+    assert!(backends[1].take_peers()[CLIENT] >= 4);
     let r = tcp(&topo, &nodeport_tcp, 20);
     assert_eq!(
         r.counts(),
@@ -482,6 +825,18 @@ fn nodeport_from_other_hosts() {
         r.stdout
     );
     assert_eq!(backends[1].take_peers().len(), 0, "a2 was removed");
+    flows += 40;
+    drop(held);
+    // The removed pair's TC counters are gone with it; every remaining pair has one.
+    let a2 = format!("{POD_A2}:{TCP_PORT}");
+    assert_eq!(
+        np_backend(&agent_a, "packets", "np-tcp", &a2, "tcp", "in"),
+        None
+    );
+    assert_eq!(
+        metric(&agent_a, "mesh_map_entries{map=\"np_backend_stats\"}"),
+        metric(&agent_a, "mesh_map_entries{map=\"backend_stats\"}"),
+    );
 
     // Nothing leaks: the closed TCP flows (closing timeout 2 s) and the UDP flows (2 s idle)
     // are expired, both entries of each.
@@ -502,8 +857,36 @@ fn nodeport_from_other_hosts() {
         "mesh_nodeport_events_total{event=\"flow_expired\"}",
     )
     .unwrap();
-    assert_eq!(created, 130);
-    assert_eq!(expired, created, "every flow expired exactly once");
+    // A client may reuse the port of a connection it closed (it holds no TIME_WAIT: the
+    // backend closed first) while the old flow is still there: the kernel then replaces the
+    // old flow, which is not expired by the agent.
+    let reopened = metric(
+        &agent_a,
+        "mesh_nodeport_events_total{event=\"flow_reopened\"}",
+    )
+    .unwrap();
+    let events: Vec<String> = agent_a
+        .metrics_text()
+        .lines()
+        .filter(|l| {
+            l.starts_with("mesh_nodeport_events_total")
+                || l.starts_with("mesh_backend_connections_total")
+        })
+        .map(str::to_owned)
+        .collect();
+    // A fresh UDP socket may get the port of one closed a moment ago whose flow is still live:
+    // its datagrams then continue that flow (as with conntrack; UDP has no connection
+    // boundary), so a few of the flows counted here may not be new ones.
+    assert!(
+        (flows - 3..=flows).contains(&created),
+        "created {created}, expected {flows} (at most 3 fewer): {events:#?}"
+    );
+    assert_eq!(
+        expired + reopened,
+        created,
+        "every flow expired or was replaced, once"
+    );
+    eprintln!("flows created {created}, expired {expired}, replaced {reopened}");
     assert_eq!(metric(&agent_a, "mesh_nodeport_flows"), Some(0));
     drop(backends);
 }

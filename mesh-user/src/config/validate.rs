@@ -464,7 +464,7 @@ impl ServiceConfig {
             health.check(i, self, p);
         }
         if self.external.is_some() {
-            // The TC programs translate IPv4 only, and keep no per-client affinity.
+            // The TC programs translate IPv4 only.
             if !self.vip.is_ipv4() {
                 p.service(
                     i,
@@ -474,14 +474,6 @@ impl ServiceConfig {
                         "{} is IPv6; external services (traffic from other hosts) are IPv4 only",
                         self.vip
                     ),
-                );
-            }
-            if self.affinity.is_some() {
-                p.service(
-                    i,
-                    self,
-                    "affinity",
-                    "session affinity is not supported for external services".to_owned(),
                 );
             }
         }

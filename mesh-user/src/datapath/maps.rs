@@ -13,7 +13,7 @@ use aya::{
 use mesh_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, BackendStatsKey, DatapathStats,
     PassiveState, Service, ServiceKey, ServiceName, ServiceStats, Settings, SlotKey, TCP_PEER_SIZE,
-    UdpFlow, map_names,
+    UdpFlow, map_names, nodeport::NodeportBackendStats,
 };
 
 use super::{
@@ -48,6 +48,9 @@ pub struct Maps {
     passive: HashMap<MapData, BackendStatsKey, PassiveState>,
     settings: Array<MapData, Settings>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    /// Packets and bytes of each (service, backend) pair at the TC programs; an entry lives
+    /// exactly as long as the pair's `backend_stats` entry.
+    np_backend_stats: PerCpuHashMap<MapData, BackendStatsKey, NodeportBackendStats>,
     nr_cpus: usize,
 }
 
@@ -101,10 +104,52 @@ impl Snapshot {
 
 impl Maps {
     pub(super) fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
-        Self::build(|name| {
+        let mut maps = Self::build(|name| {
             ebpf.take_map(name)
                 .with_context(|| format!("map {name} missing from the eBPF object"))
-        })
+        })?;
+        maps.backfill_nodeport_counters()?;
+        Ok(maps)
+    }
+
+    /// Pins of an agent that predates `np_backend_stats` hold pairs without an entry there:
+    /// give them one, so from here on both maps hold the same pairs (`CreateCounter` and
+    /// `DeleteCounter` write both).
+    fn backfill_nodeport_counters(&mut self) -> anyhow::Result<()> {
+        let keys: Vec<BackendStatsKey> = self.backend_stats.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            self.create_nodeport_counter(&key)?;
+        }
+        Ok(())
+    }
+
+    fn create_nodeport_counter(&mut self, key: &BackendStatsKey) -> anyhow::Result<()> {
+        let zero = PerCpuValues::try_from(vec![NodeportBackendStats::default(); self.nr_cpus])?;
+        match self.np_backend_stats.insert(key, zero, BPF_NOEXIST) {
+            Err(err) if is_errno(&err, libc::EEXIST) => Ok(()),
+            other => Ok(other?),
+        }
+    }
+
+    /// Packets and bytes per (service, backend) pair at the TC programs, summed over CPUs.
+    pub fn nodeport_backend_stats(
+        &self,
+    ) -> anyhow::Result<BTreeMap<BackendStatsKey, NodeportBackendStats>> {
+        let mut out = BTreeMap::new();
+        for (key, per_cpu) in per_cpu_entries(&self.np_backend_stats, self.nr_cpus)? {
+            let sum = per_cpu
+                .iter()
+                .fold(NodeportBackendStats::default(), |a, s| {
+                    NodeportBackendStats {
+                        packets_in: a.packets_in + s.packets_in,
+                        bytes_in: a.bytes_in + s.bytes_in,
+                        packets_out: a.packets_out + s.packets_out,
+                        bytes_out: a.bytes_out + s.bytes_out,
+                    }
+                });
+            out.insert(key, sum);
+        }
+        Ok(out)
     }
 
     /// Opens the pinned maps without loading anything (CLI, metrics).
@@ -140,6 +185,7 @@ impl Maps {
             passive: HashMap::try_from(map(map_names::PASSIVE)?)?,
             settings: Array::try_from(map(map_names::SETTINGS)?)?,
             affinity: HashMap::try_from(map(map_names::AFFINITY)?)?,
+            np_backend_stats: PerCpuHashMap::try_from(map(map_names::NP_BACKEND_STATS)?)?,
             nr_cpus: aya::util::nr_cpus()
                 .map_err(|(what, err)| anyhow::anyhow!("{what}: {err}"))?,
         })
@@ -164,10 +210,11 @@ impl Maps {
     }
 
     /// Entries of the maps the snapshot does not hold.
-    pub fn extra_entry_counts(&self) -> [(&'static str, usize); 2] {
+    pub fn extra_entry_counts(&self) -> [(&'static str, usize); 3] {
         [
             ("udp_flows", self.udp_flows.keys().count()),
             ("tcp_peers", self.tcp_peers.keys().count()),
+            ("np_backend_stats", self.np_backend_stats.keys().count()),
         ]
     }
 
@@ -387,8 +434,12 @@ impl Maps {
                     Err(err) if is_errno(&err, libc::EEXIST) => {}
                     other => other?,
                 }
+                self.create_nodeport_counter(key)?;
             }
             MapOp::DeleteCounter(key) => {
+                // The TC counter first: a crash in between leaves the `backend_stats` entry,
+                // which the resync sees and deletes again, both.
+                ignore_missing(self.np_backend_stats.remove(key))?;
                 ignore_missing(self.backend_stats.remove(key))?;
                 ignore_missing(self.passive.remove(key))?;
             }

@@ -79,6 +79,8 @@ const MAPS: &[&str] = &[
     map_names::NAT_FLOWS,
     map_names::NP_DEVICES,
     map_names::NP_STATS,
+    map_names::NP_BACKEND_STATS,
+    map_names::NP_EVENTS,
     SOCK_REV,
 ];
 

@@ -25,8 +25,8 @@ use aya::{
 use mesh_common::{
     map_names,
     nodeport::{
-        FlowKey, FlowTimeouts, NAT_F_REPLY, NatEntry, NodeportDevice, NodeportStats, pair_expired,
-        reply_key,
+        FlowKey, FlowTimeouts, NAT_F_REPLY, NatEntry, NodeportDevice, NodeportEvents,
+        NodeportStats, pair_expired, reply_key,
     },
 };
 use tracing::{info, warn};
@@ -199,6 +199,8 @@ static FLOWS_LIVE: AtomicU64 = AtomicU64::new(0);
 /// What the TC layer counted, for /metrics.
 pub struct NodeportCounters {
     pub stats: NodeportStats,
+    /// ICMP counters (the rate limiter's window fields are meaningless summed).
+    pub icmp: NodeportEvents,
     pub flows_live: u64,
     pub flows_expired: u64,
 }
@@ -224,8 +226,19 @@ pub fn counters(bpffs: &Path) -> anyhow::Result<Option<NodeportCounters>> {
         s.bytes_out += c.bytes_out;
         s.fib_misses += c.fib_misses;
     }
+    let path = PinLayout::new(bpffs).map(map_names::NP_EVENTS);
+    let map: PerCpuArray<MapData, NodeportEvents> =
+        PerCpuArray::try_from(Map::from_map_data(MapData::from_pin(&path)?)?)?;
+    let mut icmp = NodeportEvents::default();
+    for c in map.get(&0, 0)?.iter() {
+        icmp.unreachable_sent += c.unreachable_sent;
+        icmp.rate_limited += c.rate_limited;
+        icmp.errors_translated += c.errors_translated;
+        icmp.flows_reopened += c.flows_reopened;
+    }
     Ok(Some(NodeportCounters {
         stats: s,
+        icmp,
         flows_live: FLOWS_LIVE.load(Ordering::Relaxed),
         flows_expired: FLOWS_EXPIRED.load(Ordering::Relaxed),
     }))

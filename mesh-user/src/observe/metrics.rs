@@ -9,7 +9,9 @@ use std::{
     time::Duration,
 };
 
-use mesh_common::{BackendStats, RTT_BUCKET_BASE_US, RTT_BUCKETS};
+use mesh_common::{
+    BackendStats, BackendStatsKey, RTT_BUCKET_BASE_US, RTT_BUCKETS, nodeport::NodeportBackendStats,
+};
 use prometheus::{
     Encoder as _, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder, core::Collector,
@@ -548,7 +550,7 @@ impl KernelCounters {
                 out,
                 "mesh_nodeport_events_total",
                 "counter",
-                "Traffic from other hosts at the TC programs: flows created/expired, packets without backend, flows that could not be recorded, route lookups that failed",
+                "Traffic from other hosts at the TC programs: flows created/expired, packets without backend, flows that could not be recorded, route lookups that failed, ICMP port unreachables sent (or not, rate limit) for UDP without backend, ICMP errors about translated flows translated, TCP flows replaced by a new connection on the client's reused port",
             );
             for (event, value) in [
                 ("flow_created", s.flows_created),
@@ -556,6 +558,10 @@ impl KernelCounters {
                 ("no_backend", s.no_backend),
                 ("flow_failed", s.flow_failures),
                 ("fib_miss", s.fib_misses),
+                ("icmp_unreachable_sent", np.icmp.unreachable_sent),
+                ("icmp_unreachable_rate_limited", np.icmp.rate_limited),
+                ("icmp_error_translated", np.icmp.errors_translated),
+                ("flow_reopened", np.icmp.flows_reopened),
             ] {
                 let _ = writeln!(
                     out,
@@ -586,6 +592,7 @@ impl KernelCounters {
                 "Flows from other hosts in nat_flows at the last expiry pass",
             );
             let _ = writeln!(out, "mesh_nodeport_flows {}", np.flows_live);
+            render_nodeport_backends(out, &snap, &maps.nodeport_backend_stats()?);
         }
         header(
             out,
@@ -597,6 +604,57 @@ impl KernelCounters {
             let _ = writeln!(out, "mesh_map_capacity{{map=\"{map}\"}} {capacity}");
         }
         Ok(())
+    }
+}
+
+/// Packets and bytes of each backend of each external service at the TC programs, by
+/// direction: `in` towards the backend, `out` its replies back to the client.
+fn render_nodeport_backends(
+    out: &mut String,
+    snap: &crate::datapath::Snapshot,
+    stats: &std::collections::BTreeMap<BackendStatsKey, NodeportBackendStats>,
+) {
+    use std::fmt::Write as _;
+    let mut rows = Vec::new();
+    for (vip, svc) in snap.services.iter().filter(|(vip, _)| vip.external) {
+        let name = snap.names.get(&svc.id).map(String::as_str).unwrap_or("");
+        for (key, _) in snap.members_of(svc.id) {
+            let (Some(addr), Some(s)) = (snap.backends.get(&key.backend_id), stats.get(key)) else {
+                continue;
+            };
+            let labels = labels_inner(&[
+                ("service", name),
+                ("backend", &addr.to_string()),
+                ("protocol", protocol_name(vip.proto)),
+            ]);
+            rows.push((labels, *s));
+        }
+    }
+    /// A metric family: name, help, and its (in, out) values.
+    type Family = (
+        &'static str,
+        &'static str,
+        fn(&NodeportBackendStats) -> [u64; 2],
+    );
+    let families: [Family; 2] = [
+        (
+            "mesh_nodeport_backend_packets_total",
+            "Packets the TC programs translated for the backend of an external service, towards it (in) and back to the client (out)",
+            |s| [s.packets_in, s.packets_out],
+        ),
+        (
+            "mesh_nodeport_backend_bytes_total",
+            "Bytes (whole frames) the TC programs translated for the backend of an external service, by direction",
+            |s| [s.bytes_in, s.bytes_out],
+        ),
+    ];
+    for (name, help, values) in families {
+        header(out, name, "counter", help);
+        for (labels, s) in &rows {
+            for (dir, value) in ["in", "out"].into_iter().zip(values(s)) {
+                let _ = writeln!(out, "{name}{{{labels},direction=\"{dir}\"}} {value}");
+            }
+        }
     }
 }
 

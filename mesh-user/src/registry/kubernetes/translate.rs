@@ -360,8 +360,8 @@ fn translate_service(
                 protocol,
                 backends: members(set, all),
                 on_empty: EmptyPolicy::Reject,
-                // The TC programs keep no per-client affinity (validation rejects it).
-                affinity: None,
+                // ClientIP affinity by the client's address, at the TC programs.
+                affinity: affinity.clone(),
                 health: health.clone(),
                 terminate_udp_flows: true,
                 external: Some(external_policy),
