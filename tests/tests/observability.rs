@@ -691,6 +691,7 @@ fn bpftool_dumps_are_structured_json() {
         ("slots", 1_048_576),
         ("affinity", 65_536),
         ("udp_flows", 65_536),
+        ("tcp_peers", 65_536),
     ] {
         assert_eq!(
             map_max_entries(&env.bpffs, map),
