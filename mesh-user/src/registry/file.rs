@@ -31,9 +31,9 @@ pub fn watch(
         use notify::event::{EventKind, ModifyKind, RenameMode};
         let renamed_into_place = match event.kind {
             EventKind::Modify(ModifyKind::Name(RenameMode::To)) => true,
-            EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
-                event.paths.last().is_some_and(is_ours)
-            }
+            // inotify reports a rename as From, To and then Both: To already stood for it, and
+            // a second read would report a rejected edit twice.
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => return,
             _ => false,
         };
         changed(renamed_into_place);
