@@ -53,8 +53,9 @@
 //! a sample in both halves gets no verdict, and says so).
 //!
 //! A change to Redis or Kubernetes right after the agent or the source restarted may wait for
-//! the reconnect (up to [`RECONNECT_LIMIT`]); `mesh_registry_source_up{source="kubernetes"}` is
-//! not waited for, since it stays 0 after a restart or an outage until the cluster changes.
+//! the reconnect (up to [`RECONNECT_LIMIT`]). `mesh_registry_source_up{source="kubernetes"}` is
+//! not waited for (it stayed 0 after an outage until the cluster changed, which the soak found;
+//! fixed, and tested in tests/tests/kubernetes.rs).
 //!
 //! Not done (yet): the upgrade starts the same build from another file (there is no older
 //! release to upgrade from), Redis is not restarted empty (its services would change while the
