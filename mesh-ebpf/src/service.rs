@@ -50,7 +50,13 @@ pub fn translate(ctx: &SockAddrContext, dest: &Dest, family: u8) -> Verdict {
     // rejects).
     let mut backend = Backend::default();
     let backend_id = if service.flags & SVC_F_AFFINITY != 0 {
-        pick_with_affinity(ctx, &key, &service, &mut backend)
+        pick_with_affinity(
+            &SERVICES,
+            &key,
+            &service,
+            socket_client(ctx, &service),
+            &mut backend,
+        )
     } else {
         pick_round_robin(&SERVICES, &key, &service, &mut backend)
     };
@@ -160,22 +166,18 @@ fn slot_backend(service: &Service, turn: u64, backend: &mut Backend) -> u32 {
     }
 }
 
-/// The backend this client used last, while it is still active and the entry has not timed
-/// out; otherwise a round-robin pick, remembered for next time.
+/// The backend `client` used last in `services`' service, while it is still active and the
+/// entry has not timed out; otherwise a round-robin pick, remembered for next time. Sockets
+/// are clients by (network namespace, cgroup); traffic from other hosts by address
+/// (`nodeport::affinity`).
 #[inline(always)]
-fn pick_with_affinity(
-    ctx: &SockAddrContext,
+pub fn pick_with_affinity(
+    services: &ServiceMap,
     key: &ServiceKey,
     service: &Service,
+    client: AffinityKey,
     backend: &mut Backend,
 ) -> u32 {
-    let client = AffinityKey {
-        service_id: service.id,
-        _pad: 0,
-        // SAFETY: helpers without memory arguments other than the valid context.
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) },
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-    };
     // SAFETY: no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let timeout_ns = u64::from(service.affinity_timeout_secs) * 1_000_000_000;
@@ -196,7 +198,7 @@ fn pick_with_affinity(
             return entry.backend_id;
         }
     }
-    let backend_id = pick_round_robin(&SERVICES, key, service, backend);
+    let backend_id = pick_round_robin(services, key, service, backend);
     if backend_id == 0 {
         return 0;
     }
@@ -209,4 +211,16 @@ fn pick_with_affinity(
         count(|s| s.affinity_full += 1);
     }
     backend_id
+}
+
+/// A socket's client identity for affinity: its network namespace and cgroup (a pod).
+#[inline(always)]
+fn socket_client(ctx: &SockAddrContext, service: &Service) -> AffinityKey {
+    AffinityKey {
+        service_id: service.id,
+        _pad: 0,
+        // SAFETY: helpers without memory arguments other than the valid context.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) },
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+    }
 }
