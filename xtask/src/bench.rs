@@ -83,6 +83,11 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// `--quick` or the full run.
+    fn of_run(quick: bool) -> Self {
+        if quick { Self::quick() } else { Self::full() }
+    }
+
     fn full() -> Self {
         Settings {
             quick: false,
@@ -276,11 +281,7 @@ fn path_descriptions() -> BTreeMap<&'static str, &'static str> {
 
 pub fn run(quick: bool) -> Result<()> {
     let started = Instant::now();
-    let settings = if quick {
-        Settings::quick()
-    } else {
-        Settings::full()
-    };
+    let settings = Settings::of_run(quick);
     setup::run()?;
     let (mesh, loadgen) = build_binaries()?;
     signal::check()?;
@@ -478,11 +479,7 @@ struct Partial {
 impl Partial {
     /// `ports`: the other ports on 127.0.0.1 this part listens on, which must be free.
     fn prepare(quick: bool, ports: &[u16]) -> Result<Partial> {
-        let settings = if quick {
-            Settings::quick()
-        } else {
-            Settings::full()
-        };
+        let settings = Settings::of_run(quick);
         setup::run()?;
         let (mesh, loadgen) = build_binaries()?;
         system::clean_leftovers(&mesh)?;
