@@ -66,6 +66,11 @@ pub struct NatEntry {
     pub backend_id: u32,
     /// `NAT_F_*` bits.
     pub flags: u32,
+    /// TCP, the client's direction: the sequence number of the SYN that opened the flow (host
+    /// order), which tells a retransmitted SYN from a new connection on the same port
+    /// (`reopens`). 0 otherwise.
+    pub syn_seq: u32,
+    pub _pad: u32,
     /// bpf_ktime_get_ns() of the last packet in this direction (the agent expires idle flows).
     pub last_seen_ns: u64,
 }
@@ -138,24 +143,36 @@ pub struct NodeportEvents {
     /// closed while the old flow's entries were still there (see `reopens`). The old flow is
     /// deleted by the kernel, so it is never counted as expired.
     pub flows_reopened: u64,
+    /// New flows that keep the client's address but not its port: the port was taken by
+    /// another flow's replies to the same backend (see `new_flow` in the kernel).
+    pub ports_remapped: u64,
 }
 
 /// TCP flags (the 14th byte of the TCP header).
+pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// Whether a packet matching the client-direction entry `entry` opens a new connection rather
-/// than belonging to the old one: a SYN without ACK after the client closed the old
-/// connection (FIN or RST seen from it). The client's side of a closed connection holds no
-/// TIME_WAIT when the backend closed first, so it may reuse the port within the closing
-/// timeout; the old flow must not catch the new connection (as conntrack starts a new one).
-/// A retransmitted SYN of a connection not yet closed keeps its flow (and backend).
+/// Whether a TCP segment needs its sequence number for `reopens`: a SYN without ACK.
 #[inline(always)]
-pub fn reopens(entry: &NatEntry, proto: u8, tcp_flags: u8) -> bool {
+pub fn is_client_syn(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// Whether a packet matching the client-direction entry `entry` opens a new connection rather
+/// than belonging to the old one: a SYN without ACK whose sequence number is not the one that
+/// opened the flow. The client may reuse a port while the old flow's entries are still there:
+/// its side of a closed connection holds no TIME_WAIT when the backend closed first, and the
+/// old flow may never have shown a FIN or RST here (an aborted connect, a lost segment). The
+/// old flow must not catch the new connection, as conntrack starts a new one. A retransmitted
+/// SYN carries the same sequence number, so it keeps its flow (and backend).
+#[inline(always)]
+pub fn reopens(entry: &NatEntry, proto: u8, tcp_flags: u8, seq: u32) -> bool {
     proto == PROTO_TCP
         && entry.flags & NAT_F_REPLY == 0
-        && entry.flags & NAT_F_CLOSING != 0
-        && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && is_client_syn(tcp_flags)
+        && seq != entry.syn_seq
 }
 
 /// Port unreachables each CPU sends per second at most, as Linux's `icmp_msgs_per_sec`
@@ -397,11 +414,11 @@ mod pod {
 
 const _: () = {
     assert!(core::mem::size_of::<FlowKey>() == 16);
-    assert!(core::mem::size_of::<NatEntry>() == 32);
+    assert!(core::mem::size_of::<NatEntry>() == 40);
     assert!(core::mem::size_of::<NodeportDevice>() == 4);
     assert!(core::mem::size_of::<NodeportStats>() == 8 * 8);
     assert!(core::mem::size_of::<NodeportBackendStats>() == 8 * 4);
-    assert!(core::mem::size_of::<NodeportEvents>() == 8 * 6);
+    assert!(core::mem::size_of::<NodeportEvents>() == 8 * 7);
 };
 
 #[cfg(test)]
@@ -635,23 +652,31 @@ mod tests {
     }
 
     #[test]
-    fn a_syn_after_the_client_closed_opens_a_new_flow() {
+    fn a_syn_with_another_sequence_number_opens_a_new_flow() {
+        let open = NatEntry {
+            syn_seq: 1000,
+            ..NatEntry::default()
+        };
+        // A new connection on the port, whether or not the old one was seen closing.
+        assert!(reopens(&open, PROTO_TCP, TCP_SYN, 2000));
         let closed = NatEntry {
             flags: NAT_F_CLOSING,
-            ..NatEntry::default()
+            ..open
         };
-        assert!(reopens(&closed, PROTO_TCP, TCP_SYN));
-        // A SYN retransmitted before anything closed keeps its flow.
-        assert!(!reopens(&NatEntry::default(), PROTO_TCP, TCP_SYN));
-        // The old connection's last ACK, a SYN-ACK, the reply direction, UDP: not new.
-        assert!(!reopens(&closed, PROTO_TCP, TCP_ACK));
-        assert!(!reopens(&closed, PROTO_TCP, TCP_SYN | TCP_ACK));
+        assert!(reopens(&closed, PROTO_TCP, TCP_SYN, 2000));
+        // The SYN that opened the flow, retransmitted, keeps it.
+        assert!(!reopens(&open, PROTO_TCP, TCP_SYN, 1000));
+        // The old connection's segments, a SYN-ACK, the reply direction, UDP: not new.
+        assert!(!reopens(&open, PROTO_TCP, TCP_ACK, 2000));
+        assert!(!reopens(&open, PROTO_TCP, TCP_ACK | TCP_FIN, 2000));
+        assert!(!reopens(&open, PROTO_TCP, TCP_SYN | TCP_ACK, 2000));
         let reply = NatEntry {
-            flags: NAT_F_CLOSING | NAT_F_REPLY,
-            ..NatEntry::default()
+            flags: NAT_F_REPLY,
+            ..open
         };
-        assert!(!reopens(&reply, PROTO_TCP, TCP_SYN));
-        assert!(!reopens(&closed, PROTO_UDP, TCP_SYN));
+        assert!(!reopens(&reply, PROTO_TCP, TCP_SYN, 2000));
+        assert!(!reopens(&open, PROTO_UDP, TCP_SYN, 2000));
+        assert!(is_client_syn(TCP_SYN) && !is_client_syn(TCP_SYN | TCP_ACK));
     }
 
     #[test]

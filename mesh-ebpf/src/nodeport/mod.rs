@@ -31,13 +31,13 @@ use mesh_common::{
     ServiceKey,
     nodeport::{
         NAT_F_CLOSING, NAT_F_REPLY, NAT_F_SNAT, NatEntry, PROTO_ICMP, SNAT_TRIES, SVC_F_EXT_LOCAL,
-        reopens, reply_key, snat_port,
+        TCP_FIN, TCP_RST, reopens, reply_key, snat_port,
     },
 };
 
 use self::{
     count::{count, events, translated},
-    packet::{Packet, TCP_FIN, TCP_RST, forward, ingress_ifindex, parse, rewrite, route},
+    packet::{Packet, forward, ingress_ifindex, parse, rewrite, route},
 };
 use crate::maps::{EXT_SERVICES, NAT_FLOWS, NP_DEVICES};
 use crate::service::pick_round_robin;
@@ -71,11 +71,11 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     if let Some(entry) = NAT_FLOWS.get_ptr_mut(pkt.key) {
         // SAFETY: a valid value of the map, copied.
         let old = unsafe { *entry };
-        if !reopens(&old, pkt.key.proto, pkt.tcp_flags) {
+        if !reopens(&old, pkt.key.proto, pkt.tcp_flags, pkt.syn_seq) {
             return known_flow(ctx, &pkt, ifindex, entry);
         }
-        // A new connection on a port the client closed: the old flow goes, this packet starts
-        // a new one below.
+        // A new connection on the port of an old flow: the old flow goes, this packet starts a
+        // new one below.
         let _ = NAT_FLOWS.remove(reply_key(&old, pkt.key.proto));
         let _ = NAT_FLOWS.remove(pkt.key);
         events(|s| s.flows_reopened += 1);
@@ -159,9 +159,11 @@ fn new_flow(
         service_id: service.id,
         backend_id,
         flags: 0,
+        syn_seq: pkt.syn_seq,
+        _pad: 0,
         last_seen_ns: now,
     };
-    let rev = NatEntry {
+    let mut rev = NatEntry {
         to_saddr: pkt.key.daddr,
         to_daddr: pkt.key.saddr,
         to_sport: pkt.key.dport,
@@ -169,6 +171,8 @@ fn new_flow(
         service_id: service.id,
         backend_id,
         flags: NAT_F_REPLY,
+        syn_seq: 0,
+        _pad: 0,
         last_seen_ns: now,
     };
     // SNAT when the backend is reached through an external device (another node) and the
@@ -182,29 +186,34 @@ fn new_flow(
     } else {
         None
     };
-    let mut inserted = false;
     if let Some(ip) = snat_ip {
         fwd.to_saddr = ip;
         fwd.flags |= NAT_F_SNAT;
-        let mut rev = rev;
         rev.flags |= NAT_F_SNAT;
-        let mut i = 0;
-        while i < SNAT_TRIES {
+    }
+    // The replies' key must be free. A SNATed flow takes a random free node port. A flow that
+    // keeps the client's address keeps its port too, unless another flow's replies hold that
+    // key already (the client's port to the same backend through another service, or an old
+    // flow still closing): it then takes a random port, as netfilter's NAT does on a clash,
+    // instead of being dropped.
+    let mut inserted = false;
+    let mut i = 0;
+    while i < SNAT_TRIES {
+        if snat_ip.is_some() || i > 0 {
             // SAFETY: no arguments.
             fwd.to_sport = snat_port(unsafe { bpf_get_prandom_u32() });
-            if NAT_FLOWS
-                .insert(reply_key(&fwd, pkt.key.proto), rev, u64::from(BPF_NOEXIST))
-                .is_ok()
-            {
-                inserted = true;
-                break;
-            }
-            i += 1;
         }
-    } else {
-        inserted = NAT_FLOWS
+        if NAT_FLOWS
             .insert(reply_key(&fwd, pkt.key.proto), rev, u64::from(BPF_NOEXIST))
-            .is_ok();
+            .is_ok()
+        {
+            inserted = true;
+            if snat_ip.is_none() && i > 0 {
+                events(|s| s.ports_remapped += 1);
+            }
+            break;
+        }
+        i += 1;
     }
     if !inserted || NAT_FLOWS.insert(pkt.key, fwd, 0).is_err() {
         count(|s| s.flow_failures += 1);

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     PROTO_TCP, PROTO_UDP,
-    nodeport::{FlowKey, NatEntry},
+    nodeport::{FlowKey, NatEntry, is_client_syn},
 };
 
 use super::count::count;
@@ -24,18 +24,17 @@ pub const IP_DADDR: usize = IP_OFF + 16;
 /// Only 20-byte IPv4 headers are translated, so the L4 header is at a fixed offset.
 pub const L4_OFF: usize = IP_OFF + 20;
 const TCP_CHECK: usize = L4_OFF + 16;
+const TCP_SEQ: usize = L4_OFF + 4;
 const TCP_FLAGS: usize = L4_OFF + 13;
 const UDP_CHECK: usize = L4_OFF + 6;
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
 const AF_INET: u8 = 2;
 
 /// An IPv4 TCP/UDP packet's 5-tuple, its TCP flags (0 for UDP) and its length.
 pub struct Packet {
     pub key: FlowKey,
     pub tcp_flags: u8,
+    /// The sequence number (host order) of a client's SYN; 0 for any other packet.
+    pub syn_seq: u32,
     pub len: u32,
 }
 
@@ -74,6 +73,11 @@ pub fn parse(ctx: &TcContext, proto: u8) -> Option<Packet> {
     } else {
         0
     };
+    let syn_seq = if proto == PROTO_TCP && is_client_syn(tcp_flags) {
+        u32::from_be(ctx.load(TCP_SEQ).ok()?)
+    } else {
+        0
+    };
     Some(Packet {
         key: FlowKey {
             saddr,
@@ -84,6 +88,7 @@ pub fn parse(ctx: &TcContext, proto: u8) -> Option<Packet> {
             _pad: [0; 3],
         },
         tcp_flags,
+        syn_seq,
         len: ctx.len(),
     })
 }

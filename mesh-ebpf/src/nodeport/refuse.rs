@@ -10,14 +10,14 @@ use aya_ebpf::{
 use mesh_common::{
     PROTO_TCP,
     nodeport::{
-        ICMP_UNREACHABLE_LEN, ICMP_UNREACHABLE_PER_SEC, fold16, icmp_port_unreachable,
-        icmp_rate_allow, sum16,
+        ICMP_UNREACHABLE_LEN, ICMP_UNREACHABLE_PER_SEC, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, fold16,
+        icmp_port_unreachable, icmp_rate_allow, sum16,
     },
 };
 
 use super::{
     count::events,
-    packet::{ETH_LEN, IP_OFF, L4_OFF, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, swap_macs},
+    packet::{ETH_LEN, IP_OFF, L4_OFF, Packet, swap_macs},
 };
 
 /// Answers a TCP segment with a reset: the client's connect is refused at once.

@@ -235,6 +235,7 @@ pub fn counters(bpffs: &Path) -> anyhow::Result<Option<NodeportCounters>> {
         icmp.rate_limited += c.rate_limited;
         icmp.errors_translated += c.errors_translated;
         icmp.flows_reopened += c.flows_reopened;
+        icmp.ports_remapped += c.ports_remapped;
     }
     Ok(Some(NodeportCounters {
         stats: s,

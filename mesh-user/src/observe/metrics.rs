@@ -550,7 +550,7 @@ impl KernelCounters {
                 out,
                 "mesh_nodeport_events_total",
                 "counter",
-                "Traffic from other hosts at the TC programs: flows created/expired, packets without backend, flows that could not be recorded, route lookups that failed, ICMP port unreachables sent (or not, rate limit) for UDP without backend, ICMP errors about translated flows translated, TCP flows replaced by a new connection on the client's reused port",
+                "Traffic from other hosts at the TC programs: flows created/expired, packets without backend, flows that could not be recorded, route lookups that failed, ICMP port unreachables sent (or not, rate limit) for UDP without backend, ICMP errors about translated flows translated, TCP flows replaced by a new connection on the client's reused port, flows given another source port because the client's was taken towards that backend",
             );
             for (event, value) in [
                 ("flow_created", s.flows_created),
@@ -562,6 +562,7 @@ impl KernelCounters {
                 ("icmp_unreachable_rate_limited", np.icmp.rate_limited),
                 ("icmp_error_translated", np.icmp.errors_translated),
                 ("flow_reopened", np.icmp.flows_reopened),
+                ("source_port_remapped", np.icmp.ports_remapped),
             ] {
                 let _ = writeln!(
                     out,

@@ -9,13 +9,17 @@
 //! mesh-probe udp --addr IP:PORT --count N [--timeout-ms T] [--summary]
 //!     N request/replies on one unconnected UDP socket (sendto/recvfrom).
 //!     Prints `<reply> from <ip:port>` or `ERR <errno name or message>` per datagram.
-//! mesh-probe udp-fresh --addr IP:PORT --count N [--timeout-ms T] [--summary]
+//! mesh-probe udp-fresh --addr IP:PORT --count N [--timeout-ms T] [--summary] [--keep-open]
 //!     As `udp`, but every datagram from a new unconnected socket (closed after the reply).
+//!     With `--keep-open` every socket stays open until the end, so each has a port of its
+//!     own: the kernel may give a port closed a moment ago to the next socket, whose datagram
+//!     then continues the old socket's flow at a translation layer (conntrack, nodeport).
 //! mesh-probe udp-burst --addr IP:PORT --count N [--timeout-ms T] [--summary]
 //!     As `udp`, but all N datagrams are sent before the first reply is read, so the socket
 //!     has sent to N backends when it reads their replies. Output as `udp`, in reply order.
-//! mesh-probe udp-connected --addr IP:PORT --count N [--timeout-ms T] [--summary]
-//!     N new connected UDP sockets: connect, send, recv, close. Output as `udp`.
+//! mesh-probe udp-connected --addr IP:PORT --count N [--timeout-ms T] [--summary] [--keep-open]
+//!     N new connected UDP sockets: connect, send, recv, close (`--keep-open`: as udp-fresh).
+//!     Output as `udp`.
 //! mesh-probe connect-until --addr IP:PORT --stop-file PATH --max-ms M [--timeout-ms T]
 //!     TCP connects (as `connect`) in a loop until PATH exists or M ms have passed.
 //!     Always prints a summary.
@@ -99,11 +103,12 @@ struct Args {
     path: String,
     every: Duration,
     dual_stack: bool,
+    keep_open: bool,
 }
 
 const USAGE: &str =
     "usage: mesh-probe connect|udp|udp-fresh|udp-burst|udp-connected --addr IP:PORT --count N \
-[--timeout-ms T] [--summary]
+[--timeout-ms T] [--summary] [--keep-open (udp-fresh, udp-connected)]
        mesh-probe connect-until --addr IP:PORT --stop-file PATH --max-ms M [--timeout-ms T]
        mesh-probe http --addr IP:PORT --count N [--path P] [--timeout-ms T] [--summary]
        mesh-probe http-until --addr IP:PORT --stop-file PATH --max-ms M [--path P] [--timeout-ms T]
@@ -142,10 +147,18 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
     let mut flags: HashMap<&str, &str> = HashMap::new();
     let mut summary = false;
     let mut dual_stack = false;
+    let mut keep_open = false;
     let mut rest = rest.iter();
     while let Some(flag) = rest.next() {
         if flag == "--summary" {
             summary = true;
+            continue;
+        }
+        if flag == "--keep-open" {
+            if !matches!(mode, Mode::UdpFresh | Mode::UdpConnected) {
+                return Err("--keep-open works with udp-fresh and udp-connected".into());
+            }
+            keep_open = true;
             continue;
         }
         if flag == "--dual-stack" {
@@ -257,6 +270,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         max,
         proto_udp,
         name: name.unwrap_or_default(),
+        keep_open,
         hold,
         path,
         every,
@@ -367,6 +381,7 @@ fn client(args: &Args, out: &mut impl Write) -> std::io::Result<()> {
         }
     }
     let mut send_errors = send_errors.into_iter();
+    let mut kept = Vec::new();
     let mut i = 0usize;
     loop {
         if matches!(args.mode, Mode::ConnectUntil | Mode::HttpUntil) {
@@ -385,14 +400,20 @@ fn client(args: &Args, out: &mut impl Write) -> std::io::Result<()> {
                 i,
             ),
             Mode::UdpFresh => match unconnected_socket(args) {
-                Ok(socket) => udp_exchange(&socket, args.addr, i),
+                Ok(socket) => {
+                    let attempt = udp_exchange(&socket, args.addr, i);
+                    if args.keep_open {
+                        kept.push(socket);
+                    }
+                    attempt
+                }
                 Err(e) => failed(&e),
             },
             Mode::UdpBurst => send_errors.next().unwrap_or_else(|| Attempt {
                 outcome: udp_reply(shared.as_ref().expect("udp-burst mode has a socket")),
                 connect: None,
             }),
-            Mode::UdpConnected => udp_connected_once(args, i),
+            Mode::UdpConnected => udp_connected_once(args, i, &mut kept),
             Mode::Http | Mode::HttpUntil => http_once(args.addr, &args.path, args.timeout),
             Mode::Peer | Mode::ServeTcp | Mode::ServeUdp | Mode::Hold => {
                 unreachable!("not a client loop")
@@ -677,20 +698,28 @@ fn udp_reply(socket: &UdpSocket) -> Result<(String, Option<SocketAddr>), String>
     }
 }
 
-fn udp_connected_once(args: &Args, i: usize) -> Attempt {
+fn udp_connected_once(args: &Args, i: usize, kept: &mut Vec<UdpSocket>) -> Attempt {
     let socket = match unconnected_socket(args) {
         Ok(socket) => socket,
         Err(e) => return failed(&e),
     };
+    let attempt = udp_connected_exchange(&socket, args.addr, i);
+    if args.keep_open {
+        kept.push(socket);
+    }
+    attempt
+}
+
+fn udp_connected_exchange(socket: &UdpSocket, addr: SocketAddr, i: usize) -> Attempt {
     let started = Instant::now();
-    let connected = socket.connect(args.addr);
+    let connected = socket.connect(addr);
     let connect = Some(started.elapsed());
     let outcome = connected.map_err(|e| errno_name(&e)).and_then(|()| {
         let request = format!("mesh-probe {i}\n");
         socket
             .send(request.as_bytes())
             .map_err(|e| errno_name(&e))?;
-        udp_reply(&socket)
+        udp_reply(socket)
     });
     Attempt { outcome, connect }
 }
