@@ -290,6 +290,8 @@ impl State {
                         services,
                         generation,
                         took_ms = report.took.as_secs_f64() * 1e3,
+                        plan_ms = report.planned.as_secs_f64() * 1e3,
+                        write_ms = report.written.as_secs_f64() * 1e3,
                         "applied"
                     );
                 }

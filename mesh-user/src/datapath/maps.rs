@@ -52,6 +52,10 @@ pub struct Maps {
     /// exactly as long as the pair's `backend_stats` entry.
     np_backend_stats: PerCpuHashMap<MapData, BackendStatsKey, NodeportBackendStats>,
     nr_cpus: usize,
+    /// Whether pairs get an `np_backend_stats` counter: only while the TC programs run
+    /// (`[agent.nodeport]`). Each is a per-CPU allocation in the kernel, half of a cold
+    /// start's map writes when every pair had one.
+    nodeport_counters: bool,
 }
 
 /// Everything the maps hold, with per-CPU counters summed.
@@ -103,22 +107,35 @@ impl Snapshot {
 }
 
 impl Maps {
-    pub(super) fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
+    /// The loaded object's maps. `nodeport`: the TC programs are attached, so every pair
+    /// needs its `np_backend_stats` counter.
+    pub(super) fn take(ebpf: &mut Ebpf, nodeport: bool) -> anyhow::Result<Self> {
         let mut maps = Self::build(|name| {
             ebpf.take_map(name)
                 .with_context(|| format!("map {name} missing from the eBPF object"))
         })?;
-        maps.backfill_nodeport_counters()?;
+        maps.nodeport_counters = nodeport;
+        maps.match_nodeport_counters()?;
         Ok(maps)
     }
 
-    /// Pins of an agent that predates `np_backend_stats` hold pairs without an entry there:
-    /// give them one, so from here on both maps hold the same pairs (`CreateCounter` and
-    /// `DeleteCounter` write both).
-    fn backfill_nodeport_counters(&mut self) -> anyhow::Result<()> {
-        let keys: Vec<BackendStatsKey> = self.backend_stats.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            self.create_nodeport_counter(&key)?;
+    /// With the TC programs on, every pair of `backend_stats` gets an `np_backend_stats`
+    /// counter it lacks (pins of an agent that ran without them, or predates the map), so from
+    /// here on both maps hold the same pairs (`CreateCounter` and `DeleteCounter` write both).
+    /// With them off, the counters an earlier agent left are deleted: nothing counts there.
+    fn match_nodeport_counters(&mut self) -> anyhow::Result<()> {
+        if self.nodeport_counters {
+            let keys: Vec<BackendStatsKey> =
+                self.backend_stats.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                self.create_nodeport_counter(&key)?;
+            }
+        } else {
+            let keys: Vec<BackendStatsKey> =
+                self.np_backend_stats.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                ignore_missing(self.np_backend_stats.remove(&key))?;
+            }
         }
         Ok(())
     }
@@ -188,6 +205,7 @@ impl Maps {
             np_backend_stats: PerCpuHashMap::try_from(map(map_names::NP_BACKEND_STATS)?)?,
             nr_cpus: aya::util::nr_cpus()
                 .map_err(|(what, err)| anyhow::anyhow!("{what}: {err}"))?,
+            nodeport_counters: false,
         })
     }
 
@@ -434,7 +452,9 @@ impl Maps {
                     Err(err) if is_errno(&err, libc::EEXIST) => {}
                     other => other?,
                 }
-                self.create_nodeport_counter(key)?;
+                if self.nodeport_counters {
+                    self.create_nodeport_counter(key)?;
+                }
             }
             MapOp::DeleteCounter(key) => {
                 // The TC counter first: a crash in between leaves the `backend_stats` entry,

@@ -185,7 +185,7 @@ impl Datapath {
             Some(devices) => tc::attach(&mut ebpf, &layout, devices)?,
             None => tc::detach_all(&layout)?,
         }
-        let maps = Maps::take(&mut ebpf)?;
+        let maps = Maps::take(&mut ebpf, opts.nodeport_devices.is_some())?;
         let logger = aya_log::EbpfLogger::init(&mut ebpf).context("kernel log ring buffer")?;
         Ok(Self {
             _ebpf: ebpf,

@@ -31,6 +31,9 @@ const PREVIOUS_SET_GRACE: Duration = Duration::from_secs(1);
 pub struct ApplyReport {
     pub writes: usize,
     pub took: Duration,
+    /// Of `took`: planning the writes, and the map writes themselves.
+    pub planned: Duration,
+    pub written: Duration,
     /// Connected UDP sockets terminated because their backend left.
     pub udp_terminated: u64,
 }
@@ -105,6 +108,7 @@ impl Executor {
         let started = Instant::now();
         let scope = if self.plan_all { Scope::All } else { scope };
         let (ops, patch) = plan_scoped(desired, &self.applied, &self.limits, scope)?;
+        let planned = started.elapsed();
         self.plan_all = false;
         if ops.is_empty() {
             return Ok(ApplyReport {
@@ -115,6 +119,7 @@ impl Executor {
         for op in &ops {
             debug!(?op, "map write");
         }
+        let writing = Instant::now();
         if let Err(err) = self.maps.apply(&ops) {
             match self.maps.snapshot() {
                 Ok(snap) => self.applied = Applied::from_snapshot(&snap),
@@ -123,6 +128,7 @@ impl Executor {
             self.plan_all = true;
             return Err(err);
         }
+        let written = writing.elapsed();
         let left = self.udp_backends_left(&ops, desired);
         let previous_ids = self.backend_ids_of(&left);
         let now = Instant::now();
@@ -149,6 +155,8 @@ impl Executor {
         Ok(ApplyReport {
             writes: ops.len(),
             took: started.elapsed(),
+            planned,
+            written,
             udp_terminated,
         })
     }

@@ -596,15 +596,18 @@ impl Store {
 
     /// The objects of a type as they were at revision `at` (current objects with later changes
     /// undone), or 410 when the history no longer reaches back to `at`.
-    fn snapshot(&self, resource: ResourceId, at: u64) -> Option<BTreeMap<String, Value>> {
+    /// The objects of `resource` at revision `at`, borrowed: every page of a paginated list
+    /// rebuilds it, so it must not copy the objects (a list of 10,000 Services in pages of 500
+    /// would copy 200,000 of them).
+    fn snapshot(&self, resource: ResourceId, at: u64) -> Option<BTreeMap<&str, &Value>> {
         if at < self.compacted {
             return None;
         }
-        let mut objects: BTreeMap<String, Value> = self
+        let mut objects: BTreeMap<&str, &Value> = self
             .objects
             .range((resource, String::new())..)
             .take_while(|((r, _), _)| *r == resource)
-            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .map(|((_, k), v)| (k.as_str(), v))
             .collect();
         for change in self.history.iter().rev() {
             if change.rv <= at {
@@ -615,10 +618,10 @@ impl Store {
             }
             match &change.prev {
                 None => {
-                    objects.remove(&change.key);
+                    objects.remove(change.key.as_str());
                 }
                 Some(prev) => {
-                    objects.insert(change.key.clone(), prev.clone());
+                    objects.insert(change.key.as_str(), prev);
                 }
             }
         }
@@ -701,9 +704,8 @@ impl Store {
             .ok_or_else(ApiError::continue_expired)?;
         let prefix = namespace.map(|ns| format!("{ns}/"));
         let mut matching = objects
-            .iter()
+            .range(start.as_deref().unwrap_or("")..)
             .filter(|(k, _)| prefix.as_deref().is_none_or(|p| k.starts_with(p)))
-            .filter(|(k, _)| start.as_deref().is_none_or(|s| k.as_str() >= s))
             .filter(|(_, v)| query.labels.matches(v) && query.fields.matches(v));
         let mut items = Vec::new();
         let mut last_key = None;
@@ -716,7 +718,7 @@ impl Store {
                 break;
             }
             items.push(as_list_item(v));
-            last_key = Some(k.clone());
+            last_key = Some(*k);
         }
         if remaining > 0 {
             remaining += matching.count();

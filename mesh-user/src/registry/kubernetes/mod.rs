@@ -136,6 +136,10 @@ async fn client(config: &KubernetesConfig) -> anyhow::Result<Client> {
     Client::try_from(config).context("building the Kubernetes client")
 }
 
+/// Objects per page of the initial lists (kube-runtime's default is 500): fewer round trips at
+/// start-up, for a few MB more while a page is decoded.
+const LIST_PAGE: u32 = 5_000;
+
 type Events<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
 
 fn watch_kind<K>(api: Api<K>, config: watcher::Config) -> Events<K>
@@ -161,11 +165,15 @@ pub async fn start(
     };
     let services = watch_kind(
         Api::<Service>::all(client.clone()),
-        watcher::Config::default().labels(&service_selector(&filter.service_proxy_name)),
+        watcher::Config::default()
+            .labels(&service_selector(&filter.service_proxy_name))
+            .page_size(LIST_PAGE),
     );
     let slices = watch_kind(
         Api::<EndpointSlice>::all(client.clone()),
-        watcher::Config::default().labels(LABEL_SERVICE_NAME),
+        watcher::Config::default()
+            .labels(LABEL_SERVICE_NAME)
+            .page_size(LIST_PAGE),
     );
     let nodes = watch_kind(
         Api::<Node>::all(client.clone()),
@@ -202,6 +210,7 @@ pub async fn start(
         reachability: Api::all(client),
         skipped: BTreeMap::new(),
         translated: Translated::default(),
+        started: Some(std::time::Instant::now()),
     };
     Ok(tokio::spawn(source.run(initial, services, slices, nodes)))
 }
@@ -233,6 +242,9 @@ struct KubernetesSource {
     skipped: BTreeMap<&'static str, usize>,
     /// The caches translated, per Service.
     translated: Translated,
+    /// When the source started, until its first set is sent: the start-up's phases are logged
+    /// once (lists, translation, apply), as operators of large clusters ask where it goes.
+    started: Option<std::time::Instant>,
 }
 
 /// Writes each set it is given to `saved`, the newest first: a burst of changes costs one
@@ -419,6 +431,7 @@ impl KubernetesSource {
     /// Translates what changed in the caches and sends the set if it differs from the last
     /// one accepted. False when the agent is gone.
     async fn publish(&mut self) -> bool {
+        let listed = self.started.take().map(|at| (at, at.elapsed()));
         let node = NodeView::from_node(&self.node, self.nodes.objects.values().next());
         let (agent, metrics) = (&self.agent, &self.metrics);
         self.translated.refresh(
@@ -450,7 +463,19 @@ impl KubernetesSource {
             return true;
         }
         let count = services.len();
-        match update::send(&self.updates, Source::Kubernetes, services.clone()).await {
+        let translated = listed.map(|(at, lists)| (at, lists, at.elapsed() - lists));
+        let outcome = update::send(&self.updates, Source::Kubernetes, services.clone()).await;
+        if let Some((at, lists, translate)) = translated {
+            info!(
+                services = self.services.objects.len(),
+                slices = self.slices.objects.len(),
+                lists_ms = lists.as_millis() as u64,
+                translate_ms = translate.as_millis() as u64,
+                apply_ms = (at.elapsed() - lists - translate).as_millis() as u64,
+                "kubernetes: start-up"
+            );
+        }
+        match outcome {
             Outcome::Applied { generation } => {
                 info!(services = count, generation, "kubernetes: services applied");
                 self.save(&services).await;
