@@ -10,6 +10,7 @@
 //! Node B runs no agent: it only hosts b1, which Cluster traffic reaches through node A (SNAT).
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt as _;
 use std::time::Duration;
 
 use integration_tests::kube_api::KubeApi;
@@ -239,6 +240,8 @@ fn load_balancer_service_from_kubernetes_serves_other_hosts() {
     let cgroup = CgroupGuard::new("npk8s");
     let bpffs = BpffsDir::new("npk8s");
     let state = TempDir::new("npk8s-state");
+    // The agent keeps its last Kubernetes set there and asks for a private directory.
+    std::fs::set_permissions(state.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let kubeconfig = state.path().join("kubeconfig");
     api.kubeconfig(&kubeconfig).expect("write the kubeconfig");
     // Ready only once the cluster's first set is in the maps.
