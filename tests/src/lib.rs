@@ -36,6 +36,7 @@ pub mod prom;
 pub mod redis;
 pub mod services;
 pub mod tools;
+pub mod two_nodes;
 pub mod users;
 
 use std::path::{Path, PathBuf};
