@@ -13,10 +13,12 @@
 //! node. No traffic leaves these namespaces.
 //!
 //! Paths (one translator present at a time: netfilter tables exist only while their path runs,
-//! the agent and its TC programs only while `mesh` runs, so no path pays for another's hooks or
+//! the agent and its TC programs only while `mesh` and `direct+mesh` run, so no path pays for another's hooks or
 //! connection tracking):
 //! - `direct`: the client rotates over the pods' own addresses, forwarded by the node without
 //!   NAT (the ceiling);
+//! - `direct+mesh`: the same with the agent running: what traffic the TC programs pass (to
+//!   no external service) pays for them being on the device;
 //! - `mesh`: an agent inside the node namespace (its socket programs on an empty cgroup of the
 //!   bench), `[agent.nodeport]` on the node's eth0, a `external = "cluster"` service on
 //!   10.78.0.2:30080 over the three pods (pods on this node see the client's address: no SNAT);
@@ -31,7 +33,7 @@
 //!
 //! Per path and round: connection rate (`loadgen crr`: connect, 1 byte each way, close with
 //! RST), bulk upload over 1 and 4 connections, connection tracking entries in the node
-//! namespace. For `mesh`, after the timed runs, the TC programs' own time from the kernel's
+//! namespace. For `mesh` and `direct+mesh`, after the timed runs, the TC programs' own time from the kernel's
 //! accounting (run-time statistics on only for that part): an exact number of sequential
 //! connections, then a bulk upload. Rounds are interleaved with a rotating order; a warm-up
 //! pass is not counted. Nothing asserts a timing.
@@ -75,6 +77,8 @@ const NFT_TABLE: &str = "mesh_np_bench";
 #[serde(rename_all = "lowercase")]
 pub enum NpPath {
     Direct,
+    #[serde(rename = "direct+mesh")]
+    DirectMesh,
     Mesh,
     Iptables,
     Nftables,
@@ -84,6 +88,7 @@ impl NpPath {
     fn name(self) -> &'static str {
         match self {
             NpPath::Direct => "direct",
+            NpPath::DirectMesh => "direct+mesh",
             NpPath::Mesh => "mesh",
             NpPath::Iptables => "iptables",
             NpPath::Nftables => "nftables",
@@ -93,6 +98,9 @@ impl NpPath {
     fn description(self) -> &'static str {
         match self {
             NpPath::Direct => "client rotates over the 3 pod addresses, routed by the node, no NAT",
+            NpPath::DirectMesh => {
+                "as direct, with mesh's TC programs attached to the node's eth0 (traffic they pass)"
+            }
             NpPath::Mesh => {
                 "NodePort 10.78.0.2:30080, mesh TC programs on the node's eth0 (external = cluster)"
             }
@@ -109,7 +117,7 @@ impl NpPath {
     fn targets(self) -> Vec<SocketAddr> {
         let node = |port| vec![SocketAddr::V4(SocketAddrV4::new(NODE_IP, port))];
         match self {
-            NpPath::Direct => pod_addrs(),
+            NpPath::Direct | NpPath::DirectMesh => pod_addrs(),
             NpPath::Mesh => node(MESH_PORT),
             NpPath::Iptables => node(IPTABLES_PORT),
             NpPath::Nftables => node(NFT_PORT),
@@ -117,8 +125,9 @@ impl NpPath {
     }
 }
 
-const PATHS: [NpPath; 4] = [
+const PATHS: [NpPath; 5] = [
     NpPath::Direct,
+    NpPath::DirectMesh,
     NpPath::Mesh,
     NpPath::Iptables,
     NpPath::Nftables,
@@ -399,7 +408,7 @@ struct NodeAgent {
     proc: Option<Proc>,
     mesh: PathBuf,
     bpffs: PathBuf,
-    /// From the start to the first NodePort connection that answered from every pod.
+    /// From the start to ready (see [`NodeAgent::start`]).
     ready_secs: f64,
 }
 
@@ -420,7 +429,7 @@ impl NodeAgent {
         text
     }
 
-    fn start(bench: &Bench, cgroup: &Path) -> Result<NodeAgent> {
+    fn start(bench: &Bench, cgroup: &Path, path: NpPath) -> Result<NodeAgent> {
         let started = Instant::now();
         let dir = &bench.scratch.0;
         let config = dir.join("np-agent.toml");
@@ -454,28 +463,56 @@ impl NodeAgent {
             command,
             &dir.join("np-agent.log"),
         )?);
-        // Ready when the NodePort answers from every pod: the programs are attached and the
-        // service is in the maps.
+        // Ready: /readyz (the first reconcile wrote the service) answers 200 in the node's
+        // namespace and the TC links are pinned. Then, for `mesh` only, the NodePort must answer
+        // from every pod. `direct+mesh` sends no NodePort traffic at all: a NodePort flow's reply
+        // entry would take over a later direct connection from the same client port to the same
+        // pod until it expires (a finding of this bench, see BENCHMARKS.md).
         let deadline = started + Duration::from_secs(60);
+        let readyz = format!("http://{AGENT_METRICS}/readyz");
         loop {
             signal::check()?;
             if let Some(proc) = agent.proc.as_mut()
                 && let Some(status) = proc.exited()
             {
-                bail!("mesh agent exited ({status}):\n{}", proc.log_tail());
+                bail!(
+                    "mesh agent exited ({status}):
+{}",
+                    proc.log_tail()
+                );
             }
-            if let Ok(r) = bench.connects(&NpPath::Mesh.targets(), 6)
-                && r.errors == 0
-                && r.per_backend.len() == POD_IPS.len()
-                && r.per_backend.iter().all(|&c| c > 0)
+            let curl = bench
+                .topo
+                .node
+                .command("curl", ["-sf", "-o", "/dev/null", "-m", "2", &readyz]);
+            if run_captured(curl, Duration::from_secs(5)).is_ok()
+                && agent.tc_programs().is_ok_and(|p| p.len() == 2)
             {
                 break;
             }
             if Instant::now() >= deadline {
                 let tail = agent.proc.as_ref().map(Proc::log_tail).unwrap_or_default();
-                bail!("the mesh NodePort does not answer from every pod after 60 s:\n{tail}");
+                bail!("mesh agent not ready with 2 TC links after 60 s:\n{tail}");
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if path == NpPath::Mesh {
+            loop {
+                signal::check()?;
+                match bench.connects(&NpPath::Mesh.targets(), 6) {
+                    Ok(r)
+                        if r.errors == 0
+                            && r.per_backend.len() == POD_IPS.len()
+                            && r.per_backend.iter().all(|&c| c > 0) =>
+                    {
+                        break;
+                    }
+                    other if Instant::now() >= deadline => {
+                        bail!("the mesh NodePort does not answer from every pod: {other:?}");
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
         }
         agent.ready_secs = started.elapsed().as_secs_f64();
         Ok(agent)
@@ -692,7 +729,9 @@ impl Bench {
         let mut nft = None;
         match path {
             NpPath::Direct => {}
-            NpPath::Mesh => agent = Some(NodeAgent::start(self, cgroup)?),
+            NpPath::Mesh | NpPath::DirectMesh => {
+                agent = Some(NodeAgent::start(self, cgroup, path)?)
+            }
             NpPath::Iptables => iptables = Some(IptablesNodePort::install(&self.topo.node)?),
             NpPath::Nftables => nft = Some(NftNodePort::install(&self.topo.node)?),
         }
@@ -713,7 +752,7 @@ impl Bench {
             (None, None)
         };
         let tc_kernel = match (&agent, measured) {
-            (Some(agent), true) => Some(self.tc_kernel(agent)?),
+            (Some(agent), true) => Some(self.tc_kernel(agent, path)?),
             _ => None,
         };
         drop(agent);
@@ -737,8 +776,8 @@ impl Bench {
     }
 
     /// The TC programs' time from the kernel's accounting: sequential connections (an exact
-    /// count), then one bulk upload.
-    fn tc_kernel(&self, agent: &NodeAgent) -> Result<TcKernel> {
+    /// count), then one bulk upload, both the way `path` goes.
+    fn tc_kernel(&self, agent: &NodeAgent, path: NpPath) -> Result<TcKernel> {
         let programs = agent.tc_programs()?;
         let ids: Vec<u64> = programs.iter().map(|p| p.1).collect();
         let costs = |before: &[(u64, u64)], after: &[(u64, u64)], conns: Option<u64>| {
@@ -767,11 +806,11 @@ impl Bench {
         let _stats = StatsOn::enable()?;
         let count = self.settings.kernel_connects.min(10_000);
         let before = stats(&ids)?;
-        let connects = self.connects(&NpPath::Mesh.targets(), count)?;
+        let connects = self.connects(&path.targets(), count)?;
         let after = stats(&ids)?;
         let connects_programs = costs(&before, &after, Some(connects.conns));
         let before = stats(&ids)?;
-        let bulk = self.bulk(NpPath::Mesh, 1, self.settings.bulk_bytes / 4)?;
+        let bulk = self.bulk(path, 1, self.settings.bulk_bytes / 4)?;
         let after = stats(&ids)?;
         let bulk_programs = costs(&before, &after, None);
         Ok(TcKernel {
@@ -817,7 +856,7 @@ impl Bench {
             && k.connects.errors > 0
         {
             self.warn(format!(
-                "mesh: {} failed sequential connects",
+                "{name}: {} failed sequential connects",
                 k.connects.errors
             ));
         }
@@ -980,6 +1019,52 @@ fn gb_cell(s: Option<&Spread>) -> String {
     )
 }
 
+/// The TC programs' kernel accounting of `path`'s runs, medians over the rounds.
+fn tc_markdown(md: &mut String, runs: &[NpRun], path: NpPath) {
+    let kernel: Vec<&TcKernel> = runs
+        .iter()
+        .filter(|r| r.path == path)
+        .filter_map(|r| r.tc_kernel.as_ref())
+        .collect();
+    let Some(first) = kernel.first() else {
+        return;
+    };
+    let _ = write!(
+        md,
+        "\n{}: mesh's TC programs, kernel accounting (median of {} runs; {} sequential \
+         connections, then a {} MB upload over 1 connection):\n\n\
+         | program | runs per connection | ns per run | ns per connection | ns per run, bulk | bytes per run, bulk |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: |\n",
+        path.name(),
+        kernel.len(),
+        first.connects.conns + first.connects.errors,
+        first.bulk.bytes / 1_000_000
+    );
+    for p in &first.connects_programs {
+        let of = |f: &dyn Fn(&TcKernel) -> Option<f64>, digits: usize| {
+            spread(&kernel.iter().filter_map(|k| f(k)).collect::<Vec<_>>())
+                .map_or("-".to_owned(), |s| format!("{:.digits$}", s.median))
+        };
+        let find = |list: &[TcCost]| list.iter().find(|c| c.program == p.program).cloned();
+        let runs = of(&|k| find(&k.connects_programs)?.runs_per_conn, 2);
+        let per_run = of(&|k| Some(find(&k.connects_programs)?.ns_per_run), 0);
+        let per_conn = of(&|k| find(&k.connects_programs)?.ns_per_conn, 0);
+        let bulk = of(&|k| Some(find(&k.bulk_programs)?.ns_per_run), 0);
+        let bytes = of(
+            &|k| {
+                let runs = find(&k.bulk_programs)?.runs;
+                (runs > 0).then(|| k.bulk.bytes as f64 / runs as f64)
+            },
+            0,
+        );
+        let _ = writeln!(
+            md,
+            "| {} | {runs} | {per_run} | {per_conn} | {bulk} | {bytes} |",
+            p.program
+        );
+    }
+}
+
 fn markdown(summaries: &[Summary], runs: &[NpRun], rounds: usize) -> String {
     let mut md = format!(
         "### NodePort from another host (median [min-max] of {rounds} rounds; ratios per round against direct)\n\n\
@@ -1005,34 +1090,8 @@ fn markdown(summaries: &[Summary], runs: &[NpRun], rounds: usize) -> String {
                 .map_or("-".into(), |v| format!("{:.0}", v.median)),
         );
     }
-    let kernel: Vec<&TcKernel> = runs.iter().filter_map(|r| r.tc_kernel.as_ref()).collect();
-    if let Some(first) = kernel.first() {
-        let _ = write!(
-            md,
-            "\nmesh's TC programs, kernel accounting (median of {} mesh runs; {} sequential \
-             connections, then a {} MB upload over 1 connection):\n\n\
-             | program | runs per connection | ns per run | ns per connection | ns per run, bulk |\n\
-             | --- | ---: | ---: | ---: | ---: |\n",
-            kernel.len(),
-            first.connects.conns + first.connects.errors,
-            first.bulk.bytes / 1_000_000
-        );
-        for p in &first.connects_programs {
-            let of = |f: &dyn Fn(&TcKernel) -> Option<f64>, digits: usize| {
-                spread(&kernel.iter().filter_map(|k| f(k)).collect::<Vec<_>>())
-                    .map_or("-".to_owned(), |s| format!("{:.digits$}", s.median))
-            };
-            let find = |list: &[TcCost]| list.iter().find(|c| c.program == p.program).cloned();
-            let runs = of(&|k| find(&k.connects_programs)?.runs_per_conn, 2);
-            let per_run = of(&|k| Some(find(&k.connects_programs)?.ns_per_run), 0);
-            let per_conn = of(&|k| find(&k.connects_programs)?.ns_per_conn, 0);
-            let bulk = of(&|k| Some(find(&k.bulk_programs)?.ns_per_run), 0);
-            let _ = writeln!(
-                md,
-                "| {} | {runs} | {per_run} | {per_conn} | {bulk} |",
-                p.program
-            );
-        }
+    for path in [NpPath::Mesh, NpPath::DirectMesh] {
+        tc_markdown(&mut md, runs, path);
     }
     md
 }
