@@ -1020,14 +1020,6 @@ fn summarize(runs: &[NpRun]) -> Vec<Summary> {
         .collect()
 }
 
-/// Medians of the entries before and after.
-fn conntrack_cell(before: Option<&Spread>, after: Option<&Spread>) -> String {
-    match (before, after) {
-        (Some(b), Some(a)) => format!("{:.0} -> {:.0}", b.median, a.median),
-        _ => "-".to_owned(),
-    }
-}
-
 fn gb_cell(s: Option<&Spread>) -> String {
     s.map_or_else(
         || "-".to_owned(),
@@ -1090,13 +1082,13 @@ fn tc_markdown(md: &mut String, runs: &[NpRun], path: NpPath) {
 fn markdown(summaries: &[Summary], runs: &[NpRun], rounds: usize) -> String {
     let mut md = format!(
         "### NodePort from another host (median [min-max] of {rounds} rounds; ratios per round against direct)\n\n\
-         | path | conn/s | vs direct | CRR p50 / p99 µs | bulk 1 conn GB/s | vs direct | bulk 4 conns GB/s | vs direct | node conntrack entries before -> after CRR |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+         | path | conn/s | vs direct | CRR p50 / p99 µs | bulk 1 conn GB/s | vs direct | bulk 4 conns GB/s | vs direct |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     );
     for s in summaries {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} / {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} / {} | {} | {} | {} | {} |",
             s.path.name(),
             rate_cell(s.conns_per_sec.as_ref()),
             ratio_cell(s.conns_per_sec_vs_direct.as_ref()),
@@ -1108,9 +1100,24 @@ fn markdown(summaries: &[Summary], runs: &[NpRun], rounds: usize) -> String {
             ratio_cell(s.bulk_1conn_vs_direct.as_ref()),
             gb_cell(s.bulk_4conn_gbytes_per_sec.as_ref()),
             ratio_cell(s.bulk_4conn_vs_direct.as_ref()),
-            conntrack_cell(s.conntrack_before.as_ref(), s.conntrack_after.as_ref()),
         );
     }
+    let netfilter = |r: &&NpRun| matches!(r.path, NpPath::Iptables | NpPath::Nftables);
+    let (nf, other): (Vec<&NpRun>, Vec<&NpRun>) = runs.iter().partition(netfilter);
+    let _ = writeln!(
+        md,
+        "\nConnection tracking in the node namespace (entries after the connection-rate run): \
+         thousands in {}/{} iptables and nftables runs; grew in {}/{} runs of the other paths.",
+        nf.iter()
+            .filter(|r| r.conntrack_after.unwrap_or(0) >= 1_000)
+            .count(),
+        nf.len(),
+        other
+            .iter()
+            .filter(|r| r.conntrack_after.unwrap_or(0) > r.conntrack_before.unwrap_or(0))
+            .count(),
+        other.len(),
+    );
     for path in [NpPath::Mesh, NpPath::DirectMesh] {
         tc_markdown(&mut md, runs, path);
     }
