@@ -236,7 +236,7 @@ fn remove_leftover_netns() -> Result<()> {
             continue;
         };
         if pid == std::process::id() || !Path::new(&format!("/proc/{pid}")).exists() {
-            // The PID_DEATHSIG of its processes already stopped them with their xtask.
+            // PR_SET_PDEATHSIG stopped its processes with their xtask (see procs.rs).
             quiet(cmd("ip", ["netns", "del", &name]))?;
             println!("bench: removed leftover netns {name}");
         } else {
