@@ -1235,7 +1235,8 @@ mod tests {
 
     #[test]
     fn every_round_runs_every_path_once_and_starts_elsewhere() {
-        let firsts: Vec<NpPath> = (0..4)
+        // The full run's 5 rounds: each path runs first once.
+        let firsts: Vec<NpPath> = (0..Settings::full().rounds)
             .map(|round| {
                 let o = order(round);
                 for p in PATHS {
