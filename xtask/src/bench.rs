@@ -25,6 +25,7 @@ mod control;
 mod dataplane;
 mod kernel_cost;
 mod mesh;
+mod nodeport;
 mod procs;
 mod proto;
 mod report;
@@ -544,6 +545,11 @@ pub fn run_kernel_cost(quick: bool) -> Result<()> {
     std::fs::write(out_dir.join("kernel-cost.md"), &markdown)?;
     println!("bench: wrote {}", out_dir.join("kernel-cost.md").display());
     Ok(())
+}
+
+/// `cargo xtask bench --nodeport`: only the NodePort comparison (see `nodeport`).
+pub fn run_nodeport(quick: bool) -> Result<()> {
+    nodeport::run(quick)
 }
 
 /// `cargo xtask bench --health`: only the control plane's health-check measurements.

@@ -84,6 +84,11 @@ enum Command {
         /// and CPU with checks at 10k services), a few minutes.
         #[arg(long, conflicts_with = "kernel_cost")]
         health: bool,
+        /// Only traffic from another host through a NodePort: mesh's TC programs, iptables
+        /// and nftables DNAT and a direct ceiling, on one topology of network namespaces the
+        /// bench makes (connection rate, bulk throughput, TC time per packet).
+        #[arg(long, conflicts_with_all = ["kernel_cost", "health"])]
+        nodeport: bool,
     },
     /// Remove leftovers of interrupted test runs (mesh-test-* bpffs dirs and cgroups).
     Cleanup,
@@ -144,8 +149,11 @@ fn main() -> ExitCode {
             quick,
             kernel_cost,
             health,
+            nodeport,
         } => {
-            if kernel_cost {
+            if nodeport {
+                bench::run_nodeport(quick)
+            } else if kernel_cost {
                 bench::run_kernel_cost(quick)
             } else if health {
                 bench::run_health(quick)

@@ -35,10 +35,10 @@ const BPF_STATS_RUN_TIME: u32 = 0;
 
 /// Run-time statistics stay on while this is alive (the kernel counts only while some such
 /// file descriptor, or the sysctl, is open/on).
-struct StatsOn(libc::c_int);
+pub(super) struct StatsOn(libc::c_int);
 
 impl StatsOn {
-    fn enable() -> Result<StatsOn> {
+    pub(super) fn enable() -> Result<StatsOn> {
         let attr: u32 = BPF_STATS_RUN_TIME;
         // SAFETY: bpf(BPF_ENABLE_STATS) reads a 4-byte attr that we own.
         let fd = unsafe {
@@ -315,7 +315,7 @@ fn attached(cgroup: &Path) -> Result<Vec<Program>> {
 }
 
 /// (run_time_ns, run_cnt) of each program id.
-fn stats(ids: &[u64]) -> Result<Vec<(u64, u64)>> {
+pub(super) fn stats(ids: &[u64]) -> Result<Vec<(u64, u64)>> {
     let out = bpftool(["-j", "prog", "show"])?;
     let list: Vec<serde_json::Value> =
         serde_json::from_str(out.trim()).context("parsing bpftool prog show")?;

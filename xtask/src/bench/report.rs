@@ -386,7 +386,7 @@ fn cell(s: Option<&Spread>, digits: usize) -> String {
     )
 }
 
-fn rate_cell(s: Option<&Spread>) -> String {
+pub fn rate_cell(s: Option<&Spread>) -> String {
     s.map_or_else(
         || "-".to_owned(),
         |s| {
@@ -404,7 +404,7 @@ fn rate_cell(s: Option<&Spread>) -> String {
     )
 }
 
-fn ratio_cell(s: Option<&Spread>) -> String {
+pub fn ratio_cell(s: Option<&Spread>) -> String {
     s.map_or_else(
         || "-".to_owned(),
         |s| {
