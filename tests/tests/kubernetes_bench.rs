@@ -118,6 +118,13 @@ fn kubernetes_source_at_ten_thousand_services() {
     let synced = wait_applied(&agent, 0, Duration::from_secs(120)).expect("initial sync");
     let sync = synced.duration_since(started).unwrap_or_default();
     let rss_synced = rss_mb(agent.pid());
+    // Where the start-up went, as the agent logs it (lists, translation, map writes).
+    let log = agent.log_text();
+    for line in log.lines().filter(|l| {
+        l.contains("kubernetes: start-up") || (l.contains(" applied ") && l.contains("plan_ms"))
+    }) {
+        eprintln!("agent: {}", line.split_once("Z ").map_or(line, |(_, rest)| rest));
+    }
     assert_split(&probe_connect_in(&cgroup, "127.95.0.1:80", 4), &[(&a, 4)]);
 
     let mut latencies = Vec::new();
