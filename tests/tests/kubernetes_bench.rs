@@ -123,7 +123,10 @@ fn kubernetes_source_at_ten_thousand_services() {
     for line in log.lines().filter(|l| {
         l.contains("kubernetes: start-up") || (l.contains(" applied ") && l.contains("plan_ms"))
     }) {
-        eprintln!("agent: {}", line.split_once("Z ").map_or(line, |(_, rest)| rest));
+        eprintln!(
+            "agent: {}",
+            line.split_once("Z ").map_or(line, |(_, rest)| rest)
+        );
     }
     assert_split(&probe_connect_in(&cgroup, "127.95.0.1:80", 4), &[(&a, 4)]);
 

@@ -484,6 +484,49 @@ fn nodeport_from_other_hosts() {
         b.take_peers();
     }
 
+    // A client port reused straight to the backend (no service) after a connection through
+    // the Local service: the pod's SYN-ACK has the 5-tuple of the old flow's replies, whose
+    // entry (still closing) would give it the NodePort as source and the connect would hang
+    // until the old flow expired. The new SYN retires the closed flow instead. The client
+    // routes node A's pods through node A only for this.
+    let reopened = || {
+        metric(
+            &agent_a,
+            "mesh_nodeport_events_total{event=\"flow_reopened\"}",
+        )
+        .unwrap()
+    };
+    let reopened_before = reopened();
+    topo.client
+        .ip(&["route", "add", "10.244.1.0/24", "via", NODE_A]);
+    let (first, direct) = topo.client.run_in(|| {
+        let first = connect_from(0, &local_a);
+        let pod = match first.reply.as_str() {
+            "a1" => POD_A1,
+            "a2" => POD_A2,
+            other => panic!("the Local service answered {other:?}"),
+        };
+        let direct = connect_from(first.port, &format!("{pod}:{TCP_PORT}"));
+        (first, direct)
+    });
+    topo.client
+        .ip(&["route", "del", "10.244.1.0/24", "via", NODE_A]);
+    assert_eq!(
+        direct.reply, first.reply,
+        "straight to the pod from port {}",
+        first.port
+    );
+    assert!(
+        direct.took < Duration::from_millis(900),
+        "the connect straight to the pod took {:?} (its SYN-ACK went to the old flow)",
+        direct.took
+    );
+    assert_eq!(reopened() - reopened_before, 1, "the closed flow retired");
+    flows += 1;
+    for b in &backends {
+        b.take_peers();
+    }
+
     // Session affinity: every connection of the client goes to the backend it got first.
     let r = tcp(&topo, &format!("{NODE_A}:30085"), 9);
     let got = r.counts();

@@ -30,8 +30,8 @@ use mesh_common::{
     Backend, FAMILY_V4, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY, SVC_F_REJECT_EMPTY, Service,
     ServiceKey,
     nodeport::{
-        NAT_F_CLOSING, NAT_F_REPLY, NAT_F_SNAT, NatEntry, PROTO_ICMP, SNAT_TRIES, SVC_F_EXT_LOCAL,
-        TCP_FIN, TCP_RST, reopens, reply_key, snat_port,
+        FlowKey, NAT_F_CLOSING, NAT_F_REPLY, NAT_F_SNAT, NatEntry, PROTO_ICMP, SNAT_TRIES,
+        SVC_F_EXT_LOCAL, TCP_FIN, TCP_RST, is_client_syn, reopens, reply_key, snat_port,
     },
 };
 
@@ -92,10 +92,47 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     skey.ip[3] = pkt.key.daddr[3];
     // SAFETY: a shared reference into the map value, copied at once.
     let Some(service) = (unsafe { EXT_SERVICES.get(skey) }) else {
+        if pkt.key.proto == PROTO_TCP && is_client_syn(pkt.tcp_flags) {
+            retire_closed_flow_replying_to(&pkt);
+        }
         return TC_ACT_OK;
     };
     let service = *service;
     new_flow(ctx, &pkt, ifindex, &skey, &service)
+}
+
+/// A connection straight to an address that is no service (a pod, say), from a client port an
+/// old translated flow to that address used: the backend's SYN-ACK has the 5-tuple of the old
+/// flow's replies, whose entry would give it the service's address as source, and the connect
+/// would hang until the old flow expired. A closing old flow gives way, as a reopened one does;
+/// a live one keeps its entries (the backend could not tell the two connections apart anyway).
+#[inline(always)]
+fn retire_closed_flow_replying_to(pkt: &Packet) {
+    let replies = FlowKey {
+        saddr: pkt.key.daddr,
+        daddr: pkt.key.saddr,
+        sport: pkt.key.dport,
+        dport: pkt.key.sport,
+        proto: pkt.key.proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: a shared reference into the map value, copied at once.
+    let Some(rev) = (unsafe { NAT_FLOWS.get(replies) }).copied() else {
+        return;
+    };
+    if rev.flags & NAT_F_REPLY == 0 {
+        return;
+    }
+    let client = reply_key(&rev, pkt.key.proto);
+    // SAFETY: as above.
+    let fwd_closing =
+        unsafe { NAT_FLOWS.get(client) }.is_some_and(|f| f.flags & NAT_F_CLOSING != 0);
+    if rev.flags & NAT_F_CLOSING == 0 && !fwd_closing {
+        return;
+    }
+    let _ = NAT_FLOWS.remove(replies);
+    let _ = NAT_FLOWS.remove(client);
+    events(|s| s.flows_reopened += 1);
 }
 
 /// A packet of a flow in `NAT_FLOWS` (either direction), at ingress.

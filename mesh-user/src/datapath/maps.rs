@@ -131,8 +131,11 @@ impl Maps {
                 self.create_nodeport_counter(&key)?;
             }
         } else {
-            let keys: Vec<BackendStatsKey> =
-                self.np_backend_stats.keys().filter_map(Result::ok).collect();
+            let keys: Vec<BackendStatsKey> = self
+                .np_backend_stats
+                .keys()
+                .filter_map(Result::ok)
+                .collect();
             for key in keys {
                 ignore_missing(self.np_backend_stats.remove(&key))?;
             }
