@@ -26,7 +26,7 @@ use anyhow::Context as _;
 use futures_util::{FutureExt as _, StreamExt as _, stream::BoxStream};
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
-    Api, Client, Resource,
+    Api, Client, Resource, ResourceExt as _,
     api::ListParams,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt as _, watcher},
@@ -140,13 +140,24 @@ async fn client(config: &KubernetesConfig) -> anyhow::Result<Client> {
 /// start-up, for a few MB more while a page is decoded.
 const LIST_PAGE: u32 = 5_000;
 
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 type Events<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
 
 fn watch_kind<K>(api: Api<K>, config: watcher::Config) -> Events<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
-    watcher(api, config).default_backoff().boxed()
+    watcher(api, config)
+        .default_backoff()
+        // Kept in the caches for the agent's life, yet never read: an API server's
+        // managedFields and kubectl's copy of the last applied object are often most of an
+        // object's bytes.
+        .modify(|obj: &mut K| {
+            drop(std::mem::take(obj.managed_fields_mut()));
+            obj.annotations_mut().remove(LAST_APPLIED);
+        })
+        .boxed()
 }
 
 /// Starts the source; it sends nothing until every initial list is done.
@@ -217,7 +228,7 @@ pub async fn start(
 
 struct KubernetesSource {
     /// Keeps the last applied set for the next start.
-    saver: watch::Sender<Option<Vec<ServiceConfig>>>,
+    saver: watch::Sender<Option<Arc<Vec<ServiceConfig>>>>,
     /// What each translated service is validated against on its own, so one bad Service is
     /// reported and left out instead of rejecting the whole cluster.
     agent: AgentConfig,
@@ -229,8 +240,9 @@ struct KubernetesSource {
     services: Cache<Service>,
     slices: Cache<EndpointSlice>,
     nodes: Cache<Node>,
-    /// The last set the agent accepted.
-    sent: Option<Vec<ServiceConfig>>,
+    /// The last set the agent accepted, shared with the saver (one copy of a large set, not
+    /// two).
+    sent: Option<Arc<Vec<ServiceConfig>>>,
     /// The watch error being reported, so an outage is logged once.
     down: Option<String>,
     /// The API server answers again after `down`: the next publish sends the set even if it
@@ -249,11 +261,12 @@ struct KubernetesSource {
 
 /// Writes each set it is given to `saved`, the newest first: a burst of changes costs one
 /// write, and the watchers never wait for the disk (fsync).
-fn start_saver(saved: SavedServices) -> watch::Sender<Option<Vec<ServiceConfig>>> {
+fn start_saver(saved: SavedServices) -> watch::Sender<Option<Arc<Vec<ServiceConfig>>>> {
     let (saver, mut sets) = watch::channel(None);
     tokio::spawn(async move {
         while sets.changed().await.is_ok() {
-            let Some(set): Option<Vec<ServiceConfig>> = sets.borrow_and_update().clone() else {
+            let Some(set): Option<Arc<Vec<ServiceConfig>>> = sets.borrow_and_update().clone()
+            else {
                 continue;
             };
             let saved = saved.clone();
@@ -303,7 +316,7 @@ impl KubernetesSource {
                         services = saved.len(),
                         "kubernetes: the last known services stay in force until the lists are in"
                     );
-                    self.sent = Some(saved);
+                    self.sent = Some(Arc::new(saved));
                 }
                 // The agent logged why.
                 Ok(Outcome::Rejected(_)) => {}
@@ -389,7 +402,7 @@ impl KubernetesSource {
                 let reason = err.to_string();
                 if self.down.as_ref() != Some(&reason) {
                     warn!("kubernetes: watch failed, the last services stay in force: {reason}");
-                    let count = self.sent.as_ref().map_or(0, Vec::len);
+                    let count = self.sent.as_ref().map_or(0, |s| s.len());
                     self.metrics
                         .source_state(Source::Kubernetes.name(), false, count);
                 }
@@ -456,7 +469,7 @@ impl KubernetesSource {
             self.skipped = skipped;
         }
         let services = self.without_conflicts(self.translated.services().cloned().collect());
-        if self.sent.as_ref() == Some(&services)
+        if self.sent.as_deref() == Some(&services)
             && self.down.is_none()
             && !std::mem::take(&mut self.resend)
         {
@@ -478,15 +491,13 @@ impl KubernetesSource {
         match outcome {
             Outcome::Applied { generation } => {
                 info!(services = count, generation, "kubernetes: services applied");
-                self.save(&services).await;
-                self.sent = Some(services);
+                self.save(services);
                 self.metrics
                     .source_state(Source::Kubernetes.name(), self.down.is_none(), count);
             }
             Outcome::Failed(reason) => {
                 warn!("kubernetes: services accepted but not yet in the maps: {reason}");
-                self.save(&services).await;
-                self.sent = Some(services);
+                self.save(services);
                 self.metrics
                     .source_state(Source::Kubernetes.name(), false, count);
             }
@@ -501,9 +512,11 @@ impl KubernetesSource {
         true
     }
 
-    /// Keeps the set for the next start.
-    async fn save(&self, services: &[ServiceConfig]) {
-        self.saver.send_replace(Some(services.to_vec()));
+    /// The set the agent accepted: compared with the next one, and kept for the next start.
+    fn save(&mut self, services: Vec<ServiceConfig>) {
+        let services = Arc::new(services);
+        self.saver.send_replace(Some(services.clone()));
+        self.sent = Some(services);
     }
 
     /// Leaves out services whose VIP or name another source has, reporting each conflict.
