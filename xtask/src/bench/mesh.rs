@@ -34,6 +34,21 @@ impl ServiceConf {
 
 /// The `i`-th address counting from `base` (wraps within 127.0.0.0/8 by construction of the
 /// callers, which stay far below 2^24 addresses).
+/// `mesh cleanup` on a stopped agent's pins, then their directory; failures are warnings
+/// (the bench goes on, and its leftover sweep retries at the next start).
+pub fn remove_pins(mesh: &Path, bpffs: &Path) {
+    let mut cleanup = cmd(mesh, ["cleanup", "--bpffs"]);
+    cleanup.arg(bpffs);
+    if let Err(e) = run_cleanup(cleanup, Duration::from_secs(30)) {
+        eprintln!("bench: warning: {e:#}");
+    }
+    if bpffs.exists()
+        && let Err(e) = std::fs::remove_dir_all(bpffs)
+    {
+        eprintln!("bench: warning: removing {}: {e}", bpffs.display());
+    }
+}
+
 pub fn nth_ip(base: Ipv4Addr, i: usize) -> Ipv4Addr {
     let ip = Ipv4Addr::from(u32::from(base) + i as u32);
     debug_assert_eq!(ip.octets()[0], 127, "bench addresses stay in 127.0.0.0/8");
@@ -211,16 +226,7 @@ impl Agent {
 
     fn stop(&mut self) {
         drop(self.proc.take());
-        let mut cleanup = cmd(&self.mesh, ["cleanup", "--bpffs"]);
-        cleanup.arg(&self.bpffs);
-        if let Err(e) = run_cleanup(cleanup, Duration::from_secs(30)) {
-            eprintln!("bench: warning: {e:#}");
-        }
-        if self.bpffs.exists()
-            && let Err(e) = std::fs::remove_dir_all(&self.bpffs)
-        {
-            eprintln!("bench: warning: removing {}: {e}", self.bpffs.display());
-        }
+        remove_pins(&self.mesh, &self.bpffs);
         eprintln!("bench: removed pins {}", self.bpffs.display());
     }
 

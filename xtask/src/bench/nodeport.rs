@@ -557,16 +557,7 @@ impl NodeAgent {
 impl Drop for NodeAgent {
     fn drop(&mut self) {
         drop(self.proc.take());
-        let mut cleanup = cmd(&self.mesh, ["cleanup", "--bpffs"]);
-        cleanup.arg(&self.bpffs);
-        if let Err(e) = run_cleanup(cleanup, Duration::from_secs(30)) {
-            eprintln!("bench: warning: {e:#}");
-        }
-        if self.bpffs.exists()
-            && let Err(e) = std::fs::remove_dir_all(&self.bpffs)
-        {
-            eprintln!("bench: warning: removing {}: {e}", self.bpffs.display());
-        }
+        super::mesh::remove_pins(&self.mesh, &self.bpffs);
     }
 }
 
