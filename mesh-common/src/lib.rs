@@ -17,7 +17,7 @@ pub mod nodeport;
 
 /// Bump when any map key or value below changes layout. It is part of every pin path, so a new
 /// agent never reuses a pinned map with an old layout.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Address family tags stored in keys (not the kernel's AF_* values, which differ by OS).
 pub const FAMILY_V4: u8 = 4;
@@ -263,7 +263,7 @@ pub const DEFAULT_MAX_AFFINITY: u32 = 65_536;
 /// create, same behaviour).
 pub const DEFAULT_MAX_TCP_PEERS: u32 = 65_536;
 /// Size of a `tcp_peers` value (its layout is the kernel's: the agent only counts entries).
-pub const TCP_PEER_SIZE: usize = 56;
+pub const TCP_PEER_SIZE: usize = 52;
 
 /// Names of the maps as declared in the eBPF object (the kernel truncates names to 15 bytes).
 pub mod map_names {
@@ -307,6 +307,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for PassiveState {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for TcpSockFields {}
 }
 
 // No implicit padding: the size is the sum of the fields.
@@ -456,7 +457,7 @@ pub fn rtt_bucket(rtt_us: u64) -> usize {
     bucket
 }
 
-/// TCP states (`include/net/tcp_states.h`), as `sock_ops` state callbacks report them.
+/// TCP states (`include/net/tcp_states.h`), as `bpf_sock.state` shows them.
 pub mod tcp_state {
     pub const ESTABLISHED: u32 = 1;
     pub const SYN_SENT: u32 = 2;
@@ -471,19 +472,65 @@ pub mod tcp_state {
     pub const CLOSING: u32 = 11;
 }
 
-/// For a connection that reaches CLOSE from `old_state`: (our SYN and FIN acknowledged by the
-/// peer, peer FIN received). `bytes_acked` and `bytes_received` of `sock_ops` count SYN and FIN
-/// as one byte each (they follow snd_una and rcv_nxt); subtracting these gives payload bytes.
-#[inline(always)]
-pub fn closed_flags(old_state: u32) -> (u64, u64) {
-    match old_state {
-        // Orderly close: our FIN was acknowledged and the peer's FIN received.
-        tcp_state::FIN_WAIT2 | tcp_state::CLOSING | tcp_state::LAST_ACK => (2, 1),
-        // Reset after the peer's FIN.
-        tcp_state::CLOSE_WAIT => (1, 1),
-        // Reset from ESTABLISHED or FIN_WAIT1: only the SYN was acknowledged.
-        _ => (1, 0),
+/// Where the fields the kernel programs read at a TCP socket's release lie in the running
+/// kernel's `struct tcp_sock` (which begins with `struct sock`): byte offsets the agent takes
+/// from the kernel's BTF and sets as a read-only global before loading the programs. All 0:
+/// not set, nothing is read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TcpSockFields {
+    /// `sk_flags` (unsigned long) and the bit of `SOCK_DONE` in it (the peer's FIN arrived).
+    pub sk_flags: u32,
+    pub sock_done_bit: u32,
+    /// u32 sequence numbers: next byte the application writes, oldest unacknowledged byte.
+    pub write_seq: u32,
+    pub snd_una: u32,
+    /// u32, 8 times the smoothed RTT in µs.
+    pub srtt_us: u32,
+    /// u64 counts of the sequence space acknowledged by the peer and received from it.
+    pub bytes_received: u32,
+    pub bytes_acked: u32,
+    pub _pad: u32,
+}
+
+/// What the kernel programs read of a TCP socket when it is released (before close() does
+/// anything to the connection).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TcpCounters {
+    /// `bpf_sock.state`.
+    pub state: u32,
+    /// `SOCK_DONE`: the peer's FIN arrived (a reset does not set it).
+    pub fin_received: bool,
+    pub write_seq: u32,
+    pub snd_una: u32,
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+}
+
+/// The payload a released TCP connection carried: (bytes the application wrote, bytes it
+/// received), or None if its connect never completed.
+///
+/// `bytes_acked` and `bytes_received` follow snd_una and rcv_nxt, so they count SYN and FIN as
+/// one byte each: a SYN acknowledged is the sign of a completed connect (1 right after it), and
+/// those flags are taken out. Written bytes still unacknowledged at release (`write_seq -
+/// snd_una`, which then includes a FIN queued by shutdown()) are counted as sent: the kernel
+/// goes on sending them after close(). One ambiguity is left: a socket released in CLOSE after
+/// both FINs (an orderly close through TIME_WAIT) and one reset after the peer's FIN look alike;
+/// both are counted as the orderly close (one byte less sent for such a reset).
+pub fn released_payload(c: &TcpCounters) -> Option<(u64, u64)> {
+    if c.bytes_acked == 0 {
+        return None;
     }
+    let fin_written = match c.state {
+        tcp_state::FIN_WAIT1 | tcp_state::FIN_WAIT2 | tcp_state::CLOSING | tcp_state::LAST_ACK => 1,
+        tcp_state::CLOSE => u64::from(c.fin_received),
+        _ => 0,
+    };
+    let written = c.bytes_acked + u64::from(c.write_seq.wrapping_sub(c.snd_una));
+    Some((
+        written.saturating_sub(1 + fin_written),
+        c.bytes_received.saturating_sub(u64::from(c.fin_received)),
+    ))
 }
 
 #[cfg(test)]
@@ -645,12 +692,61 @@ mod tests {
     }
 
     #[test]
-    fn closed_flags_follow_the_state_left() {
-        assert_eq!(closed_flags(tcp_state::FIN_WAIT2), (2, 1));
-        assert_eq!(closed_flags(tcp_state::CLOSING), (2, 1));
-        assert_eq!(closed_flags(tcp_state::LAST_ACK), (2, 1));
-        assert_eq!(closed_flags(tcp_state::CLOSE_WAIT), (1, 1));
-        assert_eq!(closed_flags(tcp_state::ESTABLISHED), (1, 0));
-        assert_eq!(closed_flags(tcp_state::FIN_WAIT1), (1, 0));
+    fn released_payload_takes_syn_and_fins_out() {
+        let open = |state, bytes_acked, bytes_received| TcpCounters {
+            state,
+            bytes_acked,
+            bytes_received,
+            write_seq: 5_000,
+            snd_una: 5_000,
+            fin_received: false,
+        };
+        // Never acknowledged: the connect failed (or was abandoned in SYN_SENT).
+        assert_eq!(released_payload(&open(tcp_state::SYN_SENT, 0, 0)), None);
+        assert_eq!(released_payload(&open(tcp_state::CLOSE, 0, 0)), None);
+        // Connected, nothing exchanged: what `ss -ti` shows as bytes_acked:1.
+        assert_eq!(
+            released_payload(&open(tcp_state::ESTABLISHED, 1, 0)),
+            Some((0, 0))
+        );
+        // 100 bytes sent and acknowledged, 50 received.
+        assert_eq!(
+            released_payload(&open(tcp_state::ESTABLISHED, 101, 50)),
+            Some((100, 50))
+        );
+        // The peer closed first: its FIN is one byte of bytes_received.
+        let peer_closed = TcpCounters {
+            fin_received: true,
+            ..open(tcp_state::CLOSE_WAIT, 101, 51)
+        };
+        assert_eq!(released_payload(&peer_closed), Some((100, 50)));
+        // 30 bytes written and not yet acknowledged still count as sent; across a wrap too.
+        let in_flight = TcpCounters {
+            write_seq: 10,
+            snd_una: u32::MAX - 19,
+            ..open(tcp_state::ESTABLISHED, 101, 50)
+        };
+        assert_eq!(released_payload(&in_flight), Some((130, 50)));
+        // shutdown(SHUT_WR) queued our FIN: acknowledged (FIN_WAIT2) or not (FIN_WAIT1).
+        assert_eq!(
+            released_payload(&open(tcp_state::FIN_WAIT2, 102, 50)),
+            Some((100, 50))
+        );
+        let fin_in_flight = TcpCounters {
+            write_seq: 5_001,
+            ..open(tcp_state::FIN_WAIT1, 101, 50)
+        };
+        assert_eq!(released_payload(&fin_in_flight), Some((100, 50)));
+        // Both FINs, through TIME_WAIT: the socket is released in CLOSE.
+        let orderly = TcpCounters {
+            fin_received: true,
+            ..open(tcp_state::CLOSE, 102, 51)
+        };
+        assert_eq!(released_payload(&orderly), Some((100, 50)));
+        // Reset before any FIN.
+        assert_eq!(
+            released_payload(&open(tcp_state::CLOSE, 101, 50)),
+            Some((100, 50))
+        );
     }
 }

@@ -44,7 +44,6 @@ pub fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
                         service_id,
                         backend_id,
                         observe,
-                        state_cb: 0,
                     },
                 )
             {

@@ -10,8 +10,8 @@
 //! - Dual-stack sockets (AF_INET6, IPV6_V6ONLY=0) reach IPv4 services through v4-mapped
 //!   addresses (`::ffff:a.b.c.d`): the 6 hooks look those up as the IPv4 service, write the
 //!   backend v4-mapped, and show the VIP v4-mapped.
-//! - `sock_release` forgets TCP translations and connected UDP flows.
-//! - `tcp_outcome` (sock_ops) feeds passive health detection and telemetry.
+//! - `sock_release` forgets TCP translations and connected UDP flows, and reads how each TCP
+//!   connection it made went from the socket (passive health detection, telemetry).
 //!
 //! Entry points are thin; the logic is in the modules, by concern.
 #![no_std]
@@ -26,17 +26,17 @@ mod addr;
 mod connect;
 mod maps;
 mod nodeport;
+mod outcome;
 mod reverse;
 mod service;
 mod settings;
-mod sockops;
 mod sockopt;
 mod stats;
 mod udp;
 
 use aya_ebpf::{
-    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier, sock_ops},
-    programs::{SockAddrContext, SockContext, SockOpsContext, SockoptContext, TcContext},
+    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier},
+    programs::{SockAddrContext, SockContext, SockoptContext, TcContext},
 };
 use mesh_common::{FAMILY_V4, FAMILY_V6};
 
@@ -91,7 +91,7 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock(sock_release)]
 pub fn sock_release(ctx: SockContext) -> i32 {
-    reverse::release(ctx.sock);
+    reverse::release(&ctx);
     ALLOW
 }
 
@@ -100,13 +100,6 @@ pub fn getsockopt(ctx: SockoptContext) -> i32 {
     // Whether or not it answers, the syscall goes on (with the kernel's answer otherwise).
     sockopt::original_dst(&ctx);
     ALLOW
-}
-
-#[sock_ops]
-pub fn tcp_outcome(ctx: SockOpsContext) -> u32 {
-    sockops::tcp_outcome(&ctx);
-    // sock_ops programs return 1 ("ok"); the verdict is ignored for the callbacks used here.
-    1
 }
 
 /// TC ingress of the node's external devices: traffic from other hosts to external services.

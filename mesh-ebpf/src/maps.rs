@@ -95,13 +95,12 @@ pub static SETTINGS: Array<Settings, 1> = Array::new();
 pub static SOCK_REV: SkStorage<SockRev> = SkStorage::new();
 
 /// Socket cookie -> translation of a TCP socket connected through a VIP. Preallocated (no
-/// BPF_F_NO_PREALLOC), so the insert at connect() allocates nothing. Deleted when the socket
-/// reaches TCP_CLOSE while `sock_ops` follows its states (after the telemetry read at close),
-/// else at its release; so it cannot leak. Written and deleted by the kernel only.
+/// BPF_F_NO_PREALLOC), so the insert at connect() allocates nothing. Deleted at the socket's
+/// release, so it cannot leak. Written and deleted by the kernel only.
 #[btf_map]
 pub static TCP_PEERS: HashMap<u64, TcpPeer, { DEFAULT_MAX_TCP_PEERS as usize }> = HashMap::new();
 
-/// A TCP socket's translation: what getpeername() shows and whose counters `sock_ops` feeds.
+/// A TCP socket's translation: what getpeername() shows and whose counters its outcome feeds.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct TcpPeer {
@@ -110,9 +109,6 @@ pub struct TcpPeer {
     pub backend_id: u32,
     /// As `SockRev::observe`.
     pub observe: u32,
-    /// 1 while `sock_ops` state callbacks are on for the socket: its TCP_CLOSE callback, which
-    /// may come after the release (a closing connection), deletes the entry then.
-    pub state_cb: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<TcpPeer>() == mesh_common::TCP_PEER_SIZE);
@@ -140,11 +136,11 @@ pub struct SockRev {
     pub sent: [RevEntry; REV_SENT],
     pub next_sent: u32,
     pub has_peer: u32,
-    /// Who the connect went to (with `has_peer`), for the counters of `sock_ops`.
+    /// Who the connect went to (with `has_peer`), for the counters its outcome feeds.
     pub service_id: u32,
     pub backend_id: u32,
-    /// 1 when `sock_ops` should follow this connection's states (passive detection of its
-    /// service, or telemetry); otherwise the connection costs no state callbacks.
+    /// 1 when the connection's outcome is read at release (passive detection of its service,
+    /// or telemetry); otherwise nothing of the socket is read.
     pub observe: u32,
     /// 1 once the socket's cookie is in `UDP_FLOWS`: release deletes it then, and only then.
     pub has_flow: u32,

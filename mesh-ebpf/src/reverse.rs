@@ -1,7 +1,8 @@
 //! Reverse translation: each translated socket keeps which backend stands for which VIP, so
 //! getpeername(), recvmsg() and SO_ORIGINAL_DST show the VIP. A TCP socket keeps it in the
 //! preallocated, cookie-keyed `TCP_PEERS` (nothing is allocated per connect); UDP sockets, and
-//! TCP ones when that map is full or SO_ORIGINAL_DST is on, in socket-local storage.
+//! TCP ones when that map is full or SO_ORIGINAL_DST is on, in socket-local storage. Either
+//! goes at the socket's release, which also records how a TCP connection went (`outcome`).
 //!
 //! Entries hold addresses in the form the socket itself sees them: an AF_INET6 socket sees an
 //! IPv4 peer v4-mapped, even when the kernel ran a 4 hook for it (sendmsg4 for its datagrams to
@@ -13,15 +14,15 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, bpf_sock},
     helpers::{bpf_get_socket_cookie, bpf_sk_storage_get},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
 };
-use mesh_common::{BackendStatsKey, FAMILY_V4, PROTO_TCP, tcp_state, v4_mapped};
+use mesh_common::{BackendStatsKey, FAMILY_V4, PROTO_TCP, v4_mapped};
 
 use crate::EEXIST;
 use crate::addr::{Dest, read_dest, write_dest};
 use crate::maps::{REV_SENT, RevEntry, SOCK_REV, SockRev, TCP_PEERS, TcpPeer};
 use crate::stats::count;
-use crate::udp;
+use crate::{outcome, udp};
 
 /// `sockaddr.sa_family` of IPv6 sockets (`bpf_sock_addr.family`, `bpf_sock.family`).
 pub const AF_INET6: u32 = 10;
@@ -101,65 +102,25 @@ pub fn remember_tcp_peer(ctx: &SockAddrContext, peer: &TcpPeer) -> bool {
     }
 }
 
-/// What `sock_ops` needs of a socket the load balancer translated: whose counters its outcome
-/// feeds, and whether its states are observed at all.
-pub struct Translation {
-    pub key: BackendStatsKey,
-    pub observe: bool,
-}
-
-/// The translation of the socket with `cookie` (`sk`, checked for null), if the load balancer
-/// translated its connect.
+/// sock_release: forget the socket's translation (and its UDP flow), counting it as released;
+/// for a TCP connection the load balancer made, record how it went (`outcome`) first.
 #[inline(always)]
-pub fn translation(cookie: u64, sk: *mut bpf_sock) -> Option<Translation> {
-    // SAFETY: a shared reference into the map value, copied at once.
-    if let Some(peer) = unsafe { TCP_PEERS.get(cookie) } {
-        return Some(Translation {
-            key: BackendStatsKey {
-                service_id: peer.service_id,
-                backend_id: peer.backend_id,
-            },
-            observe: peer.observe != 0,
-        });
-    }
-    if sk.is_null() {
-        return None;
-    }
-    let rev = existing_sock_rev(sk);
-    if rev.is_null() {
-        return None;
-    }
-    // SAFETY: non-null storage of this socket.
-    let rev = unsafe { &*rev };
-    if rev.has_peer == 0 {
-        return None;
-    }
-    Some(Translation {
-        key: BackendStatsKey {
-            service_id: rev.service_id,
-            backend_id: rev.backend_id,
-        },
-        observe: rev.observe != 0,
-    })
-}
-
-/// sock_release: forget the socket's translation (and its UDP flow), counting it as released.
-/// A TCP entry whose socket `sock_ops` still follows is left to its TCP_CLOSE callback, which
-/// reads it for the telemetry of the closing connection (the release comes first).
-#[inline(always)]
-pub fn release(sk: *mut bpf_sock) {
+pub fn release(ctx: &SockContext) {
+    let sk = ctx.sock;
     // SAFETY: the kernel hands a valid socket to sock_release programs.
-    let sock = unsafe { &*sk };
-    if sock.protocol == u32::from(PROTO_TCP) {
+    let tcp = unsafe { (*sk).protocol } == u32::from(PROTO_TCP);
+    if tcp {
         // SAFETY: the helper only reads the valid socket.
         let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
         // A lookup first: most sockets have no entry, and a miss takes no bucket lock.
-        if let Some(peer) = TCP_PEERS.get_ptr(cookie) {
-            // SAFETY: a valid value of the map.
-            let followed = unsafe { (*peer).state_cb } != 0;
-            if !followed || sock.state == tcp_state::CLOSE {
-                forget_tcp_peer(cookie);
+        // SAFETY: a shared reference into the map value, copied at once.
+        if let Some(peer) = unsafe { TCP_PEERS.get(cookie) } {
+            let (key, observe) = (stats_key(peer.service_id, peer.backend_id), peer.observe);
+            if observe != 0 {
+                outcome::tcp_released(ctx, &key);
             }
+            forget_tcp_peer(cookie);
+            return;
         }
     }
     let rev = existing_sock_rev(sk);
@@ -168,25 +129,28 @@ pub fn release(sk: *mut bpf_sock) {
     }
     count(|s| s.rev_released += 1);
     // SAFETY: non-null storage of this socket.
-    if unsafe { (*rev).has_flow } != 0 {
+    let rev = unsafe { &*rev };
+    if tcp && rev.has_peer != 0 && rev.observe != 0 {
+        outcome::tcp_released(ctx, &stats_key(rev.service_id, rev.backend_id));
+    }
+    if rev.has_flow != 0 {
         udp::forget_flow(sk);
+    }
+}
+
+#[inline(always)]
+fn stats_key(service_id: u32, backend_id: u32) -> BackendStatsKey {
+    BackendStatsKey {
+        service_id,
+        backend_id,
     }
 }
 
 /// Deletes the TCP translation of the socket with `cookie`, counting it as released.
 #[inline(always)]
-pub fn forget_tcp_peer(cookie: u64) {
+fn forget_tcp_peer(cookie: u64) {
     if TCP_PEERS.remove(cookie).is_ok() {
         count(|s| s.rev_released += 1);
-    }
-}
-
-/// Records whether `sock_ops` state callbacks are on for the socket with `cookie`.
-#[inline(always)]
-pub fn set_state_cb(cookie: u64, on: bool) {
-    if let Some(peer) = TCP_PEERS.get_ptr_mut(cookie) {
-        // SAFETY: a valid value of the map; sock_ops of one socket run under its lock.
-        unsafe { (*peer).state_cb = u32::from(on) };
     }
 }
 

@@ -273,7 +273,7 @@ pub struct LinkInfo {
     pub prog_id: u64,
 }
 
-/// Every link pinned under `<bpffs>/v2/links/`, by pin name (the program's name).
+/// Every link pinned under `<bpffs>/v3/links/`, by pin name (the program's name).
 pub fn pinned_links(bpffs: &BpffsDir) -> BTreeMap<String, LinkInfo> {
     let dir = bpffs.path().join(crate::maps::LAYOUT_DIR).join("links");
     let entries = std::fs::read_dir(&dir)

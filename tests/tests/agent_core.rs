@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::admin::{AdminApi, free_loopback_addr};
 use integration_tests::agent::strip_ansi;
-use integration_tests::maps::{map_delete, map_dump, map_len, map_update, raw_keys};
+use integration_tests::maps::{LAYOUT_DIR, map_delete, map_dump, map_len, map_update, raw_keys};
 use integration_tests::observe::{log_line_time, metric_value, now_epoch_secs};
 use integration_tests::process::{run_bounded, send_signal};
 use integration_tests::tools::{formatted_entries, run_in_pty, shell_quote};
@@ -1214,14 +1214,14 @@ fn a_new_layout_version_replaces_the_old_without_a_gap() {
         &[("MESH_TEST_LAYOUT_VERSION", Some("1"))],
     );
     let v1 = bpffs.path().join("v1");
-    let v2 = bpffs.path().join("v2");
+    let current = bpffs.path().join(LAYOUT_DIR);
     assert!(
         v1.join("links/connect4").exists(),
         "the old agent pins under v1"
     );
-    assert!(!v2.exists(), "nothing under v2 yet");
+    assert!(!current.exists(), "nothing under {LAYOUT_DIR} yet");
     let before = cgroup_programs(&cgroup);
-    assert_eq!(before.len(), 11, "{before:?}");
+    assert_eq!(before.len(), 10, "{before:?}");
 
     let clients = ClientLoop::start(
         &cgroup,
@@ -1251,7 +1251,7 @@ fn a_new_layout_version_replaces_the_old_without_a_gap() {
     let result = clients.stop();
     let after = cgroup_programs(&cgroup);
     println!(
-        "layout v1 -> v2: {while_none} connects served with no agent, new agent ready after \
+        "layout v1 -> {LAYOUT_DIR}: {while_none} connects served with no agent, new agent ready after \
          {ready_after:?}; clients: {} connects in {:?}, replies {:?}, errors {:?}; programs \
          attached after: {}",
         result.total.attempts,
@@ -1277,14 +1277,14 @@ fn a_new_layout_version_replaces_the_old_without_a_gap() {
         "the old layout's pins are still there: {}",
         v1.display()
     );
-    assert!(v2.join("links/connect4").exists());
+    assert!(current.join("links/connect4").exists());
     let connect4: Vec<&(String, String)> = after.iter().filter(|(n, _)| n == "connect4").collect();
     assert_eq!(
         connect4.len(),
         1,
         "exactly one connect4 attached: {after:?}"
     );
-    assert_eq!(after.len(), 11, "one of each program: {after:?}");
+    assert_eq!(after.len(), 10, "one of each program: {after:?}");
     let before = (a.accepted(), b.accepted(), c.accepted());
     let result = integration_tests::probe_connect_in(&cgroup, vip, 300);
     assert_split(&result, &[(&a, 100), (&b, 100), (&c, 100)]);

@@ -28,6 +28,7 @@ use integration_tests::container::{
     yaml_capabilities_add, yaml_shell_script,
 };
 use integration_tests::kube_api::KubeApi;
+use integration_tests::maps::LAYOUT_DIR;
 use integration_tests::probe::move_into_cgroup_at_spawn;
 use integration_tests::{
     BpffsDir, CgroupGuard, ServiceSpec, TcpBackend, UdpBackend, assert_split, probe_bin,
@@ -252,7 +253,11 @@ fn run_pod(spec: &ContainerSpec<'_>, backends: &Backends, fresh: bool, when: &st
         );
     } else {
         assert!(
-            bpffs.path().join("v2/links/connect4").exists(),
+            bpffs
+                .path()
+                .join(LAYOUT_DIR)
+                .join("links/connect4")
+                .exists(),
             "{when}: no pins to adopt"
         );
     }

@@ -560,7 +560,7 @@ fn prometheus_server_scrapes_the_agent() {
 // ---------------------------------------------------------------------------------------------
 
 /// The programs and the cgroup attach type each is attached with.
-const PROGRAMS: [(&str, &str); 11] = [
+const PROGRAMS: [(&str, &str); 10] = [
     ("connect4", "cgroup_inet4_connect"),
     ("connect6", "cgroup_inet6_connect"),
     ("sendmsg4", "cgroup_udp4_sendmsg"),
@@ -571,7 +571,6 @@ const PROGRAMS: [(&str, &str); 11] = [
     ("getpeername6", "cgroup_inet6_getpeername"),
     ("getsockopt", "cgroup_getsockopt"),
     ("sock_release", "cgroup_inet_sock_release"),
-    ("tcp_outcome", "cgroup_sock_ops"),
 ];
 
 fn u64_list(value: &serde_json::Value) -> Vec<u64> {
@@ -614,7 +613,7 @@ fn bpftool_dumps_are_structured_json() {
             ServiceSpec::udp("bpf-dns", dns_vip).backend(dns.addr(), 1),
         ]),
     );
-    // `bpftool map dump pinned <bpffs>/v2/maps/<name> -j`
+    // `bpftool map dump pinned <bpffs>/v3/maps/<name> -j`
     // service_names: id -> name (UTF-8, zero padded).
     let names: BTreeMap<u64, String> = formatted_entries(&map_dump(&env.bpffs, "service_names"))
         .iter()

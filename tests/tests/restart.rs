@@ -32,7 +32,7 @@ const LOOP_LIMIT: Duration = Duration::from_secs(60);
 /// Per-connect timeout of the client loops: a lost connect shows as an error, not a hang.
 const CLIENT_TIMEOUT: [&str; 2] = ["--timeout-ms", "1000"];
 /// The programs the agent attaches (one pinned link each).
-const PROGRAMS: usize = 11;
+const PROGRAMS: usize = 10;
 /// How often the services watcher runs `mesh services`.
 const SAMPLE_EVERY: Duration = Duration::from_millis(10);
 

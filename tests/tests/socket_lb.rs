@@ -399,8 +399,8 @@ fn tcp_translations_live_in_tcp_peers_while_their_socket_is_open() {
     tcp_peers_follow_their_sockets("tcppeers", "127.100.13.2", "");
 }
 
-/// With telemetry off `sock_ops` stops following a connection once it is established, so its
-/// entry goes at release instead of at TCP_CLOSE: nothing may stay behind either way.
+/// With telemetry off the release reads a connection's outcome only for passive detection:
+/// the entry goes at release either way, and nothing may stay behind.
 #[test]
 fn tcp_translations_are_released_with_telemetry_off() {
     tcp_peers_follow_their_sockets(

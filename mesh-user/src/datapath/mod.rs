@@ -9,6 +9,7 @@
 //! (`remove_other_versions`), so a VIP is never without a program that translates it.
 
 mod bpf;
+mod kernel_btf;
 pub mod layout;
 mod lock;
 mod log;
@@ -52,8 +53,12 @@ pub const PROGRAMS: &[(&str, u32)] = &[
     ("getpeername4", 29), // BPF_CGROUP_INET4_GETPEERNAME
     ("getpeername6", 30), // BPF_CGROUP_INET6_GETPEERNAME
     ("sock_release", 34), // BPF_CGROUP_INET_SOCK_RELEASE
-    ("tcp_outcome", 3),   // BPF_CGROUP_SOCK_OPS
 ];
+
+/// Programs earlier agents of this layout version may have attached and this one does not:
+/// their links are removed at load. (`tcp_outcome`, sock_ops: connection outcomes are now read
+/// at release.)
+const RETIRED_PROGRAMS: &[&str] = &["tcp_outcome"];
 
 /// Socket-local storage for reverse translation. Only the kernel uses it; it is pinned so an
 /// upgraded program keeps seeing the state of sockets made before the upgrade.
@@ -158,9 +163,11 @@ impl Datapath {
             system::create_private_dir(dir, true)?;
         }
         let table = opts.capacities.table();
+        let tcp_sock_fields = kernel_btf::tcp_sock_fields()?;
         let mut loader = EbpfLoader::new();
         // Records above this level are skipped in the kernel before any work is done.
         loader.override_global(aya_log::LEVEL, &opts.kernel_log, true);
+        loader.override_global("TCP_SOCK_FIELDS", &tcp_sock_fields, true);
         for entry in table.iter().filter(|c| c.from_limits) {
             loader.map_max_entries(entry.map, entry.max_entries);
         }
@@ -180,6 +187,13 @@ impl Datapath {
                 .with_context(|| format!("program {name} missing from the eBPF object"))?;
             attach(program, attach_type, &cgroup, &layout.link(name))
                 .with_context(|| format!("attaching {name} to {}", opts.cgroup.display()))?;
+        }
+        for name in RETIRED_PROGRAMS {
+            let pin = layout.link(name);
+            if pin.exists() {
+                fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+                info!(pin = %pin.display(), "detached a program this version no longer has");
+            }
         }
         match opts.nodeport_devices {
             Some(devices) => tc::attach(&mut ebpf, &layout, devices)?,
@@ -302,7 +316,9 @@ fn remove_pins(layout: &PinLayout) -> anyhow::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     let pins = PROGRAMS
         .iter()
-        .map(|&(program, _)| layout.link(program))
+        .map(|&(program, _)| program)
+        .chain(RETIRED_PROGRAMS.iter().copied())
+        .map(|program| layout.link(program))
         .chain(tc::tc_link_pins(layout)?)
         .chain(MAPS.iter().map(|&name| layout.map(name)));
     for pin in pins {

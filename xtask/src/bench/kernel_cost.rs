@@ -6,7 +6,7 @@
 //! Cases, each an exact number of sequential `loadgen connects` transactions (connect, 1 byte
 //! each way, close with RST) from a client in the case's cgroup, rounds interleaved:
 //! - `mesh VIP`: mesh's cgroup, to the bench VIP (every program mesh attaches counts: the
-//!   connect4 rewrite, sock_ops callbacks, sock_release, ...);
+//!   connect4 rewrite, sock_release with its outcome read, ...);
 //! - `mesh non-VIP`: mesh's cgroup, to a backend's own address (what every other connection on
 //!   a node pays for mesh being attached);
 //! - `mesh VIP, original_dst`: a second agent with `[agent] original_dst = true`, whose TCP

@@ -1,0 +1,173 @@
+//! How connections the load balancer made turned out, read from the TCP socket itself when it
+//! is released: a connect that never completed feeds passive health detection; a completed one
+//! resets it and feeds the bytes and RTT telemetry.
+//!
+//! Nothing runs for a connection between its connect() and its release: no sock_ops program is
+//! attached, so TCP sockets of the cgroup cost no callbacks at all (a sock_ops program would
+//! run at least five times for every one of them, translated or not).
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_probe_read_kernel, programs::SockContext};
+use aya_log_ebpf::debug;
+use mesh_common::{
+    BackendStatsKey, PassiveState, TcpCounters, TcpSockFields, released_payload, rtt_bucket,
+};
+
+use crate::EEXIST;
+use crate::maps::{BACKEND_STATS, PASSIVE};
+use crate::settings::telemetry_on;
+use crate::stats::count;
+
+/// Offsets of the fields read, in this kernel's `struct tcp_sock`: set by the agent from the
+/// kernel's BTF at load (a read-only global; all 0 means not set).
+#[unsafe(no_mangle)]
+static TCP_SOCK_FIELDS: TcpSockFields = TcpSockFields {
+    sk_flags: 0,
+    sock_done_bit: 0,
+    write_seq: 0,
+    snd_una: 0,
+    srtt_us: 0,
+    bytes_received: 0,
+    bytes_acked: 0,
+    _pad: 0,
+};
+
+/// A translated TCP socket is released: record how its connection went.
+#[inline(always)]
+pub fn tcp_released(ctx: &SockContext, key: &BackendStatsKey) {
+    let sk = ctx.sock as *const u8;
+    // SAFETY: the kernel hands a valid socket to sock_release programs.
+    let state = unsafe { (*ctx.sock).state };
+    // SAFETY: a read of a static; volatile so the compiler keeps the load the loader patches.
+    let fields = unsafe { core::ptr::read_volatile(&raw const TCP_SOCK_FIELDS) };
+    if fields.bytes_acked == 0 {
+        return;
+    }
+    // The helper fails only for an address outside the kernel's memory, which these are not.
+    let Some(counters) = read_counters(sk, state, &fields) else {
+        return;
+    };
+    match released_payload(&counters) {
+        None => {
+            connect_failed(key);
+            debug!(
+                ctx,
+                "connect to backend {} of service {} failed", key.backend_id, key.service_id
+            );
+        }
+        Some((sent, received)) => {
+            connect_succeeded(key);
+            if telemetry_on() {
+                let srtt = read::<u32>(sk, fields.srtt_us).unwrap_or(0);
+                // srtt_us holds 8 times the smoothed RTT.
+                record_close(key, sent, received, u64::from(srtt >> 3));
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn read_counters(sk: *const u8, state: u32, f: &TcpSockFields) -> Option<TcpCounters> {
+    let bytes_acked = read::<u64>(sk, f.bytes_acked)?;
+    if bytes_acked == 0 {
+        // The connect never completed: nothing else matters.
+        return Some(TcpCounters {
+            state,
+            ..TcpCounters::default()
+        });
+    }
+    let sk_flags = read::<u64>(sk, f.sk_flags)?;
+    Some(TcpCounters {
+        state,
+        fin_received: (sk_flags >> (f.sock_done_bit & 63)) & 1 != 0,
+        write_seq: read::<u32>(sk, f.write_seq)?,
+        snd_una: read::<u32>(sk, f.snd_una)?,
+        bytes_acked,
+        bytes_received: read::<u64>(sk, f.bytes_received)?,
+    })
+}
+
+/// A field of the socket at `offset`. The Rust toolchain cannot relocate BTF field accesses, so
+/// the offset comes from the agent and the read goes through the helper.
+#[inline(always)]
+fn read<T>(sk: *const u8, offset: u32) -> Option<T> {
+    // SAFETY: `sk` is the socket the kernel handed to the program and `offset` lies inside its
+    // `struct tcp_sock` (the agent took it from this kernel's BTF); the helper checks the read.
+    unsafe { bpf_probe_read_kernel(sk.wrapping_add(offset as usize).cast::<T>()) }.ok()
+}
+
+/// A completed connect ends the backend's run of consecutive failures.
+#[inline(always)]
+fn connect_succeeded(key: &BackendStatsKey) {
+    if let Some(state) = PASSIVE.get_ptr_mut(key) {
+        // SAFETY: a valid value of the map; a racing failure count is overwritten, as a
+        // success after it would do anyway.
+        unsafe { (*state).consecutive_failures = 0 };
+    }
+}
+
+/// A failed connect: counted for the backend, and one more consecutive failure in `PASSIVE`,
+/// for members of the service only.
+#[inline(always)]
+fn connect_failed(key: &BackendStatsKey) {
+    // The agent creates the counter before a backend enters any slot and deletes it when the
+    // pair leaves: no counter, no member, no passive entry (one would never be removed).
+    let Some(stats) = BACKEND_STATS.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: a valid per-CPU value of this CPU.
+    unsafe { (*stats).connect_failures += 1 };
+    if add_failure(key) {
+        return;
+    }
+    let first = PassiveState {
+        consecutive_failures: 1,
+        _pad: 0,
+    };
+    match PASSIVE.insert(key, first, BPF_NOEXIST.into()) {
+        Ok(()) => {
+            // The agent deletes the counter first and the passive entry after it. If the pair
+            // left since the lookup above, its entry may already have been deleted: remove
+            // the one just made.
+            if BACKEND_STATS.get_ptr(key).is_none() {
+                let _ = PASSIVE.remove(key);
+            }
+        }
+        // Another CPU recorded its first failure in between: add to that.
+        Err(e) if e == -EEXIST => {
+            add_failure(key);
+        }
+        Err(_) => count(|s| s.passive_full += 1),
+    }
+}
+
+/// One more failure on an existing `PASSIVE` entry; false if there is none.
+#[inline(always)]
+fn add_failure(key: &BackendStatsKey) -> bool {
+    let Some(state) = PASSIVE.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: a valid value of the shared map; the add is atomic (other CPUs count too).
+    unsafe {
+        core::intrinsics::atomic_xadd::<u32, u32, { core::intrinsics::AtomicOrdering::SeqCst }>(
+            &raw mut (*state).consecutive_failures,
+            1,
+        );
+    }
+    true
+}
+
+#[inline(always)]
+fn record_close(key: &BackendStatsKey, sent: u64, received: u64, rtt_us: u64) {
+    let Some(stats) = BACKEND_STATS.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: a valid per-CPU value of this CPU.
+    let stats = unsafe { &mut *stats };
+    stats.bytes_sent += sent;
+    stats.bytes_received += received;
+    stats.rtt_samples += 1;
+    stats.rtt_sum_us += rtt_us;
+    if let Some(count) = stats.rtt_buckets.get_mut(rtt_bucket(rtt_us)) {
+        *count += 1;
+    }
+}
