@@ -4,13 +4,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-
-use super::translate::{Filter, NodeView, owner_of, translate_one};
+pub use super::objects::Key;
+use super::{
+    objects::{ServiceView, SliceView},
+    translate::{Filter, NodeView, translate_one},
+};
 use crate::config::ServiceConfig;
-
-/// (namespace, name).
-pub type Key = (String, String);
 
 #[derive(Debug, Default)]
 pub struct Translated {
@@ -34,13 +33,8 @@ impl Translated {
     }
 
     /// Slice `key` was `old` and is now `new` (`None`: absent).
-    pub fn slice_changed(
-        &mut self,
-        key: &Key,
-        old: Option<&EndpointSlice>,
-        new: Option<&EndpointSlice>,
-    ) {
-        if let Some(owner) = old.and_then(owner_of) {
+    pub fn slice_changed(&mut self, key: &Key, old: Option<&SliceView>, new: Option<&SliceView>) {
+        if let Some(owner) = old.and_then(|s| s.owner.clone()) {
             if let Some(slices) = self.slices_of.get_mut(&owner) {
                 slices.remove(key);
                 if slices.is_empty() {
@@ -49,7 +43,7 @@ impl Translated {
             }
             self.dirty.insert(owner);
         }
-        if let Some(owner) = new.and_then(owner_of) {
+        if let Some(owner) = new.and_then(|s| s.owner.clone()) {
             self.slices_of
                 .entry(owner.clone())
                 .or_default()
@@ -66,8 +60,8 @@ impl Translated {
     /// services are used (it is asked once per translation, so it may log).
     pub fn refresh(
         &mut self,
-        services: &BTreeMap<Key, Service>,
-        slices: &BTreeMap<Key, EndpointSlice>,
+        services: &BTreeMap<Key, ServiceView>,
+        slices: &BTreeMap<Key, SliceView>,
         node: &NodeView,
         filter: &Filter,
         mut keep: impl FnMut(&ServiceConfig) -> bool,
@@ -75,8 +69,11 @@ impl Translated {
         let dirty: Vec<Key> = if std::mem::take(&mut self.everything_dirty) {
             self.slices_of.clear();
             for (key, slice) in slices {
-                if let Some(owner) = owner_of(slice) {
-                    self.slices_of.entry(owner).or_default().insert(key.clone());
+                if let Some(owner) = &slice.owner {
+                    self.slices_of
+                        .entry(owner.clone())
+                        .or_default()
+                        .insert(key.clone());
                 }
             }
             self.pieces.clear();
@@ -90,14 +87,14 @@ impl Translated {
                 self.pieces.remove(&key);
                 continue;
             };
-            let own: Vec<&EndpointSlice> = self
+            let own: Vec<&SliceView> = self
                 .slices_of
                 .get(&key)
                 .into_iter()
                 .flatten()
                 .filter_map(|slice| slices.get(slice))
                 .collect();
-            let translation = translate_one(service, &own, node, filter);
+            let translation = translate_one(&key, service, &own, node, filter);
             let piece = Piece {
                 services: translation
                     .services
@@ -129,6 +126,7 @@ impl Translated {
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
     use proptest::prelude::*;
     use serde_json::json;
 
@@ -217,11 +215,18 @@ mod tests {
                             Some(new) => slices.insert(k.clone(), new.clone()),
                             None => slices.remove(&k),
                         };
-                        translated.slice_changed(&k, old.as_ref(), new.as_ref());
+                        translated.slice_changed(
+                            &k,
+                            old.as_ref().map(SliceView::new).as_ref(),
+                            new.as_ref().map(SliceView::new).as_ref(),
+                        );
                     }
                     Event::Relist => translated.everything_changed(),
                 }
-                translated.refresh(&services, &slices, &node, &filter, |_| true);
+                // The caches hold views of the objects, as the source's do.
+                let service_views = services.iter().map(|(k, s)| (k.clone(), ServiceView::new(s))).collect();
+                let slice_views = slices.iter().map(|(k, s)| (k.clone(), SliceView::new(s))).collect();
+                translated.refresh(&service_views, &slice_views, &node, &filter, |_| true);
                 let all: Vec<Service> = services.values().cloned().collect();
                 let all_slices: Vec<EndpointSlice> = slices.values().cloned().collect();
                 let Translation { services: mut want, skipped } = translate(&all, &all_slices, &node, &filter);
