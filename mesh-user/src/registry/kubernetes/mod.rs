@@ -480,13 +480,17 @@ impl KubernetesSource {
             }
             self.skipped = skipped;
         }
-        let services = self.without_conflicts(self.translated.services().cloned().collect());
-        if self.sent.as_deref() == Some(&services)
-            && self.down.is_none()
-            && !std::mem::take(&mut self.resend)
-        {
+        // Compared by reference first: most publishes (the agent's own listing changing after
+        // each applied update) change nothing, and a copy of 10,000 services each time only
+        // churns the heap.
+        let services = self.without_conflicts(self.translated.services());
+        let same = self.sent.as_deref().is_some_and(|sent| {
+            sent.len() == services.len() && sent.iter().zip(&services).all(|(a, b)| a == *b)
+        });
+        if same && self.down.is_none() && !std::mem::take(&mut self.resend) {
             return true;
         }
+        let services: Vec<ServiceConfig> = services.into_iter().cloned().collect();
         let count = services.len();
         let translated = listed.map(|(at, lists)| (at, lists, at.elapsed() - lists));
         let outcome = update::send(&self.updates, Source::Kubernetes, services.clone()).await;
@@ -532,7 +536,10 @@ impl KubernetesSource {
     }
 
     /// Leaves out services whose VIP or name another source has, reporting each conflict.
-    fn without_conflicts(&self, services: Vec<ServiceConfig>) -> Vec<ServiceConfig> {
+    fn without_conflicts<'a>(
+        &self,
+        services: impl Iterator<Item = &'a ServiceConfig>,
+    ) -> Vec<&'a ServiceConfig> {
         let others: Vec<(Source, ServiceConfig)> = self
             .registry
             .borrow()
@@ -546,7 +553,6 @@ impl KubernetesSource {
             .collect();
         let names: BTreeSet<&str> = others.iter().map(|(_, svc)| svc.name.as_str()).collect();
         services
-            .into_iter()
             .filter(|svc| {
                 if let Some((source, name)) = vips.get(&svc.vip()) {
                     error!(

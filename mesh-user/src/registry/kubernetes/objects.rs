@@ -4,7 +4,8 @@
 //! memory, and translation reads a few fields of each.
 //!
 //! A view keeps exactly what `translate.rs` decides on, already parsed where the parse cannot
-//! depend on anything else (IPs, the protocol, the defaults of absent fields).
+//! depend on anything else (IPs, the protocol, the defaults of absent fields). Lists are boxed
+//! slices and strings `Box<str>`: no spare capacity in what is kept for the agent's life.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -48,7 +49,7 @@ pub struct ServiceView {
 pub struct SpecView {
     pub external_name: bool,
     /// `clusterIPs` (else `clusterIP`) that parse as IPs.
-    pub cluster_ips: Vec<IpAddr>,
+    pub cluster_ips: Box<[IpAddr]>,
     /// `clusterIP: None`, or no cluster IP that parses.
     pub headless: bool,
     /// `sessionAffinity: ClientIP`, with its timeout.
@@ -59,8 +60,8 @@ pub struct SpecView {
     pub publish_not_ready: bool,
     /// `externalIPs`, then the LoadBalancer ingress IPs that are not `ipMode: Proxy`, as far as
     /// they parse.
-    pub external: Vec<IpAddr>,
-    pub ports: Vec<PortView>,
+    pub external: Box<[IpAddr]>,
+    pub ports: Box<[PortView]>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -91,7 +92,7 @@ impl ServiceView {
             health_kind: annotation(ANNOTATION_HEALTH),
             health_path: annotation(ANNOTATION_HEALTH_PATH),
             spec: service.spec.as_ref().map(|spec| {
-                let cluster_ips: Vec<IpAddr> = match &spec.cluster_ips {
+                let cluster_ips: Box<[IpAddr]> = match &spec.cluster_ips {
                     Some(ips) => ips.iter().filter_map(|ip| ip.parse().ok()).collect(),
                     None => spec
                         .cluster_ip
@@ -166,9 +167,9 @@ pub struct SliceView {
     pub owner: Option<Key>,
     /// `addressType` is neither IPv4 nor IPv6 (FQDN): its endpoints are not kept.
     pub fqdn: bool,
-    pub ports: Vec<SlicePortView>,
+    pub ports: Box<[SlicePortView]>,
     /// The endpoints whose first address is an IP, in the slice's order.
-    pub endpoints: Vec<EndpointView>,
+    pub endpoints: Box<[EndpointView]>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -193,15 +194,15 @@ pub struct EndpointView {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Hints {
-    pub zones: Vec<Box<str>>,
-    pub nodes: Vec<Box<str>>,
+    pub zones: Box<[Box<str>]>,
+    pub nodes: Box<[Box<str>]>,
 }
 
 impl SliceView {
     pub fn new(slice: &EndpointSlice) -> Self {
         let fqdn = slice.address_type != "IPv4" && slice.address_type != "IPv6";
         let endpoints = if fqdn {
-            Vec::new()
+            Box::default()
         } else {
             slice
                 .endpoints
@@ -210,13 +211,13 @@ impl SliceView {
                     let ip = ep.addresses.first()?.parse::<IpAddr>().ok()?;
                     let conditions = ep.conditions.as_ref();
                     let hints = ep.hints.as_ref();
-                    let zones: Vec<Box<str>> = hints
+                    let zones: Box<[Box<str>]> = hints
                         .and_then(|h| h.for_zones.as_ref())
                         .into_iter()
                         .flatten()
                         .map(|z| z.name.as_str().into())
                         .collect();
-                    let nodes: Vec<Box<str>> = hints
+                    let nodes: Box<[Box<str>]> = hints
                         .and_then(|h| h.for_nodes.as_ref())
                         .into_iter()
                         .flatten()

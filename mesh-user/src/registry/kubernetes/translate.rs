@@ -194,7 +194,7 @@ fn translate_service(
     if spec.headless {
         return skip(out, "headless (clusterIP None)");
     }
-    let cluster_ips = &spec.cluster_ips;
+    let cluster_ips = &*spec.cluster_ips;
     let affinity = &spec.affinity;
     let health = match health_from_annotations(service) {
         Ok(health) => health,
@@ -214,8 +214,8 @@ fn translate_service(
         .and_then(|p| u16::try_from(p).ok())
         .filter(|&p| p != 0 && external_policy == ExternalPolicy::Local);
     let publish_not_ready = spec.publish_not_ready;
-    let external = &spec.external;
-    for port in &spec.ports {
+    let external = &*spec.external;
+    for port in spec.ports.iter() {
         let Some(protocol) = port.protocol else {
             skip(out, "protocol other than TCP and UDP (SCTP)");
             continue;
@@ -385,7 +385,7 @@ fn endpoints_for(
         let Some(number) = slice_port.port.and_then(|p| u16::try_from(p).ok()) else {
             continue;
         };
-        for ep in &slice.endpoints {
+        for ep in slice.endpoints.iter() {
             let ready = publish_not_ready || ep.ready.unwrap_or(true);
             let serving = ep.serving.unwrap_or(ready);
             let terminating = ep.terminating.unwrap_or(false);
@@ -398,12 +398,12 @@ fn endpoints_for(
                 node: ep.node.as_deref().map(str::to_owned),
                 zones: hints
                     .into_iter()
-                    .flat_map(|h| &h.zones)
+                    .flat_map(|h| h.zones.iter())
                     .map(|z| z.to_string())
                     .collect(),
                 nodes: hints
                     .into_iter()
-                    .flat_map(|h| &h.nodes)
+                    .flat_map(|h| h.nodes.iter())
                     .map(|n| n.to_string())
                     .collect(),
             };

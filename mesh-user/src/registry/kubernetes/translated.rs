@@ -15,8 +15,10 @@ use crate::config::ServiceConfig;
 pub struct Translated {
     /// Per Service: the services it translates to that `keep` accepted, and what was skipped.
     pieces: BTreeMap<Key, Piece>,
-    /// Per Service: the keys of its EndpointSlices.
-    slices_of: BTreeMap<Key, BTreeSet<Key>>,
+    /// Per Service: the keys of its EndpointSlices, sorted (the order their endpoints are
+    /// merged in), each once. A Vec: most Services have one slice, and a set's first node is
+    /// about half a kilobyte.
+    slices_of: BTreeMap<Key, Vec<Key>>,
     dirty: BTreeSet<Key>,
     everything_dirty: bool,
 }
@@ -36,7 +38,7 @@ impl Translated {
     pub fn slice_changed(&mut self, key: &Key, old: Option<&SliceView>, new: Option<&SliceView>) {
         if let Some(owner) = old.and_then(|s| s.owner.clone()) {
             if let Some(slices) = self.slices_of.get_mut(&owner) {
-                slices.remove(key);
+                slices.retain(|k| k != key);
                 if slices.is_empty() {
                     self.slices_of.remove(&owner);
                 }
@@ -44,10 +46,10 @@ impl Translated {
             self.dirty.insert(owner);
         }
         if let Some(owner) = new.and_then(|s| s.owner.clone()) {
-            self.slices_of
-                .entry(owner.clone())
-                .or_default()
-                .insert(key.clone());
+            let slices = self.slices_of.entry(owner.clone()).or_default();
+            if let Err(at) = slices.binary_search(key) {
+                slices.insert(at, key.clone());
+            }
             self.dirty.insert(owner);
         }
     }
@@ -70,10 +72,11 @@ impl Translated {
             self.slices_of.clear();
             for (key, slice) in slices {
                 if let Some(owner) = &slice.owner {
+                    // `slices` is sorted by key: each key comes once, in order.
                     self.slices_of
                         .entry(owner.clone())
                         .or_default()
-                        .insert(key.clone());
+                        .push(key.clone());
                 }
             }
             self.pieces.clear();
@@ -95,12 +98,12 @@ impl Translated {
                 .filter_map(|slice| slices.get(slice))
                 .collect();
             let translation = translate_one(&key, service, &own, node, filter);
+            let mut services = translation.services;
+            services.retain(|svc| keep(svc));
+            // Kept until the Service changes: without the spare room of the pushes.
+            services.shrink_to_fit();
             let piece = Piece {
-                services: translation
-                    .services
-                    .into_iter()
-                    .filter(|svc| keep(svc))
-                    .collect(),
+                services,
                 skipped: translation.skipped,
             };
             self.pieces.insert(key, piece);
@@ -150,14 +153,18 @@ mod tests {
         .unwrap()
     }
 
-    fn slice(name: &str, owner: &str, ip: u8, ready: bool) -> EndpointSlice {
+    /// Not ready and `terminating`: serving while terminating. Two slices with the same
+    /// address and different conditions make the merge order of a Service's slices count.
+    fn slice(name: &str, owner: &str, ip: u8, ready: bool, terminating: bool) -> EndpointSlice {
+        let terminating = terminating && !ready;
         serde_json::from_value(json!({
             "metadata": {"name": name, "namespace": "default",
                          "labels": {"kubernetes.io/service-name": owner}},
             "addressType": "IPv4",
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
             "endpoints": [{"addresses": [format!("10.244.0.{ip}")], "nodeName": "node-a",
-                           "conditions": {"ready": ready}}]
+                           "conditions": {"ready": ready, "serving": ready || terminating,
+                                          "terminating": terminating}}]
         }))
         .unwrap()
     }
@@ -165,7 +172,7 @@ mod tests {
     #[derive(Clone, Debug)]
     enum Event {
         Service(u8, Option<(u8, u16)>),
-        Slice(u8, Option<(u8, u8, bool)>),
+        Slice(u8, Option<(u8, u8, bool, bool)>),
         Relist,
     }
 
@@ -175,7 +182,7 @@ mod tests {
                 .prop_map(|(n, s)| Event::Service(n, s)),
             (
                 0u8..5,
-                proptest::option::of((0u8..4, 1u8..6, any::<bool>()))
+                proptest::option::of((0u8..4, 1u8..6, any::<bool>(), any::<bool>()))
             )
                 .prop_map(|(n, s)| Event::Slice(n, s)),
             Just(Event::Relist),
@@ -210,7 +217,9 @@ mod tests {
                     }
                     Event::Slice(n, spec) => {
                         let k = key(format!("slice{n}"));
-                        let new = spec.map(|(owner, ip, ready)| slice(&k.1, &format!("svc{owner}"), ip, ready));
+                        let new = spec.map(|(owner, ip, ready, terminating)| {
+                            slice(&k.1, &format!("svc{owner}"), ip, ready, terminating)
+                        });
                         let old = match &new {
                             Some(new) => slices.insert(k.clone(), new.clone()),
                             None => slices.remove(&k),
