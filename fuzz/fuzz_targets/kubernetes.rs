@@ -16,7 +16,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 use libfuzzer_sys::fuzz_target;
 use mesh_user::fuzzing::{
-    Config, Filter, NodeView, ServiceConfig, Source, SourceObserver, Translated, parse, valid_alone,
+    Config, Filter, NodeView, ServiceConfig, ServiceView, SliceView, Source, SourceObserver,
+    Translated, parse, valid_alone,
 };
 
 #[derive(serde::Deserialize)]
@@ -72,22 +73,32 @@ fuzz_target!(|data: &[u8]| {
     };
     let agent = parse(mesh_fuzz::FILE_CONFIG, "fuzz").unwrap().agent;
 
+    // What the caches keep of each object.
+    let service_views: BTreeMap<Key, ServiceView> = services
+        .iter()
+        .map(|(k, s)| (k.clone(), ServiceView::new(s)))
+        .collect();
+    let slice_views: BTreeMap<Key, SliceView> = slices
+        .iter()
+        .map(|(k, s)| (k.clone(), SliceView::new(s)))
+        .collect();
+
     let mut all = Translated::default();
     all.everything_changed();
-    all.refresh(&services, &slices, &node, &filter, |svc| {
+    all.refresh(&service_views, &slice_views, &node, &filter, |svc| {
         valid_alone(&agent, &Quiet, svc)
     });
     let translated: Vec<ServiceConfig> = all.services().cloned().collect();
 
     // Object by object, as watch events arrive.
     let mut events = Translated::default();
-    for (k, slice) in &slices {
+    for (k, slice) in &slice_views {
         events.slice_changed(k, None, Some(slice));
     }
     for k in services.keys() {
         events.service_changed(k.clone());
     }
-    events.refresh(&services, &slices, &node, &filter, |svc| {
+    events.refresh(&service_views, &slice_views, &node, &filter, |svc| {
         valid_alone(&agent, &Quiet, svc)
     });
     let by_event: Vec<ServiceConfig> = events.services().cloned().collect();

@@ -23,6 +23,7 @@ pub mod fuzzing {
     pub use crate::config::{Config, ConfigError, Reparser, ServiceConfig, parse};
     pub use crate::datapath::sockdiag::parse_replies;
     pub use crate::registry::kubernetes::{
+        objects::{ServiceView, SliceView},
         translate::{Filter, NodeView},
         translated::Translated,
         valid_alone,

@@ -13,6 +13,7 @@
 //! - A translated service whose VIP or name another source already has is a reported conflict:
 //!   it is left out (logged, counted as a rejection), never a silent override.
 
+pub mod objects;
 pub mod translate;
 pub mod translated;
 
@@ -36,6 +37,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use self::{
+    objects::{Key, ServiceView, SliceView, key_of},
     translate::{Filter, LABEL_HEADLESS, LABEL_PROXY_NAME, LABEL_SERVICE_NAME, NodeView},
     translated::Translated,
 };
@@ -45,14 +47,17 @@ use super::{
 };
 use crate::config::{AgentConfig, Config, KubernetesConfig, ServiceConfig};
 
-/// Objects of one kind by (namespace, name), with the relist buffer.
-struct Cache<K> {
-    objects: BTreeMap<(String, String), K>,
-    relisting: Option<BTreeMap<(String, String), K>>,
+/// Objects of one kind (or what is kept of them) by (namespace, name), with the relist buffer.
+struct Cache<V> {
+    objects: BTreeMap<Key, V>,
+    relisting: Option<BTreeMap<Key, V>>,
     synced: bool,
 }
 
-impl<K: Resource> Cache<K> {
+/// A watch event with its object as kept: (namespace, name) and the view.
+type Event<V> = watcher::Event<(Key, V)>;
+
+impl<V> Cache<V> {
     fn new() -> Self {
         Self {
             objects: BTreeMap::new(),
@@ -61,23 +66,14 @@ impl<K: Resource> Cache<K> {
         }
     }
 
-    fn key(obj: &K) -> (String, String) {
-        let meta = obj.meta();
-        (
-            meta.namespace.clone().unwrap_or_default(),
-            meta.name.clone().unwrap_or_default(),
-        )
-    }
-
     /// Applies one watcher event; true when the visible objects changed.
-    fn apply(&mut self, event: watcher::Event<K>) -> bool {
+    fn apply(&mut self, event: Event<V>) -> bool {
         match event {
             watcher::Event::Init => {
                 self.relisting = Some(BTreeMap::new());
                 false
             }
-            watcher::Event::InitApply(obj) => {
-                let key = Self::key(&obj);
+            watcher::Event::InitApply((key, obj)) => {
                 self.relisting.get_or_insert_default().insert(key, obj);
                 false
             }
@@ -86,11 +82,11 @@ impl<K: Resource> Cache<K> {
                 self.synced = true;
                 true
             }
-            watcher::Event::Apply(obj) => {
-                self.objects.insert(Self::key(&obj), obj);
+            watcher::Event::Apply((key, obj)) => {
+                self.objects.insert(key, obj);
                 true
             }
-            watcher::Event::Delete(obj) => self.objects.remove(&Self::key(&obj)).is_some(),
+            watcher::Event::Delete((key, _)) => self.objects.remove(&key).is_some(),
         }
     }
 }
@@ -142,22 +138,37 @@ const LIST_PAGE: u32 = 5_000;
 
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-type Events<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
+type Events<V> = BoxStream<'static, Result<Event<V>, watcher::Error>>;
 
-fn watch_kind<K>(api: Api<K>, config: watcher::Config) -> Events<K>
+/// The watch of one kind, each object turned into what is kept of it (`view`) as it arrives,
+/// so the decoded object is dropped at once.
+fn watch_kind<K, V>(api: Api<K>, config: watcher::Config, view: fn(K) -> V) -> Events<V>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    V: Send + 'static,
 {
+    let keep = move |obj: K| (key_of(obj.meta()), view(obj));
     watcher(api, config)
         .default_backoff()
-        // Kept in the caches for the agent's life, yet never read: an API server's
-        // managedFields and kubectl's copy of the last applied object are often most of an
-        // object's bytes.
-        .modify(|obj: &mut K| {
-            drop(std::mem::take(obj.managed_fields_mut()));
-            obj.annotations_mut().remove(LAST_APPLIED);
+        .map(move |event| {
+            event.map(|event| match event {
+                watcher::Event::Apply(obj) => watcher::Event::Apply(keep(obj)),
+                watcher::Event::Delete(obj) => watcher::Event::Delete(keep(obj)),
+                watcher::Event::InitApply(obj) => watcher::Event::InitApply(keep(obj)),
+                watcher::Event::Init => watcher::Event::Init,
+                watcher::Event::InitDone => watcher::Event::InitDone,
+            })
         })
         .boxed()
+}
+
+/// The Node is kept whole (there is one), without what is never read: an API server's
+/// managedFields and kubectl's copy of the last applied object are often most of an
+/// object's bytes.
+fn node_view(mut node: Node) -> Node {
+    drop(std::mem::take(node.managed_fields_mut()));
+    node.annotations_mut().remove(LAST_APPLIED);
+    node
 }
 
 /// Starts the source; it sends nothing until every initial list is done.
@@ -179,16 +190,19 @@ pub async fn start(
         watcher::Config::default()
             .labels(&service_selector(&filter.service_proxy_name))
             .page_size(LIST_PAGE),
+        |svc| ServiceView::new(&svc),
     );
     let slices = watch_kind(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default()
             .labels(LABEL_SERVICE_NAME)
             .page_size(LIST_PAGE),
+        |slice| SliceView::new(&slice),
     );
     let nodes = watch_kind(
         Api::<Node>::all(client.clone()),
         watcher::Config::default().fields(&format!("metadata.name={node}")),
+        node_view,
     );
     info!(node = %node, service_proxy_name = %filter.service_proxy_name, "kubernetes: watching");
     let initial = match saved.load() {
@@ -237,8 +251,8 @@ struct KubernetesSource {
     updates: mpsc::Sender<SourceUpdate>,
     registry: watch::Receiver<Listing>,
     metrics: Arc<dyn SourceObserver>,
-    services: Cache<Service>,
-    slices: Cache<EndpointSlice>,
+    services: Cache<ServiceView>,
+    slices: Cache<SliceView>,
     nodes: Cache<Node>,
     /// The last set the agent accepted, shared with the saver (one copy of a large set, not
     /// two).
@@ -292,9 +306,9 @@ const REACHABILITY_EVERY: std::time::Duration = std::time::Duration::from_millis
 /// Which watcher an event came from.
 /// Objects are boxed: they are large and of very different sizes.
 enum Woken {
-    Services(Box<Result<watcher::Event<Service>, watcher::Error>>),
-    Slices(Box<Result<watcher::Event<EndpointSlice>, watcher::Error>>),
-    Nodes(Box<Result<watcher::Event<Node>, watcher::Error>>),
+    Services(Box<Result<Event<ServiceView>, watcher::Error>>),
+    Slices(Box<Result<Event<SliceView>, watcher::Error>>),
+    Nodes(Box<Result<Event<Node>, watcher::Error>>),
     /// The API server answered while the watches were failing.
     Reachable,
     RegistryChanged,
@@ -305,8 +319,8 @@ impl KubernetesSource {
     async fn run(
         mut self,
         initial: Option<(Vec<ServiceConfig>, Verdict)>,
-        mut services: Events<Service>,
-        mut slices: Events<EndpointSlice>,
+        mut services: Events<ServiceView>,
+        mut slices: Events<SliceView>,
         mut nodes: Events<Node>,
     ) {
         if let Some((saved, verdict)) = initial {
@@ -413,10 +427,10 @@ impl KubernetesSource {
     }
 
     /// Which Service an event touches (a relist touches them all).
-    fn note_service(&mut self, event: &watcher::Event<Service>) {
+    fn note_service(&mut self, event: &Event<ServiceView>) {
         match event {
-            watcher::Event::Apply(obj) | watcher::Event::Delete(obj) => {
-                self.translated.service_changed(Cache::key(obj));
+            watcher::Event::Apply((key, _)) | watcher::Event::Delete((key, _)) => {
+                self.translated.service_changed(key.clone());
             }
             watcher::Event::InitDone => self.translated.everything_changed(),
             watcher::Event::Init | watcher::Event::InitApply(_) => {}
@@ -424,17 +438,15 @@ impl KubernetesSource {
     }
 
     /// Which Services a slice event touches: its owner before and after.
-    fn note_slice(&mut self, event: &watcher::Event<EndpointSlice>) {
+    fn note_slice(&mut self, event: &Event<SliceView>) {
         match event {
-            watcher::Event::Apply(obj) => {
-                let key = Cache::key(obj);
-                let old = self.slices.objects.get(&key);
-                self.translated.slice_changed(&key, old, Some(obj));
+            watcher::Event::Apply((key, obj)) => {
+                let old = self.slices.objects.get(key);
+                self.translated.slice_changed(key, old, Some(obj));
             }
-            watcher::Event::Delete(obj) => {
-                let key = Cache::key(obj);
-                let old = self.slices.objects.get(&key).or(Some(obj));
-                self.translated.slice_changed(&key, old, None);
+            watcher::Event::Delete((key, obj)) => {
+                let old = self.slices.objects.get(key).or(Some(obj));
+                self.translated.slice_changed(key, old, None);
             }
             watcher::Event::InitDone => self.translated.everything_changed(),
             watcher::Event::Init | watcher::Event::InitApply(_) => {}
@@ -468,13 +480,17 @@ impl KubernetesSource {
             }
             self.skipped = skipped;
         }
-        let services = self.without_conflicts(self.translated.services().cloned().collect());
-        if self.sent.as_deref() == Some(&services)
-            && self.down.is_none()
-            && !std::mem::take(&mut self.resend)
-        {
+        // Compared by reference first: most publishes (the agent's own listing changing after
+        // each applied update) change nothing, and a copy of 10,000 services each time only
+        // churns the heap.
+        let services = self.without_conflicts(self.translated.services());
+        let same = self.sent.as_deref().is_some_and(|sent| {
+            sent.len() == services.len() && sent.iter().zip(&services).all(|(a, b)| a == *b)
+        });
+        if same && self.down.is_none() && !std::mem::take(&mut self.resend) {
             return true;
         }
+        let services: Vec<ServiceConfig> = services.into_iter().cloned().collect();
         let count = services.len();
         let translated = listed.map(|(at, lists)| (at, lists, at.elapsed() - lists));
         let outcome = update::send(&self.updates, Source::Kubernetes, services.clone()).await;
@@ -520,7 +536,10 @@ impl KubernetesSource {
     }
 
     /// Leaves out services whose VIP or name another source has, reporting each conflict.
-    fn without_conflicts(&self, services: Vec<ServiceConfig>) -> Vec<ServiceConfig> {
+    fn without_conflicts<'a>(
+        &self,
+        services: impl Iterator<Item = &'a ServiceConfig>,
+    ) -> Vec<&'a ServiceConfig> {
         let others: Vec<(Source, ServiceConfig)> = self
             .registry
             .borrow()
@@ -534,7 +553,6 @@ impl KubernetesSource {
             .collect();
         let names: BTreeSet<&str> = others.iter().map(|(_, svc)| svc.name.as_str()).collect();
         services
-            .into_iter()
             .filter(|svc| {
                 if let Some((source, name)) = vips.get(&svc.vip()) {
                     error!(
@@ -605,7 +623,11 @@ mod tests {
             }))
             .unwrap()
         };
-        let mut cache = Cache::<Service>::new();
+        let svc = |name: &str| {
+            let svc = svc(name);
+            (key_of(&svc.metadata), ServiceView::new(&svc))
+        };
+        let mut cache = Cache::<ServiceView>::new();
         assert!(!cache.apply(watcher::Event::Init));
         assert!(!cache.apply(watcher::Event::InitApply(svc("a"))));
         assert!(!cache.synced && cache.objects.is_empty());

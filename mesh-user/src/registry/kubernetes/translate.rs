@@ -1,5 +1,6 @@
 //! Kubernetes objects -> mesh services, with kube-proxy's semantics for clients on this node.
-//! Pure: (Services, EndpointSlices, this Node, settings) -> services and what was skipped.
+//! Pure: (Services, EndpointSlices as `objects` keeps them, this Node, settings) -> services and
+//! what was skipped.
 //!
 //! Per Service port and protocol, every VIP a local client can dial becomes one mesh service:
 //! each of `clusterIPs`, each `externalIPs` entry, each `status.loadBalancer.ingress` IP (unless
@@ -20,18 +21,15 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    time::Duration,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service, ServicePort},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::Node;
 use mesh_common::SERVICE_NAME_LEN;
 
+use super::objects::{Key, PortView, ServiceView, SliceView};
 use crate::config::{
-    Affinity, BackendConfig, EmptyPolicy, ExternalPolicy, HealthCheckNodePort, HealthConfig,
-    HealthKind, Protocol, ServiceConfig,
+    BackendConfig, EmptyPolicy, ExternalPolicy, HealthCheckNodePort, HealthConfig, HealthKind,
+    Protocol, ServiceConfig,
 };
 
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -43,8 +41,6 @@ pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 pub const ANNOTATION_HEALTH: &str = "mesh.dev/health-check";
 /// The request path of `http` checks (default `/healthz`).
 pub const ANNOTATION_HEALTH_PATH: &str = "mesh.dev/health-check-path";
-/// kube-proxy's default ClientIP affinity timeout (3 h).
-const DEFAULT_AFFINITY_SECS: i32 = 10_800;
 
 /// What the node and the agent's settings contribute.
 #[derive(Clone, Debug, Default)]
@@ -114,51 +110,55 @@ impl Endpoint {
 }
 
 #[cfg(test)]
-/// Translates every Service with its slices.
+use {
+    super::objects::key_of,
+    k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice},
+    std::time::Duration,
+};
+
+#[cfg(test)]
+/// Translates every Service with its slices, from the objects as the API server sends them.
 pub fn translate(
     services: &[Service],
     slices: &[EndpointSlice],
     node: &NodeView,
     filter: &Filter,
 ) -> Translation {
-    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in slices {
-        if let Some(owner) = owner_of(slice) {
-            by_service.entry(owner).or_default().push(slice);
+    let slices: Vec<SliceView> = slices.iter().map(SliceView::new).collect();
+    let mut by_service: BTreeMap<Key, Vec<&SliceView>> = BTreeMap::new();
+    for slice in &slices {
+        if let Some(owner) = &slice.owner {
+            by_service.entry(owner.clone()).or_default().push(slice);
         }
     }
     let mut out = Translation::default();
     for service in services {
-        let key = (
-            service.metadata.namespace.clone().unwrap_or_default(),
-            service.metadata.name.clone().unwrap_or_default(),
-        );
+        let key = key_of(&service.metadata);
         let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or(&[]);
-        translate_service(service, slices, node, filter, &mut out);
+        translate_service(
+            &key,
+            &ServiceView::new(service),
+            slices,
+            node,
+            filter,
+            &mut out,
+        );
     }
     out.services.sort_by(|a, b| a.name.cmp(&b.name));
     out
 }
 
-/// Translates one Service with its slices.
+/// Translates one Service (`key`: its namespace and name) with its slices.
 pub fn translate_one(
-    service: &Service,
-    slices: &[&EndpointSlice],
+    key: &Key,
+    service: &ServiceView,
+    slices: &[&SliceView],
     node: &NodeView,
     filter: &Filter,
 ) -> Translation {
     let mut out = Translation::default();
-    translate_service(service, slices, node, filter, &mut out);
+    translate_service(key, service, slices, node, filter, &mut out);
     out
-}
-
-/// The Service an EndpointSlice belongs to: (namespace, `kubernetes.io/service-name`).
-pub fn owner_of(slice: &EndpointSlice) -> Option<(String, String)> {
-    let labels = slice.metadata.labels.as_ref();
-    Some((
-        slice.metadata.namespace.clone()?,
-        labels?.get(LABEL_SERVICE_NAME)?.clone(),
-    ))
 }
 
 fn skip(out: &mut Translation, reason: &'static str) {
@@ -166,18 +166,18 @@ fn skip(out: &mut Translation, reason: &'static str) {
 }
 
 fn translate_service(
-    service: &Service,
-    slices: &[&EndpointSlice],
+    (ns, name): &Key,
+    service: &ServiceView,
+    slices: &[&SliceView],
     node: &NodeView,
     filter: &Filter,
     out: &mut Translation,
 ) {
-    let labels = service.metadata.labels.clone().unwrap_or_default();
-    if labels.contains_key(LABEL_HEADLESS) {
+    if service.headless_label {
         return skip(out, "headless label");
     }
-    match labels.get(LABEL_PROXY_NAME) {
-        Some(name) if *name != filter.service_proxy_name => {
+    match service.proxy_name.as_deref() {
+        Some(name) if name != filter.service_proxy_name => {
             return skip(out, "another service-proxy-name");
         }
         None if !filter.service_proxy_name.is_empty() => {
@@ -188,33 +188,14 @@ fn translate_service(
     let Some(spec) = &service.spec else {
         return skip(out, "no spec");
     };
-    if spec.type_.as_deref() == Some("ExternalName") {
+    if spec.external_name {
         return skip(out, "ExternalName");
     }
-    let cluster_ips: Vec<IpAddr> = spec
-        .cluster_ips
-        .clone()
-        .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|ip| ip.parse().ok())
-        .collect();
-    if spec.cluster_ip.as_deref() == Some("None") || cluster_ips.is_empty() {
+    if spec.headless {
         return skip(out, "headless (clusterIP None)");
     }
-    let ns = service.metadata.namespace.as_deref().unwrap_or_default();
-    let name = service.metadata.name.as_deref().unwrap_or_default();
-    let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-        let secs = spec
-            .session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .unwrap_or(DEFAULT_AFFINITY_SECS);
-        Affinity {
-            timeout: Duration::from_secs(u64::try_from(secs.max(1)).unwrap_or(1)),
-        }
-    });
+    let cluster_ips = &*spec.cluster_ips;
+    let affinity = &spec.affinity;
     let health = match health_from_annotations(service) {
         Ok(health) => health,
         Err(reason) => {
@@ -222,8 +203,8 @@ fn translate_service(
             None
         }
     };
-    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let external_policy = if spec.external_traffic_policy.as_deref() == Some("Local") {
+    let internal_local = spec.internal_local;
+    let external_policy = if spec.external_local {
         ExternalPolicy::Local
     } else {
         ExternalPolicy::Cluster
@@ -232,32 +213,12 @@ fn translate_service(
         .health_check_node_port
         .and_then(|p| u16::try_from(p).ok())
         .filter(|&p| p != 0 && external_policy == ExternalPolicy::Local);
-    let publish_not_ready = spec.publish_not_ready_addresses == Some(true);
-    let external: Vec<IpAddr> = spec
-        .external_ips
-        .iter()
-        .flatten()
-        .filter_map(|ip| ip.parse().ok())
-        .chain(
-            service
-                .status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|lb| lb.ingress.as_ref())
-                .into_iter()
-                .flatten()
-                .filter(|ingress| ingress.ip_mode.as_deref() != Some("Proxy"))
-                .filter_map(|ingress| ingress.ip.as_deref()?.parse().ok()),
-        )
-        .collect();
-    for port in spec.ports.iter().flatten() {
-        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
-            "TCP" => Protocol::Tcp,
-            "UDP" => Protocol::Udp,
-            _ => {
-                skip(out, "protocol other than TCP and UDP (SCTP)");
-                continue;
-            }
+    let publish_not_ready = spec.publish_not_ready;
+    let external = &*spec.external;
+    for port in spec.ports.iter() {
+        let Some(protocol) = port.protocol else {
+            skip(out, "protocol other than TCP and UDP (SCTP)");
+            continue;
         };
         let Ok(port_number) = u16::try_from(port.port) else {
             skip(out, "port out of range");
@@ -266,8 +227,7 @@ fn translate_service(
         let endpoints = endpoints_for(port, protocol, slices, publish_not_ready, out);
         let base = format!(
             "{ns}/{name}:{}",
-            port.name
-                .as_deref()
+            Some(&*port.name)
                 .filter(|n| !n.is_empty())
                 .map_or_else(|| port.port.to_string(), str::to_owned)
         );
@@ -291,12 +251,12 @@ fn translate_service(
         };
         // (VIP, the endpoints it uses, every endpoint of its family)
         let mut vips: Vec<(SocketAddr, &[Endpoint], &[Endpoint])> = Vec::new();
-        for ip in &cluster_ips {
+        for ip in cluster_ips {
             let (cluster, local, all) = sets(ip);
             let set = if internal_local { local } else { cluster };
             vips.push((SocketAddr::new(*ip, port_number), set, all));
         }
-        for ip in &external {
+        for ip in external {
             let (cluster, _, all) = sets(ip);
             vips.push((SocketAddr::new(*ip, port_number), cluster, all));
         }
@@ -380,12 +340,11 @@ fn translate_service(
 }
 
 /// Active checks the Service's annotations ask for; an unknown kind is reported and ignored.
-fn health_from_annotations(service: &Service) -> Result<Option<HealthConfig>, &'static str> {
-    let annotations = service.metadata.annotations.as_ref();
-    let Some(kind) = annotations.and_then(|a| a.get(ANNOTATION_HEALTH)) else {
+fn health_from_annotations(service: &ServiceView) -> Result<Option<HealthConfig>, &'static str> {
+    let Some(kind) = service.health_kind.as_deref() else {
         return Ok(None);
     };
-    let kind = match kind.as_str() {
+    let kind = match kind {
         "tcp" => HealthKind::Tcp,
         "http" => HealthKind::Http,
         _ => return Err("unknown mesh.dev/health-check annotation (tcp or http), ignored"),
@@ -394,8 +353,8 @@ fn health_from_annotations(service: &Service) -> Result<Option<HealthConfig>, &'
         kind,
         ..HealthConfig::default()
     };
-    if let Some(path) = annotations.and_then(|a| a.get(ANNOTATION_HEALTH_PATH)) {
-        health.path = path.clone();
+    if let Some(path) = service.health_path.as_deref() {
+        health.path = path.to_owned();
     }
     Ok(Some(health))
 }
@@ -404,58 +363,48 @@ fn health_from_annotations(service: &Service) -> Result<Option<HealthConfig>, &'
 /// port's name and protocol gives the number (named target ports differ per slice). The first
 /// address of each endpoint counts, as in kube-proxy; an address seen twice counts once.
 fn endpoints_for(
-    port: &ServicePort,
+    port: &PortView,
     protocol: Protocol,
-    slices: &[&EndpointSlice],
+    slices: &[&SliceView],
     publish_not_ready: bool,
     out: &mut Translation,
 ) -> Vec<Endpoint> {
-    let want_name = port.name.as_deref().unwrap_or_default();
-    let want_proto = match protocol {
-        Protocol::Tcp => "TCP",
-        Protocol::Udp => "UDP",
-    };
     let mut endpoints: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
     for slice in slices {
-        if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+        if slice.fqdn {
             skip(out, "FQDN EndpointSlice");
             continue;
         }
-        let Some(slice_port) = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or_default() == want_name
-                && p.protocol.as_deref().unwrap_or("TCP") == want_proto
-        }) else {
+        let Some(slice_port) = slice
+            .ports
+            .iter()
+            .find(|p| p.name == port.name && p.protocol == Some(protocol))
+        else {
             continue;
         };
         let Some(number) = slice_port.port.and_then(|p| u16::try_from(p).ok()) else {
             continue;
         };
-        for ep in &slice.endpoints {
-            let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
-                continue;
-            };
-            let conditions = ep.conditions.as_ref();
-            let ready = publish_not_ready || conditions.and_then(|c| c.ready).unwrap_or(true);
-            let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
-            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-            let hints = ep.hints.as_ref();
+        for ep in slice.endpoints.iter() {
+            let ready = publish_not_ready || ep.ready.unwrap_or(true);
+            let serving = ep.serving.unwrap_or(ready);
+            let terminating = ep.terminating.unwrap_or(false);
+            let hints = ep.hints.as_deref();
             let endpoint = Endpoint {
-                addr: SocketAddr::new(ip, number),
+                addr: SocketAddr::new(ep.ip, number),
                 ready,
                 serving,
                 terminating,
-                node: ep.node_name.clone(),
+                node: ep.node.as_deref().map(str::to_owned),
                 zones: hints
-                    .and_then(|h| h.for_zones.as_ref())
                     .into_iter()
-                    .flatten()
-                    .map(|z| z.name.clone())
+                    .flat_map(|h| h.zones.iter())
+                    .map(|z| z.to_string())
                     .collect(),
                 nodes: hints
-                    .and_then(|h| h.for_nodes.as_ref())
                     .into_iter()
-                    .flatten()
-                    .map(|n| n.name.clone())
+                    .flat_map(|h| h.nodes.iter())
+                    .map(|n| n.to_string())
                     .collect(),
             };
             // A ready copy wins over a not-ready one (an endpoint moving between slices).

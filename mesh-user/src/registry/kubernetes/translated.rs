@@ -4,20 +4,21 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-
-use super::translate::{Filter, NodeView, owner_of, translate_one};
+pub use super::objects::Key;
+use super::{
+    objects::{ServiceView, SliceView},
+    translate::{Filter, NodeView, translate_one},
+};
 use crate::config::ServiceConfig;
-
-/// (namespace, name).
-pub type Key = (String, String);
 
 #[derive(Debug, Default)]
 pub struct Translated {
     /// Per Service: the services it translates to that `keep` accepted, and what was skipped.
     pieces: BTreeMap<Key, Piece>,
-    /// Per Service: the keys of its EndpointSlices.
-    slices_of: BTreeMap<Key, BTreeSet<Key>>,
+    /// Per Service: the keys of its EndpointSlices, sorted (the order their endpoints are
+    /// merged in), each once. A Vec: most Services have one slice, and a set's first node is
+    /// about half a kilobyte.
+    slices_of: BTreeMap<Key, Vec<Key>>,
     dirty: BTreeSet<Key>,
     everything_dirty: bool,
 }
@@ -34,26 +35,21 @@ impl Translated {
     }
 
     /// Slice `key` was `old` and is now `new` (`None`: absent).
-    pub fn slice_changed(
-        &mut self,
-        key: &Key,
-        old: Option<&EndpointSlice>,
-        new: Option<&EndpointSlice>,
-    ) {
-        if let Some(owner) = old.and_then(owner_of) {
+    pub fn slice_changed(&mut self, key: &Key, old: Option<&SliceView>, new: Option<&SliceView>) {
+        if let Some(owner) = old.and_then(|s| s.owner.clone()) {
             if let Some(slices) = self.slices_of.get_mut(&owner) {
-                slices.remove(key);
+                slices.retain(|k| k != key);
                 if slices.is_empty() {
                     self.slices_of.remove(&owner);
                 }
             }
             self.dirty.insert(owner);
         }
-        if let Some(owner) = new.and_then(owner_of) {
-            self.slices_of
-                .entry(owner.clone())
-                .or_default()
-                .insert(key.clone());
+        if let Some(owner) = new.and_then(|s| s.owner.clone()) {
+            let slices = self.slices_of.entry(owner.clone()).or_default();
+            if let Err(at) = slices.binary_search(key) {
+                slices.insert(at, key.clone());
+            }
             self.dirty.insert(owner);
         }
     }
@@ -66,8 +62,8 @@ impl Translated {
     /// services are used (it is asked once per translation, so it may log).
     pub fn refresh(
         &mut self,
-        services: &BTreeMap<Key, Service>,
-        slices: &BTreeMap<Key, EndpointSlice>,
+        services: &BTreeMap<Key, ServiceView>,
+        slices: &BTreeMap<Key, SliceView>,
         node: &NodeView,
         filter: &Filter,
         mut keep: impl FnMut(&ServiceConfig) -> bool,
@@ -75,8 +71,12 @@ impl Translated {
         let dirty: Vec<Key> = if std::mem::take(&mut self.everything_dirty) {
             self.slices_of.clear();
             for (key, slice) in slices {
-                if let Some(owner) = owner_of(slice) {
-                    self.slices_of.entry(owner).or_default().insert(key.clone());
+                if let Some(owner) = &slice.owner {
+                    // `slices` is sorted by key: each key comes once, in order.
+                    self.slices_of
+                        .entry(owner.clone())
+                        .or_default()
+                        .push(key.clone());
                 }
             }
             self.pieces.clear();
@@ -90,20 +90,20 @@ impl Translated {
                 self.pieces.remove(&key);
                 continue;
             };
-            let own: Vec<&EndpointSlice> = self
+            let own: Vec<&SliceView> = self
                 .slices_of
                 .get(&key)
                 .into_iter()
                 .flatten()
                 .filter_map(|slice| slices.get(slice))
                 .collect();
-            let translation = translate_one(service, &own, node, filter);
+            let translation = translate_one(&key, service, &own, node, filter);
+            let mut services = translation.services;
+            services.retain(|svc| keep(svc));
+            // Kept until the Service changes: without the spare room of the pushes.
+            services.shrink_to_fit();
             let piece = Piece {
-                services: translation
-                    .services
-                    .into_iter()
-                    .filter(|svc| keep(svc))
-                    .collect(),
+                services,
                 skipped: translation.skipped,
             };
             self.pieces.insert(key, piece);
@@ -129,6 +129,7 @@ impl Translated {
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
     use proptest::prelude::*;
     use serde_json::json;
 
@@ -152,14 +153,18 @@ mod tests {
         .unwrap()
     }
 
-    fn slice(name: &str, owner: &str, ip: u8, ready: bool) -> EndpointSlice {
+    /// Not ready and `terminating`: serving while terminating. Two slices with the same
+    /// address and different conditions make the merge order of a Service's slices count.
+    fn slice(name: &str, owner: &str, ip: u8, ready: bool, terminating: bool) -> EndpointSlice {
+        let terminating = terminating && !ready;
         serde_json::from_value(json!({
             "metadata": {"name": name, "namespace": "default",
                          "labels": {"kubernetes.io/service-name": owner}},
             "addressType": "IPv4",
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
             "endpoints": [{"addresses": [format!("10.244.0.{ip}")], "nodeName": "node-a",
-                           "conditions": {"ready": ready}}]
+                           "conditions": {"ready": ready, "serving": ready || terminating,
+                                          "terminating": terminating}}]
         }))
         .unwrap()
     }
@@ -167,7 +172,7 @@ mod tests {
     #[derive(Clone, Debug)]
     enum Event {
         Service(u8, Option<(u8, u16)>),
-        Slice(u8, Option<(u8, u8, bool)>),
+        Slice(u8, Option<(u8, u8, bool, bool)>),
         Relist,
     }
 
@@ -177,7 +182,7 @@ mod tests {
                 .prop_map(|(n, s)| Event::Service(n, s)),
             (
                 0u8..5,
-                proptest::option::of((0u8..4, 1u8..6, any::<bool>()))
+                proptest::option::of((0u8..4, 1u8..6, any::<bool>(), any::<bool>()))
             )
                 .prop_map(|(n, s)| Event::Slice(n, s)),
             Just(Event::Relist),
@@ -212,16 +217,25 @@ mod tests {
                     }
                     Event::Slice(n, spec) => {
                         let k = key(format!("slice{n}"));
-                        let new = spec.map(|(owner, ip, ready)| slice(&k.1, &format!("svc{owner}"), ip, ready));
+                        let new = spec.map(|(owner, ip, ready, terminating)| {
+                            slice(&k.1, &format!("svc{owner}"), ip, ready, terminating)
+                        });
                         let old = match &new {
                             Some(new) => slices.insert(k.clone(), new.clone()),
                             None => slices.remove(&k),
                         };
-                        translated.slice_changed(&k, old.as_ref(), new.as_ref());
+                        translated.slice_changed(
+                            &k,
+                            old.as_ref().map(SliceView::new).as_ref(),
+                            new.as_ref().map(SliceView::new).as_ref(),
+                        );
                     }
                     Event::Relist => translated.everything_changed(),
                 }
-                translated.refresh(&services, &slices, &node, &filter, |_| true);
+                // The caches hold views of the objects, as the source's do.
+                let service_views = services.iter().map(|(k, s)| (k.clone(), ServiceView::new(s))).collect();
+                let slice_views = slices.iter().map(|(k, s)| (k.clone(), SliceView::new(s))).collect();
+                translated.refresh(&service_views, &slice_views, &node, &filter, |_| true);
                 let all: Vec<Service> = services.values().cloned().collect();
                 let all_slices: Vec<EndpointSlice> = slices.values().cloned().collect();
                 let Translation { services: mut want, skipped } = translate(&all, &all_slices, &node, &filter);
