@@ -490,7 +490,9 @@ pub struct TcpSockFields {
     /// u64 counts of the sequence space acknowledged by the peer and received from it.
     pub bytes_received: u32,
     pub bytes_acked: u32,
-    pub _pad: u32,
+    /// `sk_cookie` (u64): 0 until someone asks for the socket's cookie. Translating a TCP
+    /// connect always does, so a TCP socket released with 0 was never translated.
+    pub sk_cookie: u32,
 }
 
 /// What the kernel programs read of a TCP socket when it is released (before close() does

@@ -6,7 +6,7 @@ use aya_ebpf::programs::SockAddrContext;
 use crate::ALLOW;
 use crate::addr::{read_dest, write_backend};
 use crate::maps::TcpPeer;
-use crate::reverse::{as_socket_sees, entry, remember_tcp_peer, sock_rev};
+use crate::reverse::{as_socket_sees, entry, mark_translated, remember_tcp_peer, sock_rev};
 use crate::service::{Verdict, refuse, translate};
 use crate::settings::{original_dst_on, telemetry_on};
 use crate::udp;
@@ -64,6 +64,8 @@ pub fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
             rev.observe = observe;
             if udp {
                 udp::record_flow(ctx, rev, service_id, backend_id);
+            } else {
+                mark_translated(ctx);
             }
             ALLOW
         }

@@ -28,8 +28,23 @@ static TCP_SOCK_FIELDS: TcpSockFields = TcpSockFields {
     srtt_us: 0,
     bytes_received: 0,
     bytes_acked: 0,
-    _pad: 0,
+    sk_cookie: 0,
 };
+
+#[inline(always)]
+fn fields() -> TcpSockFields {
+    // SAFETY: a read of a static; volatile so the compiler keeps the load the loader patches.
+    unsafe { core::ptr::read_volatile(&raw const TCP_SOCK_FIELDS) }
+}
+
+/// True if the TCP socket `sk` was certainly never translated: nobody ever asked for its
+/// cookie, and a translated TCP connect always does. One read instead of generating the cookie
+/// and looking it up, for every TCP socket of the cgroup that mesh has nothing to do with.
+#[inline(always)]
+pub fn never_translated(sk: *const u8) -> bool {
+    let offset = fields().sk_cookie;
+    offset != 0 && read::<u64>(sk, offset) == Some(0)
+}
 
 /// A translated TCP socket is released: record how its connection went.
 #[inline(always)]
@@ -37,8 +52,7 @@ pub fn tcp_released(ctx: &SockContext, key: &BackendStatsKey) {
     let sk = ctx.sock as *const u8;
     // SAFETY: the kernel hands a valid socket to sock_release programs.
     let state = unsafe { (*ctx.sock).state };
-    // SAFETY: a read of a static; volatile so the compiler keeps the load the loader patches.
-    let fields = unsafe { core::ptr::read_volatile(&raw const TCP_SOCK_FIELDS) };
+    let fields = fields();
     if fields.bytes_acked == 0 {
         return;
     }

@@ -102,6 +102,14 @@ pub fn remember_tcp_peer(ctx: &SockAddrContext, peer: &TcpPeer) -> bool {
     }
 }
 
+/// Makes sure the TCP socket has a cookie, which is how its release knows it may hold a
+/// translation (`outcome::never_translated`). `remember_tcp_peer` gets one anyway.
+#[inline(always)]
+pub fn mark_translated(ctx: &SockAddrContext) {
+    // SAFETY: the helper only reads (and on first use sets) the valid context's socket cookie.
+    unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+}
+
 /// sock_release: forget the socket's translation (and its UDP flow), counting it as released;
 /// for a TCP connection the load balancer made, record how it went (`outcome`) first.
 #[inline(always)]
@@ -109,6 +117,9 @@ pub fn release(ctx: &SockContext) {
     let sk = ctx.sock;
     // SAFETY: the kernel hands a valid socket to sock_release programs.
     let tcp = unsafe { (*sk).protocol } == u32::from(PROTO_TCP);
+    if tcp && outcome::never_translated(sk as *const u8) {
+        return;
+    }
     if tcp {
         // SAFETY: the helper only reads the valid socket.
         let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };

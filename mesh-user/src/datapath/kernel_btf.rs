@@ -74,7 +74,8 @@ fn fields_of(btf: &Btf<'_>) -> anyhow::Result<TcpSockFields> {
         srtt_us: field(tcp_sock, "srtt_us", 4)?,
         bytes_received: field(tcp_sock, "bytes_received", 8)?,
         bytes_acked: field(tcp_sock, "bytes_acked", 8)?,
-        _pad: 0,
+        // atomic64_t: a struct of one s64.
+        sk_cookie: field(sock_common, "skc_cookie", 8)?,
     })
 }
 
@@ -377,22 +378,31 @@ mod tests {
             8,
             &[("skc_flags", sk_flags_type, 0), ("skc_listener", 2, 0)],
         ); // 6
-        b.strukt("sock_common", 136, &[("skc_hash", 1, 0), ("", 6, 96 * 8)]); // 7
-        b.strukt("sock", 800, &[("__sk_common", 7, 0)]); // 8
-        b.strukt("inet_sock", 900, &[("sk", 8, 0)]); // 9
-        b.strukt("inet_connection_sock", 1400, &[("icsk_inet", 9, 0)]); // 10
+        b.strukt("atomic64_t", 8, &[("counter", 2, 0)]); // 7
+        b.strukt(
+            "sock_common",
+            136,
+            &[
+                ("skc_hash", 1, 0),
+                ("", 6, 96 * 8),
+                ("skc_cookie", 7, 112 * 8),
+            ],
+        ); // 8
+        b.strukt("sock", 800, &[("__sk_common", 8, 0)]); // 9
+        b.strukt("inet_sock", 900, &[("sk", 9, 0)]); // 10
+        b.strukt("inet_connection_sock", 1400, &[("icsk_inet", 10, 0)]); // 11
         b.strukt(
             "tcp_sock",
             2200,
             &[
-                ("inet_conn", 10, 0),
+                ("inet_conn", 11, 0),
                 ("write_seq", 3, 1576 * 8),
                 ("snd_una", 3, 1672 * 8),
                 ("srtt_us", 1, 1680 * 8),
                 ("bytes_received", 5, 1752 * 8),
                 ("bytes_acked", 4, 1824 * 8),
             ],
-        ); // 11
+        ); // 12
         b.enumeration("sock_flags", &[("SOCK_DEAD", 0), ("SOCK_DONE", 1)]);
         b.bytes()
     }
@@ -411,7 +421,7 @@ mod tests {
                 srtt_us: 1680,
                 bytes_received: 1752,
                 bytes_acked: 1824,
-                _pad: 0,
+                sk_cookie: 112,
             }
         );
     }
