@@ -24,8 +24,9 @@ use super::{heartbeat::Heartbeat, metrics::AgentMetrics};
 
 /// Scrapes that may wait for the renderer; beyond that a scrape is answered 503 at once.
 const QUEUE: usize = 8;
-/// Chunks the renderer may write ahead of the client.
-const IN_FLIGHT: usize = 4;
+/// Chunks the renderer may write ahead of the client (about 1 MB): fewer hand-overs that
+/// wait.
+const IN_FLIGHT: usize = 8;
 /// `/healthz` fails when the control loop has not finished a turn for this long.
 pub const HEALTHZ_STALE: Duration = Duration::from_secs(10);
 

@@ -372,30 +372,30 @@ impl<'a> Sink<'a> {
         self.bytes(s.as_bytes());
     }
 
-    /// Decimal digits without `fmt` (most of the text is numbers).
-    fn u64(&mut self, mut value: u64) {
+    #[cfg(test)]
+    fn u64(&mut self, value: u64) {
         let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (value % 10) as u8;
-            value /= 10;
-            if value == 0 {
-                break;
-            }
-        }
+        let at = decimal(&mut digits, value);
         self.bytes(&digits[at..]);
     }
 
-    /// `name{labels<extra>} value\n`, `labels` already escaped and joined.
+    /// `name{labels<extra>} value\n`, `labels` already escaped and joined. Most of the text
+    /// is these lines: one reservation and one chunk check each.
     fn series(&mut self, name: &str, labels: &[u8], extra: &str, value: u64) {
-        self.str(name);
-        self.bytes(b"{");
-        self.bytes(labels);
-        self.str(extra);
-        self.bytes(b"} ");
-        self.u64(value);
-        self.bytes(b"\n");
+        let mut digits = [0u8; 20];
+        let at = decimal(&mut digits, value);
+        let buf = &mut self.buf;
+        buf.reserve(name.len() + labels.len() + extra.len() + 24);
+        buf.extend_from_slice(name.as_bytes());
+        buf.push(b'{');
+        buf.extend_from_slice(labels);
+        buf.extend_from_slice(extra.as_bytes());
+        buf.extend_from_slice(b"} ");
+        buf.extend_from_slice(&digits[at..]);
+        buf.push(b'\n');
+        if buf.len() >= CHUNK {
+            self.flush();
+        }
     }
 
     fn flush(&mut self) {
@@ -404,6 +404,19 @@ impl<'a> Sink<'a> {
         } else if !self.buf.is_empty() {
             let full = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK + 8192));
             self.closed = !(self.emit)(full);
+        }
+    }
+}
+
+/// `value` in decimal at the end of `digits`, without `fmt`; returns where it starts.
+fn decimal(digits: &mut [u8; 20], mut value: u64) -> usize {
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            return at;
         }
     }
 }
