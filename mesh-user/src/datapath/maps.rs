@@ -328,7 +328,7 @@ impl Maps {
     }
 
     /// What `/metrics` exports, read for one scrape: only the maps it needs, on two threads
-    /// (each batch read costs the kernel about half a microsecond an entry, and a node with
+    /// (each batch read costs the kernel about a third of a microsecond an entry, and a node with
     /// 10k services has 40k entries in each of five maps). Retried like `snapshot` when a
     /// counter names a backend the read did not see.
     pub fn counters(&self) -> anyhow::Result<Counters> {
