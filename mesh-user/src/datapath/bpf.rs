@@ -238,43 +238,47 @@ pub fn map_update_batch(
 }
 
 /// Every element of a hash map, read with `BPF_MAP_LOOKUP_BATCH` a few thousand at a time
-/// instead of two syscalls per element: (keys, values), each back to back (per-CPU values:
-/// one slot per possible CPU, each rounded up to 8 bytes). Not for arrays (their batch token
-/// is key-sized, a hash map's a bucket number).
-pub fn map_lookup_batch_all(
+/// instead of two syscalls per element, each batch handed to `each` (keys, values; each back
+/// to back) as it is read, in buffers reused from one batch to the next: a caller that
+/// reduces the elements never holds them all (per-CPU counters of 40k pairs are 14 MB).
+/// Per-CPU values: one slot per possible CPU, each rounded up to 8 bytes. Not for arrays
+/// (their batch token is key-sized, a hash map's a bucket number).
+pub fn map_lookup_batch_each(
     map: BorrowedFd<'_>,
     key_size: usize,
     value_size: usize,
-) -> io::Result<(Vec<u8>, Vec<u8>)> {
+    mut each: impl FnMut(&[u8], &[u8]),
+) -> io::Result<()> {
     let mut chunk: usize = 4096;
     let (mut keys, mut values) = (Vec::new(), Vec::new());
     let mut token: u64 = 0;
     let mut first = true;
     // Each call returns at least one element or ends; bounded by the map's size anyway.
     for _ in 0..(1 << 20) {
-        let have = keys.len() / key_size.max(1);
-        keys.resize((have + chunk) * key_size, 0);
-        values.resize((have + chunk) * value_size, 0);
+        keys.resize(chunk * key_size, 0);
+        values.resize(chunk * value_size, 0);
         let mut next: u64 = 0;
         let mut attr = BatchAttr {
             in_batch: if first { 0 } else { &raw const token as u64 },
             out_batch: &raw mut next as u64,
-            keys: keys[have * key_size..].as_mut_ptr() as u64,
-            values: values[have * value_size..].as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
             count: chunk as u32,
             map_fd: map.as_raw_fd() as u32,
             ..Default::default()
         };
         let result = bpf_syscall(BPF_MAP_LOOKUP_BATCH, &mut attr);
         let got = (attr.count as usize).min(chunk);
-        keys.truncate((have + got) * key_size);
-        values.truncate((have + got) * value_size);
+        // The kernel reports the elements it copied, also along with ENOENT (the last batch).
+        if result.is_ok() || matches!(&result, Err(e) if e.raw_os_error() == Some(libc::ENOENT)) {
+            each(&keys[..got * key_size], &values[..got * value_size]);
+        }
         match result {
             Ok(_) => {
                 token = next;
                 first = false;
             }
-            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok((keys, values)),
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             // One bucket holds more elements than fit: ask for more at once.
             Err(err) if err.raw_os_error() == Some(libc::ENOSPC) && chunk < (1 << 20) => {
                 chunk *= 2;

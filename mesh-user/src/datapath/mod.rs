@@ -34,7 +34,7 @@ use tracing::info;
 pub use self::{
     lock::PinsLock,
     log::{KernelLogger, forward_kernel_log},
-    maps::{Maps, Snapshot, service_range},
+    maps::{Counters, Maps, Snapshot, service_range},
     ops::MapOp,
 };
 

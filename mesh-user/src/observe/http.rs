@@ -1,50 +1,42 @@
 //! The agent's HTTP endpoint: /metrics (Prometheus), /readyz and /healthz.
 //!
 //! A scrape never runs on the async workers: a dedicated thread renders the exposition text
-//! (it reads every map). A scrape asks for a render that starts after it arrived and waits for
-//! it up to `FRESH_WAIT`; when rendering takes longer (tens of thousands of backends) it gets
-//! the latest finished render instead, so /metrics always answers quickly. Once renders are
-//! known to take longer than `FRESH_WAIT` (the last one did, or the one running has already),
-//! a scrape does not wait at all: a render asked for now would not arrive in time either, and
-//! waiting would only add `FRESH_WAIT` to every scrape.
+//! (it reads every map), one scrape at a time, and the text goes to the client in chunks as
+//! it is written. At 10k services the text is 23 MB: holding a finished render between
+//! scrapes, or the whole text of one, was a quarter of the agent's memory. Scrapes that
+//! arrive during a render wait for their own (at most `QUEUE` of them; more get 503).
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-        mpsc,
-    },
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use axum::{
-    Router, body::Bytes, extract::State, http::StatusCode, response::IntoResponse, routing::get,
+    Router,
+    body::{Body, Bytes},
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
 };
-use tokio::sync::watch;
+use futures_util::StreamExt as _;
+use tokio::sync::mpsc;
 
 use super::{heartbeat::Heartbeat, metrics::AgentMetrics};
 
-/// How long a scrape waits for a render that started after it arrived.
-const FRESH_WAIT: Duration = Duration::from_millis(60);
+/// Scrapes that may wait for the renderer; beyond that a scrape is answered 503 at once.
+const QUEUE: usize = 8;
+/// Chunks the renderer may write ahead of the client (about 1 MB): fewer hand-overs that
+/// wait.
+const IN_FLIGHT: usize = 8;
 /// `/healthz` fails when the control loop has not finished a turn for this long.
 pub const HEALTHZ_STALE: Duration = Duration::from_secs(10);
 
-/// A finished render: for which request ticket, and the text (or the error). The text is
-/// `Bytes` so each scrape shares it instead of copying it (megabytes on a big node).
-#[derive(Clone)]
-struct Rendered {
-    ticket: u64,
-    text: Arc<Result<Bytes, String>>,
-}
+/// A piece of the text, or why there is none (only ever the first message).
+type Chunk = Result<Bytes, String>;
 
 struct Endpoint {
     heartbeat: Arc<Heartbeat>,
-    tickets: AtomicU64,
-    times: RenderTimes,
-    wake: mpsc::SyncSender<()>,
-    rendered: watch::Receiver<Option<Rendered>>,
+    /// One per scrape: where its text goes.
+    scrapes: std::sync::mpsc::SyncSender<mpsc::Sender<Chunk>>,
 }
 
 pub async fn serve(
@@ -52,25 +44,18 @@ pub async fn serve(
     metrics: Arc<AgentMetrics>,
     heartbeat: Arc<Heartbeat>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let (wake, woken) = mpsc::sync_channel::<()>(1);
-    let (publish, rendered) = watch::channel(None);
-    let endpoint = Arc::new(Endpoint {
-        heartbeat,
-        tickets: AtomicU64::new(0),
-        times: RenderTimes::new(),
-        wake,
-        rendered,
-    });
-    let requested = endpoint.clone();
+    // A scrape's map reads and text are transient megabytes: they must go back when freed.
+    crate::datapath::system::map_large_allocations();
+    let (scrapes, queued) = std::sync::mpsc::sync_channel(QUEUE);
     std::thread::Builder::new()
         .name("mesh-metrics".into())
-        .spawn(move || render_loop(&metrics, &requested, &woken, &publish))
+        .spawn(move || render_loop(&metrics, &queued))
         .context("starting the metrics renderer")?;
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/readyz", get(readyz))
         .route("/healthz", get(healthz))
-        .with_state(endpoint);
+        .with_state(Arc::new(Endpoint { heartbeat, scrapes }));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics address {addr}"))?;
@@ -81,115 +66,49 @@ pub async fn serve(
     }))
 }
 
-/// Renders whenever asked, covering every ticket handed out before the render started.
-fn render_loop(
-    metrics: &AgentMetrics,
-    endpoint: &Endpoint,
-    woken: &mpsc::Receiver<()>,
-    publish: &watch::Sender<Option<Rendered>>,
-) {
-    while woken.recv().is_ok() {
-        let ticket = endpoint.tickets.load(Ordering::SeqCst);
-        endpoint.times.started();
-        let text = metrics
-            .render()
-            .map(Bytes::from)
-            .map_err(|err| format!("{err:#}\n"));
-        endpoint.times.finished();
-        publish.send_replace(Some(Rendered {
-            ticket,
-            text: Arc::new(text),
-        }));
-        // The render's intermediate families are several times the text: give them back.
+/// Renders one scrape after the other, each straight into its client's channel.
+fn render_loop(metrics: &AgentMetrics, queued: &std::sync::mpsc::Receiver<mpsc::Sender<Chunk>>) {
+    while let Ok(reply) = queued.recv() {
+        if reply.is_closed() {
+            // The client gave up while waiting.
+            continue;
+        }
+        let sent =
+            metrics.render_to(&mut |chunk| reply.blocking_send(Ok(Bytes::from(chunk))).is_ok());
+        if let Err(err) = sent {
+            let _ = reply.blocking_send(Err(format!("{err:#}\n")));
+        }
+        drop(reply);
+        // A render's map reads take a few times the memory of the chunks: give it back.
         crate::datapath::system::return_free_memory();
     }
 }
 
-async fn render_metrics(State(endpoint): State<Arc<Endpoint>>) -> impl IntoResponse {
-    let ticket = endpoint.tickets.fetch_add(1, Ordering::SeqCst) + 1;
-    // A full channel means a render is already asked for; it will see this ticket.
-    let _ = endpoint.wake.try_send(());
-    let mut rendered = endpoint.rendered.clone();
-    let wait = if endpoint.times.slower_than(FRESH_WAIT) {
-        Duration::ZERO
-    } else {
-        FRESH_WAIT
-    };
-    let fresh = tokio::time::timeout(wait, async move {
-        rendered
-            .wait_for(|r| r.as_ref().is_some_and(|r| r.ticket >= ticket))
-            .await
-            .map(|r| r.clone())
-    })
-    .await;
-    let latest = match fresh {
-        Ok(Ok(r)) => r,
-        // Slow render: the latest finished one, or the first one however long it takes.
-        _ => {
-            let mut rendered = endpoint.rendered.clone();
-            rendered
-                .wait_for(Option::is_some)
-                .await
-                .map(|r| r.clone())
-                .ok()
-                .flatten()
-        }
-    };
-    match latest.as_ref().map(|r| r.text.as_ref()) {
-        Some(Ok(text)) => (
-            StatusCode::OK,
-            [("content-type", "text/plain; version=0.0.4")],
-            text.clone(),
+async fn render_metrics(State(endpoint): State<Arc<Endpoint>>) -> Response {
+    let (reply, mut chunks) = mpsc::channel(IN_FLIGHT);
+    if endpoint.scrapes.try_send(reply).is_err() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many scrapes waiting\n",
         )
-            .into_response(),
-        Some(Err(err)) => (StatusCode::INTERNAL_SERVER_ERROR, err.clone()).into_response(),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response(),
+            .into_response();
     }
-}
-
-/// How long renders take, as far as a scrape can know when it arrives.
-struct RenderTimes {
-    epoch: Instant,
-    /// When the render in progress started (microseconds since `epoch`, plus one); 0 if none.
-    running_since: AtomicU64,
-    /// How long the last finished render took, in microseconds.
-    last: AtomicU64,
-}
-
-impl RenderTimes {
-    fn new() -> Self {
-        Self {
-            epoch: Instant::now(),
-            running_since: AtomicU64::new(0),
-            last: AtomicU64::new(0),
+    match chunks.recv().await {
+        Some(Ok(first)) => {
+            let rest = futures_util::stream::unfold(chunks, |mut chunks| async move {
+                let chunk = chunks.recv().await?;
+                Some((chunk.map_err(std::io::Error::other), chunks))
+            });
+            let body = futures_util::stream::once(async move { Ok(first) }).chain(rest);
+            (
+                StatusCode::OK,
+                [("content-type", "text/plain; version=0.0.4")],
+                Body::from_stream(body),
+            )
+                .into_response()
         }
-    }
-
-    fn now_us(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
-    }
-
-    fn started(&self) {
-        self.running_since
-            .store(self.now_us().saturating_add(1), Ordering::Relaxed);
-    }
-
-    fn finished(&self) {
-        let since = self.running_since.swap(0, Ordering::Relaxed);
-        let took = self.now_us().saturating_sub(since.saturating_sub(1));
-        self.last.store(took, Ordering::Relaxed);
-    }
-
-    /// The last render, or the one running now, has taken at least `limit`.
-    fn slower_than(&self, limit: Duration) -> bool {
-        let limit = u64::try_from(limit.as_micros()).unwrap_or(u64::MAX);
-        let since = self.running_since.load(Ordering::Relaxed);
-        let running = if since == 0 {
-            0
-        } else {
-            self.now_us().saturating_sub(since - 1)
-        };
-        self.last.load(Ordering::Relaxed) >= limit || running >= limit
+        Some(Err(err)) => (StatusCode::INTERNAL_SERVER_ERROR, err).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response(),
     }
 }
 
@@ -229,26 +148,5 @@ mod tests {
     fn healthz_fails_after_10s_without_a_control_loop_turn() {
         assert!(is_live(Duration::from_millis(9_999)));
         assert!(!is_live(Duration::from_secs(10)));
-    }
-
-    #[test]
-    fn a_slow_render_finished_or_running_means_no_waiting() {
-        let times = RenderTimes::new();
-        let limit = Duration::from_millis(20);
-        assert!(!times.slower_than(limit), "nothing rendered yet");
-        times.started();
-        times.finished();
-        assert!(!times.slower_than(limit), "a quick render");
-        times.started();
-        std::thread::sleep(limit);
-        assert!(
-            times.slower_than(limit),
-            "the running render is slow already"
-        );
-        times.finished();
-        assert!(times.slower_than(limit), "the last render was slow");
-        times.started();
-        times.finished();
-        assert!(!times.slower_than(limit), "quick again");
     }
 }

@@ -18,7 +18,7 @@ use prometheus::{
 };
 
 use crate::{
-    datapath::Maps,
+    datapath::{Counters, Maps},
     health::{Health, Transition},
     model::{Vip, protocol_name},
     registry::SourceObserver,
@@ -307,16 +307,124 @@ impl AgentMetrics {
         self.config_rejected.inc();
     }
 
-    /// The Prometheus text exposition of everything registered.
-    pub fn render(&self) -> anyhow::Result<String> {
-        let mut out = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
-        let mut out = String::from_utf8(out)?;
+    /// The Prometheus text exposition of everything registered, handed to `emit` in chunks
+    /// of about `CHUNK` bytes as it is written (the whole text is 23 MB at 10k services: no
+    /// scrape holds it at once). `emit` returns false when nobody wants more (the client
+    /// hung up); rendering then stops.
+    pub fn render_to(&self, emit: &mut dyn FnMut(Vec<u8>) -> bool) -> anyhow::Result<()> {
+        let mut own = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut own)?;
+        if !emit(own) {
+            return Ok(());
+        }
+        let mut out = Sink::new(emit);
         if let Err(err) = self.kernel.render(&mut out) {
             // The agent's own metrics still tell what is wrong.
             tracing::warn!("reading kernel counters for /metrics: {err:#}");
         }
-        Ok(out)
+        out.flush();
+        Ok(())
+    }
+
+    /// The whole text at once (tests).
+    #[cfg(test)]
+    fn render(&self) -> anyhow::Result<String> {
+        let mut text = Vec::new();
+        self.render_to(&mut |chunk| {
+            text.extend_from_slice(&chunk);
+            true
+        })?;
+        Ok(String::from_utf8(text)?)
+    }
+}
+
+/// Bytes handed on at a time: big enough that sending costs little per byte, small enough
+/// that the few chunks in flight are nothing next to the agent's maps, and that a chunk's
+/// buffer stays below the allocator's mapping threshold (reused, not mapped afresh).
+const CHUNK: usize = 120 * 1024;
+
+/// The exposition text being written: bytes go to a buffer that is handed on whenever it
+/// reaches `CHUNK` (chunks need not end at a line).
+pub struct Sink<'a> {
+    buf: Vec<u8>,
+    emit: &'a mut dyn FnMut(Vec<u8>) -> bool,
+    /// The receiver wants no more.
+    closed: bool,
+}
+
+impl<'a> Sink<'a> {
+    fn new(emit: &'a mut dyn FnMut(Vec<u8>) -> bool) -> Self {
+        Self {
+            buf: Vec::with_capacity(CHUNK + 8192),
+            emit,
+            closed: false,
+        }
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= CHUNK {
+            self.flush();
+        }
+    }
+
+    fn str(&mut self, s: &str) {
+        self.bytes(s.as_bytes());
+    }
+
+    #[cfg(test)]
+    fn u64(&mut self, value: u64) {
+        let mut digits = [0u8; 20];
+        let at = decimal(&mut digits, value);
+        self.bytes(&digits[at..]);
+    }
+
+    /// `name{labels<extra>} value\n`, `labels` already escaped and joined. Most of the text
+    /// is these lines: one reservation and one chunk check each.
+    fn series(&mut self, name: &str, labels: &[u8], extra: &str, value: u64) {
+        let mut digits = [0u8; 20];
+        let at = decimal(&mut digits, value);
+        let buf = &mut self.buf;
+        buf.reserve(name.len() + labels.len() + extra.len() + 24);
+        buf.extend_from_slice(name.as_bytes());
+        buf.push(b'{');
+        buf.extend_from_slice(labels);
+        buf.extend_from_slice(extra.as_bytes());
+        buf.extend_from_slice(b"} ");
+        buf.extend_from_slice(&digits[at..]);
+        buf.push(b'\n');
+        if buf.len() >= CHUNK {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.closed {
+            self.buf.clear();
+        } else if !self.buf.is_empty() {
+            let full = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK + 8192));
+            self.closed = !(self.emit)(full);
+        }
+    }
+}
+
+/// `value` in decimal at the end of `digits`, without `fmt`; returns where it starts.
+fn decimal(digits: &mut [u8; 20], mut value: u64) -> usize {
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            return at;
+        }
+    }
+}
+
+impl std::fmt::Write for Sink<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.str(s);
+        Ok(())
     }
 }
 
@@ -328,167 +436,34 @@ struct KernelCounters {
     bpffs: PathBuf,
 }
 
-/// One backend of one service, with its labels already formatted.
+/// One backend of one service: where its labels are in the label buffer, and its counters.
 struct Row<'a> {
-    labels: String,
+    labels: std::ops::Range<usize>,
     stats: &'a BackendStats,
     active: bool,
 }
 
+/// One service: where its labels are, and its per-service values.
+struct ServiceRow {
+    labels: std::ops::Range<usize>,
+    slots: u32,
+    no_backend: u64,
+    configured: u32,
+    active: u32,
+}
+
 impl KernelCounters {
-    fn render(&self, out: &mut String) -> anyhow::Result<()> {
+    fn render(&self, out: &mut Sink) -> anyhow::Result<()> {
         use std::fmt::Write as _;
+        let started = std::time::Instant::now();
         let maps = Maps::open_pinned(&self.bpffs)?;
-        let snap = maps.snapshot()?;
-
-        let mut services = Vec::new();
-        let mut rows = Vec::new();
-        for (vip, svc) in &snap.services {
-            let name = snap.names.get(&svc.id).map(String::as_str).unwrap_or("");
-            let proto = protocol_name(vip.proto);
-            let labels = labels(&[
-                ("service", name),
-                ("vip", &vip.addr.to_string()),
-                ("protocol", proto),
-            ]);
-            let mut configured = 0;
-            let mut active = 0;
-            for (key, stats) in snap.members_of(svc.id) {
-                let Some(addr) = snap.backends.get(&key.backend_id) else {
-                    continue;
-                };
-                let is_active = snap.active.contains_key(key);
-                configured += 1;
-                active += u32::from(is_active);
-                rows.push(Row {
-                    labels: labels_inner(&[
-                        ("service", name),
-                        ("backend", &addr.to_string()),
-                        ("protocol", proto),
-                    ]),
-                    stats,
-                    active: is_active,
-                });
-            }
-            let no_backend = snap.service_stats.get(&svc.id).map_or(0, |s| s.no_backend);
-            services.push((labels, svc.slot_count, no_backend, configured, active));
-        }
-
-        let backend_family =
-            |out: &mut String, name: &str, kind: &str, help: &str, value: &dyn Fn(&Row) -> u64| {
-                header(out, name, kind, help);
-                for row in &rows {
-                    let _ = writeln!(out, "{name}{{{}}} {}", row.labels, value(row));
-                }
-            };
-        backend_family(
-            out,
-            "mesh_backend_connections_total",
-            "counter",
-            "Connections (and unconnected UDP datagrams) the kernel sent to the backend",
-            &|r| r.stats.connections,
+        let read = maps.counters()?;
+        let read_took = started.elapsed();
+        render_services(out, &read);
+        tracing::debug!(
+            "/metrics: maps read in {read_took:?}, services and backends written in {:?}",
+            started.elapsed() - read_took
         );
-        backend_family(
-            out,
-            "mesh_backend_connect_failures_total",
-            "counter",
-            "TCP connects to the backend that failed before establishing (passive detection)",
-            &|r| r.stats.connect_failures,
-        );
-        backend_family(
-            out,
-            "mesh_backend_sent_bytes_total",
-            "counter",
-            "Payload bytes clients sent to the backend on closed TCP connections (telemetry)",
-            &|r| r.stats.bytes_sent,
-        );
-        backend_family(
-            out,
-            "mesh_backend_received_bytes_total",
-            "counter",
-            "Payload bytes clients received from the backend on closed TCP connections (telemetry)",
-            &|r| r.stats.bytes_received,
-        );
-        backend_family(
-            out,
-            "mesh_backend_active",
-            "gauge",
-            "1 when the backend takes new connections (in the live slot set), else 0",
-            &|r| u64::from(r.active),
-        );
-
-        // A histogram is 18 series: only backends with measured connections get one.
-        header(out, RTT_NAME, "histogram", RTT_HELP);
-        for row in rows.iter().filter(|r| r.stats.rtt_samples > 0) {
-            let mut cumulative = 0;
-            for (i, count) in row
-                .stats
-                .rtt_buckets
-                .iter()
-                .enumerate()
-                .take(RTT_BUCKETS - 1)
-            {
-                cumulative += count;
-                let le = (RTT_BUCKET_BASE_US << i) as f64 / 1e6;
-                let _ = writeln!(
-                    out,
-                    "{RTT_NAME}_bucket{{{},le=\"{le}\"}} {cumulative}",
-                    row.labels
-                );
-            }
-            let _ = writeln!(
-                out,
-                "{RTT_NAME}_bucket{{{},le=\"+Inf\"}} {}",
-                row.labels, row.stats.rtt_samples
-            );
-            let _ = writeln!(
-                out,
-                "{RTT_NAME}_sum{{{}}} {}",
-                row.labels,
-                row.stats.rtt_sum_us as f64 / 1e6
-            );
-            let _ = writeln!(
-                out,
-                "{RTT_NAME}_count{{{}}} {}",
-                row.labels, row.stats.rtt_samples
-            );
-        }
-
-        header(
-            out,
-            "mesh_service_no_backend_total",
-            "counter",
-            "Connects to the VIP that found no backend",
-        );
-        for (labels, _, no_backend, _, _) in &services {
-            let _ = writeln!(out, "mesh_service_no_backend_total{labels} {no_backend}");
-        }
-        header(
-            out,
-            "mesh_service_slots",
-            "gauge",
-            "Round-robin slots of the service's live slot set (0: no backend)",
-        );
-        for (labels, slots, _, _, _) in &services {
-            let _ = writeln!(out, "mesh_service_slots{labels} {slots}");
-        }
-        header(
-            out,
-            "mesh_service_backends",
-            "gauge",
-            "Backends of the service by state: configured, or active (taking connections)",
-        );
-        for (labels, _, _, configured, active) in &services {
-            let inner = &labels[1..labels.len() - 1];
-            let _ = writeln!(
-                out,
-                "mesh_service_backends{{{inner},state=\"configured\"}} {configured}"
-            );
-            let _ = writeln!(
-                out,
-                "mesh_service_backends{{{inner},state=\"active\"}} {active}"
-            );
-        }
 
         let dp = maps.datapath_stats()?;
         header(
@@ -531,12 +506,12 @@ impl KernelCounters {
             "Entries in each pinned map (per-CPU maps count keys)",
         );
         for (map, entries) in [
-            ("services", snap.services.len()),
-            ("slots", snap.slots.len()),
-            ("backends", snap.backends.len()),
-            ("backend_stats", snap.backend_stats.len()),
-            ("active", snap.active.len()),
-            ("service_names", snap.names.len()),
+            ("services", read.services.len()),
+            ("slots", read.slots),
+            ("backends", read.backends.len()),
+            ("backend_stats", read.backend_stats.len()),
+            ("active", read.active.len()),
+            ("service_names", read.names.len()),
         ]
         .into_iter()
         .chain(maps.extra_entry_counts())
@@ -593,7 +568,7 @@ impl KernelCounters {
                 "Flows from other hosts in nat_flows at the last expiry pass",
             );
             let _ = writeln!(out, "mesh_nodeport_flows {}", np.flows_live);
-            render_nodeport_backends(out, &snap, &maps.nodeport_backend_stats()?);
+            render_nodeport_backends(out, &read, &maps.nodeport_backend_stats()?);
         }
         header(
             out,
@@ -608,19 +583,184 @@ impl KernelCounters {
     }
 }
 
+/// The per-backend and per-service families. Each label set is escaped once into one
+/// buffer, and every line is written from it: no allocation per series.
+fn render_services(out: &mut Sink, read: &Counters) {
+    use std::io::Write as _;
+    let mut labels: Vec<u8> = Vec::with_capacity(read.backend_stats.len() * 64);
+    let mut services = Vec::with_capacity(read.services.len());
+    let mut rows = Vec::with_capacity(read.backend_stats.len());
+    for (vip, svc) in &read.services {
+        let name = read.names.get(&svc.id).map_or("", String::as_str);
+        let proto = protocol_name(vip.proto);
+        let start = labels.len();
+        push_label(&mut labels, "service", name);
+        labels.extend_from_slice(b",vip=\"");
+        let _ = write!(labels, "{}", vip.addr);
+        labels.extend_from_slice(b"\",protocol=\"");
+        labels.extend_from_slice(proto.as_bytes());
+        labels.push(b'"');
+        let service_labels = start..labels.len();
+        let (mut configured, mut active) = (0, 0);
+        for (key, stats) in read.members_of(svc.id) {
+            let Some(addr) = read.backends.get(&key.backend_id) else {
+                continue;
+            };
+            let is_active = read.active.contains(key);
+            configured += 1;
+            active += u32::from(is_active);
+            let start = labels.len();
+            push_label(&mut labels, "service", name);
+            labels.extend_from_slice(b",backend=\"");
+            let _ = write!(labels, "{addr}");
+            labels.extend_from_slice(b"\",protocol=\"");
+            labels.extend_from_slice(proto.as_bytes());
+            labels.push(b'"');
+            rows.push(Row {
+                labels: start..labels.len(),
+                stats,
+                active: is_active,
+            });
+        }
+        services.push(ServiceRow {
+            labels: service_labels,
+            slots: svc.slot_count,
+            no_backend: read.no_backend.get(&svc.id).copied().unwrap_or(0),
+            configured,
+            active,
+        });
+    }
+
+    /// A per-backend family: name, type, help, and its value.
+    type Family = (&'static str, &'static str, &'static str, fn(&Row) -> u64);
+    let families: [Family; 5] = [
+        (
+            "mesh_backend_connections_total",
+            "counter",
+            "Connections (and unconnected UDP datagrams) the kernel sent to the backend",
+            |r| r.stats.connections,
+        ),
+        (
+            "mesh_backend_connect_failures_total",
+            "counter",
+            "TCP connects to the backend that failed before establishing (passive detection)",
+            |r| r.stats.connect_failures,
+        ),
+        (
+            "mesh_backend_sent_bytes_total",
+            "counter",
+            "Payload bytes clients sent to the backend on closed TCP connections (telemetry)",
+            |r| r.stats.bytes_sent,
+        ),
+        (
+            "mesh_backend_received_bytes_total",
+            "counter",
+            "Payload bytes clients received from the backend on closed TCP connections (telemetry)",
+            |r| r.stats.bytes_received,
+        ),
+        (
+            "mesh_backend_active",
+            "gauge",
+            "1 when the backend takes new connections (in the live slot set), else 0",
+            |r| u64::from(r.active),
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        header(out, name, kind, help);
+        for row in &rows {
+            if out.closed {
+                return;
+            }
+            out.series(name, &labels[row.labels.clone()], "", value(row));
+        }
+    }
+
+    // A histogram is 18 series: only backends with measured connections get one.
+    header(out, RTT_NAME, "histogram", RTT_HELP);
+    let bucket = format!("{RTT_NAME}_bucket");
+    let bounds: Vec<String> = (0..RTT_BUCKETS - 1)
+        .map(|i| format!(",le=\"{}\"", (RTT_BUCKET_BASE_US << i) as f64 / 1e6))
+        .collect();
+    for row in rows.iter().filter(|r| r.stats.rtt_samples > 0) {
+        let row_labels = &labels[row.labels.clone()];
+        let mut cumulative = 0;
+        for (count, bound) in row.stats.rtt_buckets.iter().zip(&bounds) {
+            cumulative += count;
+            out.series(&bucket, row_labels, bound, cumulative);
+        }
+        out.series(&bucket, row_labels, ",le=\"+Inf\"", row.stats.rtt_samples);
+        out.str(RTT_NAME);
+        out.bytes(b"_sum{");
+        out.bytes(row_labels);
+        let _ = std::fmt::Write::write_fmt(
+            out,
+            format_args!("}} {}\n", row.stats.rtt_sum_us as f64 / 1e6),
+        );
+        out.series(
+            &format!("{RTT_NAME}_count"),
+            row_labels,
+            "",
+            row.stats.rtt_samples,
+        );
+    }
+
+    header(
+        out,
+        "mesh_service_no_backend_total",
+        "counter",
+        "Connects to the VIP that found no backend",
+    );
+    for svc in &services {
+        out.series(
+            "mesh_service_no_backend_total",
+            &labels[svc.labels.clone()],
+            "",
+            svc.no_backend,
+        );
+    }
+    header(
+        out,
+        "mesh_service_slots",
+        "gauge",
+        "Round-robin slots of the service's live slot set (0: no backend)",
+    );
+    for svc in &services {
+        out.series(
+            "mesh_service_slots",
+            &labels[svc.labels.clone()],
+            "",
+            u64::from(svc.slots),
+        );
+    }
+    header(
+        out,
+        "mesh_service_backends",
+        "gauge",
+        "Backends of the service by state: configured, or active (taking connections)",
+    );
+    for svc in &services {
+        let svc_labels = &labels[svc.labels.clone()];
+        for (state, value) in [
+            (",state=\"configured\"", svc.configured),
+            (",state=\"active\"", svc.active),
+        ] {
+            out.series("mesh_service_backends", svc_labels, state, u64::from(value));
+        }
+    }
+}
+
 /// Packets and bytes of each backend of each external service at the TC programs, by
 /// direction: `in` towards the backend, `out` its replies back to the client.
 fn render_nodeport_backends(
-    out: &mut String,
-    snap: &crate::datapath::Snapshot,
+    out: &mut Sink,
+    read: &Counters,
     stats: &std::collections::BTreeMap<BackendStatsKey, NodeportBackendStats>,
 ) {
-    use std::fmt::Write as _;
     let mut rows = Vec::new();
-    for (vip, svc) in snap.services.iter().filter(|(vip, _)| vip.external) {
-        let name = snap.names.get(&svc.id).map(String::as_str).unwrap_or("");
-        for (key, _) in snap.members_of(svc.id) {
-            let (Some(addr), Some(s)) = (snap.backends.get(&key.backend_id), stats.get(key)) else {
+    for (vip, svc) in read.services.iter().filter(|(vip, _)| vip.external) {
+        let name = read.names.get(&svc.id).map_or("", String::as_str);
+        for (key, _) in read.members_of(svc.id) {
+            let (Some(addr), Some(s)) = (read.backends.get(&key.backend_id), stats.get(key)) else {
                 continue;
             };
             let labels = labels_inner(&[
@@ -652,8 +792,11 @@ fn render_nodeport_backends(
     for (name, help, values) in families {
         header(out, name, "counter", help);
         for (labels, s) in &rows {
-            for (dir, value) in ["in", "out"].into_iter().zip(values(s)) {
-                let _ = writeln!(out, "{name}{{{labels},direction=\"{dir}\"}} {value}");
+            for (dir, value) in [",direction=\"in\"", ",direction=\"out\""]
+                .into_iter()
+                .zip(values(s))
+            {
+                out.series(name, labels.as_bytes(), dir, value);
             }
         }
     }
@@ -663,36 +806,53 @@ const RTT_NAME: &str = "mesh_backend_rtt_seconds";
 const RTT_HELP: &str =
     "Smoothed TCP round-trip time of closed connections to the backend, at close (telemetry)";
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    use std::fmt::Write as _;
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+fn header(out: &mut Sink, name: &str, kind: &str, help: &str) {
+    for part in [
+        "# HELP ",
+        name,
+        " ",
+        help,
+        "\n# TYPE ",
+        name,
+        " ",
+        kind,
+        "\n",
+    ] {
+        out.str(part);
+    }
 }
 
 /// `{a="x",b="y"}`.
+#[cfg(test)]
 fn labels(pairs: &[(&str, &str)]) -> String {
     format!("{{{}}}", labels_inner(pairs))
 }
 
 /// `a="x",b="y"`, values escaped as the text format requires.
 fn labels_inner(pairs: &[(&str, &str)]) -> String {
-    let mut out = String::new();
+    let mut out = Vec::new();
     for (i, (name, value)) in pairs.iter().enumerate() {
         if i > 0 {
-            out.push(',');
+            out.push(b',');
         }
-        out.push_str(name);
-        out.push_str("=\"");
-        for c in value.chars() {
-            match c {
-                '\\' => out.push_str("\\\\"),
-                '"' => out.push_str("\\\""),
-                '\n' => out.push_str("\\n"),
-                c => out.push(c),
-            }
-        }
-        out.push('"');
+        push_label(&mut out, name, value);
     }
-    out
+    String::from_utf8(out).expect("labels are built from strings")
+}
+
+/// `name="value"`, the value escaped as the text format requires.
+fn push_label(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"=\"");
+    for &b in value.as_bytes() {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b => out.push(b),
+        }
+    }
+    out.push(b'"');
 }
 
 impl SourceObserver for AgentMetrics {
@@ -762,6 +922,191 @@ mod tests {
             labels(&[("a", "x\"y\\z\n"), ("b", "1")]),
             r#"{a="x\"y\\z\n",b="1"}"#
         );
+    }
+
+    /// Two services, three pairs (one with RTT samples), and a counter of a backend the read
+    /// did not see (dropped, as a half-done update would be).
+    fn counters() -> Counters {
+        let tcp = Vip {
+            addr: SocketAddr::from(([127, 100, 0, 1], 80)),
+            proto: mesh_common::PROTO_TCP,
+            external: false,
+        };
+        let udp = Vip {
+            addr: SocketAddr::from(([127, 100, 0, 2], 53)),
+            proto: mesh_common::PROTO_UDP,
+            external: false,
+        };
+        let service = |id, slot_count| mesh_common::Service {
+            id,
+            slot_count,
+            ..Default::default()
+        };
+        let key = |service_id, backend_id| BackendStatsKey {
+            service_id,
+            backend_id,
+        };
+        let mut measured = BackendStats {
+            connections: 5,
+            connect_failures: 1,
+            bytes_sent: 100,
+            bytes_received: 200,
+            rtt_samples: 3,
+            rtt_sum_us: 48,
+            ..Default::default()
+        };
+        measured.rtt_buckets[0] = 1;
+        measured.rtt_buckets[2] = 1;
+        measured.rtt_buckets[RTT_BUCKETS - 1] = 1;
+        let connections = |connections| BackendStats {
+            connections,
+            ..Default::default()
+        };
+        Counters {
+            services: vec![(tcp, service(1, 2)), (udp, service(2, 0))],
+            backends: [
+                (10, SocketAddr::from(([127, 0, 0, 1], 8001))),
+                (11, SocketAddr::from(([127, 0, 0, 1], 8002))),
+                (12, SocketAddr::from(([127, 0, 0, 1], 9053))),
+            ]
+            .into(),
+            names: [(1, "web\"x".to_owned()), (2, "dns".to_owned())].into(),
+            backend_stats: vec![
+                (key(1, 10), measured),
+                (key(1, 11), connections(3)),
+                (key(2, 12), connections(7)),
+                (key(2, 99), connections(1)),
+            ],
+            active: [key(1, 10)].into(),
+            no_backend: [(2, 4)].into(),
+            slots: 2,
+        }
+    }
+
+    const EXPECTED: &str = r#"# HELP mesh_backend_connections_total Connections (and unconnected UDP datagrams) the kernel sent to the backend
+# TYPE mesh_backend_connections_total counter
+mesh_backend_connections_total{service="web\"x",backend="127.0.0.1:8001",protocol="tcp"} 5
+mesh_backend_connections_total{service="web\"x",backend="127.0.0.1:8002",protocol="tcp"} 3
+mesh_backend_connections_total{service="dns",backend="127.0.0.1:9053",protocol="udp"} 7
+# HELP mesh_backend_connect_failures_total TCP connects to the backend that failed before establishing (passive detection)
+# TYPE mesh_backend_connect_failures_total counter
+mesh_backend_connect_failures_total{service="web\"x",backend="127.0.0.1:8001",protocol="tcp"} 1
+mesh_backend_connect_failures_total{service="web\"x",backend="127.0.0.1:8002",protocol="tcp"} 0
+mesh_backend_connect_failures_total{service="dns",backend="127.0.0.1:9053",protocol="udp"} 0
+# HELP mesh_backend_sent_bytes_total Payload bytes clients sent to the backend on closed TCP connections (telemetry)
+# TYPE mesh_backend_sent_bytes_total counter
+mesh_backend_sent_bytes_total{service="web\"x",backend="127.0.0.1:8001",protocol="tcp"} 100
+mesh_backend_sent_bytes_total{service="web\"x",backend="127.0.0.1:8002",protocol="tcp"} 0
+mesh_backend_sent_bytes_total{service="dns",backend="127.0.0.1:9053",protocol="udp"} 0
+# HELP mesh_backend_received_bytes_total Payload bytes clients received from the backend on closed TCP connections (telemetry)
+# TYPE mesh_backend_received_bytes_total counter
+mesh_backend_received_bytes_total{service="web\"x",backend="127.0.0.1:8001",protocol="tcp"} 200
+mesh_backend_received_bytes_total{service="web\"x",backend="127.0.0.1:8002",protocol="tcp"} 0
+mesh_backend_received_bytes_total{service="dns",backend="127.0.0.1:9053",protocol="udp"} 0
+# HELP mesh_backend_active 1 when the backend takes new connections (in the live slot set), else 0
+# TYPE mesh_backend_active gauge
+mesh_backend_active{service="web\"x",backend="127.0.0.1:8001",protocol="tcp"} 1
+mesh_backend_active{service="web\"x",backend="127.0.0.1:8002",protocol="tcp"} 0
+mesh_backend_active{service="dns",backend="127.0.0.1:9053",protocol="udp"} 0
+# HELP mesh_backend_rtt_seconds Smoothed TCP round-trip time of closed connections to the backend, at close (telemetry)
+# TYPE mesh_backend_rtt_seconds histogram
+mesh_backend_rtt_seconds_bucket{service="web\"x",backend="127.0.0.1:8001",protocol="tcp",le="0.000016"} 1
+mesh_backend_rtt_seconds_bucket{service="web\"x",backend="127.0.0.1:8001",protocol="tcp",le="0.000032"} 1
+mesh_backend_rtt_seconds_bucket{service="web\"x",backend="127.0.0.1:8001",protocol="tcp",le="0.000064"} 2
+mesh_backend_rtt_seconds_bucket{service="web\"x",backend="127.0.0.1:8001",protocol="tcp",le="0.000128"} 2
+mesh_backend_rtt_seconds_bucket{service="web\"x",backend="127.0.0.1:8001",protocol="tcp",le="0.000256"} 2
+mesh_backend_rtt_seconds_bucket{service="web\"x",backend="127.0.0.1:8001",protocol="tcp",le="0.000512"} 2
+mesh_backend_rtt_seconds_bucket{service="web\"x",backend="127.0.0.1:8001",protocol="tcp",le="0.001024"} 2
+mesh_backend_rtt_seconds_bucket{service="web\"x",backend="127.0.0.1:8001",protocol="tcp",le="0.002048"} 2
+mesh_backend_rtt_seconds_bucket{service="web\"x",backend="127.0.0.1:8001",protocol="tcp",le="0.004096"} 2
+mesh_backend_rtt_seconds_bucket{service="web\"x",backend="127.0.0.1:8001",protocol="tcp",le="0.008192"} 2
+mesh_backend_rtt_seconds_bucket{service="web\"x",backend="127.0.0.1:8001",protocol="tcp",le="0.016384"} 2
+mesh_backend_rtt_seconds_bucket{service="web\"x",backend="127.0.0.1:8001",protocol="tcp",le="0.032768"} 2
+mesh_backend_rtt_seconds_bucket{service="web\"x",backend="127.0.0.1:8001",protocol="tcp",le="0.065536"} 2
+mesh_backend_rtt_seconds_bucket{service="web\"x",backend="127.0.0.1:8001",protocol="tcp",le="0.131072"} 2
+mesh_backend_rtt_seconds_bucket{service="web\"x",backend="127.0.0.1:8001",protocol="tcp",le="0.262144"} 2
+mesh_backend_rtt_seconds_bucket{service="web\"x",backend="127.0.0.1:8001",protocol="tcp",le="+Inf"} 3
+mesh_backend_rtt_seconds_sum{service="web\"x",backend="127.0.0.1:8001",protocol="tcp"} 0.000048
+mesh_backend_rtt_seconds_count{service="web\"x",backend="127.0.0.1:8001",protocol="tcp"} 3
+# HELP mesh_service_no_backend_total Connects to the VIP that found no backend
+# TYPE mesh_service_no_backend_total counter
+mesh_service_no_backend_total{service="web\"x",vip="127.100.0.1:80",protocol="tcp"} 0
+mesh_service_no_backend_total{service="dns",vip="127.100.0.2:53",protocol="udp"} 4
+# HELP mesh_service_slots Round-robin slots of the service's live slot set (0: no backend)
+# TYPE mesh_service_slots gauge
+mesh_service_slots{service="web\"x",vip="127.100.0.1:80",protocol="tcp"} 2
+mesh_service_slots{service="dns",vip="127.100.0.2:53",protocol="udp"} 0
+# HELP mesh_service_backends Backends of the service by state: configured, or active (taking connections)
+# TYPE mesh_service_backends gauge
+mesh_service_backends{service="web\"x",vip="127.100.0.1:80",protocol="tcp",state="configured"} 2
+mesh_service_backends{service="web\"x",vip="127.100.0.1:80",protocol="tcp",state="active"} 1
+mesh_service_backends{service="dns",vip="127.100.0.2:53",protocol="udp",state="configured"} 1
+mesh_service_backends{service="dns",vip="127.100.0.2:53",protocol="udp",state="active"} 0
+"#;
+
+    #[test]
+    fn services_and_backends_render_in_the_exposition_format() {
+        let mut text = Vec::new();
+        let mut emit = |chunk: Vec<u8>| {
+            text.extend_from_slice(&chunk);
+            true
+        };
+        let mut out = Sink::new(&mut emit);
+        render_services(&mut out, &counters());
+        out.flush();
+        assert_eq!(String::from_utf8(text).unwrap(), EXPECTED);
+    }
+
+    #[test]
+    fn the_text_goes_out_in_bounded_chunks_until_the_receiver_stops() {
+        let line = "x".repeat(1000);
+        let mut chunks = Vec::new();
+        let mut emit = |chunk: Vec<u8>| {
+            chunks.push(chunk.len());
+            chunks.len() < 3
+        };
+        let mut out = Sink::new(&mut emit);
+        for i in 0..(CHUNK / 100) {
+            out.str(&line);
+            out.u64(i as u64);
+            out.str("\n");
+        }
+        out.flush();
+        assert!(out.closed);
+        // The third chunk was refused: nothing more was handed on.
+        assert_eq!(chunks.len(), 3, "{chunks:?}");
+        assert!(
+            chunks.iter().all(|&n| (CHUNK..CHUNK + 1100).contains(&n)),
+            "{chunks:?}"
+        );
+    }
+
+    #[test]
+    fn numbers_are_written_in_decimal() {
+        let mut text = Vec::new();
+        let mut emit = |chunk: Vec<u8>| {
+            text.extend_from_slice(&chunk);
+            true
+        };
+        let mut out = Sink::new(&mut emit);
+        for n in [0, 7, 10, 12_345, u64::MAX] {
+            out.u64(n);
+            out.str(" ");
+        }
+        out.flush();
+        assert_eq!(
+            String::from_utf8(text).unwrap(),
+            "0 7 10 12345 18446744073709551615 "
+        );
+    }
+
+    #[test]
+    fn without_pinned_maps_the_agents_own_families_still_render() {
+        let metrics = AgentMetrics::new(Path::new("/nonexistent")).unwrap();
+        metrics.set_ready(true);
+        let text = metrics.render().unwrap();
+        assert!(text.contains("\nmesh_agent_ready 1\n"), "{text}");
+        assert!(!text.contains("mesh_backend_connections_total"), "{text}");
     }
 
     /// The agent's own families only (no pinned maps behind `bpffs`).
