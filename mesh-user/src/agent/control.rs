@@ -341,6 +341,9 @@ impl State {
                     );
                 }
                 self.parts.metrics.resync(Some(&repairs));
+                // The full read of the maps is transient megabytes (at 10k services, 20 MB
+                // of RSS that glibc would otherwise keep with this thread's heap).
+                crate::datapath::system::return_free_memory();
             }
             Err(err) => {
                 self.parts.metrics.resync(None);

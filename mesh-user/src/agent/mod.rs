@@ -205,6 +205,9 @@ fn start_datapath(config: &Config) -> anyhow::Result<Started> {
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    // Before any thread starts: the agent's large buffers (config parses, map reads, /metrics
+    // renders) are transient, and must go back to the kernel when freed.
+    datapath::system::map_large_allocations();
     let config = args
         .load_config()
         .map_err(|err| anyhow::anyhow!("invalid config:\n{err}"))?;

@@ -44,8 +44,6 @@ pub async fn serve(
     metrics: Arc<AgentMetrics>,
     heartbeat: Arc<Heartbeat>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    // A scrape's map reads and text are transient megabytes: they must go back when freed.
-    crate::datapath::system::map_large_allocations();
     let (scrapes, queued) = std::sync::mpsc::sync_channel(QUEUE);
     std::thread::Builder::new()
         .name("mesh-metrics".into())
