@@ -509,6 +509,20 @@ pub struct TcpCounters {
     pub bytes_received: u64,
 }
 
+/// Whether the peer's FIN may have arrived on a socket in `state`: not in ESTABLISHED,
+/// FIN_WAIT1 or FIN_WAIT2 (its FIN moves those on), nor before the connection exists. The
+/// release reads `SOCK_DONE` only when it may be set.
+pub fn peer_fin_possible(state: u32) -> bool {
+    matches!(
+        state,
+        tcp_state::CLOSE_WAIT
+            | tcp_state::LAST_ACK
+            | tcp_state::CLOSING
+            | tcp_state::TIME_WAIT
+            | tcp_state::CLOSE
+    )
+}
+
 /// The payload a released TCP connection carried: (bytes the application wrote, bytes it
 /// received), or None if its connect never completed.
 ///
@@ -691,6 +705,28 @@ mod tests {
             RTT_BUCKETS - 2
         );
         assert_eq!(rtt_bucket(u64::MAX), RTT_BUCKETS - 1);
+    }
+
+    #[test]
+    fn the_peer_fin_is_possible_only_after_the_states_it_leads_to() {
+        for state in [
+            tcp_state::CLOSE_WAIT,
+            tcp_state::LAST_ACK,
+            tcp_state::CLOSING,
+            tcp_state::TIME_WAIT,
+            tcp_state::CLOSE,
+        ] {
+            assert!(peer_fin_possible(state), "{state}");
+        }
+        for state in [
+            tcp_state::ESTABLISHED,
+            tcp_state::SYN_SENT,
+            tcp_state::FIN_WAIT1,
+            tcp_state::FIN_WAIT2,
+            tcp_state::LISTEN,
+        ] {
+            assert!(!peer_fin_possible(state), "{state}");
+        }
     }
 
     #[test]

@@ -9,7 +9,8 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_probe_read_kernel, programs::SockContext};
 use aya_log_ebpf::debug;
 use mesh_common::{
-    BackendStatsKey, PassiveState, TcpCounters, TcpSockFields, released_payload, rtt_bucket,
+    BackendStatsKey, PassiveState, TcpCounters, TcpSockFields, peer_fin_possible, released_payload,
+    rtt_bucket,
 };
 
 use crate::EEXIST;
@@ -89,10 +90,15 @@ fn read_counters(sk: *const u8, state: u32, f: &TcpSockFields) -> Option<TcpCoun
             ..TcpCounters::default()
         });
     }
-    let sk_flags = read::<u64>(sk, f.sk_flags)?;
+    let fin_received = if peer_fin_possible(state) {
+        let sk_flags = read::<u64>(sk, f.sk_flags)?;
+        (sk_flags >> (f.sock_done_bit & 63)) & 1 != 0
+    } else {
+        false
+    };
     Some(TcpCounters {
         state,
-        fin_received: (sk_flags >> (f.sock_done_bit & 63)) & 1 != 0,
+        fin_received,
         write_seq: read::<u32>(sk, f.write_seq)?,
         snd_una: read::<u32>(sk, f.snd_una)?,
         bytes_acked,
