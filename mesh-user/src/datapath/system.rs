@@ -226,14 +226,16 @@ pub fn ensure_bpffs(bpffs: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Allocations of 256 KiB and more get mappings of their own, unmapped when freed. glibc
+/// Allocations of 2 MiB and more get mappings of their own, unmapped when freed. glibc
 /// otherwise raises that threshold to the largest block freed so far (up to 32 MB) and serves
 /// big blocks from the heaps of threads, whose free top `malloc_trim` does not give back: a
-/// /metrics scrape at 10k services left about 30 MB there for good.
+/// /metrics scrape at 10k services left about 30 MB there for good. 2 MiB rather than lower:
+/// the map reads and renders that matter are larger, and smaller blocks (a Kubernetes event's
+/// copies) stay out of mmap/munmap (256 KiB measured the same RSS, BENCHMARKS.md).
 pub fn map_large_allocations() {
     // SAFETY: mallopt only sets one of the allocator's parameters.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 2 * 1024 * 1024);
     }
 }
 
