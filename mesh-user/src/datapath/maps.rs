@@ -316,15 +316,7 @@ impl Maps {
     /// writing them; a read that catches a half-done update (a counter or slot naming a backend
     /// it did not see) is retried, a few times at most.
     pub fn snapshot(&self) -> anyhow::Result<Snapshot> {
-        let mut snap = self.read_all()?;
-        for _ in 0..3 {
-            if snap.is_consistent() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-            snap = self.read_all()?;
-        }
-        Ok(snap)
+        read_consistent(|| self.read_all(), Snapshot::is_consistent)
     }
 
     /// What `/metrics` exports, read for one scrape: only the maps it needs, on two threads
@@ -332,15 +324,7 @@ impl Maps {
     /// 10k services has 40k entries in each of five maps). Retried like `snapshot` when a
     /// counter names a backend the read did not see.
     pub fn counters(&self) -> anyhow::Result<Counters> {
-        let mut read = self.read_counters()?;
-        for _ in 0..3 {
-            if read.is_consistent() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-            read = self.read_counters()?;
-        }
-        Ok(read)
+        read_consistent(|| self.read_counters(), Counters::is_consistent)
     }
 
     fn read_counters(&self) -> anyhow::Result<Counters> {
@@ -847,4 +831,22 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
         Err(err) if is_errno(&err, libc::ENOENT) => Ok(()),
         other => other,
     }
+}
+
+/// Reads with `read` until `consistent` holds, three retries at most (2 ms apart): the maps are
+/// read one after the other while the agent may be writing them, and a read that catches a
+/// half-done update is simply taken again.
+fn read_consistent<T>(
+    read: impl Fn() -> anyhow::Result<T>,
+    consistent: impl Fn(&T) -> bool,
+) -> anyhow::Result<T> {
+    let mut value = read()?;
+    for _ in 0..3 {
+        if consistent(&value) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        value = read()?;
+    }
+    Ok(value)
 }
