@@ -27,6 +27,7 @@ mod connect;
 mod maps;
 mod nodeport;
 mod outcome;
+mod release;
 mod reverse;
 mod service;
 mod settings;
@@ -91,7 +92,7 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock(sock_release)]
 pub fn sock_release(ctx: SockContext) -> i32 {
-    reverse::release(&ctx);
+    release::release(&ctx);
     ALLOW
 }
 

@@ -2,7 +2,7 @@
 //! getpeername(), recvmsg() and SO_ORIGINAL_DST show the VIP. A TCP socket keeps it in the
 //! preallocated, cookie-keyed `TCP_PEERS` (nothing is allocated per connect); UDP sockets, and
 //! TCP ones when that map is full or SO_ORIGINAL_DST is on, in socket-local storage. Either
-//! goes at the socket's release, which also records how a TCP connection went (`outcome`).
+//! goes at the socket's release (`release`).
 //!
 //! Entries hold addresses in the form the socket itself sees them: an AF_INET6 socket sees an
 //! IPv4 peer v4-mapped, even when the kernel ran a 4 hook for it (sendmsg4 for its datagrams to
@@ -14,15 +14,14 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, bpf_sock},
     helpers::{bpf_get_socket_cookie, bpf_sk_storage_get},
-    programs::{SockAddrContext, SockContext},
+    programs::SockAddrContext,
 };
-use mesh_common::{BackendStatsKey, FAMILY_V4, PROTO_TCP, v4_mapped};
+use mesh_common::{FAMILY_V4, PROTO_TCP, v4_mapped};
 
 use crate::EEXIST;
 use crate::addr::{Dest, read_dest, write_dest};
 use crate::maps::{REV_SENT, RevEntry, SOCK_REV, SockRev, TCP_PEERS, TcpPeer};
 use crate::stats::count;
-use crate::{outcome, udp};
 
 /// `sockaddr.sa_family` of IPv6 sockets (`bpf_sock_addr.family`, `bpf_sock.family`).
 pub const AF_INET6: u32 = 10;
@@ -108,61 +107,6 @@ pub fn remember_tcp_peer(ctx: &SockAddrContext, peer: &TcpPeer) -> bool {
 pub fn mark_translated(ctx: &SockAddrContext) {
     // SAFETY: the helper only reads (and on first use sets) the valid context's socket cookie.
     unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-}
-
-/// sock_release: forget the socket's translation (and its UDP flow), counting it as released;
-/// for a TCP connection the load balancer made, record how it went (`outcome`) first.
-#[inline(always)]
-pub fn release(ctx: &SockContext) {
-    let sk = ctx.sock;
-    // SAFETY: the kernel hands a valid socket to sock_release programs.
-    let tcp = unsafe { (*sk).protocol } == u32::from(PROTO_TCP);
-    if tcp && outcome::never_translated(sk as *const u8) {
-        return;
-    }
-    if tcp {
-        // SAFETY: the helper only reads the valid socket.
-        let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
-        // A lookup first: most sockets have no entry, and a miss takes no bucket lock.
-        // SAFETY: a shared reference into the map value, copied at once.
-        if let Some(peer) = unsafe { TCP_PEERS.get(cookie) } {
-            let (key, observe) = (stats_key(peer.service_id, peer.backend_id), peer.observe);
-            if observe != 0 {
-                outcome::tcp_released(ctx, &key);
-            }
-            forget_tcp_peer(cookie);
-            return;
-        }
-    }
-    let rev = existing_sock_rev(sk);
-    if rev.is_null() {
-        return;
-    }
-    count(|s| s.rev_released += 1);
-    // SAFETY: non-null storage of this socket.
-    let rev = unsafe { &*rev };
-    if tcp && rev.has_peer != 0 && rev.observe != 0 {
-        outcome::tcp_released(ctx, &stats_key(rev.service_id, rev.backend_id));
-    }
-    if rev.has_flow != 0 {
-        udp::forget_flow(sk);
-    }
-}
-
-#[inline(always)]
-fn stats_key(service_id: u32, backend_id: u32) -> BackendStatsKey {
-    BackendStatsKey {
-        service_id,
-        backend_id,
-    }
-}
-
-/// Deletes the TCP translation of the socket with `cookie`, counting it as released.
-#[inline(always)]
-fn forget_tcp_peer(cookie: u64) {
-    if TCP_PEERS.remove(cookie).is_ok() {
-        count(|s| s.rev_released += 1);
-    }
 }
 
 /// Remembers a datagram's translation: one entry per backend, overwriting a match, else the

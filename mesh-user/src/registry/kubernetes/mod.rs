@@ -38,7 +38,8 @@ use tracing::{error, info, warn};
 
 use self::{
     objects::{Key, ServiceView, SliceView, key_of},
-    translate::{Filter, LABEL_HEADLESS, LABEL_PROXY_NAME, LABEL_SERVICE_NAME, NodeView},
+    objects::{LABEL_HEADLESS, LABEL_PROXY_NAME, LABEL_SERVICE_NAME},
+    translate::{Filter, NodeView},
     translated::Translated,
 };
 use super::{

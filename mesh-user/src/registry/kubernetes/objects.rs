@@ -13,10 +13,17 @@ use std::time::Duration;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::translate::{
-    ANNOTATION_HEALTH, ANNOTATION_HEALTH_PATH, LABEL_HEADLESS, LABEL_PROXY_NAME, LABEL_SERVICE_NAME,
-};
 use crate::config::{Affinity, Protocol};
+
+// The labels and annotations of Services and EndpointSlices mesh reads: the views keep these.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+pub const LABEL_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Opt-in active health checks on a Service: `tcp` or `http` (EndpointSlice readiness is the
+/// health signal otherwise, as for kube-proxy). With a check, passive ejection applies too.
+pub const ANNOTATION_HEALTH: &str = "mesh.dev/health-check";
+/// The request path of `http` checks (default `/healthz`).
+pub const ANNOTATION_HEALTH_PATH: &str = "mesh.dev/health-check-path";
 
 /// (namespace, name).
 pub type Key = (String, String);

@@ -32,15 +32,7 @@ use crate::config::{
     Protocol, ServiceConfig,
 };
 
-pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
-pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
-pub const LABEL_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
-/// Opt-in active health checks on a Service: `tcp` or `http` (EndpointSlice readiness is the
-/// health signal otherwise, as for kube-proxy). With a check, passive ejection applies too.
-pub const ANNOTATION_HEALTH: &str = "mesh.dev/health-check";
-/// The request path of `http` checks (default `/healthz`).
-pub const ANNOTATION_HEALTH_PATH: &str = "mesh.dev/health-check-path";
 
 /// What the node and the agent's settings contribute.
 #[derive(Clone, Debug, Default)]

@@ -3,6 +3,9 @@
 use serde_json::{Value, json};
 
 use super::*;
+use crate::registry::kubernetes::objects::{
+    ANNOTATION_HEALTH, ANNOTATION_HEALTH_PATH, LABEL_HEADLESS, LABEL_PROXY_NAME,
+};
 
 fn node() -> NodeView {
     NodeView {

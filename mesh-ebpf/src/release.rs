@@ -1,0 +1,65 @@
+//! sock_release: the end of every socket of the cgroup. A TCP connection the load balancer made
+//! records how it went (`outcome`); every translation and connected-UDP flow is forgotten.
+
+use aya_ebpf::{helpers::bpf_get_socket_cookie, programs::SockContext};
+use mesh_common::{BackendStatsKey, PROTO_TCP};
+
+use crate::maps::TCP_PEERS;
+use crate::reverse::existing_sock_rev;
+use crate::stats::count;
+use crate::{outcome, udp};
+
+/// sock_release: forget the socket's translation (and its UDP flow), counting it as released;
+/// for a TCP connection the load balancer made, record how it went (`outcome`) first.
+#[inline(always)]
+pub fn release(ctx: &SockContext) {
+    let sk = ctx.sock;
+    // SAFETY: the kernel hands a valid socket to sock_release programs.
+    let tcp = unsafe { (*sk).protocol } == u32::from(PROTO_TCP);
+    if tcp && outcome::never_translated(sk as *const u8) {
+        return;
+    }
+    if tcp {
+        // SAFETY: the helper only reads the valid socket.
+        let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
+        // A lookup first: most sockets have no entry, and a miss takes no bucket lock.
+        // SAFETY: a shared reference into the map value, copied at once.
+        if let Some(peer) = unsafe { TCP_PEERS.get(cookie) } {
+            let (key, observe) = (stats_key(peer.service_id, peer.backend_id), peer.observe);
+            if observe != 0 {
+                outcome::tcp_released(ctx, &key);
+            }
+            forget_tcp_peer(cookie);
+            return;
+        }
+    }
+    let rev = existing_sock_rev(sk);
+    if rev.is_null() {
+        return;
+    }
+    count(|s| s.rev_released += 1);
+    // SAFETY: non-null storage of this socket.
+    let rev = unsafe { &*rev };
+    if tcp && rev.has_peer != 0 && rev.observe != 0 {
+        outcome::tcp_released(ctx, &stats_key(rev.service_id, rev.backend_id));
+    }
+    if rev.has_flow != 0 {
+        udp::forget_flow(sk);
+    }
+}
+
+#[inline(always)]
+fn stats_key(service_id: u32, backend_id: u32) -> BackendStatsKey {
+    BackendStatsKey {
+        service_id,
+        backend_id,
+    }
+}
+
+/// Deletes the TCP translation of the socket with `cookie`, counting it as released.
+#[inline(always)]
+fn forget_tcp_peer(cookie: u64) {
+    if TCP_PEERS.remove(cookie).is_ok() {
+        count(|s| s.rev_released += 1);
+    }
+}
