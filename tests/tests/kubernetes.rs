@@ -80,6 +80,7 @@ struct Node {
     bpffs: BpffsDir,
     cgroup: CgroupGuard,
     _state: TempDir,
+    _kube: TempDir,
 }
 
 impl Node {
@@ -93,7 +94,9 @@ impl Node {
     fn spawn(tag: &str, api: &KubeApi, node_name: &str) -> Node {
         let cgroup = CgroupGuard::new(tag);
         let bpffs = BpffsDir::new(tag);
-        let kubeconfig = std::env::temp_dir().join(format!("{}-kubeconfig", cgroup.name()));
+        // In a directory of its own, removed with the node.
+        let kube = TempDir::new(&format!("{tag}-kube"));
+        let kubeconfig = kube.path().join("kubeconfig");
         api.kubeconfig(&kubeconfig).expect("write the kubeconfig");
         // Each agent keeps its own last Kubernetes set (never another test's).
         let state = TempDir::new(&format!("{tag}-state"));
@@ -108,6 +111,7 @@ impl Node {
             bpffs,
             cgroup,
             _state: state,
+            _kube: kube,
         }
     }
 
