@@ -38,13 +38,17 @@ fn fields() -> TcpSockFields {
     unsafe { core::ptr::read_volatile(&raw const TCP_SOCK_FIELDS) }
 }
 
-/// True if the TCP socket `sk` was certainly never translated: nobody ever asked for its
-/// cookie, and a translated TCP connect always does. One read instead of generating the cookie
-/// and looking it up, for every TCP socket of the cgroup that mesh has nothing to do with.
+/// The TCP socket `sk`'s cookie as it stands, without creating one; None if its offset is not
+/// known. 0 means nobody ever asked for it, so the socket was certainly never translated (a
+/// translated TCP connect always does): one read for every TCP socket of the cgroup that mesh
+/// has nothing to do with, instead of creating a cookie and looking it up.
 #[inline(always)]
-pub fn never_translated(sk: *const u8) -> bool {
+pub fn current_cookie(sk: *const u8) -> Option<u64> {
     let offset = fields().sk_cookie;
-    offset != 0 && read::<u64>(sk, offset) == Some(0)
+    if offset == 0 {
+        return None;
+    }
+    read::<u64>(sk, offset)
 }
 
 /// A translated TCP socket is released: record how its connection went.

@@ -16,12 +16,14 @@ pub fn release(ctx: &SockContext) {
     let sk = ctx.sock;
     // SAFETY: the kernel hands a valid socket to sock_release programs.
     let tcp = unsafe { (*sk).protocol } == u32::from(PROTO_TCP);
-    if tcp && outcome::never_translated(sk as *const u8) {
-        return;
-    }
     if tcp {
-        // SAFETY: the helper only reads the valid socket.
-        let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
+        let cookie = match outcome::current_cookie(sk as *const u8) {
+            // Never translated: nothing to forget or record (most TCP sockets of the cgroup).
+            Some(0) => return,
+            Some(cookie) => cookie,
+            // SAFETY: the helper only reads the valid socket.
+            None => unsafe { bpf_get_socket_cookie(sk.cast()) },
+        };
         // A lookup first: most sockets have no entry, and a miss takes no bucket lock.
         // SAFETY: a shared reference into the map value, copied at once.
         if let Some(peer) = unsafe { TCP_PEERS.get(cookie) } {

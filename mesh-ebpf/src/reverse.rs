@@ -102,7 +102,7 @@ pub fn remember_tcp_peer(ctx: &SockAddrContext, peer: &TcpPeer) -> bool {
 }
 
 /// Makes sure the TCP socket has a cookie, which is how its release knows it may hold a
-/// translation (`outcome::never_translated`). `remember_tcp_peer` gets one anyway.
+/// translation (`outcome::current_cookie`). `remember_tcp_peer` gets one anyway.
 #[inline(always)]
 pub fn mark_translated(ctx: &SockAddrContext) {
     // SAFETY: the helper only reads (and on first use sets) the valid context's socket cookie.

@@ -494,6 +494,35 @@ impl Maps {
         Ok(())
     }
 
+    /// `CreateCounter` for a run of pairs: zeroed `backend_stats` (and, with the TC programs,
+    /// `np_backend_stats`) entries, most of a cold start's writes.
+    ///
+    /// A batch takes no `BPF_NOEXIST`, and a counter must never be reset. Writing them anyway
+    /// is safe because the pairs are absent: the plan and the repair create only pairs the
+    /// agent's model of the maps lacks, that model is read back from the maps at start and
+    /// after any failed write, and nothing but the agent ever creates a counter (the kernel
+    /// only adds to existing ones, and the kernel programs count nothing for a pair until its
+    /// slots, written after its counter, name it).
+    fn counter_batch(&mut self, run: &[MapOp]) -> anyhow::Result<()> {
+        let (mut stats, mut nodeport) = (Batch::default(), Batch::default());
+        let zero_stats = per_cpu_zeros::<BackendStats>(self.nr_cpus);
+        let zero_nodeport = per_cpu_zeros::<NodeportBackendStats>(self.nr_cpus);
+        for op in run {
+            if let MapOp::CreateCounter(key) = op {
+                stats.push_raw(key, &zero_stats);
+                if self.nodeport_counters {
+                    nodeport.push_raw(key, &zero_nodeport);
+                }
+            }
+        }
+        stats
+            .write(self.backend_stats.map().fd().as_fd())
+            .with_context(|| format!("batch write of {} counters failed", stats.count))?;
+        nodeport
+            .write(self.np_backend_stats.map().fd().as_fd())
+            .with_context(|| format!("batch write of {} TC counters failed", nodeport.count))
+    }
+
     /// Writes a run of puts of one kind with `BPF_MAP_UPDATE_BATCH` (one syscall instead of
     /// one per element: most of a cold start's time). False for kinds written one by one.
     fn put_batch(&mut self, run: &[MapOp]) -> anyhow::Result<bool> {
@@ -503,13 +532,15 @@ impl Maps {
         if let MapOp::PutService { .. } = run[0] {
             return self.service_batch(run).map(|()| true);
         }
+        if let MapOp::CreateCounter(_) = run[0] {
+            return self.counter_batch(run).map(|()| true);
+        }
         let mut batch = Batch::default();
         let (map, fd) = match &run[0] {
             MapOp::PutBackend { .. } => ("backends", self.backends.map().fd().as_fd()),
             MapOp::PutSlots { .. } => ("slots", self.slots.map().fd().as_fd()),
             MapOp::PutName { .. } => ("service_names", self.service_names.map().fd().as_fd()),
             MapOp::PutActive { .. } => ("active", self.active.map().fd().as_fd()),
-            // Batches take no BPF_NOEXIST, and a counter must never be reset: one by one.
             _ => return Ok(false),
         };
         for op in run {

@@ -18,7 +18,9 @@ pub enum MapOp {
     DeleteBackend {
         id: u32,
     },
-    /// Creates the (service, backend) counter if it is missing; never resets one.
+    /// Creates the (service, backend) counter, which the maps lack: planned only for pairs the
+    /// agent's model of the maps does not hold (one by one it never resets an existing one;
+    /// in a batch it cannot tell, see `Maps::counter_batch`).
     CreateCounter(BackendStatsKey),
     /// Deletes the pair's counter and its passive-detection state: the pair left the service.
     DeleteCounter(BackendStatsKey),
