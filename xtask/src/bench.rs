@@ -32,6 +32,7 @@ mod report;
 mod system;
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -76,6 +77,12 @@ pub struct Settings {
     /// Config edits for edit-to-data-path latency (1 service / 10k other services).
     pub changes: usize,
     pub changes_10k: usize,
+    /// Pause before each edit at 10k, at least (a few ms more, varying, are added so the edits
+    /// do not beat in step with the agent's timers).
+    pub edit_gap_10k_ms: u64,
+    /// `--control` only: the 10k edits again with the agent's `[agent] resync` at this period
+    /// (ms), so many edits meet a resync (a stress variant, not the default settings).
+    pub stress_resync_ms: Option<u64>,
     /// Window for agent CPU measurements, seconds.
     pub idle_secs: f64,
     /// Rounds and sequential connects per case of the BPF-time-per-connection measurement.
@@ -87,6 +94,18 @@ impl Settings {
     /// `--quick` or the full run.
     fn of_run(quick: bool) -> Self {
         if quick { Self::quick() } else { Self::full() }
+    }
+
+    /// `--control [--quick]`: the control plane's measurements with more edits at 10k, spread
+    /// over more than the agent's default resync period (30 s) so that at least one resync falls
+    /// among them, then the stress variant (resync every second).
+    fn control(quick: bool) -> Self {
+        let mut s = Self::of_run(quick);
+        s.changes_10k = if quick { 20 } else { 60 };
+        // 60 edits 550-572 ms apart (plus their latency) span about 34 s.
+        s.edit_gap_10k_ms = if quick { 40 } else { 550 };
+        s.stress_resync_ms = Some(1_000);
+        s
     }
 
     fn full() -> Self {
@@ -105,6 +124,8 @@ impl Settings {
             diff_repeats: 5,
             changes: 50,
             changes_10k: 20,
+            edit_gap_10k_ms: 40,
+            stress_resync_ms: None,
             idle_secs: 5.0,
             kernel_rounds: 5,
             kernel_connects: 20_000,
@@ -127,6 +148,8 @@ impl Settings {
             diff_repeats: 1,
             changes: 10,
             changes_10k: 5,
+            edit_gap_10k_ms: 40,
+            stress_resync_ms: None,
             idle_secs: 2.0,
             kernel_rounds: 3,
             kernel_connects: 5_000,
@@ -379,6 +402,7 @@ pub fn run(quick: bool) -> Result<()> {
         metrics: local(CONTROL_METRICS_PORT),
         agents_started: 0,
         results: ControlResults::default(),
+        keep_logs: None,
     };
     let cp_result = cp.run();
     let control = cp.results;
@@ -479,8 +503,7 @@ struct Partial {
 
 impl Partial {
     /// `ports`: the other ports on 127.0.0.1 this part listens on, which must be free.
-    fn prepare(quick: bool, ports: &[u16]) -> Result<Partial> {
-        let settings = Settings::of_run(quick);
+    fn prepare(settings: Settings, ports: &[u16]) -> Result<Partial> {
         setup::run()?;
         let (mesh, loadgen) = build_binaries()?;
         system::clean_leftovers(&mesh)?;
@@ -516,7 +539,10 @@ pub fn run_kernel_cost(quick: bool) -> Result<()> {
         scratch,
         backends,
         _servers,
-    } = Partial::prepare(quick, &[DATAPLANE_METRICS_PORT, ORIGINAL_DST_METRICS_PORT])?;
+    } = Partial::prepare(
+        Settings::of_run(quick),
+        &[DATAPLANE_METRICS_PORT, ORIGINAL_DST_METRICS_PORT],
+    )?;
     let cgroup = Cgroup::create(&scratch_name(""))?;
     let agent = dataplane_agent(&mesh, &scratch.0, &backends, &cgroup, AgentKind::Default)?;
     let (odst_cgroup, odst_agent) = original_dst_agent(&mesh, &scratch.0, &backends)?;
@@ -561,7 +587,10 @@ pub fn run_health(quick: bool) -> Result<()> {
         scratch,
         backends,
         _servers,
-    } = Partial::prepare(quick, &[VICTIM_PORT, CONTROL_METRICS_PORT])?;
+    } = Partial::prepare(
+        Settings::of_run(quick),
+        &[VICTIM_PORT, CONTROL_METRICS_PORT],
+    )?;
     let mut cp = ControlPlane {
         settings: &settings,
         mesh,
@@ -572,6 +601,7 @@ pub fn run_health(quick: bool) -> Result<()> {
         metrics: local(CONTROL_METRICS_PORT),
         agents_started: 0,
         results: ControlResults::default(),
+        keep_logs: None,
     };
     let result = cp.run_health();
     let out_dir = target_dir().join("bench");
@@ -581,5 +611,87 @@ pub fn run_health(quick: bool) -> Result<()> {
         serde_json::to_string_pretty(&cp.results.health)?,
     )?;
     println!("bench: wrote {}", out_dir.join("health.json").display());
+    result
+}
+
+#[derive(Serialize)]
+struct ControlOnly<'a> {
+    command: String,
+    settings: &'a Settings,
+    machine: &'a system::Machine,
+    loadavg_1m_start: f64,
+    loadavg_1m_end: f64,
+    elapsed_secs: f64,
+    control: &'a ControlResults,
+}
+
+/// `cargo xtask bench --control`: only the control plane's programming, edit and RSS
+/// measurements (the full bench's, with more edits at 10k and a short-resync variant), and
+/// that section of the report.
+pub fn run_control(quick: bool) -> Result<()> {
+    let started = Instant::now();
+    let Partial {
+        settings,
+        mesh,
+        loadgen,
+        scratch,
+        backends,
+        _servers,
+    } = Partial::prepare(Settings::control(quick), &[CONTROL_METRICS_PORT])?;
+    let machine = system::machine(&mesh);
+    let loadavg_start = dataplane::loadavg_1m();
+    println!("bench: 1-minute load average at the start: {loadavg_start:.2}");
+    let out_dir = target_dir().join("bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let mut cp = ControlPlane {
+        settings: &settings,
+        mesh,
+        loadgen,
+        dir: scratch.0.clone(),
+        backends,
+        victim: local(VICTIM_PORT),
+        metrics: local(CONTROL_METRICS_PORT),
+        agents_started: 0,
+        results: ControlResults::default(),
+        keep_logs: Some(out_dir.join("control-logs")),
+    };
+    let result = cp.run_control();
+    let control = cp.results;
+    let loadavg_end = dataplane::loadavg_1m();
+    let mut markdown = report::control_markdown(&control);
+    markdown.push_str(&report::targets_markdown(&report::control_targets(
+        &control,
+    )));
+    let _ = writeln!(
+        markdown,
+        "\n1-minute load average: {loadavg_start:.2} at the start, {loadavg_end:.2} at the end."
+    );
+    println!("\n{markdown}");
+    for e in &control.errors {
+        println!("error: {e}");
+    }
+    let results = ControlOnly {
+        command: format!(
+            "cargo xtask bench --control{}",
+            if quick { " --quick" } else { "" }
+        ),
+        settings: &settings,
+        machine: &machine,
+        loadavg_1m_start: loadavg_start,
+        loadavg_1m_end: loadavg_end,
+        elapsed_secs: started.elapsed().as_secs_f64(),
+        control: &control,
+    };
+    std::fs::write(
+        out_dir.join("control.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    std::fs::write(out_dir.join("control.md"), &markdown)?;
+    println!(
+        "bench: wrote {} and {} in {:.0} s",
+        out_dir.join("control.json").display(),
+        out_dir.join("control.md").display(),
+        started.elapsed().as_secs_f64()
+    );
     result
 }

@@ -89,6 +89,11 @@ enum Command {
         /// bench makes (connection rate, bulk throughput, TC time per packet).
         #[arg(long, conflicts_with_all = ["kernel_cost", "health"])]
         nodeport: bool,
+        /// Only the control plane's programming measurements (cold start, diff, config edit to
+        /// data path at 1 and 10k services, agent RSS, /metrics scrape), with 60 edits at 10k
+        /// spread over more than a resync period and a variant with a 1 s resync.
+        #[arg(long, conflicts_with_all = ["kernel_cost", "health", "nodeport"])]
+        control: bool,
     },
     /// Remove leftovers of interrupted test runs (mesh-test-* bpffs dirs and cgroups).
     Cleanup,
@@ -150,8 +155,11 @@ fn main() -> ExitCode {
             kernel_cost,
             health,
             nodeport,
+            control,
         } => {
-            if nodeport {
+            if control {
+                bench::run_control(quick)
+            } else if nodeport {
                 bench::run_nodeport(quick)
             } else if kernel_cost {
                 bench::run_kernel_cost(quick)

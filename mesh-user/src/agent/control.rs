@@ -7,7 +7,8 @@
 //! Every source update gets the real outcome back: rejected (invalid, nothing changed), applied
 //! (with the desired-state generation the maps now hold) or failed (the maps do not hold it; the
 //! loop retries with a backoff). A periodic resync reads every map back and repairs what
-//! differs. Each turn of the loop beats the heartbeat `/healthz` reports.
+//! differs; its read runs on a thread of its own, so edits are not held up by it. Each turn
+//! of the loop beats the heartbeat `/healthz` reports.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -19,7 +20,7 @@ use std::{
 };
 
 use tokio::sync::{oneshot, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     config::{Config, ConfigError, HealthKind, ServiceConfig},
@@ -150,10 +151,13 @@ impl ControlLoop {
                 state.gauges_stale = false;
                 next_gauges = now + HEALTH_GAUGES;
             }
-            if now >= next_resync {
-                state.resync();
+            // The resync's read runs on a thread of its own: a turn only starts it or takes
+            // in its result (the loop wakes every PASSIVE_POLL at least to look).
+            let resync_due = now >= next_resync;
+            if resync_due {
                 next_resync = now + state.parts.resync_every;
             }
+            state.resync_turn(resync_due);
             if stop {
                 break;
             }
@@ -331,9 +335,10 @@ impl State {
             .generations(self.desired_generation, self.applied_generation);
     }
 
-    fn resync(&mut self) {
-        match self.parts.executor.resync() {
-            Ok(repairs) => {
+    fn resync_turn(&mut self, due: bool) {
+        match self.parts.executor.resync_turn(due) {
+            None => {}
+            Some(Ok(repairs)) => {
                 if !repairs.is_empty() {
                     warn!(
                         ?repairs,
@@ -341,11 +346,8 @@ impl State {
                     );
                 }
                 self.parts.metrics.resync(Some(&repairs));
-                // The full read of the maps is transient megabytes (at 10k services, 20 MB
-                // of RSS that glibc would otherwise keep with this thread's heap).
-                crate::datapath::system::return_free_memory();
             }
-            Err(err) => {
+            Some(Err(err)) => {
                 self.parts.metrics.resync(None);
                 error!("resync failed: {err:#}");
             }
@@ -373,6 +375,7 @@ impl State {
     }
 
     fn reload_file(&mut self) {
+        let started = Instant::now();
         let config = match (self.parts.reload)() {
             Ok(config) => config,
             Err(err) => return self.rejected("config edit", &err.to_string()),
@@ -384,10 +387,16 @@ impl State {
         let mut config = config;
         config.agent = running;
         let origin = self.parts.file_origin.clone();
+        let parsed = started.elapsed();
         match self.parts.registry.replace_file(config, &origin) {
             Ok(changed) => self.registry_changed(changed),
             Err(err) => self.rejected("config edit", &err.to_string()),
         }
+        debug!(
+            parse_ms = parsed.as_secs_f64() * 1e3,
+            registry_ms = (started.elapsed() - parsed).as_secs_f64() * 1e3,
+            "config file reloaded"
+        );
     }
 
     fn rejected(&self, what: &str, reasons: &str) {

@@ -224,6 +224,39 @@ impl Maps {
         })
     }
 
+    /// Handles of their own on the same maps (each fd duplicated), for a reader on another
+    /// thread (`MapReader`).
+    pub fn duplicate(&self) -> anyhow::Result<Self> {
+        let fds: [(&str, &MapData); 16] = [
+            (map_names::SERVICES, self.services.map()),
+            (map_names::EXT_SERVICES, self.ext_services.map()),
+            (map_names::SLOTS, self.slots.map()),
+            (map_names::BACKENDS, self.backends.map()),
+            (map_names::RR_STATE, self.rr_state.map()),
+            (map_names::BACKEND_STATS, self.backend_stats.map()),
+            (map_names::SERVICE_STATS, self.service_stats.map()),
+            (map_names::SERVICE_NAMES, self.service_names.map()),
+            (map_names::ACTIVE, self.active.map()),
+            (map_names::UDP_FLOWS, self.udp_flows.map()),
+            (map_names::TCP_PEERS, self.tcp_peers.map()),
+            (map_names::DATAPATH_STATS, self.datapath_stats.map()),
+            (map_names::PASSIVE, self.passive.map()),
+            (map_names::SETTINGS, self.settings.map()),
+            (map_names::AFFINITY, self.affinity.map()),
+            (map_names::NP_BACKEND_STATS, self.np_backend_stats.map()),
+        ];
+        let mut maps = Self::build(|name| {
+            let (_, data) = fds
+                .iter()
+                .find(|(n, _)| *n == name)
+                .with_context(|| format!("map {name} has no handle to duplicate"))?;
+            let fd = data.fd().as_fd().try_clone_to_owned()?;
+            Ok(Map::from_map_data(MapData::from_fd(fd)?)?)
+        })?;
+        maps.nodeport_counters = self.nodeport_counters;
+        Ok(maps)
+    }
+
     fn build(mut map: impl FnMut(&str) -> anyhow::Result<Map>) -> anyhow::Result<Self> {
         Ok(Self {
             services: HashMap::try_from(map(map_names::SERVICES)?)?,

@@ -16,6 +16,7 @@ mod log;
 mod maps;
 mod netns;
 mod ops;
+mod reader;
 pub mod sockdiag;
 pub mod system;
 pub mod tc;
@@ -36,6 +37,7 @@ pub use self::{
     log::{KernelLogger, forward_kernel_log},
     maps::{Counters, Maps, Snapshot, service_range},
     ops::MapOp,
+    reader::{MapReader, Pending, Poll},
 };
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));

@@ -1,5 +1,6 @@
 //! The one writer of the maps. Runs on the control loop's thread (map syscalls, retry sleeps
-//! and netlink never block the async runtime).
+//! and netlink never block the async runtime); the resync's long reads run on a reader thread
+//! of its own (see `resync`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -14,9 +15,10 @@ use super::{
     applied::{Applied, pair},
     plan::{Scope, plan_scoped, retire_previous},
     repair::{count_by_map, repair},
+    resync::{Diffed, Gate, InFlight, Repairs, Verdict},
 };
 use crate::{
-    datapath::{MapOp, Maps, sockdiag},
+    datapath::{MapOp, MapReader, Maps, Poll, Snapshot, sockdiag},
     desired::DesiredState,
     model::Vip,
 };
@@ -51,6 +53,14 @@ pub struct Executor {
     /// entries only it names, would stay until the service's next switch, which may never come.
     /// A service missing here (adopted, or its model re-read) counts as switched long ago.
     switched: BTreeMap<Vip, Instant>,
+    /// Where the resync reads the maps (None: the thread could not start; the resync then
+    /// reads on the loop's thread).
+    reader: Option<MapReader>,
+    /// The resync's diff the reader works on.
+    in_flight: Option<InFlight>,
+    gate: Gate,
+    /// A diff was discarded: start again at the next turn.
+    resync_again: bool,
 }
 
 impl Executor {
@@ -67,6 +77,11 @@ impl Executor {
                 "adopted the existing data path"
             );
         }
+        let reader = MapReader::start(&maps, "mesh-resync")
+            .inspect_err(|err| {
+                warn!("the resync reads the maps on the control loop's thread: {err:#}");
+            })
+            .ok();
         let mut executor = Self {
             maps,
             applied,
@@ -74,11 +89,15 @@ impl Executor {
             settings_flags,
             plan_all: true,
             switched: BTreeMap::new(),
+            reader,
+            in_flight: None,
+            gate: Gate::default(),
+            resync_again: false,
         };
         let orphans = repair(&executor.applied.entries(), &snap);
         if !orphans.is_empty() {
             info!(writes = orphans.len(), by_map = ?count_by_map(&orphans), "deleting entries no service owns");
-            executor.maps.apply(&orphans)?;
+            executor.write(&orphans)?;
         }
         executor.save_settings()?;
         Ok(executor)
@@ -120,7 +139,7 @@ impl Executor {
             debug!(?op, "map write");
         }
         let writing = Instant::now();
-        if let Err(err) = self.maps.apply(&ops) {
+        if let Err(err) = self.write(&ops) {
             match self.maps.snapshot() {
                 Ok(snap) => self.applied = Applied::from_snapshot(&snap),
                 Err(read) => warn!("re-reading the maps after a failed write: {read:#}"),
@@ -161,23 +180,172 @@ impl Executor {
         })
     }
 
-    /// Reads every map back and repairs what differs from what the agent wrote (an entry
-    /// deleted or changed behind its back), and deletes leaked kernel-created state. Returns
-    /// the repairs by map.
-    pub fn resync(&mut self) -> anyhow::Result<BTreeMap<&'static str, u64>> {
+    /// One turn of the periodic resync, which reads every map back and repairs what differs
+    /// from what the agent wrote (an entry deleted or changed behind its back), and deletes
+    /// leaked kernel-created state. `due`: a resync should start (unless one runs). The read
+    /// and the diff run on the reader's thread (see `resync`); returns the repairs by map once
+    /// a resync completed.
+    pub fn resync_turn(&mut self, due: bool) -> Option<anyhow::Result<Repairs>> {
+        if let Some(flight) = &self.in_flight {
+            let result = match flight.pending.poll() {
+                Poll::NotYet => return None,
+                Poll::Ready(result) => result,
+                Poll::Lost => {
+                    warn!("the resync's reader thread is gone: reading on the loop's thread");
+                    self.reader = None;
+                    Err(anyhow::anyhow!("the resync's read did not finish"))
+                }
+            };
+            let flight = self.in_flight.take().expect("polled above");
+            return match result {
+                Ok(diffed) => self.diffed(flight, diffed),
+                Err(err) => {
+                    self.gate.reset();
+                    Some(Err(err))
+                }
+            };
+        }
+        if !due && !std::mem::take(&mut self.resync_again) {
+            return None;
+        }
+        if self.reader.is_none() {
+            return Some(self.resync_blocking());
+        }
+        if let Err(err) = self.before_resync() {
+            return Some(Err(err));
+        }
+        let started = Instant::now();
+        let expected = self.applied.entries();
+        debug!(
+            entries_ms = started.elapsed().as_secs_f64() * 1e3,
+            "resync: expected entries taken, the reader reads"
+        );
+        let reader = self.reader.as_ref().expect("checked above");
+        let pending = reader.submit(move |maps| {
+            let started = Instant::now();
+            let snap = maps.snapshot()?;
+            let read = started.elapsed();
+            let ops = repair(&expected, &snap);
+            debug!(
+                read_ms = read.as_secs_f64() * 1e3,
+                diff_ms = (started.elapsed() - read).as_secs_f64() * 1e3,
+                "resync: maps read and diffed"
+            );
+            Ok(Diffed { ops, snap })
+        });
+        self.in_flight = Some(InFlight::new(pending));
+        None
+    }
+
+    /// What becomes of a diff the reader finished (see `resync::Gate`).
+    fn diffed(&mut self, flight: InFlight, diffed: Diffed) -> Option<anyhow::Result<Repairs>> {
+        let verdict = self.gate.arrived(!flight.written.is_empty(), flight.failed);
+        if verdict != Verdict::Apply {
+            debug!(
+                ?verdict,
+                writes_meanwhile = flight.written.len(),
+                "resync: the maps were written while the reader diffed"
+            );
+        }
+        let Diffed { ops, mut snap } = diffed;
+        match verdict {
+            Verdict::Apply => {
+                self.free_on_reader(snap);
+                Some(self.write_repairs(ops))
+            }
+            Verdict::Rediff => {
+                let expected = self.applied.entries();
+                let written = flight.written;
+                let reader = self.reader.as_ref()?;
+                let pending = reader.submit(move |_| {
+                    snap.replay(&written);
+                    Ok(Diffed {
+                        ops: repair(&expected, &snap),
+                        snap,
+                    })
+                });
+                self.in_flight = Some(InFlight::new(pending));
+                None
+            }
+            Verdict::RediffHere => {
+                snap.replay(&flight.written);
+                let ops = repair(&self.applied.entries(), &snap);
+                self.free_on_reader(snap);
+                Some(self.write_repairs(ops))
+            }
+            Verdict::Discard => {
+                self.free_on_reader(snap);
+                self.resync_again = true;
+                None
+            }
+            Verdict::Blocking => {
+                drop(snap);
+                Some(self.resync_blocking())
+            }
+        }
+    }
+
+    /// A whole resync on the loop's thread: what every resync was before the reader.
+    fn resync_blocking(&mut self) -> anyhow::Result<Repairs> {
+        let started = Instant::now();
+        self.before_resync()?;
+        let snap = self.maps.snapshot()?;
+        let ops = repair(&self.applied.entries(), &snap);
+        drop(snap);
+        let result = self.write_repairs(ops);
+        crate::datapath::system::return_free_memory();
+        info!(
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            "resync read the maps on the control loop's thread"
+        );
+        result
+    }
+
+    /// The resync's own writes first: old previous slot sets retired, backend entries no
+    /// service names forgotten (so the diff deletes them).
+    fn before_resync(&mut self) -> anyhow::Result<()> {
         self.retire_old_previous_sets()?;
         let forgotten = self.applied.forget_unnamed_backends();
         if !forgotten.is_empty() {
             warn!(ids = ?forgotten, "backend entries no service names: deleting them");
         }
-        let snap = self.maps.snapshot()?;
-        let ops = repair(&self.applied.entries(), &snap);
+        Ok(())
+    }
+
+    fn write_repairs(&mut self, ops: Vec<MapOp>) -> anyhow::Result<Repairs> {
         if ops.is_empty() {
-            return Ok(BTreeMap::new());
+            return Ok(Repairs::new());
         }
         let counts = count_by_map(&ops);
-        self.maps.apply(&ops)?;
+        self.write(&ops)?;
         Ok(counts)
+    }
+
+    /// A snapshot is megabytes at 10k services: freed, and the allocator's free memory given
+    /// back (else glibc keeps it as RSS), on the reader's thread.
+    fn free_on_reader(&self, snap: Snapshot) {
+        match &self.reader {
+            Some(reader) => {
+                // Nothing to wait for.
+                let _ = reader.submit(move |_| {
+                    drop(snap);
+                    crate::datapath::system::return_free_memory();
+                });
+            }
+            None => {
+                drop(snap);
+                crate::datapath::system::return_free_memory();
+            }
+        }
+    }
+
+    /// Every write to the maps goes here, so a resync diffing meanwhile knows of it.
+    fn write(&mut self, ops: &[MapOp]) -> anyhow::Result<()> {
+        let result = self.maps.apply(ops);
+        if let Some(flight) = &mut self.in_flight {
+            flight.record(ops, result.is_ok());
+        }
+        result
     }
 
     /// Deletes the previous slot sets older than `PREVIOUS_SET_GRACE`, with the backend entries
@@ -214,7 +382,7 @@ impl Executor {
             writes = ops.len(),
             "retiring previous slot sets"
         );
-        if let Err(err) = self.maps.apply(&ops) {
+        if let Err(err) = self.write(&ops) {
             match self.maps.snapshot() {
                 Ok(snap) => self.applied = Applied::from_snapshot(&snap),
                 Err(read) => warn!("re-reading the maps after a failed write: {read:#}"),
@@ -250,7 +418,6 @@ impl Executor {
         if !ops.iter().any(|op| matches!(op, MapOp::DeleteActive(_))) {
             return Vec::new();
         }
-        let addr_of = self.applied.backend_addrs();
         let udp: BTreeMap<u32, &Vip> = self
             .applied
             .services
@@ -271,7 +438,11 @@ impl Executor {
                         .is_none_or(|s| s.terminate_udp_flows)
                 })
             })
-            .filter_map(|(service_id, backend_id)| Some((service_id, *addr_of.get(&backend_id)?)))
+            // Only these few addresses: the whole id -> address map is 40k entries at 10k
+            // services, milliseconds of every edit that takes a backend out.
+            .filter_map(|(service_id, backend_id)| {
+                Some((service_id, self.applied.backend_addr(backend_id)?))
+            })
             .collect()
     }
 

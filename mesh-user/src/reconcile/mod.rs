@@ -5,5 +5,6 @@ pub mod applied;
 pub mod executor;
 pub mod plan;
 pub mod repair;
+pub mod resync;
 
 pub use executor::Executor;

@@ -65,8 +65,13 @@ pub struct AgentUsage {
 pub struct ChangeResults {
     /// Services configured besides the probed one.
     pub others: usize,
+    /// The agent's `[agent] resync` period, ms (None: its default, 30 s).
+    pub resync_ms: Option<u64>,
     /// Config file rename to the first connection that reached the new backend set, ms.
     pub latency_ms: Vec<f64>,
+    /// When each of those edits was written (Unix time, ms), to match slow ones with the
+    /// agent's log.
+    pub written_unix_ms: Vec<u64>,
     /// Changes the client did not see within the limit.
     pub missed: usize,
     /// Changes during which the client saw a refused or failed connection.
@@ -110,6 +115,8 @@ pub struct ControlResults {
     pub diff: Option<DiffResults>,
     pub change_small: Option<ChangeResults>,
     pub change_10k: Option<ChangeResults>,
+    /// `--control`: the edits at 10k again with a short resync period.
+    pub change_10k_stress: Option<ChangeResults>,
     pub health: HealthResults,
     pub errors: Vec<String>,
 }
@@ -204,6 +211,8 @@ pub struct ControlPlane<'a> {
     pub metrics: SocketAddr,
     pub agents_started: usize,
     pub results: ControlResults,
+    /// Where to keep the logs of the agents the 10k edits ran against (`--control`).
+    pub keep_logs: Option<PathBuf>,
 }
 
 impl ControlPlane<'_> {
@@ -235,6 +244,27 @@ impl ControlPlane<'_> {
         self.keep_going(result, "config edit to data path (1 service)")?;
         let result = self.health(&cgroup);
         self.keep_going(result, "health checks")?;
+        Ok(())
+    }
+
+    /// Only the programming, edit and RSS measurements, no health checks (`cargo xtask bench
+    /// --control`); with `stress_resync_ms` set, the 10k edits once more with that resync.
+    pub fn run_control(&mut self) -> Result<()> {
+        let cgroup = Cgroup::create(&scratch_name("cp"))?;
+        let sizes = self.settings.cp_sizes.clone();
+        for &size in &sizes {
+            let result = self.cold_size(&cgroup, size);
+            self.keep_going(result, &format!("cold start with {size} services"))?;
+        }
+        let result = self.change_small(&cgroup);
+        self.keep_going(result, "config edit to data path (1 service)")?;
+        if let Some(resync) = self.settings.stress_resync_ms {
+            let base = catalog_services(10_000, None);
+            let result = self
+                .change_10k(&cgroup, &base, Some(resync))
+                .map(|change| self.results.change_10k_stress = Some(change));
+            self.keep_going(result, "config edits at 10k services, short resync")?;
+        }
         Ok(())
     }
 
@@ -317,7 +347,9 @@ impl ControlPlane<'_> {
                 let result = self.at_10k(cgroup, &mut agent, &services);
                 self.keep_going(result, "diff +1k services at 10k")?;
                 drop(agent);
-                let result = self.change_10k(cgroup, &services);
+                let result = self
+                    .change_10k(cgroup, &services, None)
+                    .map(|change| self.results.change_10k = Some(change));
                 self.keep_going(result, "config edits at 10k services")?;
             }
         }
@@ -329,7 +361,7 @@ impl ControlPlane<'_> {
         let mut agent = self.start_agent(cgroup, &config_text(&[]))?;
         agent.wait_ready(Duration::from_secs(60))?;
         let probe = Probe::start(&self.loadgen, cgroup.path(), PROBE_VIP, &self.dir)?;
-        let small = self.change_latency(&agent, &probe, &[], self.settings.changes)?;
+        let small = self.change_latency(&agent, &probe, &[], "", self.settings.changes, 40)?;
         print_change(&small);
         self.results.change_small = Some(small);
         Ok(())
@@ -410,18 +442,44 @@ impl ControlPlane<'_> {
     }
 
     /// Config edits with 10k other services, on a fresh agent (whatever the diff left behind
-    /// does not carry over).
-    fn change_10k(&mut self, cgroup: &Cgroup, base: &[ServiceConf]) -> Result<()> {
-        println!("\n==> bench: control plane: config edit to data path (10k other services)");
+    /// does not carry over); `resync_ms`: the agent's `[agent] resync` (None: its default).
+    fn change_10k(
+        &mut self,
+        cgroup: &Cgroup,
+        base: &[ServiceConf],
+        resync_ms: Option<u64>,
+    ) -> Result<ChangeResults> {
+        let agent_table = resync_ms.map_or_else(String::new, |ms| {
+            format!("[agent]\nresync = \"{ms}ms\"\n\n")
+        });
+        println!(
+            "\n==> bench: control plane: config edit to data path (10k other services, resync {})",
+            resync_ms.map_or_else(|| "default".to_owned(), |ms| format!("{ms} ms"))
+        );
         let probe_svc = ServiceConf::new("probe", PROBE_VIP, vec![self.backends[0]]);
         let all: Vec<&ServiceConf> = base.iter().chain([&probe_svc]).collect();
-        let mut agent = self.start_agent(cgroup, &config_text(&all))?;
+        let mut agent = self.start_agent(cgroup, &format!("{agent_table}{}", config_text(&all)))?;
         agent.wait_ready(Duration::from_secs(300))?;
         let probe = Probe::start(&self.loadgen, cgroup.path(), PROBE_VIP, &self.dir)?;
-        let change = self.change_latency(&agent, &probe, base, self.settings.changes_10k)?;
+        let mut change = self.change_latency(
+            &agent,
+            &probe,
+            base,
+            &agent_table,
+            self.settings.changes_10k,
+            self.settings.edit_gap_10k_ms,
+        )?;
+        change.resync_ms = resync_ms;
         print_change(&change);
-        self.results.change_10k = Some(change);
-        Ok(())
+        if let Some(dir) = &self.keep_logs {
+            let kept = dir.join(format!("{}.log", agent.name()));
+            match std::fs::create_dir_all(dir).and_then(|()| std::fs::copy(agent.log_path(), &kept))
+            {
+                Ok(_) => println!("  agent log kept: {}", kept.display()),
+                Err(e) => eprintln!("bench: warning: keeping {}: {e}", kept.display()),
+            }
+        }
+        Ok(change)
     }
 
     /// One +1k / -1k edit pair: (add to data path, add to listed, remove to data path), s.
@@ -456,20 +514,23 @@ impl ControlPlane<'_> {
         Ok((add, listed, remove))
     }
 
-    /// Switches the probe service between backend 0 and backend 1 by config edits; the time
-    /// from each rename to the first connection the new backend answered.
+    /// Switches the probe service between backend 0 and backend 1 by config edits (each file
+    /// starts with `agent_table`); the time from each rename to the first connection the new
+    /// backend answered. Edits are `gap_ms` and a few ms apart, plus the previous one's latency.
     fn change_latency(
         &mut self,
         agent: &Agent,
         probe: &Probe,
         others: &[ServiceConf],
+        agent_table: &str,
         changes: usize,
+        gap_ms: u64,
     ) -> Result<ChangeResults> {
         let texts: Vec<String> = (0..2)
             .map(|i| {
                 let svc = ServiceConf::new("probe", PROBE_VIP, vec![self.backends[i]]);
                 let all: Vec<&ServiceConf> = others.iter().chain([&svc]).collect();
-                config_text(&all)
+                format!("{agent_table}{}", config_text(&all))
             })
             .collect();
         let mut result = ChangeResults {
@@ -489,14 +550,18 @@ impl ControlPlane<'_> {
         for k in 0..changes {
             let want = ((k + 1) % 2) as u8;
             // Spread the edits over the agent's timers instead of a fixed beat.
-            std::thread::sleep(Duration::from_millis(40 + (k as u64 * 7) % 23));
+            std::thread::sleep(Duration::from_millis(gap_ms + (k as u64 * 7) % 23));
             probe.drain();
             let written = agent.write_config(&texts[usize::from(want)])?;
+            let written_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
             match probe.wait_for(|id| id == want, Duration::from_secs(10))? {
                 Some((at, failed)) => {
                     result
                         .latency_ms
                         .push(at.saturating_sub(written) as f64 / 1e6);
+                    result.written_unix_ms.push(written_unix_ms);
                     if failed {
                         result.with_failed_connects += 1;
                     }
@@ -649,9 +714,11 @@ fn print_change(c: &ChangeResults) {
         }
     };
     println!(
-        "  {} changes (+{} other services): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, missed {}, with failed connects {}",
+        "  {} changes (+{} other services{}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, missed {}, with failed connects {}",
         c.latency_ms.len(),
         c.others,
+        c.resync_ms
+            .map_or_else(String::new, |ms| format!(", resync every {ms} ms")),
         at(0.5),
         at(0.99),
         sorted.last().copied().unwrap_or(f64::NAN),

@@ -208,7 +208,12 @@ impl Agent {
             .arg(self.config.with_extension("state"))
             .env("NO_COLOR", "1")
             .env("RUST_BACKTRACE", "0")
-            .env("RUST_LOG", "info");
+            // MESH_BENCH_RUST_LOG: the agents' log filter instead (e.g. to see the resync's
+            // debug lines), for investigations.
+            .env(
+                "RUST_LOG",
+                std::env::var("MESH_BENCH_RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            );
         self.started = Instant::now();
         self.proc = Some(Proc::spawn(
             &format!("mesh agent ({})", self.name),
@@ -282,6 +287,14 @@ impl Agent {
 
     pub fn service_count(&self) -> Result<usize> {
         Ok(self.services()?["services"].as_array().map_or(0, Vec::len))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
     }
 
     /// Size of the agent's log so far (see [`Agent::failure_since`]).

@@ -289,7 +289,13 @@ pub fn targets(runs: &[Run], control: &ControlResults, levels: &[usize]) -> Vec<
     );
     growth.goal.push_str(" (within the noise)");
     t.push(growth);
+    t.extend(control_targets(control));
+    t
+}
 
+/// The control plane's targets (also all `--control` reports).
+pub fn control_targets(control: &ControlResults) -> Vec<Target> {
+    let mut t = Vec::new();
     let ready: Vec<f64> = control
         .cold
         .iter()
@@ -559,6 +565,30 @@ pub fn markdown(
         agent_cpu.join(", ")
     );
 
+    out.push_str(&control_markdown(control));
+    out.push_str(&targets_markdown(targets));
+    out
+}
+
+/// The targets table.
+pub fn targets_markdown(targets: &[Target]) -> String {
+    let mut out = String::from(
+        "\n### Targets\n\n| target | goal | measured | met |\n| --- | --- | --- | --- |\n",
+    );
+    for t in targets {
+        let met = match t.met {
+            Some(true) => "met",
+            Some(false) => "NOT met",
+            None => "not measured",
+        };
+        let _ = writeln!(out, "| {} | {} | {} | {met} |", t.name, t.goal, t.measured);
+    }
+    out
+}
+
+/// The control plane's section of the report (all of `--control`'s).
+pub fn control_markdown(control: &ControlResults) -> String {
+    let mut out = String::new();
     out.push_str("\n### Control plane\n\n| measurement | result |\n| --- | --- |\n");
     let mut sizes: Vec<usize> = control.cold.iter().map(|c| c.services).collect();
     sizes.dedup();
@@ -634,15 +664,21 @@ pub fn markdown(
             );
         }
     }
-    for c in [&control.change_small, &control.change_10k]
-        .into_iter()
-        .flatten()
+    for c in [
+        &control.change_small,
+        &control.change_10k,
+        &control.change_10k_stress,
+    ]
+    .into_iter()
+    .flatten()
     {
         let _ = writeln!(
             out,
-            "| config edit to data path, {} other services ({} changes) | p50 {} ms, p99 {} ms, max {} ms; missed {}; with failed connects {} |",
+            "| config edit to data path, {} other services ({} changes{}) | p50 {} ms, p99 {} ms, max {} ms; missed {}; with failed connects {} |",
             c.others,
             c.latency_ms.len(),
+            c.resync_ms
+                .map_or_else(String::new, |ms| format!(", agent resync every {ms} ms")),
             percentile(&c.latency_ms, 0.5).map_or_else(|| "-".into(), |v| format!("{v:.1}")),
             percentile(&c.latency_ms, 0.99).map_or_else(|| "-".into(), |v| format!("{v:.1}")),
             percentile(&c.latency_ms, 1.0).map_or_else(|| "-".into(), |v| format!("{v:.1}")),
@@ -661,6 +697,10 @@ pub fn markdown(
         );
     }
     let h = &control.health;
+    if h.config_accepted.is_none() {
+        // Not tried (`--control`): no health rows.
+        return out;
+    }
     match &h.usage_with_checks {
         Some(u) => {
             let _ = writeln!(
@@ -696,18 +736,6 @@ pub fn markdown(
             |s| format!("{:.3} s", s)
         )
     );
-
-    out.push_str(
-        "\n### Targets\n\n| target | goal | measured | met |\n| --- | --- | --- | --- |\n",
-    );
-    for t in targets {
-        let met = match t.met {
-            Some(true) => "met",
-            Some(false) => "NOT met",
-            None => "not measured",
-        };
-        let _ = writeln!(out, "| {} | {} | {} | {met} |", t.name, t.goal, t.measured);
-    }
     out
 }
 
