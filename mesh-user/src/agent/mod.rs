@@ -61,21 +61,16 @@ fn parse_path_or_empty(text: &str) -> Result<PathBuf, std::convert::Infallible> 
 }
 
 impl AgentArgs {
-    fn load_config(&self) -> Result<Config, config::ConfigError> {
-        let config = config::load(&self.config)?;
-        Ok(self.overridden(config))
+    /// The file at start, parsed and validated whole; `reparser` keeps its pieces.
+    fn load_config(&self, reparser: &mut Reparser) -> Result<Config, config::ConfigError> {
+        Ok(self.overridden(config::load(&self.config, reparser)?))
     }
 
     /// The file again after an edit: only its changed services are parsed, and the registry
     /// validates what changed.
     fn reload_config(&self, reparser: &mut Reparser) -> Result<Config, config::ConfigError> {
-        let origin = self.config.display().to_string();
-        let text =
-            std::fs::read_to_string(&self.config).map_err(|source| config::ConfigError::Read {
-                origin: origin.clone(),
-                source,
-            })?;
-        let config = reparser.parse(text, &origin)?;
+        let text = config::read(&self.config)?;
+        let config = reparser.parse(text, &self.config.display().to_string())?;
         Ok(self.overridden(config))
     }
 
@@ -208,17 +203,23 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     // Before any thread starts: the agent's large buffers (config parses, map reads, /metrics
     // renders) are transient, and must go back to the kernel when freed.
     datapath::system::map_large_allocations();
+    let mut reparser = Reparser::default();
     let config = args
-        .load_config()
+        .load_config(&mut reparser)
         .map_err(|err| anyhow::anyhow!("invalid config:\n{err}"))?;
     let started = start_datapath(&config)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(serve(args, config, started))
+        .block_on(serve(args, config, started, reparser))
 }
 
-async fn serve(args: AgentArgs, config: Config, started: Started) -> anyhow::Result<()> {
+async fn serve(
+    args: AgentArgs,
+    config: Config,
+    started: Started,
+    mut reparser: Reparser,
+) -> anyhow::Result<()> {
     let Started {
         _lock,
         mut datapath,
@@ -288,10 +289,7 @@ async fn serve(args: AgentArgs, config: Config, started: Started) -> anyhow::Res
         metrics: metrics.clone(),
         heartbeat: heartbeat.clone(),
         published,
-        reload: {
-            let mut reparser = Reparser::default();
-            Box::new(move || reload_args.reload_config(&mut reparser))
-        },
+        reload: Box::new(move || reload_args.reload_config(&mut reparser)),
         file_origin: args.config.display().to_string(),
         resync_every: agent_config.resync,
         ready_after: ready_after(&agent_config, &initial),

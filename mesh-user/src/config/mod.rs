@@ -591,7 +591,10 @@ mod status_ranges {
     }
 }
 
-/// Parses and validates a config; `origin` (usually the file name) prefixes every message.
+/// Parses and validates a whole config text; `origin` (usually the file name) prefixes every
+/// message. The agent reads its file through `Reparser` (the same result, checked against this
+/// by the tests, and the pieces kept for the next edit).
+#[cfg(test)]
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
         origin: origin.to_owned(),
@@ -601,14 +604,21 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
-/// Reads, parses and validates the config file at `path`.
-pub fn load(path: &Path) -> Result<Config, ConfigError> {
+/// Reads, parses and validates the config file at `path`, through `reparser`, which then knows
+/// every piece of it: the first edit re-parses only what it changed, like every later one.
+pub fn load(path: &Path, reparser: &mut Reparser) -> Result<Config, ConfigError> {
     let origin = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        origin: origin.clone(),
+    let config = reparser.parse(read(path)?, &origin)?;
+    config.validate(&origin)?;
+    Ok(config)
+}
+
+/// The text of the config file at `path`.
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        origin: path.display().to_string(),
         source,
-    })?;
-    parse(&text, &origin)
+    })
 }
 
 #[cfg(test)]

@@ -305,7 +305,7 @@ fn load_reads_the_file_and_names_it() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("mesh.toml");
     std::fs::write(&path, WEB.replace("weight = 2", "weight = 0")).unwrap();
-    let err = load(&path).unwrap_err();
+    let err = load(&path, &mut Reparser::default()).unwrap_err();
     let shown = path.display().to_string();
     assert_eq!(
         err.to_string(),
@@ -314,10 +314,16 @@ fn load_reads_the_file_and_names_it() {
         )
     );
     std::fs::write(&path, WEB).unwrap();
-    assert_eq!(load(&path).unwrap().services.len(), 1);
+    assert_eq!(
+        load(&path, &mut Reparser::default())
+            .unwrap()
+            .services
+            .len(),
+        1
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 
-    let err = load(&dir.join("missing.toml")).unwrap_err();
+    let err = load(&dir.join("missing.toml"), &mut Reparser::default()).unwrap_err();
     assert!(matches!(err, ConfigError::Read { .. }));
     assert!(
         err.to_string().contains("missing.toml: cannot read"),
