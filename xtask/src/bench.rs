@@ -392,18 +392,13 @@ pub fn run(quick: bool) -> Result<()> {
         (result?, kernel)
     };
 
-    let mut cp = ControlPlane {
-        settings: &settings,
-        mesh: mesh.clone(),
-        loadgen: loadgen.clone(),
-        dir: scratch.0.clone(),
-        backends: backends.clone(),
-        victim: local(VICTIM_PORT),
-        metrics: local(CONTROL_METRICS_PORT),
-        agents_started: 0,
-        results: ControlResults::default(),
-        keep_logs: None,
-    };
+    let mut cp = ControlPlane::new(
+        &settings,
+        (mesh.clone(), loadgen.clone()),
+        scratch.0.clone(),
+        backends.clone(),
+        None,
+    );
     let cp_result = cp.run();
     let control = cp.results;
     if let Err(e) = &cp_result {
@@ -591,18 +586,13 @@ pub fn run_health(quick: bool) -> Result<()> {
         Settings::of_run(quick),
         &[VICTIM_PORT, CONTROL_METRICS_PORT],
     )?;
-    let mut cp = ControlPlane {
-        settings: &settings,
-        mesh,
-        loadgen,
-        dir: scratch.0.clone(),
+    let mut cp = ControlPlane::new(
+        &settings,
+        (mesh, loadgen),
+        scratch.0.clone(),
         backends,
-        victim: local(VICTIM_PORT),
-        metrics: local(CONTROL_METRICS_PORT),
-        agents_started: 0,
-        results: ControlResults::default(),
-        keep_logs: None,
-    };
+        None,
+    );
     let result = cp.run_health();
     let out_dir = target_dir().join("bench");
     std::fs::create_dir_all(&out_dir)?;
@@ -643,18 +633,13 @@ pub fn run_control(quick: bool) -> Result<()> {
     println!("bench: 1-minute load average at the start: {loadavg_start:.2}");
     let out_dir = target_dir().join("bench");
     std::fs::create_dir_all(&out_dir)?;
-    let mut cp = ControlPlane {
-        settings: &settings,
-        mesh,
-        loadgen,
-        dir: scratch.0.clone(),
+    let mut cp = ControlPlane::new(
+        &settings,
+        (mesh, loadgen),
+        scratch.0.clone(),
         backends,
-        victim: local(VICTIM_PORT),
-        metrics: local(CONTROL_METRICS_PORT),
-        agents_started: 0,
-        results: ControlResults::default(),
-        keep_logs: Some(out_dir.join("control-logs")),
-    };
+        Some(out_dir.join("control-logs")),
+    );
     let result = cp.run_control();
     let control = cp.results;
     let loadavg_end = dataplane::loadavg_1m();

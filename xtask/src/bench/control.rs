@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
-use super::Settings;
 use super::mesh::{
     Agent, ServiceConf, catalog_services, config_text, limits_for, shared_backend_services,
 };
 use super::procs::{Proc, line_reader};
 use super::system::{Cgroup, monotonic_ns, scratch_name};
+use super::{CONTROL_METRICS_PORT, Settings, VICTIM_PORT, local};
 use crate::signal;
 use crate::util::cmd;
 
@@ -215,7 +215,31 @@ pub struct ControlPlane<'a> {
     pub keep_logs: Option<PathBuf>,
 }
 
-impl ControlPlane<'_> {
+impl<'a> ControlPlane<'a> {
+    /// A control plane run against `backends` (the bench's servers), with agents' files in
+    /// `dir`; `keep_logs`: where to keep the logs of the 10k-edit agents.
+    pub fn new(
+        settings: &'a Settings,
+        binaries: (PathBuf, PathBuf),
+        dir: PathBuf,
+        backends: Vec<SocketAddr>,
+        keep_logs: Option<PathBuf>,
+    ) -> Self {
+        let (mesh, loadgen) = binaries;
+        ControlPlane {
+            settings,
+            mesh,
+            loadgen,
+            dir,
+            backends,
+            victim: local(VICTIM_PORT),
+            metrics: local(CONTROL_METRICS_PORT),
+            agents_started: 0,
+            results: ControlResults::default(),
+            keep_logs,
+        }
+    }
+
     fn start_agent(&mut self, cgroup: &Cgroup, config: &str) -> Result<Agent> {
         self.agents_started += 1;
         let name = format!("cp-{}", self.agents_started);
