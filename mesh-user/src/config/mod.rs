@@ -593,8 +593,8 @@ mod status_ranges {
 
 /// Parses and validates a whole config text; `origin` (usually the file name) prefixes every
 /// message. The agent reads its file through `Reparser` (the same result, checked against this
-/// by the tests, and the pieces kept for the next edit).
-#[cfg(test)]
+/// by the tests and the fuzz target, and the pieces kept for the next edit).
+#[cfg(any(test, feature = "fuzzing"))]
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
         origin: origin.to_owned(),
