@@ -26,12 +26,24 @@ where
 /// The BTF-formatted entries of a `bpftool map dump -j`: each entry's `formatted` object (with
 /// `key` and `value`, or `values` per CPU), or the entry itself when bpftool printed no raw
 /// bytes next to it.
+///
+/// An entry deleted between bpftool's get-next-key and its lookup comes out as the raw key with
+/// `"value": {"error": ...}` and nothing formatted; it is no longer in the map, so it is left
+/// out rather than read as a malformed entry.
 pub fn formatted_entries(dump: &serde_json::Value) -> Vec<serde_json::Value> {
     dump.as_array()
         .unwrap_or_else(|| panic!("a map dump is a list, not {dump}"))
         .iter()
+        .filter(|entry| !vanished_mid_dump(entry))
         .map(|entry| entry.get("formatted").unwrap_or(entry).clone())
         .collect()
+}
+
+fn vanished_mid_dump(entry: &serde_json::Value) -> bool {
+    entry.get("formatted").is_none()
+        && entry
+            .get("value")
+            .is_some_and(|value| value.get("error").is_some())
 }
 
 /// Runs `$MESH_BIN <args>` (bounded to 30 s) and captures its output.
