@@ -52,6 +52,58 @@ fn scrape_until(env: &TestEnv, what: &str, mut done: impl FnMut(&Scrape) -> bool
     last
 }
 
+/// The maps whose entry counts the agent takes from its model of the maps instead of reading
+/// them (`Applied::counter_labels`); `backend_stats` is read.
+const COUNTED_MAPS: [&str; 6] = [
+    "services",
+    "slots",
+    "backends",
+    "active",
+    "service_names",
+    "backend_stats",
+];
+
+/// `mesh_map_entries` of [`COUNTED_MAPS`] equal the entries bpftool finds in each map. A scrape
+/// between two equal bpftool reads is compared, so a resync retiring slots meanwhile cannot
+/// make it flaky (at most 5 tries).
+#[track_caller]
+fn assert_entry_counts_match_the_maps(env: &TestEnv) {
+    let counts = || -> BTreeMap<&str, f64> {
+        COUNTED_MAPS
+            .iter()
+            .map(|&map| {
+                (
+                    map,
+                    formatted_entries(&map_dump(&env.bpffs, map)).len() as f64,
+                )
+            })
+            .collect()
+    };
+    let mut last = None;
+    for _ in 0..5 {
+        let before = counts();
+        let metrics = scrape(env);
+        if counts() != before {
+            continue;
+        }
+        let exported: BTreeMap<&str, f64> = COUNTED_MAPS
+            .iter()
+            .filter_map(|&map| Some((map, metrics.value("mesh_map_entries", &[("map", map)])?)))
+            .collect();
+        assert_eq!(
+            exported, before,
+            "mesh_map_entries against bpftool; scrape:\n{}",
+            metrics.text
+        );
+        last = Some(before);
+        break;
+    }
+    assert!(
+        last.is_some(),
+        "the maps changed between every two bpftool reads"
+    );
+}
+
 fn tcp_service<'a>(
     name: &str,
     vip: impl Display,
@@ -125,6 +177,8 @@ fn scraped_connection_counters_match_what_backends_accepted() {
         metrics.by_label(CONNECTIONS, "backend", &[("service", NAME)]),
         kept
     );
+    // The slot set before the removal is still in the maps (retired by a later resync).
+    assert_entry_counts_match_the_maps(&env);
     assert_eq!(
         metrics.value(
             "mesh_service_backends",
@@ -138,6 +192,7 @@ fn scraped_connection_counters_match_what_backends_accepted() {
     // The counters live in the pinned maps: a restarted agent exports the same values.
     env.agent.restart();
     let metrics = scrape(&env);
+    assert_entry_counts_match_the_maps(&env);
     assert_eq!(
         metrics.by_label(CONNECTIONS, "backend", &[("service", NAME)]),
         kept,

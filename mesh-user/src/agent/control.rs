@@ -99,6 +99,8 @@ struct State {
     reload_at: Option<Instant>,
     /// A health transition arrived: refresh the health gauges this turn.
     gauges_stale: bool,
+    /// The registry changed since `published` was last sent.
+    listing_stale: bool,
 }
 
 impl ControlLoop {
@@ -107,6 +109,7 @@ impl ControlLoop {
     pub fn run(self, commands: Receiver<Command>) {
         let mut state = State::new(self);
         state.start();
+        state.publish_maps_view();
         let now = Instant::now();
         let mut next_passive = now + PASSIVE_POLL;
         let mut next_gauges = now + HEALTH_GAUGES;
@@ -158,6 +161,8 @@ impl ControlLoop {
                 next_resync = now + state.parts.resync_every;
             }
             state.resync_turn(resync_due);
+            // Applies and resyncs change the model: every turn, as it is cheap.
+            state.publish_maps_view();
             if stop {
                 break;
             }
@@ -183,6 +188,7 @@ impl State {
             retry: None,
             reload_at: None,
             gauges_stale: true,
+            listing_stale: true,
         };
         let everything = state.parts.registry.services().map(|s| s.vip()).collect();
         state.registry_changed(everything);
@@ -267,10 +273,7 @@ impl State {
 
     /// Brings the views of the registry up to date after the services at `changed` did.
     fn registry_changed(&mut self, changed: Changed) {
-        // The admin API lists what is now in force.
-        self.parts
-            .published
-            .send_replace(listing(&self.parts.registry));
+        self.listing_stale = true;
         self.update_health_targets(&changed);
         self.refresh_desired(&changed);
         self.desired_changed();
@@ -280,7 +283,12 @@ impl State {
         let generation = self.desired_generation;
         self.dirty = false;
         let scope = Scope::Only(&self.touched);
-        match self.parts.executor.apply(&self.desired, scope) {
+        let applied = self.parts.executor.apply(&self.desired, scope);
+        // After the writes, not before: it copies every service (milliseconds at 10k), and
+        // the data path should not wait for it. Before any reply, so that whoever is told
+        // "applied" then lists what is in force.
+        self.publish_listing();
+        match applied {
             Ok(report) => {
                 self.touched.clear();
                 self.parts.metrics.observe_reconcile(report.took, true);
@@ -333,6 +341,11 @@ impl State {
         self.parts
             .metrics
             .generations(self.desired_generation, self.applied_generation);
+    }
+
+    /// Hands the metrics the model of what the maps now hold (a change made it stale).
+    fn publish_maps_view(&self) {
+        self.parts.metrics.maps_written(self.parts.executor.view());
     }
 
     fn resync_turn(&mut self, due: bool) {
@@ -397,6 +410,15 @@ impl State {
             registry_ms = (started.elapsed() - parsed).as_secs_f64() * 1e3,
             "config file reloaded"
         );
+    }
+
+    /// Sends the admin API and the sources the registry as it now is, if it changed.
+    fn publish_listing(&mut self) {
+        if std::mem::take(&mut self.listing_stale) {
+            self.parts
+                .published
+                .send_replace(listing(&self.parts.registry));
+        }
     }
 
     fn rejected(&self, what: &str, reasons: &str) {

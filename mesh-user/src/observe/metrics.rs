@@ -5,7 +5,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet, hash_map::Entry},
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError, Weak},
     time::Duration,
 };
 
@@ -21,6 +21,7 @@ use crate::{
     datapath::{Counters, Maps},
     health::{Health, Transition},
     model::{Vip, protocol_name},
+    reconcile::Applied,
     registry::SourceObserver,
 };
 
@@ -47,6 +48,10 @@ pub struct AgentMetrics {
     resync_runs: IntCounterVec,
     desired_generation: IntGauge,
     applied_generation: IntGauge,
+    /// The control loop's model of the maps as it last wrote them: a scrape takes the labels
+    /// of the kernel's counters from it (see `Applied::counter_labels`). It no longer upgrades
+    /// once the model changed; until the loop hands on the new one, scrapes read the maps.
+    maps_view: Mutex<Weak<Applied>>,
 }
 
 impl AgentMetrics {
@@ -197,6 +202,7 @@ impl AgentMetrics {
             resync_runs,
             desired_generation,
             applied_generation,
+            maps_view: Mutex::new(Weak::new()),
         })
     }
 
@@ -217,6 +223,15 @@ impl AgentMetrics {
             .set(i64::try_from(desired).unwrap_or(i64::MAX));
         self.applied_generation
             .set(i64::try_from(applied).unwrap_or(i64::MAX));
+    }
+
+    /// The model of the maps scrapes label the counters from (`maps_view`). The agent is the
+    /// only writer of what it labels with, and the resync checks the model against the maps.
+    pub fn maps_written(&self, view: Weak<Applied>) {
+        *self
+            .maps_view
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = view;
     }
 
     pub fn udp_flows_terminated(&self, count: u64) {
@@ -318,7 +333,12 @@ impl AgentMetrics {
             return Ok(());
         }
         let mut out = Sink::new(emit);
-        if let Err(err) = self.kernel.render(&mut out) {
+        let view = self
+            .maps_view
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .upgrade();
+        if let Err(err) = self.kernel.render(&mut out, view.as_deref()) {
             // The agent's own metrics still tell what is wrong.
             tracing::warn!("reading kernel counters for /metrics: {err:#}");
         }
@@ -453,11 +473,16 @@ struct ServiceRow {
 }
 
 impl KernelCounters {
-    fn render(&self, out: &mut Sink) -> anyhow::Result<()> {
+    /// `model`: what the maps hold as the agent wrote it, if known; only the counters are
+    /// then read from the maps.
+    fn render(&self, out: &mut Sink, model: Option<&Applied>) -> anyhow::Result<()> {
         use std::fmt::Write as _;
         let started = std::time::Instant::now();
         let maps = Maps::open_pinned(&self.bpffs)?;
-        let read = maps.counters()?;
+        let read = match model {
+            Some(model) => maps.counters_labelled(|| model.counter_labels())?,
+            None => maps.counters()?,
+        };
         let read_took = started.elapsed();
         render_services(out, &read);
         tracing::debug!(
@@ -590,6 +615,7 @@ fn render_services(out: &mut Sink, read: &Counters) {
     let mut labels: Vec<u8> = Vec::with_capacity(read.backend_stats.len() * 64);
     let mut services = Vec::with_capacity(read.services.len());
     let mut rows = Vec::with_capacity(read.backend_stats.len());
+    let members = read.members();
     for (vip, svc) in &read.services {
         let name = read.names.get(&svc.id).map_or("", String::as_str);
         let proto = protocol_name(vip.proto);
@@ -602,7 +628,7 @@ fn render_services(out: &mut Sink, read: &Counters) {
         labels.push(b'"');
         let service_labels = start..labels.len();
         let (mut configured, mut active) = (0, 0);
-        for (key, stats) in read.members_of(svc.id) {
+        for (key, stats) in members.of(svc.id) {
             let Some(addr) = read.backends.get(&key.backend_id) else {
                 continue;
             };
@@ -757,9 +783,10 @@ fn render_nodeport_backends(
     stats: &std::collections::BTreeMap<BackendStatsKey, NodeportBackendStats>,
 ) {
     let mut rows = Vec::new();
+    let members = read.members();
     for (vip, svc) in read.services.iter().filter(|(vip, _)| vip.external) {
         let name = read.names.get(&svc.id).map_or("", String::as_str);
-        for (key, _) in read.members_of(svc.id) {
+        for (key, _) in members.of(svc.id) {
             let (Some(addr), Some(s)) = (read.backends.get(&key.backend_id), stats.get(key)) else {
                 continue;
             };
@@ -969,16 +996,19 @@ mod tests {
                 (11, SocketAddr::from(([127, 0, 0, 1], 8002))),
                 (12, SocketAddr::from(([127, 0, 0, 1], 9053))),
             ]
-            .into(),
-            names: [(1, "web\"x".to_owned()), (2, "dns".to_owned())].into(),
+            .into_iter()
+            .collect(),
+            names: [(1, "web\"x".to_owned()), (2, "dns".to_owned())]
+                .into_iter()
+                .collect(),
             backend_stats: vec![
                 (key(1, 10), measured),
                 (key(1, 11), connections(3)),
                 (key(2, 12), connections(7)),
                 (key(2, 99), connections(1)),
             ],
-            active: [key(1, 10)].into(),
-            no_backend: [(2, 4)].into(),
+            active: [key(1, 10)].into_iter().collect(),
+            no_backend: [(2, 4)].into_iter().collect(),
             slots: 2,
         }
     }

@@ -11,7 +11,7 @@ use std::{
 use mesh_common::{BackendStatsKey, Service, SlotKey};
 
 use crate::{
-    datapath::{Snapshot, service_range},
+    datapath::{Counters, Snapshot, service_range},
     model::Vip,
 };
 
@@ -110,6 +110,34 @@ pub struct Entries {
 }
 
 impl Applied {
+    /// What `/metrics` labels its counters with, as the maps hold it: services by VIP with
+    /// their names, backend addresses, the active pairs and the number of slot entries. Taken
+    /// from the model instead of read: the maps are sized for a big node, and walking their
+    /// buckets was most of a scrape at 10k services.
+    pub fn counter_labels(&self) -> Counters {
+        let mut labels = Counters {
+            services: Vec::with_capacity(self.services.len()),
+            ..Counters::default()
+        };
+        labels.names.reserve(self.services.len());
+        for (vip, svc) in &self.services {
+            labels.services.push((*vip, svc.entry()));
+            labels.names.insert(svc.id, svc.name.clone());
+            labels
+                .active
+                .extend(svc.active.keys().map(|&backend| pair(svc.id, backend)));
+            labels.slots += svc
+                .slot_sets()
+                .map(|set| set.backends.iter().filter(|&&id| id != 0).count())
+                .sum::<usize>();
+        }
+        labels.backends.reserve(self.by_id.len());
+        labels
+            .backends
+            .extend(self.by_id.iter().map(|(&id, &(addr, _))| (id, addr)));
+        labels
+    }
+
     /// Backend id -> address.
     pub fn backend_addrs(&self) -> BTreeMap<u32, SocketAddr> {
         self.by_id
@@ -161,6 +189,15 @@ impl Applied {
 
     /// The model once a plan's writes are done: only the services and backends it changed are
     /// touched.
+    /// Whether `patch` changes anything in the model.
+    pub fn is_changed_by(&self, patch: &Patch) -> bool {
+        !patch.services.is_empty()
+            || !patch.backends_added.is_empty()
+            || !patch.backends_removed.is_empty()
+            || (patch.next_service_id, patch.next_backend_id)
+                != (self.next_service_id, self.next_backend_id)
+    }
+
     pub fn patch(&mut self, patch: Patch) {
         for (addr, id) in patch.backends_added {
             self.backends.insert(addr, id);
@@ -408,6 +445,23 @@ mod tests {
         assert_eq!(entries.names, snap.names);
         assert_eq!(entries.active, snap.active);
         assert!(entries.counters.iter().eq(snap.backend_stats.keys()));
+    }
+
+    /// The metrics label counters from the model instead of reading the maps: what they get
+    /// is what a read of the same maps gives.
+    #[test]
+    fn counter_labels_are_what_the_maps_hold() {
+        let mut snap = snapshot(300);
+        // Some backends out of rotation: counters, no active entry.
+        snap.active.retain(|key, _| key.backend_id % 5 != 0);
+        let labels = Applied::from_snapshot(&snap).counter_labels();
+        let services: Vec<_> = snap.services.iter().map(|(v, s)| (*v, *s)).collect();
+        assert_eq!(labels.services, services);
+        assert_eq!(labels.names, snap.names.clone().into_iter().collect());
+        assert_eq!(labels.backends, snap.backends.clone().into_iter().collect());
+        assert_eq!(labels.active, snap.active.keys().copied().collect());
+        assert_eq!(labels.slots, snap.slots.len());
+        assert!(labels.backend_stats.is_empty() && labels.no_backend.is_empty());
     }
 
     /// How long the resync holds the control loop to take the entries at 10k services

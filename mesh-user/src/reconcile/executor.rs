@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
+    sync::{Arc, Weak},
     time::{Duration, Instant},
 };
 
@@ -42,7 +43,9 @@ pub struct ApplyReport {
 
 pub struct Executor {
     maps: Maps,
-    applied: Applied,
+    /// Shared with the metrics renderer (`view`) without copying: changed in place
+    /// (`Arc::make_mut`) unless a scrape holds it at that moment.
+    applied: Arc<Applied>,
     limits: Limits,
     settings_flags: u32,
     /// The model was read back from the maps (adopted, or after a failed write): the next plan
@@ -69,7 +72,7 @@ impl Executor {
     /// (an agent died between writes) are deleted.
     pub fn adopt(maps: Maps, limits: Limits, settings_flags: u32) -> anyhow::Result<Self> {
         let snap = maps.snapshot()?;
-        let applied = Applied::from_snapshot(&snap);
+        let applied = Arc::new(Applied::from_snapshot(&snap));
         if !applied.services.is_empty() {
             info!(
                 services = applied.services.len(),
@@ -101,6 +104,13 @@ impl Executor {
         }
         executor.save_settings()?;
         Ok(executor)
+    }
+
+    /// What the maps hold, as last written, for readers on other threads (the metrics): the
+    /// view stops upgrading as soon as the model changes, so a reader never sees a model
+    /// older than the maps without knowing. Costs nothing while nobody holds it.
+    pub fn view(&self) -> Weak<Applied> {
+        Arc::downgrade(&self.applied)
     }
 
     /// Whether `backend` takes connections of `vip` now: at start, what an earlier agent left
@@ -141,7 +151,7 @@ impl Executor {
         let writing = Instant::now();
         if let Err(err) = self.write(&ops) {
             match self.maps.snapshot() {
-                Ok(snap) => self.applied = Applied::from_snapshot(&snap),
+                Ok(snap) => self.applied = Arc::new(Applied::from_snapshot(&snap)),
                 Err(read) => warn!("re-reading the maps after a failed write: {read:#}"),
             }
             self.plan_all = true;
@@ -168,7 +178,9 @@ impl Executor {
                 }
             }
         }
-        self.applied.patch(patch);
+        if self.applied.is_changed_by(&patch) {
+            Arc::make_mut(&mut self.applied).patch(patch);
+        }
         let udp_terminated = self.terminate_udp_flows(&left, &previous_ids);
         self.save_settings()?;
         Ok(ApplyReport {
@@ -305,7 +317,11 @@ impl Executor {
     /// service names forgotten (so the diff deletes them).
     fn before_resync(&mut self) -> anyhow::Result<()> {
         self.retire_old_previous_sets()?;
-        let forgotten = self.applied.forget_unnamed_backends();
+        let forgotten = if self.applied.unnamed_backends().next().is_some() {
+            Arc::make_mut(&mut self.applied).forget_unnamed_backends()
+        } else {
+            Vec::new()
+        };
         if !forgotten.is_empty() {
             warn!(ids = ?forgotten, "backend entries no service names: deleting them");
         }
@@ -384,13 +400,15 @@ impl Executor {
         );
         if let Err(err) = self.write(&ops) {
             match self.maps.snapshot() {
-                Ok(snap) => self.applied = Applied::from_snapshot(&snap),
+                Ok(snap) => self.applied = Arc::new(Applied::from_snapshot(&snap)),
                 Err(read) => warn!("re-reading the maps after a failed write: {read:#}"),
             }
             self.plan_all = true;
             return Err(err);
         }
-        self.applied.patch(patch);
+        if self.applied.is_changed_by(&patch) {
+            Arc::make_mut(&mut self.applied).patch(patch);
+        }
         for vip in &old {
             self.switched.remove(vip);
         }

@@ -7,4 +7,5 @@ pub mod plan;
 pub mod repair;
 pub mod resync;
 
+pub use applied::Applied;
 pub use executor::Executor;
