@@ -547,7 +547,14 @@ impl Maps {
     /// the applied state (the order of ops keeps the data path consistent at every step).
     pub fn apply(&mut self, ops: &[MapOp]) -> anyhow::Result<()> {
         for run in ops.chunk_by(|a, b| a.kind() == b.kind()) {
+            let started = std::time::Instant::now();
             if run.len() >= BATCH_MIN && self.put_batch(run)? {
+                tracing::debug!(
+                    map = run[0].map(),
+                    ops = run.len(),
+                    took_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "batch written"
+                );
                 continue;
             }
             for op in run {

@@ -338,7 +338,7 @@ impl AgentMetrics {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .upgrade();
-        if let Err(err) = self.kernel.render(&mut out, view.as_deref()) {
+        if let Err(err) = self.kernel.render(&mut out, view) {
             // The agent's own metrics still tell what is wrong.
             tracing::warn!("reading kernel counters for /metrics: {err:#}");
         }
@@ -475,12 +475,15 @@ struct ServiceRow {
 impl KernelCounters {
     /// `model`: what the maps hold as the agent wrote it, if known; only the counters are
     /// then read from the maps.
-    fn render(&self, out: &mut Sink, model: Option<&Applied>) -> anyhow::Result<()> {
+    ///
+    /// The model is let go as soon as the labels are taken: while a scrape holds it, the
+    /// control loop's next change copies it instead of changing it in place.
+    fn render(&self, out: &mut Sink, model: Option<Arc<Applied>>) -> anyhow::Result<()> {
         use std::fmt::Write as _;
         let started = std::time::Instant::now();
         let maps = Maps::open_pinned(&self.bpffs)?;
         let read = match model {
-            Some(model) => maps.counters_labelled(|| model.counter_labels())?,
+            Some(model) => maps.counters_labelled(move || model.counter_labels())?,
             None => maps.counters()?,
         };
         let read_took = started.elapsed();
