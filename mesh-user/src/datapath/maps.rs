@@ -630,7 +630,7 @@ impl Maps {
             }
         }
         stats
-            .write(self.backend_stats.map().fd().as_fd())
+            .write_parallel(self.backend_stats.map().fd().as_fd(), self.nr_cpus.min(4))
             .with_context(|| format!("batch write of {} counters failed", stats.count))?;
         nodeport
             .write(self.np_backend_stats.map().fd().as_fd())
@@ -891,17 +891,48 @@ impl Batch {
     /// Writes every element (an existing one is overwritten: batches take no `BPF_NOEXIST`);
     /// ENOMEM (drained per-CPU element caches) is retried after a pause, for a bounded time.
     fn write(&self, fd: std::os::fd::BorrowedFd<'_>) -> anyhow::Result<()> {
-        if self.count == 0 {
+        self.write_range(fd, 0..self.count)
+    }
+
+    /// `write` on `threads` threads, each a contiguous part of the elements: for per-CPU
+    /// hash maps, whose inserts are mostly the kernel allocating each entry's per-CPU value.
+    fn write_parallel(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        threads: usize,
+    ) -> anyhow::Result<()> {
+        let part = self.count.div_ceil(threads.max(1)).max(1);
+        std::thread::scope(|scope| {
+            let parts: Vec<_> = (0..self.count)
+                .step_by(part)
+                .map(|start| {
+                    let range = start..(start + part).min(self.count);
+                    scope.spawn(move || self.write_range(fd, range))
+                })
+                .collect();
+            parts.into_iter().try_for_each(|part| {
+                part.join()
+                    .map_err(|_| anyhow::anyhow!("a batch writer panicked"))?
+            })
+        })
+    }
+
+    fn write_range(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        range: std::ops::Range<usize>,
+    ) -> anyhow::Result<()> {
+        if self.count == 0 || range.is_empty() {
             return Ok(());
         }
         let key_size = self.keys.len() / self.count;
         let value_size = self.values.len() / self.count;
         let deadline = std::time::Instant::now() + ENOMEM_RETRY_FOR;
         let mut pause = Duration::from_micros(200);
-        let mut done = 0;
+        let mut done = range.start;
         // Every turn writes at least one element or sleeps until the deadline.
-        while done < self.count {
-            let rest = self.count - done;
+        while done < range.end {
+            let rest = range.end - done;
             let result = super::bpf::map_update_batch(
                 fd,
                 &self.keys[done * key_size..],

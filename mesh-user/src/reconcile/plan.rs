@@ -230,7 +230,13 @@ fn plan_with(
         .map(|(&id, _)| id)
         .collect();
     if matches!(scope, Scope::All) {
-        unnamed.extend(applied.unnamed_backends());
+        // Entries nothing named before the plan (read back from the maps after a write that
+        // failed half-way), unless the plan names them now: those are kept and reused.
+        unnamed.extend(
+            applied
+                .unnamed_backends()
+                .filter(|id| users_delta.get(id).is_none_or(|&delta| delta <= 0)),
+        );
     }
     for id in unnamed {
         if added.values().any(|&new| new == id) {
@@ -800,6 +806,46 @@ mod tests {
         assert_eq!(again, applied);
         let (ops, _) = retire_previous(&applied, &BTreeSet::from([api]));
         assert_eq!(ops, vec![]);
+    }
+
+    /// A first apply that fails after its backend entries are written (a full map, ENOMEM):
+    /// the agent reads the maps back, where nothing names those backends yet, and plans
+    /// everything again. The new plan names them: it must keep them, not delete them (the maps
+    /// and the model would then agree on backends that connects need, and no resync would
+    /// bring them back).
+    #[test]
+    fn a_retry_after_a_failed_write_keeps_the_backends_it_names() {
+        let want = desired(vec![
+            (
+                "127.100.0.1:80",
+                service("web", &[("127.0.0.1:1", 1, true), ("127.0.0.1:2", 1, true)]),
+            ),
+            (
+                "127.100.0.2:80",
+                service("api", &[("127.0.0.1:2", 1, true)]),
+            ),
+        ]);
+        let (ops, _) = plan(&want, &Applied::default(), &LIMITS).unwrap();
+        let mut model = Model::default();
+        // The write stops after the backend entries (ops are sorted by phase).
+        let written = ops
+            .iter()
+            .take_while(|op| matches!(op, MapOp::PutBackend { .. }))
+            .count();
+        assert!(written > 0, "{ops:?}");
+        apply_checked(&mut model, &ops[..written]).unwrap();
+
+        let read = Applied::from_snapshot(&snapshot(&model));
+        let (retry, after) = plan(&want, &read, &LIMITS).unwrap();
+        assert!(
+            !retry
+                .iter()
+                .any(|op| matches!(op, MapOp::DeleteBackend { .. })),
+            "{retry:?}"
+        );
+        apply_checked(&mut model, &retry).unwrap();
+        assert_eq!(held_addrs(&model), used_addrs(&want));
+        assert_eq!(after.entries(), model.0, "the model is what the maps hold");
     }
 
     /// Defence in depth: a backend entry no service names (read back from the maps, or one the
