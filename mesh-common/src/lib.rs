@@ -17,7 +17,7 @@ pub mod nodeport;
 
 /// Bump when any map key or value below changes layout. It is part of every pin path, so a new
 /// agent never reuses a pinned map with an old layout.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Address family tags stored in keys (not the kernel's AF_* values, which differ by OS).
 pub const FAMILY_V4: u8 = 4;
@@ -105,7 +105,7 @@ pub struct Backend {
     pub _pad: u8,
 }
 
-/// Key of the per-CPU `backend_stats` map: counters per (service, backend).
+/// Key of the `backend_stats` map: counters per (service, backend).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct BackendStatsKey {
@@ -120,7 +120,7 @@ pub struct BackendStatsKey {
 pub const RTT_BUCKETS: usize = 16;
 pub const RTT_BUCKET_BASE_US: u64 = 16;
 
-/// Value of the per-CPU `backend_stats` map. User space sums the CPUs.
+/// Value of the `backend_stats` map (the kernel adds to it atomically).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct BackendStats {
@@ -168,7 +168,7 @@ pub const SETTINGS_F_TELEMETRY: u32 = 1 << 0;
 /// cookie helper).
 pub const SETTINGS_F_ORIGINAL_DST: u32 = 1 << 1;
 
-/// Value of the per-CPU `service_stats` array (index: service id).
+/// Value of the `service_stats` array (index: service id; the kernel adds atomically).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceStats {

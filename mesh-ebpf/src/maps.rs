@@ -44,15 +44,19 @@ pub static BACKENDS: HashMap<u32, Backend, MAX_BACKENDS, NO_PREALLOC> = HashMap:
 #[btf_map]
 pub static RR_STATE: Array<u64, MAX_SERVICES> = Array::new();
 
-/// (service id, backend id) -> per-CPU counters, which the kernel adds to. An entry exists
-/// exactly while the backend is a member of the service.
+/// (service id, backend id) -> counters, which the kernel adds to atomically (`stats::add`).
+/// An entry exists exactly while the backend is a member of the service. Not per-CPU: the
+/// kernel allocates a per-CPU value for each entry the agent creates, about 17 us each here,
+/// which was two thirds of a cold start at 10k services (BENCHMARKS.md); a counter is touched
+/// once or twice per connection, where the round-robin position's shared atomic already is.
 #[btf_map]
-pub static BACKEND_STATS: PerCpuHashMap<BackendStatsKey, BackendStats, MAX_BACKENDS, NO_PREALLOC> =
-    PerCpuHashMap::new();
+pub static BACKEND_STATS: HashMap<BackendStatsKey, BackendStats, MAX_BACKENDS, NO_PREALLOC> =
+    HashMap::new();
 
-/// Service id -> per-CPU counters, which the kernel adds to.
+/// Service id -> counters, which the kernel adds to atomically. A plain array: a per-CPU one
+/// allocates a per-CPU value for every id when the map is created.
 #[btf_map]
-pub static SERVICE_STATS: PerCpuArray<ServiceStats, MAX_SERVICES> = PerCpuArray::new();
+pub static SERVICE_STATS: Array<ServiceStats, MAX_SERVICES> = Array::new();
 
 /// Service id -> name. Written by the agent for the CLI; never read here.
 #[btf_map]

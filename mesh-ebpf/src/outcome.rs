@@ -9,14 +9,14 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_probe_read_kernel, programs::SockContext};
 use aya_log_ebpf::debug;
 use mesh_common::{
-    BackendStatsKey, PassiveState, TcpCounters, TcpSockFields, peer_fin_possible, released_payload,
-    rtt_bucket,
+    BackendStatsKey, PassiveState, RTT_BUCKETS, TcpCounters, TcpSockFields, peer_fin_possible,
+    released_payload, rtt_bucket,
 };
 
 use crate::EEXIST;
 use crate::maps::{BACKEND_STATS, PASSIVE};
 use crate::settings::telemetry_on;
-use crate::stats::count;
+use crate::stats::{add, count};
 
 /// Offsets of the fields read, in this kernel's `struct tcp_sock`: set by the agent from the
 /// kernel's BTF at load (a read-only global; all 0 means not set).
@@ -138,8 +138,8 @@ fn connect_failed(key: &BackendStatsKey) {
     let Some(stats) = BACKEND_STATS.get_ptr_mut(key) else {
         return;
     };
-    // SAFETY: a valid per-CPU value of this CPU.
-    unsafe { (*stats).connect_failures += 1 };
+    // SAFETY: a field of a valid value of the map.
+    unsafe { add(&raw mut (*stats).connect_failures, 1) };
     if add_failure(key) {
         return;
     }
@@ -185,13 +185,16 @@ fn record_close(key: &BackendStatsKey, sent: u64, received: u64, rtt_us: u64) {
     let Some(stats) = BACKEND_STATS.get_ptr_mut(key) else {
         return;
     };
-    // SAFETY: a valid per-CPU value of this CPU.
-    let stats = unsafe { &mut *stats };
-    stats.bytes_sent += sent;
-    stats.bytes_received += received;
-    stats.rtt_samples += 1;
-    stats.rtt_sum_us += rtt_us;
-    if let Some(count) = stats.rtt_buckets.get_mut(rtt_bucket(rtt_us)) {
-        *count += 1;
+    // SAFETY: fields of a valid value of the map; no reference to it is made, other CPUs add
+    // to the same value.
+    unsafe {
+        add(&raw mut (*stats).bytes_sent, sent);
+        add(&raw mut (*stats).bytes_received, received);
+        add(&raw mut (*stats).rtt_samples, 1);
+        add(&raw mut (*stats).rtt_sum_us, rtt_us);
+        let bucket = rtt_bucket(rtt_us);
+        if bucket < RTT_BUCKETS {
+            add((&raw mut (*stats).rtt_buckets).cast::<u64>().add(bucket), 1);
+        }
     }
 }

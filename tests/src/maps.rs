@@ -1,4 +1,4 @@
-//! Reading the agent's pinned maps with `bpftool` (`<bpffs>/v3/maps/<name>`), for counters the
+//! Reading the agent's pinned maps with `bpftool` (`<bpffs>/v4/maps/<name>`), for counters the
 //! CLI does not show (`datapath_stats`, the `udp_flows` table), and changing them behind the
 //! agent's back (`bpftool map delete` / `update`) as an operator or a bug could.
 
@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::BpffsDir;
 
 /// The pin layout version the tests expect (`mesh_common::LAYOUT_VERSION`).
-pub const LAYOUT_DIR: &str = "v3";
+pub const LAYOUT_DIR: &str = "v4";
 
 /// Path of the pinned map `name` (lower case, as the agent pins it).
 pub fn map_pin(bpffs: &BpffsDir, name: &str) -> PathBuf {

@@ -196,18 +196,15 @@ fn passive_map(bpffs: &BpffsDir) -> BTreeMap<Pair, u32> {
         .collect()
 }
 
-/// (service, backend) -> failed connects summed over CPUs (`backend_stats.connect_failures`).
+/// (service, backend) -> failed connects (`backend_stats.connect_failures`).
 fn connect_failures(bpffs: &BpffsDir) -> BTreeMap<Pair, u64> {
     pair_map(bpffs, "backend_stats")
         .into_iter()
-        .map(|(k, per_cpu)| {
-            let sum = per_cpu
-                .as_array()
-                .unwrap_or_else(|| panic!("backend_stats values are per CPU: {per_cpu}"))
-                .iter()
-                .map(|cpu| cpu["value"]["connect_failures"].as_u64().unwrap_or(0))
-                .sum();
-            (k, sum)
+        .map(|(k, stats)| {
+            let failures = stats["connect_failures"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("backend_stats has no connect_failures: {stats}"));
+            (k, failures)
         })
         .collect()
 }

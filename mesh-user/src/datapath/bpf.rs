@@ -239,7 +239,7 @@ pub fn map_update_batch(
 
 /// Elements `0..end` of an array map, read with `BPF_MAP_LOOKUP_BATCH` a few thousand at a
 /// time and handed to `each` as (first index, values back to back). Only the indexes in use
-/// are read: a per-CPU array sized for 131k services costs ten times more to read whole than
+/// are read: an array sized for 131k services costs ten times more to read whole than
 /// the 10k a node may use. Per-CPU values as for `map_lookup_batch_each`.
 pub fn array_lookup_batch_each(
     map: BorrowedFd<'_>,
@@ -291,7 +291,7 @@ pub fn array_lookup_batch_each(
 /// Every element of a hash map, read with `BPF_MAP_LOOKUP_BATCH` a few thousand at a time
 /// instead of two syscalls per element, each batch handed to `each` (keys, values; each back
 /// to back) as it is read, in buffers reused from one batch to the next: a caller that
-/// reduces the elements never holds them all (per-CPU counters of 40k pairs are 14 MB).
+/// reduces the elements never holds them all (40k pairs' counters are 7 MB).
 /// Per-CPU values: one slot per possible CPU, each rounded up to 8 bytes. Not for arrays
 /// (their batch token is key-sized, a hash map's a bucket number).
 pub fn map_lookup_batch_each(

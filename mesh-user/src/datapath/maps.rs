@@ -37,8 +37,8 @@ pub struct Maps {
     slots: HashMap<MapData, SlotKey, u32>,
     backends: HashMap<MapData, u32, Backend>,
     rr_state: Array<MapData, u64>,
-    backend_stats: PerCpuHashMap<MapData, BackendStatsKey, BackendStats>,
-    service_stats: PerCpuArray<MapData, ServiceStats>,
+    backend_stats: HashMap<MapData, BackendStatsKey, BackendStats>,
+    service_stats: Array<MapData, ServiceStats>,
     service_names: HashMap<MapData, u32, ServiceName>,
     active: HashMap<MapData, BackendStatsKey, u32>,
     udp_flows: HashMap<MapData, u64, UdpFlow>,
@@ -58,7 +58,7 @@ pub struct Maps {
     nodeport_counters: bool,
 }
 
-/// Everything the maps hold, with per-CPU counters summed.
+/// Everything the maps hold.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub services: BTreeMap<Vip, Service>,
@@ -77,7 +77,7 @@ pub struct Snapshot {
     pub settings: Settings,
 }
 
-/// What `/metrics` reads of the maps (`Maps::counters`), per-CPU counters summed. The maps
+/// What `/metrics` reads of the maps (`Maps::counters`). The maps
 /// hash with foldhash: a scrape at 10k services makes about 200k lookups.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -288,8 +288,8 @@ impl Maps {
             slots: HashMap::try_from(map(map_names::SLOTS)?)?,
             backends: HashMap::try_from(map(map_names::BACKENDS)?)?,
             rr_state: Array::try_from(map(map_names::RR_STATE)?)?,
-            backend_stats: PerCpuHashMap::try_from(map(map_names::BACKEND_STATS)?)?,
-            service_stats: PerCpuArray::try_from(map(map_names::SERVICE_STATS)?)?,
+            backend_stats: HashMap::try_from(map(map_names::BACKEND_STATS)?)?,
+            service_stats: Array::try_from(map(map_names::SERVICE_STATS)?)?,
             service_names: HashMap::try_from(map(map_names::SERVICE_NAMES)?)?,
             active: HashMap::try_from(map(map_names::ACTIVE)?)?,
             udp_flows: HashMap::try_from(map(map_names::UDP_FLOWS)?)?,
@@ -440,9 +440,9 @@ impl Maps {
         })
     }
 
-    /// `service_stats.no_backend` summed over CPUs for each of `ids`: the array read in
-    /// batches up to the highest id (one lookup syscall per service was most of a scrape's
-    /// map reads at 10k services).
+    /// `service_stats.no_backend` for each of `ids`: the array read in batches up to the
+    /// highest id (one lookup syscall per service was most of a scrape's map reads at 10k
+    /// services).
     fn no_backend_counts(
         &self,
         ids: impl Iterator<Item = u32> + Clone,
@@ -451,58 +451,29 @@ impl Maps {
             return Ok(Vec::new());
         };
         let v = size_of::<ServiceStats>();
-        let slot = v.next_multiple_of(8);
-        let mut sums = Vec::with_capacity(end as usize);
+        let mut counts = Vec::with_capacity(end as usize);
         let fd = self.service_stats.map().fd().as_fd();
-        let read =
-            super::bpf::array_lookup_batch_each(fd, slot * self.nr_cpus, end, |_, values| {
-                sums.extend(values.chunks_exact(slot * self.nr_cpus).map(|per_cpu| {
-                    per_cpu
-                        .chunks_exact(slot)
-                        .map(|s| read_pod::<ServiceStats>(&s[..v]).no_backend)
-                        .sum::<u64>()
-                }));
-            });
+        let read = super::bpf::array_lookup_batch_each(fd, v, end, |_, values| {
+            counts.extend(
+                values
+                    .chunks_exact(v)
+                    .map(|s| read_pod::<ServiceStats>(s).no_backend),
+            );
+        });
         match read {
             Ok(()) => Ok(ids
-                .map(|id| (id, sums.get(id as usize).copied().unwrap_or(0)))
+                .map(|id| (id, counts.get(id as usize).copied().unwrap_or(0)))
                 .collect()),
             Err(err) if batch_unsupported(&err) => ids
-                .map(|id| {
-                    let per_cpu = self.service_stats.get(&id, 0)?;
-                    Ok((id, per_cpu.iter().map(|s| s.no_backend).sum()))
-                })
+                .map(|id| Ok((id, self.service_stats.get(&id, 0)?.no_backend)))
                 .collect(),
             Err(err) => Err(err.into()),
         }
     }
 
-    /// `backend_stats` with the CPUs summed batch by batch, sorted by key.
+    /// `backend_stats`, sorted by key.
     fn read_stats(&self) -> anyhow::Result<Vec<(BackendStatsKey, BackendStats)>> {
-        let (k, v) = (size_of::<BackendStatsKey>(), size_of::<BackendStats>());
-        let slot = v.next_multiple_of(8);
-        let fd = self.backend_stats.map().fd().as_fd();
-        let mut stats = Vec::new();
-        match super::bpf::map_lookup_batch_each(fd, k, slot * self.nr_cpus, |keys, values| {
-            let pairs = keys
-                .chunks_exact(k)
-                .zip(values.chunks_exact(slot * self.nr_cpus));
-            stats.extend(pairs.map(|(key, per_cpu)| {
-                let per_cpu = per_cpu
-                    .chunks_exact(slot)
-                    .map(|s| read_pod::<BackendStats>(&s[..v]));
-                (read_pod(key), sum_backend_stats_owned(per_cpu))
-            }));
-        }) {
-            Ok(()) => {}
-            Err(err) if batch_unsupported(&err) => {
-                stats = per_cpu_entries(&self.backend_stats, self.nr_cpus)?
-                    .into_iter()
-                    .map(|(key, per_cpu)| (key, sum_backend_stats(per_cpu.iter())))
-                    .collect();
-            }
-            Err(err) => return Err(err.into()),
-        }
+        let mut stats = entries(&self.backend_stats)?;
         stats.sort_unstable_by_key(|(key, _)| *key);
         Ok(stats)
     }
@@ -522,10 +493,7 @@ impl Maps {
         for (id, name) in entries(&self.service_names)? {
             snap.names.insert(id, name_of(&name));
         }
-        for (key, per_cpu) in per_cpu_entries(&self.backend_stats, self.nr_cpus)? {
-            snap.backend_stats
-                .insert(key, sum_backend_stats(per_cpu.iter()));
-        }
+        snap.backend_stats.extend(entries(&self.backend_stats)?);
         snap.active.extend(entries(&self.active)?);
         for (key, state) in entries(&self.passive)? {
             snap.passive.insert(key, state.consecutive_failures);
@@ -568,11 +536,10 @@ impl Maps {
     /// `ResetService` for a run of ids: round-robin positions and per-service counters zeroed.
     fn reset_batch(&mut self, run: &[MapOp]) -> anyhow::Result<()> {
         let (mut rr, mut stats) = (Batch::default(), Batch::default());
-        let zero_stats = per_cpu_zeros::<ServiceStats>(self.nr_cpus);
         for op in run {
             if let MapOp::ResetService { service_id } = op {
                 rr.push(service_id, &0u64);
-                stats.push_raw(service_id, &zero_stats);
+                stats.push(service_id, &ServiceStats::default());
             }
         }
         rr.write(self.rr_state.map().fd().as_fd())
@@ -619,21 +586,23 @@ impl Maps {
     /// slots, written after its counter, name it).
     fn counter_batch(&mut self, run: &[MapOp]) -> anyhow::Result<()> {
         let (mut stats, mut nodeport) = (Batch::default(), Batch::default());
-        let zero_stats = per_cpu_zeros::<BackendStats>(self.nr_cpus);
         let zero_nodeport = per_cpu_zeros::<NodeportBackendStats>(self.nr_cpus);
         for op in run {
             if let MapOp::CreateCounter(key) = op {
-                stats.push_raw(key, &zero_stats);
+                stats.push(key, &BackendStats::default());
                 if self.nodeport_counters {
                     nodeport.push_raw(key, &zero_nodeport);
                 }
             }
         }
         stats
-            .write_parallel(self.backend_stats.map().fd().as_fd(), self.nr_cpus.min(4))
+            .write(self.backend_stats.map().fd().as_fd())
             .with_context(|| format!("batch write of {} counters failed", stats.count))?;
         nodeport
-            .write(self.np_backend_stats.map().fd().as_fd())
+            .write_parallel(
+                self.np_backend_stats.map().fd().as_fd(),
+                self.nr_cpus.min(4),
+            )
             .with_context(|| format!("batch write of {} TC counters failed", nodeport.count))
     }
 
@@ -704,8 +673,10 @@ impl Maps {
             MapOp::PutBackend { id, addr } => self.backends.insert(id, backend_of_addr(addr), 0)?,
             MapOp::DeleteBackend { id } => ignore_missing(self.backends.remove(id))?,
             MapOp::CreateCounter(key) => {
-                let zero = PerCpuValues::try_from(vec![BackendStats::default(); self.nr_cpus])?;
-                match self.backend_stats.insert(key, zero, BPF_NOEXIST) {
+                match self
+                    .backend_stats
+                    .insert(key, BackendStats::default(), BPF_NOEXIST)
+                {
                     Err(err) if is_errno(&err, libc::EEXIST) => {}
                     other => other?,
                 }
@@ -722,8 +693,8 @@ impl Maps {
             }
             MapOp::ResetService { service_id } => {
                 self.rr_state.set(*service_id, 0, 0)?;
-                let zero = PerCpuValues::try_from(vec![ServiceStats::default(); self.nr_cpus])?;
-                self.service_stats.set(*service_id, zero, 0)?;
+                self.service_stats
+                    .set(*service_id, ServiceStats::default(), 0)?;
             }
             MapOp::PutSlots {
                 service_id,
@@ -966,27 +937,6 @@ fn pod_bytes<T: aya::Pod>(value: &T) -> &[u8] {
 /// A zero per-CPU value as the kernel lays it out: one 8-byte-aligned slot per possible CPU.
 fn per_cpu_zeros<T>(nr_cpus: usize) -> Vec<u8> {
     vec![0; std::mem::size_of::<T>().next_multiple_of(8) * nr_cpus]
-}
-
-fn sum_backend_stats_owned(per_cpu: impl Iterator<Item = BackendStats>) -> BackendStats {
-    per_cpu.fold(BackendStats::default(), |sum, s| {
-        sum_backend_stats([sum, s].iter())
-    })
-}
-
-fn sum_backend_stats<'a>(per_cpu: impl Iterator<Item = &'a BackendStats>) -> BackendStats {
-    per_cpu.fold(BackendStats::default(), |mut sum, s| {
-        sum.connections += s.connections;
-        sum.connect_failures += s.connect_failures;
-        sum.bytes_sent += s.bytes_sent;
-        sum.bytes_received += s.bytes_received;
-        sum.rtt_samples += s.rtt_samples;
-        sum.rtt_sum_us += s.rtt_sum_us;
-        for (total, count) in sum.rtt_buckets.iter_mut().zip(s.rtt_buckets) {
-            *total += count;
-        }
-        sum
-    })
 }
 
 fn is_enomem(err: &anyhow::Error) -> bool {

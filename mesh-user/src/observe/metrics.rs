@@ -531,7 +531,7 @@ impl KernelCounters {
             out,
             "mesh_map_entries",
             "gauge",
-            "Entries in each pinned map (per-CPU maps count keys)",
+            "Entries in each pinned map (per-CPU maps count keys, not CPUs)",
         );
         for (map, entries) in [
             ("services", read.services.len()),
