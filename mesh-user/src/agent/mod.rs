@@ -7,7 +7,13 @@
 
 pub mod control;
 
-use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use mesh_common::{SETTINGS_F_ORIGINAL_DST, SETTINGS_F_TELEMETRY};
@@ -15,7 +21,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use self::control::{Command, ControlHandle, ControlLoop};
 use crate::{
@@ -204,10 +210,21 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     // renders) are transient, and must go back to the kernel when freed.
     datapath::system::map_large_allocations();
     let mut reparser = Reparser::default();
+    let began = Instant::now();
     let config = args
         .load_config(&mut reparser)
         .map_err(|err| anyhow::anyhow!("invalid config:\n{err}"))?;
+    info!(
+        services = config.services.len(),
+        took_ms = began.elapsed().as_secs_f64() * 1e3,
+        "config read"
+    );
+    let loading = Instant::now();
     let started = start_datapath(&config)?;
+    info!(
+        took_ms = loading.elapsed().as_secs_f64() * 1e3,
+        "data path loaded"
+    );
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -243,8 +260,13 @@ async fn serve(
     let (health_tx, mut health_rx) = mpsc::unbounded_channel();
     let mut health = HealthMonitor::new(MAX_CONCURRENT_CHECKS, health_tx);
     health.on_check(metrics.health_check_observer());
+    let building = Instant::now();
     let registry = Registry::new(config);
     let (published, listing_rx) = watch::channel(listing(&registry));
+    debug!(
+        took_ms = building.elapsed().as_secs_f64() * 1e3,
+        "registry built"
+    );
     // healthCheckNodePort servers follow every applied registry.
     let _health_check_ports = crate::observe::healthcheck::spawn(published.subscribe());
     // Started before the first reconcile: the services they saved (admin API, last Redis read)
