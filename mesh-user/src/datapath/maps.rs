@@ -513,16 +513,35 @@ impl Maps {
 
     /// Writes `ops` in order. On error the maps may hold part of the ops; the caller re-reads
     /// the applied state (the order of ops keeps the data path consistent at every step).
+    ///
+    /// Consecutive runs of new entries that the kernel reaches only through entries written
+    /// after them (`MapOp::is_reached_through_later_writes`) go to the kernel at the same
+    /// time, one thread per run: their order among themselves is invisible to the data path.
     pub fn apply(&mut self, ops: &[MapOp]) -> anyhow::Result<()> {
-        for run in ops.chunk_by(|a, b| a.kind() == b.kind()) {
-            let started = std::time::Instant::now();
-            if run.len() >= BATCH_MIN && self.put_batch(run)? {
-                tracing::debug!(
-                    map = run[0].map(),
-                    ops = run.len(),
-                    took_ms = started.elapsed().as_secs_f64() * 1e3,
-                    "batch written"
-                );
+        let runs: Vec<&[MapOp]> = ops.chunk_by(|a, b| a.kind() == b.kind()).collect();
+        let mut at = 0;
+        while at < runs.len() {
+            let together = runs[at..]
+                .iter()
+                .take_while(|run| {
+                    run.len() >= BATCH_MIN && run[0].is_reached_through_later_writes()
+                })
+                .count();
+            if together > 1 {
+                let writes = runs[at..at + together]
+                    .iter()
+                    .flat_map(|run| self.batch_writes(run).into_iter().flatten())
+                    .collect::<Vec<_>>();
+                write_concurrently(&writes)?;
+                at += together;
+                continue;
+            }
+            let run = runs[at];
+            at += 1;
+            if run.len() >= BATCH_MIN
+                && let Some(writes) = self.batch_writes(run)
+            {
+                writes.iter().try_for_each(BatchWrite::write)?;
                 continue;
             }
             for op in run {
@@ -534,7 +553,7 @@ impl Maps {
     }
 
     /// `ResetService` for a run of ids: round-robin positions and per-service counters zeroed.
-    fn reset_batch(&mut self, run: &[MapOp]) -> anyhow::Result<()> {
+    fn reset_batch(&self, run: &[MapOp]) -> Vec<BatchWrite<'_>> {
         let (mut rr, mut stats) = (Batch::default(), Batch::default());
         for op in run {
             if let MapOp::ResetService { service_id } = op {
@@ -542,15 +561,14 @@ impl Maps {
                 stats.push(service_id, &ServiceStats::default());
             }
         }
-        rr.write(self.rr_state.map().fd().as_fd())
-            .context("batch write to rr_state failed")?;
-        stats
-            .write(self.service_stats.map().fd().as_fd())
-            .context("batch write to service_stats failed")
+        vec![
+            BatchWrite::new("rr_state", self.rr_state.map(), rr),
+            BatchWrite::new("service_stats", self.service_stats.map(), stats),
+        ]
     }
 
     /// `PutService` for a run of VIPs: socket-level and external ones go to their own maps.
-    fn service_batch(&mut self, run: &[MapOp]) -> anyhow::Result<()> {
+    fn service_batch(&self, run: &[MapOp]) -> Vec<BatchWrite<'_>> {
         let (mut socket, mut external) = (Batch::default(), Batch::default());
         for op in run {
             if let MapOp::PutService { vip, service } = op {
@@ -562,17 +580,10 @@ impl Maps {
                 batch.push(&key_of_vip(vip), service);
             }
         }
-        for (batch, map, name) in [
-            (socket, &self.services, "services"),
-            (external, &self.ext_services, "ext_services"),
-        ] {
-            if batch.count > 0 {
-                batch.write(map.map().fd().as_fd()).with_context(|| {
-                    format!("batch write of {} entries to {name} failed", batch.count)
-                })?;
-            }
-        }
-        Ok(())
+        vec![
+            BatchWrite::new("services", self.services.map(), socket),
+            BatchWrite::new("ext_services", self.ext_services.map(), external),
+        ]
     }
 
     /// `CreateCounter` for a run of pairs: zeroed `backend_stats` (and, with the TC programs,
@@ -584,7 +595,7 @@ impl Maps {
     /// after any failed write, and nothing but the agent ever creates a counter (the kernel
     /// only adds to existing ones, and the kernel programs count nothing for a pair until its
     /// slots, written after its counter, name it).
-    fn counter_batch(&mut self, run: &[MapOp]) -> anyhow::Result<()> {
+    fn counter_batch(&self, run: &[MapOp]) -> Vec<BatchWrite<'_>> {
         let (mut stats, mut nodeport) = (Batch::default(), Batch::default());
         let zero_nodeport = per_cpu_zeros::<NodeportBackendStats>(self.nr_cpus);
         for op in run {
@@ -595,36 +606,32 @@ impl Maps {
                 }
             }
         }
-        stats
-            .write(self.backend_stats.map().fd().as_fd())
-            .with_context(|| format!("batch write of {} counters failed", stats.count))?;
-        nodeport
-            .write_parallel(
-                self.np_backend_stats.map().fd().as_fd(),
-                self.nr_cpus.min(4),
-            )
-            .with_context(|| format!("batch write of {} TC counters failed", nodeport.count))
+        let mut nodeport =
+            BatchWrite::new("np_backend_stats", self.np_backend_stats.map(), nodeport);
+        // Each entry is a per-CPU allocation in the kernel: spread over the CPUs.
+        nodeport.threads = self.nr_cpus.min(4);
+        vec![
+            BatchWrite::new("backend_stats", self.backend_stats.map(), stats),
+            nodeport,
+        ]
     }
 
-    /// Writes a run of puts of one kind with `BPF_MAP_UPDATE_BATCH` (one syscall instead of
-    /// one per element: most of a cold start's time). False for kinds written one by one.
-    fn put_batch(&mut self, run: &[MapOp]) -> anyhow::Result<bool> {
-        if let MapOp::ResetService { .. } = run[0] {
-            return self.reset_batch(run).map(|()| true);
-        }
-        if let MapOp::PutService { .. } = run[0] {
-            return self.service_batch(run).map(|()| true);
-        }
-        if let MapOp::CreateCounter(_) = run[0] {
-            return self.counter_batch(run).map(|()| true);
+    /// A run of puts of one kind as `BPF_MAP_UPDATE_BATCH` writes (one syscall instead of one
+    /// per element: most of a cold start's time). None for kinds written one by one.
+    fn batch_writes(&self, run: &[MapOp]) -> Option<Vec<BatchWrite<'_>>> {
+        match run[0] {
+            MapOp::ResetService { .. } => return Some(self.reset_batch(run)),
+            MapOp::PutService { .. } => return Some(self.service_batch(run)),
+            MapOp::CreateCounter(_) => return Some(self.counter_batch(run)),
+            _ => {}
         }
         let mut batch = Batch::default();
-        let (map, fd) = match &run[0] {
-            MapOp::PutBackend { .. } => ("backends", self.backends.map().fd().as_fd()),
-            MapOp::PutSlots { .. } => ("slots", self.slots.map().fd().as_fd()),
-            MapOp::PutName { .. } => ("service_names", self.service_names.map().fd().as_fd()),
-            MapOp::PutActive { .. } => ("active", self.active.map().fd().as_fd()),
-            _ => return Ok(false),
+        let (name, map) = match &run[0] {
+            MapOp::PutBackend { .. } => ("backends", self.backends.map()),
+            MapOp::PutSlots { .. } => ("slots", self.slots.map()),
+            MapOp::PutName { .. } => ("service_names", self.service_names.map()),
+            MapOp::PutActive { .. } => ("active", self.active.map()),
+            _ => return None,
         };
         for op in run {
             match op {
@@ -643,10 +650,7 @@ impl Maps {
                 _ => unreachable!("a run holds one kind"),
             }
         }
-        batch
-            .write(fd)
-            .with_context(|| format!("batch write of {} entries to {map} failed", batch.count))?;
-        Ok(true)
+        Some(vec![BatchWrite::new(name, map, batch)])
     }
 
     /// Non-preallocated maps take their elements from per-CPU caches that the kernel refills
@@ -837,6 +841,67 @@ fn slot_entries(
     })
 }
 
+/// One batch for one map.
+struct BatchWrite<'a> {
+    map: &'static str,
+    fd: std::os::fd::BorrowedFd<'a>,
+    batch: Batch,
+    /// Threads that share the batch (`Batch::write_parallel`).
+    threads: usize,
+}
+
+impl<'a> BatchWrite<'a> {
+    fn new(map: &'static str, data: &'a MapData, batch: Batch) -> Self {
+        Self {
+            map,
+            fd: data.fd().as_fd(),
+            batch,
+            threads: 1,
+        }
+    }
+
+    fn write(&self) -> anyhow::Result<()> {
+        if self.batch.count == 0 {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        self.batch
+            .write_parallel(self.fd, self.threads)
+            .with_context(|| {
+                format!(
+                    "batch write of {} entries to {} failed",
+                    self.batch.count, self.map
+                )
+            })?;
+        tracing::debug!(
+            map = self.map,
+            entries = self.batch.count,
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            "batch written"
+        );
+        Ok(())
+    }
+}
+
+/// Writes every batch on a thread of its own; the first error stands (the others are still
+/// waited for, so nothing writes once this returns).
+fn write_concurrently(writes: &[BatchWrite<'_>]) -> anyhow::Result<()> {
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = writes
+            .iter()
+            .map(|write| scope.spawn(move || write.write()))
+            .collect();
+        let results: Vec<anyhow::Result<()>> = threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .map_err(|_| anyhow::anyhow!("a batch writer panicked"))?
+            })
+            .collect();
+        results.into_iter().collect()
+    })
+}
+
 /// Runs shorter than this are written one by one.
 const BATCH_MIN: usize = 8;
 
@@ -872,6 +937,9 @@ impl Batch {
         fd: std::os::fd::BorrowedFd<'_>,
         threads: usize,
     ) -> anyhow::Result<()> {
+        if threads <= 1 {
+            return self.write(fd);
+        }
         let part = self.count.div_ceil(threads.max(1)).max(1);
         std::thread::scope(|scope| {
             let parts: Vec<_> = (0..self.count)

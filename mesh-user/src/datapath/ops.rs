@@ -98,6 +98,20 @@ impl MapOp {
         }
     }
 
+    /// A put of an entry the kernel finds only through entries written after it (a slot or a
+    /// service entry names it), or never reads (names): the order of such puts among
+    /// themselves does not matter to the data path, so runs of them may be written at once.
+    pub fn is_reached_through_later_writes(&self) -> bool {
+        matches!(
+            self,
+            MapOp::PutBackend { .. }
+                | MapOp::CreateCounter(_)
+                | MapOp::ResetService { .. }
+                | MapOp::PutActive { .. }
+                | MapOp::PutName { .. }
+        )
+    }
+
     /// The map this op writes, for logs and repair counts.
     pub fn map(&self) -> &'static str {
         match self {
@@ -116,6 +130,90 @@ impl MapOp {
             MapOp::PutActive { .. } | MapOp::DeleteActive(_) => "active",
             MapOp::DeletePassive(_) => "passive",
             MapOp::DeleteAffinity(_) => "affinity",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> BackendStatsKey {
+        BackendStatsKey {
+            service_id: 1,
+            backend_id: 2,
+        }
+    }
+
+    /// Only puts the kernel cannot reach before a later slot or service write may be written
+    /// concurrently: what connects read first (slots, service entries) and every delete keep
+    /// their order.
+    #[test]
+    fn only_puts_behind_later_writes_may_be_reordered() {
+        let vip = Vip {
+            addr: "127.1.0.1:80".parse().unwrap(),
+            proto: mesh_common::PROTO_TCP,
+            external: false,
+        };
+        let slot = SlotKey {
+            service_id: 1,
+            generation: 0,
+            slot: 0,
+        };
+        let reorderable = [
+            MapOp::PutBackend {
+                id: 2,
+                addr: "127.0.0.1:8080".parse().unwrap(),
+            },
+            MapOp::CreateCounter(pair()),
+            MapOp::ResetService { service_id: 1 },
+            MapOp::PutActive {
+                key: pair(),
+                slots: 1,
+            },
+            MapOp::PutName {
+                service_id: 1,
+                name: "web".into(),
+            },
+        ];
+        let ordered = [
+            MapOp::DeleteBackend { id: 2 },
+            MapOp::DeleteCounter(pair()),
+            MapOp::PutSlots {
+                service_id: 1,
+                generation: 0,
+                backends: vec![2],
+            },
+            MapOp::DeleteSlots {
+                service_id: 1,
+                generation: 0,
+                count: 1,
+            },
+            MapOp::PutSlot {
+                key: slot,
+                backend_id: 2,
+            },
+            MapOp::DeleteSlot(slot),
+            MapOp::DeleteName { service_id: 1 },
+            MapOp::PutService {
+                vip,
+                service: Service::default(),
+            },
+            MapOp::DeleteService { vip },
+            MapOp::DeleteActive(pair()),
+            MapOp::DeletePassive(pair()),
+            MapOp::DeleteAffinity(AffinityKey::default()),
+        ];
+        assert_eq!(
+            reorderable.len() + ordered.len(),
+            17,
+            "every kind is listed"
+        );
+        for op in &reorderable {
+            assert!(op.is_reached_through_later_writes(), "{op:?}");
+        }
+        for op in &ordered {
+            assert!(!op.is_reached_through_later_writes(), "{op:?}");
         }
     }
 }
