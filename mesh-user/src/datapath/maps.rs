@@ -77,8 +77,8 @@ pub struct Snapshot {
     pub settings: Settings,
 }
 
-/// What `/metrics` reads of the maps (`Maps::counters`). The maps
-/// hash with foldhash: a scrape at 10k services makes about 200k lookups.
+/// What `/metrics` reads of the maps (`Maps::counters`). The maps hash with foldhash: a scrape
+/// at 10k services makes about 200k lookups.
 #[derive(Debug, Default)]
 pub struct Counters {
     /// Sorted by VIP.
