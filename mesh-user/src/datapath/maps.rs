@@ -516,7 +516,8 @@ impl Maps {
     ///
     /// Consecutive runs of new entries that the kernel reaches only through entries written
     /// after them (`MapOp::is_reached_through_later_writes`) go to the kernel at the same
-    /// time, one thread per run: their order among themselves is invisible to the data path.
+    /// time, one thread per map written: their order among themselves is invisible to the
+    /// data path.
     pub fn apply(&mut self, ops: &[MapOp]) -> anyhow::Result<()> {
         let runs: Vec<&[MapOp]> = ops.chunk_by(|a, b| a.kind() == b.kind()).collect();
         let mut at = 0;
