@@ -17,7 +17,7 @@ pub mod nodeport;
 
 /// Bump when any map key or value below changes layout. It is part of every pin path, so a new
 /// agent never reuses a pinned map with an old layout.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Address family tags stored in keys (not the kernel's AF_* values, which differ by OS).
 pub const FAMILY_V4: u8 = 4;
@@ -164,7 +164,7 @@ pub struct Settings {
 pub const SETTINGS_F_TELEMETRY: u32 = 1 << 0;
 /// `Settings::flags`: answer getsockopt(SO_ORIGINAL_DST) on TCP sockets connected through a
 /// VIP. Their translation then lives in socket-local storage (allocated per connect) instead
-/// of the preallocated `tcp_peers` map, which the getsockopt hook cannot read (it has no socket
+/// of the `tcp_peers` array, which the getsockopt hook cannot read (it has no socket
 /// cookie helper).
 pub const SETTINGS_F_ORIGINAL_DST: u32 = 1 << 1;
 
@@ -258,12 +258,22 @@ pub struct AffinityValue {
 /// Default capacities of the maps whose size does not follow from the registry.
 pub const DEFAULT_MAX_UDP_FLOWS: u32 = 65_536;
 pub const DEFAULT_MAX_AFFINITY: u32 = 65_536;
-/// TCP sockets connected through a VIP whose translation fits the preallocated `tcp_peers`
-/// map at once; beyond that a socket's translation goes to socket-local storage (slower to
-/// create, same behaviour).
+/// Entries of the `tcp_peers` array, which holds the translation of a TCP socket connected
+/// through a VIP at index `cookie % DEFAULT_MAX_TCP_PEERS` (`tcp_peer_index`). A socket whose
+/// entry another open socket holds keeps its translation in socket-local storage instead
+/// (slower to create, same behaviour). A power of two, so the index is a mask.
 pub const DEFAULT_MAX_TCP_PEERS: u32 = 65_536;
-/// Size of a `tcp_peers` value (its layout is the kernel's: the agent only counts entries).
-pub const TCP_PEER_SIZE: usize = 52;
+/// Size of a `tcp_peers` value. Its layout is the kernel's; the agent only reads the first
+/// field, the socket cookie that holds the entry (0: free).
+pub const TCP_PEER_ENTRY_SIZE: usize = 64;
+
+const _: () = assert!(DEFAULT_MAX_TCP_PEERS.is_power_of_two());
+
+/// The `tcp_peers` index of the socket with `cookie`.
+#[inline(always)]
+pub fn tcp_peer_index(cookie: u64) -> u32 {
+    (cookie & u64::from(DEFAULT_MAX_TCP_PEERS - 1)) as u32
+}
 
 /// Names of the maps as declared in the eBPF object (the kernel truncates names to 15 bytes).
 pub mod map_names {
@@ -576,6 +586,20 @@ mod tests {
         o[11] = 0xff;
         o[12..].copy_from_slice(&v4);
         o
+    }
+
+    /// Sequential cookies (one CPU's batch) take distinct entries until the index wraps; every
+    /// index is inside the array.
+    #[test]
+    fn tcp_peer_index_spreads_sequential_cookies_over_the_array() {
+        let n = u64::from(DEFAULT_MAX_TCP_PEERS);
+        let first = 4096 * 7 + 3;
+        extern crate std;
+        let indexes: std::collections::BTreeSet<u32> =
+            (first..first + n).map(tcp_peer_index).collect();
+        assert_eq!(indexes.len() as u64, n);
+        assert_eq!(tcp_peer_index(first), tcp_peer_index(first + n));
+        assert!(indexes.iter().all(|&i| i < DEFAULT_MAX_TCP_PEERS));
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
             );
             let observe = u32::from(passive || telemetry_on());
             let udp = udp::is_udp(sa.protocol);
-            // TCP's common case: a preallocated entry, no allocation on the connect path.
+            // TCP's common case: the socket's `TCP_PEERS` entry, no allocation on the connect path.
             if !udp
                 && !original_dst_on()
                 && remember_tcp_peer(

@@ -5,8 +5,8 @@
 //!   socket talks to the backend directly: no per-packet work at all.
 //! - `sendmsg4/6` do the same per datagram for unconnected UDP; `recvmsg4/6` make replies
 //!   appear to come from the VIP; `getpeername4/6` and getsockopt(SO_ORIGINAL_DST) report the
-//!   VIP. The reverse translation of TCP sockets lives in a preallocated map keyed by socket
-//!   cookie (deleted at release), the rest in socket-local storage, freed with the socket.
+//!   VIP. The reverse translation of TCP sockets lives in an array entry claimed by socket
+//!   cookie (freed at release), the rest in socket-local storage, freed with the socket.
 //! - Dual-stack sockets (AF_INET6, IPV6_V6ONLY=0) reach IPv4 services through v4-mapped
 //!   addresses (`::ffff:a.b.c.d`): the 6 hooks look those up as the IPv4 service, write the
 //!   backend v4-mapped, and show the VIP v4-mapped.

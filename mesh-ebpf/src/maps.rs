@@ -93,16 +93,30 @@ pub static SETTINGS: Array<Settings, 1> = Array::new();
 
 /// Reverse translation of one socket, in socket-local storage: the kernel frees it with the
 /// socket, so it can neither fill up nor leak nor evict live entries. Used for UDP, and for TCP
-/// when `tcp_peers` is full or SO_ORIGINAL_DST is on: creating it costs an allocation per
-/// socket (about 450 ns of BPF time here, BENCHMARKS.md).
+/// when the socket's `tcp_peers` entry is taken or SO_ORIGINAL_DST is on: creating it costs an
+/// allocation per socket (about 750 ns of BPF time here, BENCHMARKS.md).
 #[btf_map]
 pub static SOCK_REV: SkStorage<SockRev> = SkStorage::new();
 
-/// Socket cookie -> translation of a TCP socket connected through a VIP. Preallocated (no
-/// BPF_F_NO_PREALLOC), so the insert at connect() allocates nothing. Deleted at the socket's
-/// release, so it cannot leak. Written and deleted by the kernel only.
+/// Translations of TCP sockets connected through a VIP, direct-mapped by socket cookie
+/// (`tcp_peer_index`): an entry belongs to the socket whose cookie it holds, claimed with a
+/// compare-and-swap at connect() and freed at the socket's release. An array, not a hash
+/// keyed by cookie: a hash insert and delete (bucket lock, free list, cold bucket lines) cost
+/// about 600 ns per connection here, the array's compare-and-swap one cache line
+/// (BENCHMARKS.md). Written by the kernel only.
 #[btf_map]
-pub static TCP_PEERS: HashMap<u64, TcpPeer, { DEFAULT_MAX_TCP_PEERS as usize }> = HashMap::new();
+pub static TCP_PEERS: Array<TcpPeerEntry, { DEFAULT_MAX_TCP_PEERS as usize }> = Array::new();
+
+/// A `TCP_PEERS` entry: the translation of the socket with `cookie`, or free (`cookie` 0; no
+/// socket has cookie 0).
+#[repr(C)]
+pub struct TcpPeerEntry {
+    pub cookie: u64,
+    pub peer: TcpPeer,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<TcpPeerEntry>() == mesh_common::TCP_PEER_ENTRY_SIZE);
 
 /// A TCP socket's translation: what getpeername() shows and whose counters its outcome feeds.
 #[repr(C)]
@@ -114,8 +128,6 @@ pub struct TcpPeer {
     /// As `SockRev::observe`.
     pub observe: u32,
 }
-
-const _: () = assert!(core::mem::size_of::<TcpPeer>() == mesh_common::TCP_PEER_SIZE);
 
 /// A backend address and the VIP it stands for, both as the socket sees them.
 #[repr(C)]

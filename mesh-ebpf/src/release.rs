@@ -4,8 +4,7 @@
 use aya_ebpf::{helpers::bpf_get_socket_cookie, programs::SockContext};
 use mesh_common::{BackendStatsKey, PROTO_TCP};
 
-use crate::maps::TCP_PEERS;
-use crate::reverse::existing_sock_rev;
+use crate::reverse::{existing_sock_rev, forget_tcp_peer, tcp_peer};
 use crate::stats::count;
 use crate::{outcome, udp};
 
@@ -24,14 +23,16 @@ pub fn release(ctx: &SockContext) {
             // SAFETY: the helper only reads the valid socket.
             None => unsafe { bpf_get_socket_cookie(sk.cast()) },
         };
-        // A lookup first: most sockets have no entry, and a miss takes no bucket lock.
-        // SAFETY: a shared reference into the map value, copied at once.
-        if let Some(peer) = unsafe { TCP_PEERS.get(cookie) } {
-            let (key, observe) = (stats_key(peer.service_id, peer.backend_id), peer.observe);
+        if let Some(entry) = tcp_peer(cookie) {
+            // SAFETY: the socket's own entry, which only its connect and release write.
+            let (key, observe) = unsafe {
+                let peer = &(*entry).peer;
+                (stats_key(peer.service_id, peer.backend_id), peer.observe)
+            };
             if observe != 0 {
                 outcome::tcp_released(ctx, &key);
             }
-            forget_tcp_peer(cookie);
+            forget_tcp_peer(entry);
             return;
         }
     }
@@ -55,13 +56,5 @@ fn stats_key(service_id: u32, backend_id: u32) -> BackendStatsKey {
     BackendStatsKey {
         service_id,
         backend_id,
-    }
-}
-
-/// Deletes the TCP translation of the socket with `cookie`, counting it as released.
-#[inline(always)]
-fn forget_tcp_peer(cookie: u64) {
-    if TCP_PEERS.remove(cookie).is_ok() {
-        count(|s| s.rev_released += 1);
     }
 }

@@ -1,8 +1,8 @@
 //! Reverse translation: each translated socket keeps which backend stands for which VIP, so
 //! getpeername(), recvmsg() and SO_ORIGINAL_DST show the VIP. A TCP socket keeps it in the
-//! preallocated, cookie-keyed `TCP_PEERS` (nothing is allocated per connect); UDP sockets, and
-//! TCP ones when that map is full or SO_ORIGINAL_DST is on, in socket-local storage. Either
-//! goes at the socket's release (`release`).
+//! `TCP_PEERS` entry its cookie claims (nothing is allocated per connect); UDP sockets, and TCP
+//! ones whose entry another socket holds or with SO_ORIGINAL_DST on, in socket-local storage.
+//! Either goes at the socket's release (`release`).
 //!
 //! Entries hold addresses in the form the socket itself sees them: an AF_INET6 socket sees an
 //! IPv4 peer v4-mapped, even when the kernel ran a 4 hook for it (sendmsg4 for its datagrams to
@@ -12,15 +12,14 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, bpf_sock},
+    bindings::bpf_sock,
     helpers::{bpf_get_socket_cookie, bpf_sk_storage_get},
     programs::SockAddrContext,
 };
-use mesh_common::{FAMILY_V4, PROTO_TCP, v4_mapped};
+use mesh_common::{FAMILY_V4, PROTO_TCP, tcp_peer_index, v4_mapped};
 
-use crate::EEXIST;
 use crate::addr::{Dest, read_dest, write_dest};
-use crate::maps::{REV_SENT, RevEntry, SOCK_REV, SockRev, TCP_PEERS, TcpPeer};
+use crate::maps::{REV_SENT, RevEntry, SOCK_REV, SockRev, TCP_PEERS, TcpPeer, TcpPeerEntry};
 use crate::stats::count;
 
 /// `sockaddr.sa_family` of IPv6 sockets (`bpf_sock_addr.family`, `bpf_sock.family`).
@@ -84,21 +83,58 @@ pub fn existing_sock_rev(sk: *mut bpf_sock) -> *const SockRev {
     .cast()
 }
 
-/// Remembers a TCP socket's translation in `TCP_PEERS`; false if the map is full (the caller
-/// falls back to socket storage). A socket that connects again (after a failed connect)
-/// overwrites its entry.
+/// Remembers a TCP socket's translation in its `TCP_PEERS` entry; false if another open socket
+/// holds that entry (the caller falls back to socket storage). A socket that connects again
+/// (after a failed connect) overwrites its own entry.
 #[inline(always)]
 pub fn remember_tcp_peer(ctx: &SockAddrContext, peer: &TcpPeer) -> bool {
     // SAFETY: the helper only reads the valid context's socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    match TCP_PEERS.insert(cookie, peer, BPF_NOEXIST.into()) {
-        Ok(()) => {
-            count(|s| s.rev_created += 1);
-            true
-        }
-        Err(e) if e == -EEXIST => TCP_PEERS.insert(cookie, peer, 0).is_ok(),
-        Err(_) => false,
+    let Some(entry) = TCP_PEERS.get_ptr_mut(tcp_peer_index(cookie)) else {
+        return false;
+    };
+    // Two sockets whose cookies share the entry may connect at once on two CPUs: one wins.
+    // SAFETY: a field of a valid value of the array; the exchange is atomic.
+    let (holder, claimed) = unsafe {
+        core::intrinsics::atomic_cxchg::<
+            u64,
+            { core::intrinsics::AtomicOrdering::SeqCst },
+            { core::intrinsics::AtomicOrdering::SeqCst },
+        >(&raw mut (*entry).cookie, 0, cookie)
+    };
+    if !claimed && holder != cookie {
+        return false;
     }
+    if claimed {
+        count(|s| s.rev_created += 1);
+    }
+    // SAFETY: the entry holds this socket's cookie, so no other socket writes it; this socket
+    // connects under its lock.
+    unsafe { (*entry).peer = *peer };
+    true
+}
+
+/// The `TCP_PEERS` entry of the TCP socket with `cookie`, if the socket holds it.
+#[inline(always)]
+pub fn tcp_peer(cookie: u64) -> Option<*mut TcpPeerEntry> {
+    let entry = TCP_PEERS.get_ptr_mut(tcp_peer_index(cookie))?;
+    // SAFETY: a field of a valid value of the array.
+    (unsafe { (*entry).cookie } == cookie).then_some(entry)
+}
+
+/// Frees a socket's `TCP_PEERS` entry (from `tcp_peer`) once its translation has been read.
+#[inline(always)]
+pub fn forget_tcp_peer(entry: *mut TcpPeerEntry) {
+    // An exchange, not a plain store: it orders the reads of the entry before another socket
+    // can claim it and overwrite them.
+    // SAFETY: a field of a valid value of the array; the exchange is atomic.
+    unsafe {
+        core::intrinsics::atomic_xchg::<u64, { core::intrinsics::AtomicOrdering::SeqCst }>(
+            &raw mut (*entry).cookie,
+            0,
+        )
+    };
+    count(|s| s.rev_released += 1);
 }
 
 /// Makes sure the TCP socket has a cookie, which is how its release knows it may hold a
@@ -141,16 +177,17 @@ pub fn reverse(ctx: &SockAddrContext, family: u8, datagram: bool) {
     if !datagram && sa.protocol == u32::from(PROTO_TCP) {
         // SAFETY: the helper only reads the valid context's socket.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-        // SAFETY: a shared reference into the map value, copied at once.
-        if let Some(peer) = unsafe { TCP_PEERS.get(cookie) }
-            && same_addr(&peer.peer, &seen)
-        {
-            let vip = Dest {
-                ip: peer.peer.vip_ip,
-                port: peer.peer.vip_port,
-            };
-            write_dest(sa, &vip, family);
-            return;
+        if let Some(entry) = tcp_peer(cookie) {
+            // SAFETY: the socket's own entry, which only its connect and release write.
+            let peer = unsafe { &(*entry).peer.peer };
+            if same_addr(peer, &seen) {
+                let vip = Dest {
+                    ip: peer.vip_ip,
+                    port: peer.vip_port,
+                };
+                write_dest(sa, &vip, family);
+                return;
+            }
         }
     }
     // SAFETY: the context's socket is valid for the program run.

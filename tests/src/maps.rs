@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::BpffsDir;
 
 /// The pin layout version the tests expect (`mesh_common::LAYOUT_VERSION`).
-pub const LAYOUT_DIR: &str = "v4";
+pub const LAYOUT_DIR: &str = "v5";
 
 /// Path of the pinned map `name` (lower case, as the agent pins it).
 pub fn map_pin(bpffs: &BpffsDir, name: &str) -> PathBuf {
@@ -130,6 +130,65 @@ pub fn map_update(bpffs: &BpffsDir, name: &str, key: &[u8], value: &[u8]) {
     tail.push("value".to_owned());
     tail.extend(bpftool_bytes(value));
     run_bpftool_map(bpffs, name, "update", &tail);
+}
+
+/// Entries of `tcp_peers` that an open socket holds. It is an array indexed by socket cookie,
+/// so its length says nothing: an entry is held while its first field, the cookie, is not 0.
+pub fn tcp_peers_in_use(bpffs: &BpffsDir) -> usize {
+    let dump = map_dump(bpffs, "tcp_peers");
+    let entries = dump
+        .as_array()
+        .unwrap_or_else(|| panic!("`bpftool map dump` of tcp_peers is not a list: {dump}"));
+    entries
+        .iter()
+        .filter(|entry| {
+            let value = parse_bytes(&entry["value"]).unwrap_or_else(|e| {
+                panic!("tcp_peers entry without raw value bytes ({e}): {entry}")
+            });
+            value.get(..8).is_some_and(|cookie| cookie != [0; 8])
+        })
+        .count()
+}
+
+/// Entries of the `tcp_peers` array.
+pub const TCP_PEERS_ENTRIES: usize = 65_536;
+
+/// Makes every `tcp_peers` entry look held by a socket, with cookies no socket has for a long
+/// while (2^62 + index), in one `bpftool batch` run (about a second).
+pub fn hold_every_tcp_peer(bpffs: &BpffsDir) {
+    use std::fmt::Write as _;
+    let pin = map_pin(bpffs, "tcp_peers");
+    let mut commands = String::new();
+    for index in 0..TCP_PEERS_ENTRIES as u32 {
+        let mut value = ((1u64 << 62) | u64::from(index)).to_ne_bytes().to_vec();
+        value.resize(64, 0);
+        let hex = |bytes: &[u8]| {
+            bytes
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let _ = writeln!(
+            commands,
+            "map update pinned {} key hex {} value hex {}",
+            pin.display(),
+            hex(&index.to_ne_bytes()),
+            hex(&value)
+        );
+    }
+    let file = std::env::temp_dir().join(crate::unique_name("tcp-peers-batch"));
+    std::fs::write(&file, commands).unwrap_or_else(|e| panic!("writing {}: {e}", file.display()));
+    let mut cmd = Command::new("bpftool");
+    cmd.args(["batch", "file"]).arg(&file);
+    let out = crate::process::run_bounded(&mut cmd, Duration::from_secs(120));
+    let _ = std::fs::remove_file(&file);
+    let out = out.unwrap_or_else(|e| panic!("`bpftool batch file` on tcp_peers: {e}"));
+    assert!(
+        out.status.success(),
+        "`bpftool batch file` on tcp_peers failed: {}",
+        out.describe()
+    );
 }
 
 /// Number of entries of a (non per-CPU-array) map.

@@ -13,7 +13,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use integration_tests::agent::is_warn_or_error;
-use integration_tests::maps::{datapath_counters, map_len};
+use integration_tests::maps::{
+    TCP_PEERS_ENTRIES, datapath_counters, hold_every_tcp_peer, map_len, tcp_peers_in_use,
+};
 use integration_tests::probe::{ProbeLine, probe_connect_in, probe_udp_in, run_probe_in_for};
 use integration_tests::probe::{assert_no_errors, expect_counts};
 use integration_tests::{
@@ -391,7 +393,7 @@ fn connected_udp_and_tcp_getpeername_and_original_dst_report_the_vip() {
     assert_eq!(report.reply, format!("peer-u6 from {}", sock(udp6_vip)));
 }
 
-/// By default a TCP socket's translation lives in the preallocated `tcp_peers` map, not in
+/// By default a TCP socket's translation lives in its `tcp_peers` entry, not in
 /// socket storage: getpeername() shows the VIP, SO_ORIGINAL_DST is left to the kernel (which
 /// has no DNAT record of the VIP), and the entry exists exactly while the socket is open.
 #[test]
@@ -407,6 +409,59 @@ fn tcp_translations_are_released_with_telemetry_off() {
         "tcppeers-nt",
         "127.100.13.3",
         "[agent]\ntelemetry = false\n\n",
+    );
+}
+
+/// A TCP socket whose `tcp_peers` entry another socket holds (its cookie and an open socket's
+/// are equal modulo the array's size) keeps its translation in socket storage: getpeername()
+/// still shows the VIP, the held entries stay as they are, and the state goes at release.
+/// Every entry is made to look held, so each connect here finds its entry taken; answering
+/// SO_ORIGINAL_DST shows that the translation is in socket storage.
+#[test]
+fn a_socket_whose_tcp_peers_entry_is_taken_uses_socket_storage() {
+    let a = TcpBackend::start("taken-a");
+    let vip = "127.100.13.4:80";
+    let env = TestEnv::start("taken", &render_config(&[tcp_service("taken", vip, &[&a])]));
+    hold_every_tcp_peer(&env.bpffs);
+    assert_eq!(tcp_peers_in_use(&env.bpffs), TCP_PEERS_ENTRIES);
+    let before = datapath_counters(&env.bpffs);
+
+    for _ in 0..2 {
+        let out = run_probe_in_for(&env.cgroup, peer_args(vip, "tcp"), PROBE_LIMIT);
+        let report = parse_peer(&out.stdout);
+        assert_eq!(
+            report.peer, vip,
+            "getpeername() of a TCP socket in socket storage"
+        );
+        assert_eq!(
+            report.reply, "taken-a",
+            "the connection really goes to the backend"
+        );
+        assert_eq!(
+            report.original_dst, vip,
+            "a translation in socket storage answers SO_ORIGINAL_DST"
+        );
+    }
+    let mut after = datapath_counters(&env.bpffs);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            after = datapath_counters(&env.bpffs);
+            after.rev_released - before.rev_released == 2
+        }),
+        "both sockets' states are released: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        (
+            after.rev_created - before.rev_created,
+            after.rev_failed - before.rev_failed,
+        ),
+        (2, 0),
+        "two translations created in socket storage, none failed"
+    );
+    assert_eq!(
+        tcp_peers_in_use(&env.bpffs),
+        TCP_PEERS_ENTRIES,
+        "a socket never takes or frees another socket's entry"
     );
 }
 
@@ -454,7 +509,7 @@ fn tcp_peers_follow_their_sockets(tag: &str, vip_ip: &str, agent_table: &str) {
     );
     let mut open = 0;
     let recorded = wait_until(Duration::from_secs(2), || {
-        open = map_len(&env.bpffs, "tcp_peers");
+        open = tcp_peers_in_use(&env.bpffs);
         open == 1
     });
     let out = holder.wait(Duration::from_secs(10));
@@ -473,8 +528,7 @@ fn tcp_peers_follow_their_sockets(tag: &str, vip_ip: &str, agent_table: &str) {
         "connects to the dead backend are refused by it"
     );
     assert!(
-        wait_until(Duration::from_secs(5), || map_len(&env.bpffs, "tcp_peers")
-            == 0),
+        wait_until(Duration::from_secs(5), || tcp_peers_in_use(&env.bpffs) == 0),
         "tcp_peers must forget every socket once it is closed"
     );
     let after = datapath_counters(&env.bpffs);

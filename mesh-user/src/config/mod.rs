@@ -79,7 +79,7 @@ pub struct AgentConfig {
     pub telemetry: bool,
     /// Answer getsockopt(SO_ORIGINAL_DST) on TCP sockets connected through a VIP, as netfilter
     /// DNAT does. Off by default: it keeps each such socket's translation in socket storage,
-    /// allocated per connect (see BENCHMARKS.md), instead of the preallocated `tcp_peers` map.
+    /// allocated per connect (see BENCHMARKS.md), instead of the `tcp_peers` array.
     pub original_dst: bool,
     /// Which log records of the kernel programs reach the agent's log (they are written only
     /// on rare events: a connect without backend, a failed connect, a full map).

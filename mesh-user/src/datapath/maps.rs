@@ -11,9 +11,9 @@ use aya::{
     },
 };
 use mesh_common::{
-    AffinityKey, AffinityValue, Backend, BackendStats, BackendStatsKey, DatapathStats,
-    PassiveState, Service, ServiceKey, ServiceName, ServiceStats, Settings, SlotKey, TCP_PEER_SIZE,
-    UdpFlow, map_names, nodeport::NodeportBackendStats,
+    AffinityKey, AffinityValue, Backend, BackendStats, BackendStatsKey, DEFAULT_MAX_TCP_PEERS,
+    DatapathStats, PassiveState, Service, ServiceKey, ServiceName, ServiceStats, Settings, SlotKey,
+    TCP_PEER_ENTRY_SIZE, UdpFlow, map_names, nodeport::NodeportBackendStats,
 };
 
 use super::{
@@ -43,7 +43,7 @@ pub struct Maps {
     active: HashMap<MapData, BackendStatsKey, u32>,
     udp_flows: HashMap<MapData, u64, UdpFlow>,
     /// Only counted here (the kernel writes and deletes it): the value's layout is the kernel's.
-    tcp_peers: HashMap<MapData, u64, [u8; TCP_PEER_SIZE]>,
+    tcp_peers: Array<MapData, [u8; TCP_PEER_ENTRY_SIZE]>,
     datapath_stats: PerCpuArray<MapData, DatapathStats>,
     passive: HashMap<MapData, BackendStatsKey, PassiveState>,
     settings: Array<MapData, Settings>,
@@ -293,7 +293,7 @@ impl Maps {
             service_names: HashMap::try_from(map(map_names::SERVICE_NAMES)?)?,
             active: HashMap::try_from(map(map_names::ACTIVE)?)?,
             udp_flows: HashMap::try_from(map(map_names::UDP_FLOWS)?)?,
-            tcp_peers: HashMap::try_from(map(map_names::TCP_PEERS)?)?,
+            tcp_peers: Array::try_from(map(map_names::TCP_PEERS)?)?,
             datapath_stats: PerCpuArray::try_from(map(map_names::DATAPATH_STATS)?)?,
             passive: HashMap::try_from(map(map_names::PASSIVE)?)?,
             settings: Array::try_from(map(map_names::SETTINGS)?)?,
@@ -323,13 +323,42 @@ impl Maps {
             }))
     }
 
-    /// Entries of the maps the snapshot does not hold.
-    pub fn extra_entry_counts(&self) -> [(&'static str, usize); 3] {
-        [
+    /// Entries of the maps the snapshot does not hold (for `tcp_peers`, the entries in use).
+    pub fn extra_entry_counts(&self) -> anyhow::Result<[(&'static str, usize); 3]> {
+        Ok([
             ("udp_flows", self.udp_flows.keys().count()),
-            ("tcp_peers", self.tcp_peers.keys().count()),
+            ("tcp_peers", self.tcp_peers_in_use()?),
             ("np_backend_stats", self.np_backend_stats.keys().count()),
-        ]
+        ])
+    }
+
+    /// `tcp_peers` entries an open socket holds: those with a cookie (the first 8 bytes).
+    fn tcp_peers_in_use(&self) -> anyhow::Result<usize> {
+        let held = |entry: &[u8]| entry[..8] != [0; 8];
+        let mut in_use = 0;
+        let fd = self.tcp_peers.map().fd().as_fd();
+        let read = super::bpf::array_lookup_batch_each(
+            fd,
+            TCP_PEER_ENTRY_SIZE,
+            DEFAULT_MAX_TCP_PEERS,
+            |_, values| {
+                in_use += values
+                    .chunks_exact(TCP_PEER_ENTRY_SIZE)
+                    .filter(|e| held(e))
+                    .count()
+            },
+        );
+        match read {
+            Ok(()) => Ok(in_use),
+            Err(err) if batch_unsupported(&err) => {
+                let mut in_use = 0;
+                for entry in self.tcp_peers.iter() {
+                    in_use += usize::from(held(&entry?));
+                }
+                Ok(in_use)
+            }
+            Err(err) => Err(err).context("reading tcp_peers"),
+        }
     }
 
     pub fn settings(&self) -> anyhow::Result<Settings> {

@@ -542,7 +542,7 @@ impl KernelCounters {
             ("service_names", read.names.len()),
         ]
         .into_iter()
-        .chain(maps.extra_entry_counts())
+        .chain(maps.extra_entry_counts()?)
         .chain(crate::datapath::tc::nat_flow_entries(&self.bpffs)?.map(|n| ("nat_flows", n)))
         {
             let _ = writeln!(out, "mesh_map_entries{{map=\"{map}\"}} {entries}");

@@ -69,7 +69,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use integration_tests::admin::{AdminApi, free_loopback_addr};
 use integration_tests::kube_api::KubeApi;
-use integration_tests::maps::{DatapathCounters, datapath_counters, map_dump};
+use integration_tests::maps::{DatapathCounters, datapath_counters, map_dump, tcp_peers_in_use};
 use integration_tests::observe::pinned_links;
 use integration_tests::probe::probe_udp_in;
 use integration_tests::redis::RedisServer;
@@ -764,11 +764,17 @@ fn leaks(env: &TestEnv, world: &World, want: &BTreeMap<String, Want>) -> Vec<Str
             "map slots: per service, backend id -> slots {held:?}, want {slot_holders:?}"
         ));
     }
-    for map in ["udp_flows", "tcp_peers", "affinity"] {
+    for map in ["udp_flows", "affinity"] {
         let n = entries(&map_dump(bpffs, map)).len();
         if n != 0 {
             problems.push(format!("map {map} has {n} entries, want none"));
         }
+    }
+    let held = tcp_peers_in_use(bpffs);
+    if held != 0 {
+        problems.push(format!(
+            "map tcp_peers has {held} entries in use, want none"
+        ));
     }
     problems
 }
