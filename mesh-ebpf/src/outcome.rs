@@ -9,8 +9,8 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_probe_read_kernel, programs::SockContext};
 use aya_log_ebpf::debug;
 use mesh_common::{
-    BackendStatsKey, PassiveState, RTT_BUCKETS, TcpCounters, TcpSockFields, peer_fin_possible,
-    released_payload, rtt_bucket,
+    BackendStats, BackendStatsKey, PassiveState, RTT_BUCKETS, TcpCounters, TcpSockFields,
+    peer_fin_possible, released_payload, rtt_bucket,
 };
 
 use crate::EEXIST;
@@ -74,11 +74,15 @@ pub fn tcp_released(ctx: &SockContext, key: &BackendStatsKey) {
             );
         }
         Some((sent, received)) => {
-            connect_succeeded(key);
+            // No counter: the pair left the service, and its passive entry with it.
+            let Some(stats) = BACKEND_STATS.get_ptr_mut(key) else {
+                return;
+            };
+            connect_succeeded(key, stats);
             if telemetry_on() {
                 let srtt = read::<u32>(sk, fields.srtt_us).unwrap_or(0);
                 // srtt_us holds 8 times the smoothed RTT.
-                record_close(key, sent, received, u64::from(srtt >> 3));
+                record_close(stats, sent, received, u64::from(srtt >> 3));
             }
         }
     }
@@ -119,9 +123,15 @@ fn read<T>(sk: *const u8, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel(sk.wrapping_add(offset as usize).cast::<T>()) }.ok()
 }
 
-/// A completed connect ends the backend's run of consecutive failures.
+/// A completed connect ends the backend's run of consecutive failures. A pair that never
+/// failed has no `PASSIVE` entry (`connect_failed` counts in `stats` before it makes one), so
+/// its counters, which the release reads anyway, spare the lookup of a missing entry.
 #[inline(always)]
-fn connect_succeeded(key: &BackendStatsKey) {
+fn connect_succeeded(key: &BackendStatsKey, stats: *mut BackendStats) {
+    // SAFETY: a field of a valid value of the map.
+    if unsafe { (*stats).connect_failures } == 0 {
+        return;
+    }
     if let Some(state) = PASSIVE.get_ptr_mut(key) {
         // SAFETY: a valid value of the map; a racing failure count is overwritten, as a
         // success after it would do anyway.
@@ -181,10 +191,7 @@ fn add_failure(key: &BackendStatsKey) -> bool {
 }
 
 #[inline(always)]
-fn record_close(key: &BackendStatsKey, sent: u64, received: u64, rtt_us: u64) {
-    let Some(stats) = BACKEND_STATS.get_ptr_mut(key) else {
-        return;
-    };
+fn record_close(stats: *mut BackendStats, sent: u64, received: u64, rtt_us: u64) {
     // SAFETY: fields of a valid value of the map; no reference to it is made, other CPUs add
     // to the same value.
     unsafe {

@@ -858,6 +858,59 @@ fn a_thousand_random_edits_leave_exactly_the_desired_state_in_every_map() {
 // 3. A removed backend takes its passive state along; a new backend starts clean
 // ---------------------------------------------------------------------------------------------
 
+/// A completed connect ends its backend's run of failed ones (the passive count goes back to
+/// 0, the failure counter stays), and a backend that never failed gets no passive entry.
+#[test]
+fn a_completed_connect_ends_the_run_of_failures() {
+    let good = TcpBackend::start("run-good");
+    let mut flaky = TcpBackend::start("run-flaky");
+    flaky.stop();
+    let vip = "127.100.72.2:80";
+    // Passive detection on, far from ejecting; no active checks, no resync.
+    let spec = ServiceSpec::tcp("run", vip)
+        .set("health", "{ type = \"none\", passive_failures = 1000 }")
+        .backend(good.addr(), 1)
+        .backend(flaky.addr(), 1);
+    let env = TestEnv::start("run", &with_agent(&[spec], "resync = \"1h\"\n"));
+    let result = env.connect(vip, 6);
+    assert_eq!(result.count("run-good"), 3, "{:?}", result.lines);
+    assert_eq!(result.errors(), vec!["ECONNREFUSED"; 3]);
+
+    let service_id = services_map(&env.bpffs)
+        .values()
+        .next()
+        .expect("the service entry")
+        .id;
+    let ids = backends_map(&env.bpffs);
+    let flaky_pair = (service_id, id_of(&ids, flaky.addr()).expect("flaky's id"));
+    let good_pair = (service_id, id_of(&ids, good.addr()).expect("good's id"));
+    let mut passive = BTreeMap::new();
+    assert!(
+        wait_until(Duration::from_secs(2), || {
+            passive = passive_map(&env.bpffs);
+            passive.get(&flaky_pair) == Some(&3)
+        }),
+        "three failed connects of {flaky_pair:?} in a row: {passive:?}"
+    );
+
+    flaky.restart();
+    let result = env.connect(vip, 2);
+    assert_eq!(result.count("run-flaky"), 1, "{:?}", result.lines);
+    assert_eq!(result.count("run-good"), 1, "{:?}", result.lines);
+    assert!(
+        wait_until(Duration::from_secs(2), || {
+            passive = passive_map(&env.bpffs);
+            passive.get(&flaky_pair) == Some(&0)
+        }),
+        "a completed connect ends the run of {flaky_pair:?}: {passive:?}"
+    );
+    assert_eq!(connect_failures(&env.bpffs).get(&flaky_pair), Some(&3));
+    assert!(
+        !passive.contains_key(&good_pair),
+        "a backend that never failed has no passive entry: {passive:?}"
+    );
+}
+
 #[test]
 fn removed_backend_takes_its_passive_state_and_a_new_backend_starts_clean() {
     let good1 = TcpBackend::start("pas-g1");
