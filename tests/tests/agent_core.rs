@@ -196,6 +196,15 @@ fn passive_map(bpffs: &BpffsDir) -> BTreeMap<Pair, u32> {
         .collect()
 }
 
+/// The id of the one service in the maps.
+fn only_service_id(bpffs: &BpffsDir) -> u32 {
+    services_map(bpffs)
+        .values()
+        .next()
+        .expect("the service entry")
+        .id
+}
+
 /// (service, backend) -> failed connects (`backend_stats.connect_failures`).
 fn connect_failures(bpffs: &BpffsDir) -> BTreeMap<Pair, u64> {
     pair_map(bpffs, "backend_stats")
@@ -876,11 +885,7 @@ fn a_completed_connect_ends_the_run_of_failures() {
     assert_eq!(result.count("run-good"), 3, "{:?}", result.lines);
     assert_eq!(result.errors(), vec!["ECONNREFUSED"; 3]);
 
-    let service_id = services_map(&env.bpffs)
-        .values()
-        .next()
-        .expect("the service entry")
-        .id;
+    let service_id = only_service_id(&env.bpffs);
     let ids = backends_map(&env.bpffs);
     let flaky_pair = (service_id, id_of(&ids, flaky.addr()).expect("flaky's id"));
     let good_pair = (service_id, id_of(&ids, good.addr()).expect("good's id"));
@@ -938,11 +943,7 @@ fn removed_backend_takes_its_passive_state_and_a_new_backend_starts_clean() {
     assert_eq!(result.count("pas-g2"), 10, "{:?}", result.lines);
     assert_eq!(result.errors(), vec!["ECONNREFUSED"; 10]);
 
-    let service_id = services_map(&env.bpffs)
-        .values()
-        .next()
-        .expect("the service entry")
-        .id;
+    let service_id = only_service_id(&env.bpffs);
     let ids = backends_map(&env.bpffs);
     let refusing_id = id_of(&ids, refusing.addr()).expect("the refusing backend's id");
     let pair = (service_id, refusing_id);

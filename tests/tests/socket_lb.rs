@@ -16,6 +16,7 @@ use integration_tests::agent::is_warn_or_error;
 use integration_tests::maps::{
     TCP_PEERS_ENTRIES, datapath_counters, hold_every_tcp_peer, map_len, tcp_peers_in_use,
 };
+use integration_tests::observe::metric_value;
 use integration_tests::probe::{ProbeLine, probe_connect_in, probe_udp_in, run_probe_in_for};
 use integration_tests::probe::{assert_no_errors, expect_counts};
 use integration_tests::{
@@ -463,6 +464,16 @@ fn a_socket_whose_tcp_peers_entry_is_taken_uses_socket_storage() {
         TCP_PEERS_ENTRIES,
         "a socket never takes or frees another socket's entry"
     );
+    assert_eq!(tcp_peers_metric(&env), Some(TCP_PEERS_ENTRIES as f64));
+}
+
+/// `mesh_map_entries{map="tcp_peers"}` from the agent's /metrics.
+fn tcp_peers_metric(env: &TestEnv) -> Option<f64> {
+    metric_value(
+        &env.agent.metrics_text(),
+        "mesh_map_entries",
+        &[("map", "tcp_peers")],
+    )
 }
 
 fn tcp_peers_follow_their_sockets(tag: &str, vip_ip: &str, agent_table: &str) {
@@ -512,6 +523,8 @@ fn tcp_peers_follow_their_sockets(tag: &str, vip_ip: &str, agent_table: &str) {
         open = tcp_peers_in_use(&env.bpffs);
         open == 1
     });
+    // Read while the holder still holds its entry (3 s); the agent counts held entries too.
+    let exported = tcp_peers_metric(&env);
     let out = holder.wait(Duration::from_secs(10));
     assert!(
         recorded,
@@ -520,6 +533,11 @@ fn tcp_peers_follow_their_sockets(tag: &str, vip_ip: &str, agent_table: &str) {
         out.stdout
     );
     assert_eq!(parse_peer(&out.stdout).peer, vip);
+    assert_eq!(
+        exported,
+        Some(1.0),
+        "mesh_map_entries{{map=\"tcp_peers\"}} counts the held entry"
+    );
 
     let refused = probe_connect_in(&env.cgroup, &refused_vip, 3);
     assert_eq!(
@@ -531,6 +549,7 @@ fn tcp_peers_follow_their_sockets(tag: &str, vip_ip: &str, agent_table: &str) {
         wait_until(Duration::from_secs(5), || tcp_peers_in_use(&env.bpffs) == 0),
         "tcp_peers must forget every socket once it is closed"
     );
+    assert_eq!(tcp_peers_metric(&env), Some(0.0));
     let after = datapath_counters(&env.bpffs);
     assert_eq!(
         (
