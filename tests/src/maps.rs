@@ -162,19 +162,12 @@ pub fn hold_every_tcp_peer(bpffs: &BpffsDir) {
     for index in 0..TCP_PEERS_ENTRIES as u32 {
         let mut value = ((1u64 << 62) | u64::from(index)).to_ne_bytes().to_vec();
         value.resize(64, 0);
-        let hex = |bytes: &[u8]| {
-            bytes
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
         let _ = writeln!(
             commands,
-            "map update pinned {} key hex {} value hex {}",
+            "map update pinned {} key {} value {}",
             pin.display(),
-            hex(&index.to_ne_bytes()),
-            hex(&value)
+            bpftool_bytes(&index.to_ne_bytes()).join(" "),
+            bpftool_bytes(&value).join(" ")
         );
     }
     let file = std::env::temp_dir().join(crate::unique_name("tcp-peers-batch"));
