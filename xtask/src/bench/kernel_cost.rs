@@ -12,7 +12,10 @@
 //! - `mesh VIP, original_dst`: a second agent with `[agent] original_dst = true`, whose TCP
 //!   translations go to socket storage (allocated per connect) instead of `tcp_peers`;
 //! - `minimal VIP` / `minimal non-VIP`: a cgroup with only `mesh-bench-connect4` attached
-//!   (mesh-ebpf/src/bin/bench-connect4.rs: VIP hash lookup + round-robin rewrite, nothing else).
+//!   (mesh-ebpf/src/bin/bench-connect4.rs: VIP hash lookup + round-robin rewrite, nothing else);
+//! - `empty connect4 + release`: a cgroup with `mesh-bench-empty`'s two programs that do
+//!   nothing (mesh-ebpf/src/bin/bench-empty.rs), to a backend's own address: the floor of any
+//!   design that, like mesh, needs both hooks per TCP connection.
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
@@ -150,6 +153,22 @@ impl KernelCostResults {
     }
 }
 
+/// How much of mesh's VIP connect is the two hooks' floor (the empty programs) and how much is
+/// mesh's own work.
+fn above_floor(results: &KernelCostResults) -> Option<String> {
+    let mesh = results.median_ns(CASES[0])?;
+    let minimal = results.median_ns(CASES[1])?;
+    let floor = results.median_ns(CASES[5])?;
+    Some(format!(
+        "Floor: running an empty connect4 and an empty sock_release costs {floor:.0} ns per \
+         connection ({:.2}x the minimal connect4); mesh's own work on a VIP connect is the other \
+         {:.0} ns ({:.2}x the minimal).",
+        floor / minimal,
+        mesh - floor,
+        (mesh - floor) / minimal
+    ))
+}
+
 fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
     let mut v: Vec<f64> = values.collect();
     if v.is_empty() {
@@ -159,28 +178,53 @@ fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
-pub const CASES: [&str; 5] = [
+pub const CASES: [&str; 6] = [
     "mesh VIP",
     "minimal VIP",
     "mesh non-VIP",
     "minimal non-VIP",
     "mesh VIP, original_dst",
+    "empty connect4 + release",
 ];
 
-/// The minimal connect4 baseline: loaded and pinned with bpftool, attached to a cgroup of its
-/// own; drop detaches it and removes its pins.
-pub struct MinimalConnect4 {
+/// A baseline's programs, loaded and pinned with bpftool and attached to a cgroup of their
+/// own; drop detaches them and removes their pins.
+pub struct Baseline {
     cgroup: Cgroup,
     pins: PathBuf,
+    /// (attach type, pinned program), in attach order.
+    attached: Vec<(&'static str, PathBuf)>,
 }
 
-impl MinimalConnect4 {
-    pub fn install(backends: &[SocketAddr]) -> Result<MinimalConnect4> {
-        let object = object_path()?;
-        let cgroup = Cgroup::create(&scratch_name("minimal"))?;
-        let pins = Path::new(BPFFS).join(scratch_name("minimal"));
+impl Baseline {
+    fn create(name: &str) -> Result<Baseline> {
+        let cgroup = Cgroup::create(&scratch_name(name))?;
+        let pins = Path::new(BPFFS).join(scratch_name(name));
         std::fs::create_dir(&pins).with_context(|| format!("creating {}", pins.display()))?;
-        let minimal = MinimalConnect4 { cgroup, pins };
+        Ok(Baseline {
+            cgroup,
+            pins,
+            attached: Vec::new(),
+        })
+    }
+
+    fn attach(&mut self, attach_type: &'static str, prog: PathBuf) -> Result<()> {
+        let mut command = cmd("bpftool", ["cgroup", "attach"]);
+        command
+            .arg(self.cgroup.path())
+            .arg(attach_type)
+            .arg("pinned")
+            .arg(&prog);
+        run_captured(command, Duration::from_secs(30))?;
+        self.attached.push((attach_type, prog));
+        Ok(())
+    }
+
+    /// The minimal connect4 (`mesh-bench-connect4`), with `MINIMAL_VIP` balanced over
+    /// `backends`.
+    pub fn minimal_connect4(backends: &[SocketAddr]) -> Result<Baseline> {
+        let object = object_path("mesh-bench-connect4")?;
+        let mut minimal = Baseline::create("minimal")?;
         let prog = minimal.pins.join("prog");
         let maps = minimal.pins.join("maps");
         bpftool([
@@ -207,16 +251,26 @@ impl MinimalConnect4 {
             key = (i as u32).to_ne_bytes().to_vec();
             map_update(&backend_map, &key, &sock_addr_bytes(*backend))?;
         }
-        let cgroup_path = minimal.cgroup.path().to_path_buf();
-        bpftool([
-            "cgroup".as_ref(),
-            "attach".as_ref(),
-            cgroup_path.as_os_str(),
-            "connect4".as_ref(),
-            "pinned".as_ref(),
-            prog.as_os_str(),
-        ])?;
+        minimal.attach("connect4", prog)?;
         Ok(minimal)
+    }
+
+    /// The two programs that do nothing (`mesh-bench-empty`): connect4 and sock_release.
+    pub fn empty_hooks() -> Result<Baseline> {
+        let object = object_path("mesh-bench-empty")?;
+        let mut empty = Baseline::create("empty")?;
+        // `loadall` pins each program under the directory by its function name; the section
+        // names give the types.
+        let progs = empty.pins.join("progs");
+        bpftool([
+            "prog".as_ref(),
+            "loadall".as_ref(),
+            object.as_os_str(),
+            progs.as_os_str(),
+        ])?;
+        empty.attach("connect4", progs.join("bench_empty_connect4"))?;
+        empty.attach("sock_release", progs.join("bench_empty_release"))?;
+        Ok(empty)
     }
 
     pub fn cgroup(&self) -> &Path {
@@ -224,17 +278,22 @@ impl MinimalConnect4 {
     }
 }
 
-impl Drop for MinimalConnect4 {
+impl Drop for Baseline {
     fn drop(&mut self) {
-        let prog = self.pins.join("prog");
-        let mut detach = cmd("bpftool", ["cgroup", "detach"]);
-        detach
-            .arg(self.cgroup.path())
-            .arg("connect4")
-            .arg("pinned")
-            .arg(&prog);
-        if let Err(e) = run_cleanup(detach, Duration::from_secs(10)) {
-            eprintln!("bench: warning: detaching the minimal connect4: {e:#}");
+        for (attach_type, prog) in self.attached.iter().rev() {
+            let mut detach = cmd("bpftool", ["cgroup", "detach"]);
+            detach
+                .arg(self.cgroup.path())
+                .arg(attach_type)
+                .arg("pinned")
+                .arg(prog);
+            if let Err(e) = run_cleanup(detach, Duration::from_secs(10)) {
+                eprintln!(
+                    "bench: warning: detaching {} from {}: {e:#}",
+                    prog.display(),
+                    self.cgroup.path().display()
+                );
+            }
         }
         if let Err(e) = std::fs::remove_dir_all(&self.pins) {
             eprintln!(
@@ -275,21 +334,21 @@ where
     run_captured(cmd("bpftool", args), Duration::from_secs(30))
 }
 
-/// The object mesh-user's build left next to mesh's own (aya-build builds every binary of
-/// mesh-ebpf); the newest one if several builds are around.
-fn object_path() -> Result<PathBuf> {
+/// The object `name` that mesh-user's build left next to mesh's own (aya-build builds every
+/// binary of mesh-ebpf); the newest one if several builds are around.
+fn object_path(name: &str) -> Result<PathBuf> {
     let build = target_dir().join("release").join("build");
     let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&build)
         .with_context(|| format!("reading {}", build.display()))?
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().starts_with("mesh-user-"))
-        .map(|e| e.path().join("out").join("mesh-bench-connect4"))
+        .map(|e| e.path().join("out").join(name))
         .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
         .collect();
     found.sort();
     found.pop().map(|(_, p)| p).with_context(|| {
         format!(
-            "no mesh-bench-connect4 object under {}/mesh-user-*/out (built with mesh)",
+            "no {name} object under {}/mesh-user-*/out (built with mesh)",
             build.display()
         )
     })
@@ -351,10 +410,11 @@ pub struct Inputs<'a> {
     pub connects: u64,
 }
 
-/// Measures every case `rounds` times, interleaved, with the minimal program installed for the
+/// Measures every case `rounds` times, interleaved, with the baselines installed for the
 /// duration.
 pub fn measure(inputs: &Inputs) -> Result<KernelCostResults> {
-    let minimal = MinimalConnect4::install(inputs.backends)?;
+    let minimal = Baseline::minimal_connect4(inputs.backends)?;
+    let empty = Baseline::empty_hooks()?;
     let cases = [
         Case {
             name: CASES[0],
@@ -385,6 +445,12 @@ pub fn measure(inputs: &Inputs) -> Result<KernelCostResults> {
             cgroup: inputs.original_dst_cgroup.to_path_buf(),
             target: inputs.mesh_vip,
             balanced: true,
+        },
+        Case {
+            name: CASES[5],
+            cgroup: empty.cgroup().to_path_buf(),
+            target: inputs.backends[0],
+            balanced: false,
         },
     ];
     let _stats = StatsOn::enable()?;
@@ -498,11 +564,15 @@ pub fn markdown(results: &KernelCostResults) -> String {
         (CASES[2], CASES[3]),
         (CASES[3], CASES[3]),
         (CASES[4], CASES[1]),
+        (CASES[5], CASES[1]),
     ] {
         let (Some(ns), Some(base)) = (results.median_ns(case), results.median_ns(baseline)) else {
             continue;
         };
         md.push_str(&format!("| {case} | {ns:.0} | {:.2}x |\n", ns / base));
+    }
+    if let Some(line) = above_floor(results) {
+        md.push_str(&format!("\n{line}\n"));
     }
     md.push_str("\n| case | program (attach type) | runs per connection | ns per run | ns per connection |\n| --- | --- | ---: | ---: | ---: |\n");
     for case in CASES {
@@ -557,5 +627,31 @@ mod tests {
         assert_eq!(results.median_ns(CASES[0]), Some(2.0));
         assert_eq!(results.median_ns(CASES[1]), Some(9.0));
         assert_eq!(results.median_ns(CASES[2]), None);
+    }
+
+    #[test]
+    fn the_floor_splits_mesh_vip_cost_into_hooks_and_work() {
+        let run = |case, ns| CaseRun {
+            case,
+            round: 0,
+            conns: 1,
+            errors: 0,
+            per_backend: vec![1],
+            ns_per_conn: ns,
+            programs: vec![],
+        };
+        let mut results = KernelCostResults {
+            connects_per_run: 1,
+            runs: vec![run(CASES[0], 1000.0), run(CASES[1], 200.0)],
+            warnings: vec![],
+        };
+        assert_eq!(above_floor(&results), None);
+        results.runs.push(run(CASES[5], 300.0));
+        let line = above_floor(&results).unwrap();
+        assert!(
+            line.contains("costs 300 ns per connection (1.50x"),
+            "{line}"
+        );
+        assert!(line.contains("the other 700 ns (3.50x"), "{line}");
     }
 }
