@@ -17,7 +17,7 @@ pub mod nodeport;
 
 /// Bump when any map key or value below changes layout. It is part of every pin path, so a new
 /// agent never reuses a pinned map with an old layout.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Address family tags stored in keys (not the kernel's AF_* values, which differ by OS).
 pub const FAMILY_V4: u8 = 4;
@@ -90,6 +90,16 @@ pub struct SlotKey {
     pub generation: u32,
     /// 0 ..< `Service::slot_count`.
     pub slot: u32,
+}
+
+/// Value of the `slots` map: the backend at that position, with its address, so that a connect
+/// reads one map for it, not two (the address is the `backends` entry of `backend_id`, which
+/// never changes while the id is in use).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SlotValue {
+    pub backend_id: u32,
+    pub backend: Backend,
 }
 
 /// Value of the `backends` map (key: backend id, u32). Backends are shared by services.
@@ -306,6 +316,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for Service {}
     unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for SlotValue {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for BackendStatsKey {}
     unsafe impl aya::Pod for BackendStats {}
@@ -326,6 +337,7 @@ const _: () = {
     assert!(core::mem::size_of::<Service>() == 24);
     assert!(core::mem::size_of::<SlotKey>() == 12);
     assert!(core::mem::size_of::<Backend>() == 20);
+    assert!(core::mem::size_of::<SlotValue>() == 24);
     assert!(core::mem::size_of::<BackendStatsKey>() == 8);
     assert!(core::mem::size_of::<BackendStats>() == 8 * (6 + RTT_BUCKETS));
     assert!(core::mem::size_of::<PassiveState>() == 8);

@@ -10,7 +10,7 @@ use mesh_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, BackendStatsKey, DEFAULT_MAX_AFFINITY,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, DEFAULT_MAX_TCP_PEERS,
     DEFAULT_MAX_UDP_FLOWS, DatapathStats, PassiveState, Service, ServiceKey, ServiceName,
-    ServiceStats, Settings, SlotKey, UdpFlow,
+    ServiceStats, Settings, SlotKey, SlotValue, UdpFlow,
     nodeport::{
         DEFAULT_MAX_EXTERNAL_FLOWS, FlowKey, MAX_NODEPORT_DEVICES, NatEntry, NodeportBackendStats,
         NodeportDevice, NodeportEvents, NodeportStats,
@@ -30,12 +30,13 @@ pub type ServiceMap = HashMap<ServiceKey, Service, MAX_SERVICES, NO_PREALLOC>;
 #[btf_map]
 pub static SERVICES: ServiceMap = HashMap::new();
 
-/// (service id, generation, slot) -> backend id. A slot set is written in full before the
-/// service entry points at it; the old set may be deleted right after the switch.
+/// (service id, generation, slot) -> backend id and address. A slot set is written in full
+/// before the service entry points at it; the old set may be deleted right after the switch.
 #[btf_map]
-pub static SLOTS: HashMap<SlotKey, u32, MAX_SLOTS, NO_PREALLOC> = HashMap::new();
+pub static SLOTS: HashMap<SlotKey, SlotValue, MAX_SLOTS, NO_PREALLOC> = HashMap::new();
 
-/// Backend id -> address.
+/// Backend id -> address (session affinity's remembered backends; the slots carry their own
+/// copy).
 #[btf_map]
 pub static BACKENDS: HashMap<u32, Backend, MAX_BACKENDS, NO_PREALLOC> = HashMap::new();
 

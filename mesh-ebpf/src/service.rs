@@ -93,8 +93,8 @@ pub fn refuse() -> i32 {
 /// there is none) and, through `backend`, its address.
 ///
 /// The agent writes a new slot set under the next generation, switches the service entry, and
-/// may delete the old set (and backends only it used) right away, while a connect that read
-/// the old entry is still running. So a slot (or its backend) that is gone means "switched":
+/// may delete the old set right away, while a connect that read the old entry is still
+/// running. So a slot that is gone means "switched":
 /// the entry is read again once and the same turn is used in its live set. The round-robin
 /// position advances once per connect, retry or not, so sequential connects still walk each
 /// set exactly in order; the connect that raced the switch lands on the new set's slot for its
@@ -141,8 +141,8 @@ pub fn pick_round_robin(
     backend_id
 }
 
-/// The backend of `turn`'s slot in the service entry's slot set, with its address; 0 if the
-/// slot or the backend does not exist (any more).
+/// The backend of `turn`'s slot in the service entry's slot set, with its address (the slot
+/// carries it: one map read per connect, not two); 0 if the slot does not exist (any more).
 #[inline(always)]
 fn slot_backend(service: &Service, turn: u64, backend: &mut Backend) -> u32 {
     if service.slot_count == 0 {
@@ -153,17 +153,12 @@ fn slot_backend(service: &Service, turn: u64, backend: &mut Backend) -> u32 {
         generation: service.generation,
         slot: slot_index(turn, service.slot_count),
     };
-    // SAFETY: shared references into map values, copied at once.
-    let Some(&backend_id) = (unsafe { SLOTS.get(slot) }) else {
+    // SAFETY: a shared reference into the map value, copied at once.
+    let Some(value) = (unsafe { SLOTS.get(slot) }) else {
         return 0;
     };
-    match unsafe { BACKENDS.get(backend_id) } {
-        Some(found) => {
-            *backend = *found;
-            backend_id
-        }
-        None => 0,
-    }
+    *backend = value.backend;
+    value.backend_id
 }
 
 /// The backend `client` used last in `services`' service, while it is still active and the

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::BpffsDir;
 
 /// The pin layout version the tests expect (`mesh_common::LAYOUT_VERSION`).
-pub const LAYOUT_DIR: &str = "v5";
+pub const LAYOUT_DIR: &str = "v6";
 
 /// Path of the pinned map `name` (lower case, as the agent pins it).
 pub fn map_pin(bpffs: &BpffsDir, name: &str) -> PathBuf {

@@ -138,7 +138,8 @@ fn services_map(bpffs: &BpffsDir) -> BTreeMap<VipKey, ServiceEntry> {
         .collect()
 }
 
-fn slots_map(bpffs: &BpffsDir) -> BTreeMap<SlotKey, u32> {
+/// Slot -> (backend id, the backend address the slot carries).
+fn slots_map(bpffs: &BpffsDir) -> BTreeMap<SlotKey, (u32, SocketAddr)> {
     formatted_entries(&map_dump(bpffs, "slots"))
         .iter()
         .map(|e| {
@@ -149,7 +150,10 @@ fn slots_map(bpffs: &BpffsDir) -> BTreeMap<SlotKey, u32> {
                     num(&k["generation"], "generation"),
                     num(&k["slot"], "slot"),
                 ),
-                num(&e["value"], "backend id"),
+                (
+                    num(&e["value"]["backend_id"], "backend id"),
+                    addr_of(&e["value"]["backend"]),
+                ),
             )
         })
         .collect()
@@ -379,6 +383,72 @@ fn resync_repairs_entries_deleted_behind_the_agents_back() {
     assert_split(&env.connect(vip, 300), &[(&a, 100), (&b, 100), (&c, 100)]);
 }
 
+/// The kernel takes a connect's backend address from the slot itself (one map read per
+/// connect), so a slot whose address was overwritten from outside the agent sends traffic
+/// there, and the resync writes it again from the backend's entry.
+#[test]
+fn resync_rewrites_a_slot_whose_address_was_overwritten() {
+    let a = TcpBackend::start("sv-a");
+    let b = TcpBackend::start("sv-b");
+    let vip = "127.100.70.2:80";
+    let env = TestEnv::start(
+        "slotvalue",
+        &with_agent(
+            &[tcp_service("rewritten", vip, &[&a, &b])],
+            "resync = \"2s\"\n",
+        ),
+    );
+    assert_split(&env.connect(vip, 10), &[(&a, 5), (&b, 5)]);
+    let before = slots_map(&env.bpffs);
+    let b_id = id_of(&backends_map(&env.bpffs), b.addr()).expect("b's backend id");
+
+    // Right after a resync: the next one is 2 s away.
+    let runs = metric(&env.agent, "mesh_resync_runs_total", &[("result", "ok")]);
+    assert!(
+        wait_until(Duration::from_secs(5), || metric(
+            &env.agent,
+            "mesh_resync_runs_total",
+            &[("result", "ok")]
+        ) > runs),
+        "no resync within 5 s"
+    );
+    let window = Instant::now();
+    let dump = map_dump(&env.bpffs, "slots");
+    let (key, mut value) = dump
+        .as_array()
+        .expect("a list")
+        .iter()
+        .zip(raw_keys(&dump))
+        .find(|(_, (_, f))| f["value"]["backend_id"] == b_id)
+        .map(|(entry, (key, _))| {
+            (
+                key,
+                integration_tests::maps::parse_bytes(&entry["value"]).expect("value bytes"),
+            )
+        })
+        .unwrap_or_else(|| panic!("no slot of backend {b_id} in {dump}"));
+    // The value: backend id (4 bytes), ip (16), port (2, host order), family, pad.
+    assert_eq!(value.len(), 24, "slot value {value:?}");
+    value[20..22].copy_from_slice(&a.addr().port().to_ne_bytes());
+    map_update(&env.bpffs, "slots", &key, &value);
+    let overwritten = env.connect(vip, 10);
+    let took = window.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "the overwrite and the connects took {took:?}: a resync may have come in between"
+    );
+    assert_split(&overwritten, &[(&a, 10)]);
+
+    let repaired = wait_until(Duration::from_secs(5), || slots_map(&env.bpffs) == before);
+    assert!(
+        repaired,
+        "the slot was not written again: {:?}, before {before:?}",
+        slots_map(&env.bpffs)
+    );
+    assert!(metric(&env.agent, "mesh_resync_repairs_total", &[("map", "slots")]) >= 1.0);
+    assert_split(&env.connect(vip, 10), &[(&a, 5), (&b, 5)]);
+}
+
 /// The control for the test above: without a resync (1 h), nothing else puts a deleted entry
 /// back, so a repair seen there is the resync's.
 #[test]
@@ -545,7 +615,7 @@ fn check_exact_state(
         let mut have_slots: BTreeMap<SocketAddr, u32> = BTreeMap::new();
         for slot in 0..entry.slot_count {
             match slots.get(&(entry.id, entry.generation, slot)) {
-                Some(b) => match backends.get(b) {
+                Some((b, _)) => match backends.get(b) {
                     Some(&addr) => *have_slots.entry(addr).or_default() += 1,
                     None => problems.push(format!(
                         "{}: live slot {slot} names unknown backend {b}",
@@ -579,7 +649,7 @@ fn check_exact_state(
     if active != want_active {
         problems.push(format!("active: {active:?}, want {want_active:?}"));
     }
-    for (&(service_id, generation, slot), backend) in &slots {
+    for (&(service_id, generation, slot), (backend, addr)) in &slots {
         let Some(entry) = live.get(&service_id) else {
             problems.push(format!(
                 "slots: ({service_id}, {generation}, {slot}) of a service id not in services"
@@ -600,10 +670,15 @@ fn check_exact_state(
                 entry.slot_count
             ));
         }
-        if !backends.contains_key(backend) {
-            problems.push(format!(
+        match backends.get(backend) {
+            None => problems.push(format!(
                 "slots: ({service_id}, {generation}, {slot}) names unknown backend {backend}"
-            ));
+            )),
+            Some(known) if known != addr => problems.push(format!(
+                "slots: ({service_id}, {generation}, {slot}) carries {addr} for backend \
+                 {backend}, which is {known}"
+            )),
+            Some(_) => {}
         }
     }
     let leaked_passive: Vec<&Pair> = passive
@@ -630,7 +705,7 @@ fn check_exact_state(
     let referenced: BTreeSet<u32> = want_members
         .iter()
         .map(|&(_, b)| b)
-        .chain(slots.values().copied())
+        .chain(slots.values().map(|&(id, _)| id))
         .collect();
     let have_ids: BTreeSet<u32> = backends.keys().copied().collect();
     if have_ids != referenced {
@@ -1401,7 +1476,10 @@ fn an_api_change_that_cannot_be_written_answers_failed_and_is_retried() {
             .iter()
             .flat_map(|v| v.to_ne_bytes())
             .collect();
-        map_update(&env.bpffs, "slots", &key, &first_id.to_ne_bytes());
+        // A slot value: the backend id, then its address (20 bytes; zero will do here).
+        let mut value = first_id.to_ne_bytes().to_vec();
+        value.resize(24, 0);
+        map_update(&env.bpffs, "slots", &key, &value);
     }
     assert_eq!(map_len(&env.bpffs, "slots"), 8, "the slots map is full");
     let body = serde_json::json!({

@@ -13,7 +13,7 @@ use aya::{
 use mesh_common::{
     AffinityKey, AffinityValue, Backend, BackendStats, BackendStatsKey, DEFAULT_MAX_TCP_PEERS,
     DatapathStats, PassiveState, Service, ServiceKey, ServiceName, ServiceStats, Settings, SlotKey,
-    TCP_PEER_ENTRY_SIZE, UdpFlow, map_names, nodeport::NodeportBackendStats,
+    SlotValue, TCP_PEER_ENTRY_SIZE, UdpFlow, map_names, nodeport::NodeportBackendStats,
 };
 
 use super::{
@@ -34,8 +34,12 @@ pub struct Maps {
     services: HashMap<MapData, ServiceKey, Service>,
     /// External services (traffic from other hosts, matched at TC): `Vip::external`.
     ext_services: HashMap<MapData, ServiceKey, Service>,
-    slots: HashMap<MapData, SlotKey, u32>,
+    slots: HashMap<MapData, SlotKey, SlotValue>,
     backends: HashMap<MapData, u32, Backend>,
+    /// The `backends` entries, for the slot values (which carry their backend's address): read
+    /// from the map when a slot is first written, then kept in step with this handle's own
+    /// writes (the only writer); dropped after a failed write, which may have been partial.
+    backend_values: Option<std::collections::HashMap<u32, Backend>>,
     rr_state: Array<MapData, u64>,
     backend_stats: HashMap<MapData, BackendStatsKey, BackendStats>,
     service_stats: Array<MapData, ServiceStats>,
@@ -62,6 +66,8 @@ pub struct Maps {
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub services: BTreeMap<Vip, Service>,
+    /// Slot -> backend id; 0 for a slot whose address is not its backend's (only a write from
+    /// outside the agent makes one), which the resync then writes again or deletes.
     pub slots: BTreeMap<SlotKey, u32>,
     pub backends: BTreeMap<u32, SocketAddr>,
     pub names: BTreeMap<u32, String>,
@@ -154,7 +160,10 @@ impl Snapshot {
         self.backend_stats
             .keys()
             .all(|k| self.backends.contains_key(&k.backend_id))
-            && self.slots.values().all(|id| self.backends.contains_key(id))
+            && self
+                .slots
+                .values()
+                .all(|id| *id == 0 || self.backends.contains_key(id))
     }
 
     /// Counters of every backend of a service (configured ones, active or not), by backend id.
@@ -287,6 +296,7 @@ impl Maps {
             ext_services: HashMap::try_from(map(map_names::EXT_SERVICES)?)?,
             slots: HashMap::try_from(map(map_names::SLOTS)?)?,
             backends: HashMap::try_from(map(map_names::BACKENDS)?)?,
+            backend_values: None,
             rr_state: Array::try_from(map(map_names::RR_STATE)?)?,
             backend_stats: HashMap::try_from(map(map_names::BACKEND_STATS)?)?,
             service_stats: Array::try_from(map(map_names::SERVICE_STATS)?)?,
@@ -515,10 +525,19 @@ impl Maps {
         for (key, svc) in entries(&self.ext_services)? {
             snap.services.insert(vip_of_key(&key, true)?, svc);
         }
-        snap.slots.extend(entries(&self.slots)?);
-        for (id, backend) in entries(&self.backends)? {
-            snap.backends.insert(id, addr_of_backend(&backend)?);
+        let slots = entries(&self.slots)?;
+        let backends = entries(&self.backends)?;
+        for (id, backend) in &backends {
+            snap.backends.insert(*id, addr_of_backend(backend)?);
         }
+        let backends: std::collections::HashMap<u32, Backend> = backends.into_iter().collect();
+        snap.slots.extend(slots.into_iter().map(|(key, value)| {
+            // A backend that is gone keeps its id, so `is_consistent` sees a torn read.
+            let differs = backends
+                .get(&value.backend_id)
+                .is_some_and(|backend| *backend != value.backend);
+            (key, if differs { 0 } else { value.backend_id })
+        }));
         for (id, name) in entries(&self.service_names)? {
             snap.names.insert(id, name_of(&name));
         }
@@ -548,6 +567,15 @@ impl Maps {
     /// time, one thread per map written: their order among themselves is invisible to the
     /// data path.
     pub fn apply(&mut self, ops: &[MapOp]) -> anyhow::Result<()> {
+        let result = self.apply_ops(ops);
+        if result.is_err() {
+            self.backend_values = None;
+        }
+        result
+    }
+
+    fn apply_ops(&mut self, ops: &[MapOp]) -> anyhow::Result<()> {
+        self.note_backends(ops)?;
         let runs: Vec<&[MapOp]> = ops.chunk_by(|a, b| a.kind() == b.kind()).collect();
         let mut at = 0;
         while at < runs.len() {
@@ -558,10 +586,10 @@ impl Maps {
                 })
                 .count();
             if together > 1 {
-                let writes = runs[at..at + together]
-                    .iter()
-                    .flat_map(|run| self.batch_writes(run).into_iter().flatten())
-                    .collect::<Vec<_>>();
+                let mut writes = Vec::new();
+                for run in &runs[at..at + together] {
+                    writes.extend(self.batch_writes(run)?.into_iter().flatten());
+                }
                 write_concurrently(&writes)?;
                 at += together;
                 continue;
@@ -569,7 +597,7 @@ impl Maps {
             let run = runs[at];
             at += 1;
             if run.len() >= BATCH_MIN
-                && let Some(writes) = self.batch_writes(run)
+                && let Some(writes) = self.batch_writes(run)?
             {
                 writes.iter().try_for_each(BatchWrite::write)?;
                 continue;
@@ -580,6 +608,71 @@ impl Maps {
             }
         }
         Ok(())
+    }
+
+    /// Brings `backend_values` up to what the `backends` map holds once `ops` are written, so
+    /// that slots written with them can carry their backends' addresses. A plan writes a
+    /// backend before any slot that names it and deletes it after the last one.
+    fn note_backends(&mut self, ops: &[MapOp]) -> anyhow::Result<()> {
+        let touches_slots = ops
+            .iter()
+            .any(|op| matches!(op, MapOp::PutSlots { .. } | MapOp::PutSlot { .. }));
+        if self.backend_values.is_none() && !touches_slots {
+            // Read when first needed: the map holds every earlier write.
+            return Ok(());
+        }
+        let values = match &mut self.backend_values {
+            Some(values) => values,
+            none => none.insert(entries(&self.backends)?.into_iter().collect()),
+        };
+        for op in ops {
+            match op {
+                MapOp::PutBackend { id, addr } => {
+                    values.insert(*id, backend_of_addr(addr));
+                }
+                MapOp::DeleteBackend { id } => {
+                    values.remove(id);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The value of a slot that holds `backend_id`.
+    fn slot_value(&self, backend_id: u32) -> anyhow::Result<SlotValue> {
+        let backend = self
+            .backend_values
+            .as_ref()
+            .and_then(|values| values.get(&backend_id))
+            .with_context(|| {
+                format!("a slot names backend {backend_id}, which the backends map does not hold")
+            })?;
+        Ok(SlotValue {
+            backend_id,
+            backend: *backend,
+        })
+    }
+
+    /// The slots map entries of one generation's slot set.
+    fn slot_entries(
+        &self,
+        service_id: u32,
+        generation: u32,
+        backends: &[u32],
+    ) -> anyhow::Result<Vec<(SlotKey, SlotValue)>> {
+        backends
+            .iter()
+            .enumerate()
+            .map(|(slot, &backend_id)| {
+                let key = SlotKey {
+                    service_id,
+                    generation,
+                    slot: slot as u32,
+                };
+                Ok((key, self.slot_value(backend_id)?))
+            })
+            .collect()
     }
 
     /// `ResetService` for a run of ids: round-robin positions and per-service counters zeroed.
@@ -648,11 +741,11 @@ impl Maps {
 
     /// A run of puts of one kind as `BPF_MAP_UPDATE_BATCH` writes (one syscall instead of one
     /// per element: most of a cold start's time). None for kinds written one by one.
-    fn batch_writes(&self, run: &[MapOp]) -> Option<Vec<BatchWrite<'_>>> {
+    fn batch_writes(&self, run: &[MapOp]) -> anyhow::Result<Option<Vec<BatchWrite<'_>>>> {
         match run[0] {
-            MapOp::ResetService { .. } => return Some(self.reset_batch(run)),
-            MapOp::PutService { .. } => return Some(self.service_batch(run)),
-            MapOp::CreateCounter(_) => return Some(self.counter_batch(run)),
+            MapOp::ResetService { .. } => return Ok(Some(self.reset_batch(run))),
+            MapOp::PutService { .. } => return Ok(Some(self.service_batch(run))),
+            MapOp::CreateCounter(_) => return Ok(Some(self.counter_batch(run))),
             _ => {}
         }
         let mut batch = Batch::default();
@@ -661,7 +754,7 @@ impl Maps {
             MapOp::PutSlots { .. } => ("slots", self.slots.map()),
             MapOp::PutName { .. } => ("service_names", self.service_names.map()),
             MapOp::PutActive { .. } => ("active", self.active.map()),
-            _ => return None,
+            _ => return Ok(None),
         };
         for op in run {
             match op {
@@ -671,8 +764,8 @@ impl Maps {
                     generation,
                     backends,
                 } => {
-                    for (key, backend) in slot_entries(*service_id, *generation, backends) {
-                        batch.push(&key, backend);
+                    for (key, value) in self.slot_entries(*service_id, *generation, backends)? {
+                        batch.push(&key, &value);
                     }
                 }
                 MapOp::PutName { service_id, name } => batch.push(service_id, &service_name(name)),
@@ -680,7 +773,7 @@ impl Maps {
                 _ => unreachable!("a run holds one kind"),
             }
         }
-        Some(vec![BatchWrite::new(name, map, batch)])
+        Ok(Some(vec![BatchWrite::new(name, map, batch)]))
     }
 
     /// Non-preallocated maps take their elements from per-CPU caches that the kernel refills
@@ -735,8 +828,8 @@ impl Maps {
                 generation,
                 backends,
             } => {
-                for (key, backend) in slot_entries(*service_id, *generation, backends) {
-                    self.slots.insert(key, backend, 0)?;
+                for (key, value) in self.slot_entries(*service_id, *generation, backends)? {
+                    self.slots.insert(key, value, 0)?;
                 }
             }
             MapOp::DeleteSlots {
@@ -753,7 +846,10 @@ impl Maps {
                     ignore_missing(self.slots.remove(&key))?;
                 }
             }
-            MapOp::PutSlot { key, backend_id } => self.slots.insert(key, backend_id, 0)?,
+            MapOp::PutSlot { key, backend_id } => {
+                let value = self.slot_value(*backend_id)?;
+                self.slots.insert(key, value, 0)?
+            }
             MapOp::DeleteSlot(key) => ignore_missing(self.slots.remove(key))?,
             MapOp::PutName { service_id, name } => {
                 self.service_names
@@ -853,22 +949,6 @@ fn read_pod<T: aya::Pod>(bytes: &[u8]) -> T {
     assert_eq!(bytes.len(), size_of::<T>());
     // SAFETY: `Pod` types are valid for any bit pattern, and the slice has exactly the size.
     unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) }
-}
-
-/// The slots map entries of one generation's slot set.
-fn slot_entries(
-    service_id: u32,
-    generation: u32,
-    backends: &[u32],
-) -> impl Iterator<Item = (SlotKey, &u32)> {
-    backends.iter().enumerate().map(move |(slot, backend)| {
-        let key = SlotKey {
-            service_id,
-            generation,
-            slot: slot as u32,
-        };
-        (key, backend)
-    })
 }
 
 /// One batch for one map.

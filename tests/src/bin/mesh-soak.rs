@@ -748,7 +748,9 @@ fn leaks(env: &TestEnv, world: &World, want: &BTreeMap<String, Want>) -> Vec<Str
             k["slot"].as_u64().unwrap_or(u64::MAX),
         );
         slot_now.insert(key);
-        let backend = e["formatted"]["value"].as_u64().unwrap_or(u64::MAX);
+        let backend = e["formatted"]["value"]["backend_id"]
+            .as_u64()
+            .unwrap_or(u64::MAX);
         *held.entry(key.0).or_default().entry(backend).or_default() += 1;
     }
     if slot_now != slot_keys {
