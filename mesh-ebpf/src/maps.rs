@@ -88,7 +88,8 @@ pub static DATAPATH_STATS: PerCpuArray<DatapathStats, 1> = PerCpuArray::new();
 pub static PASSIVE: HashMap<BackendStatsKey, PassiveState, MAX_BACKENDS, NO_PREALLOC> =
     HashMap::new();
 
-/// Switches set by the agent (index 0).
+/// The agent's record of its settings and id cursors (index 0), for the next agent and for
+/// operators; the programs get the settings as a read-only global instead (`settings`).
 #[btf_map]
 pub static SETTINGS: Array<Settings, 1> = Array::new();
 

@@ -399,17 +399,19 @@ fn connected_udp_and_tcp_getpeername_and_original_dst_report_the_vip() {
 /// has no DNAT record of the VIP), and the entry exists exactly while the socket is open.
 #[test]
 fn tcp_translations_live_in_tcp_peers_while_their_socket_is_open() {
-    tcp_peers_follow_their_sockets("tcppeers", "127.100.13.2", "");
+    tcp_peers_follow_their_sockets("tcppeers", "127.100.13.2", "", true);
 }
 
 /// With telemetry off the release reads a connection's outcome only for passive detection:
-/// the entry goes at release either way, and nothing may stay behind.
+/// the entry goes at release either way, nothing may stay behind, and no connection is
+/// measured (the switch is fixed in the programs at load).
 #[test]
 fn tcp_translations_are_released_with_telemetry_off() {
     tcp_peers_follow_their_sockets(
         "tcppeers-nt",
         "127.100.13.3",
         "[agent]\ntelemetry = false\n\n",
+        false,
     );
 }
 
@@ -476,7 +478,7 @@ fn tcp_peers_metric(env: &TestEnv) -> Option<f64> {
     )
 }
 
-fn tcp_peers_follow_their_sockets(tag: &str, vip_ip: &str, agent_table: &str) {
+fn tcp_peers_follow_their_sockets(tag: &str, vip_ip: &str, agent_table: &str, telemetry: bool) {
     let a = TcpBackend::start(&format!("{tag}-a"));
     let vip = format!("{vip_ip}:80");
     let vip = vip.as_str();
@@ -559,6 +561,20 @@ fn tcp_peers_follow_their_sockets(tag: &str, vip_ip: &str, agent_table: &str) {
         ),
         (5, 5, 0),
         "five TCP sockets: translations created and released, none failed"
+    );
+    // Two connections to `a` completed and closed (the probe's and the holder's): measured
+    // only with telemetry on.
+    let rtt_samples = metric_value(
+        &env.agent.metrics_text(),
+        "mesh_backend_rtt_seconds_count",
+        &[("service", "tp")],
+    )
+    .unwrap_or(0.0);
+    assert_eq!(
+        rtt_samples,
+        if telemetry { 2.0 } else { 0.0 },
+        "RTT samples of the service's closed connections with telemetry {}",
+        if telemetry { "on" } else { "off" }
     );
 }
 

@@ -152,12 +152,20 @@ fn start_datapath(config: &Config) -> anyhow::Result<Started> {
     } else {
         None
     };
+    let mut flags = 0;
+    if agent.telemetry {
+        flags |= SETTINGS_F_TELEMETRY;
+    }
+    if agent.original_dst {
+        flags |= SETTINGS_F_ORIGINAL_DST;
+    }
     let mut datapath = Datapath::load(&LoadOptions {
         bpffs: &agent.bpffs,
         cgroup: &cgroup,
         capacities,
         kernel_log: kernel_log_level(agent.kernel_log),
         nodeport_devices: devices.as_deref(),
+        settings_flags: flags,
     })?;
     if let Some(devices) = &devices {
         let timeouts = mesh_common::nodeport::FlowTimeouts {
@@ -181,13 +189,6 @@ fn start_datapath(config: &Config) -> anyhow::Result<Started> {
             })
             .collect();
         info!(devices = ?names, "TC programs attached for traffic from other hosts");
-    }
-    let mut flags = 0;
-    if agent.telemetry {
-        flags |= SETTINGS_F_TELEMETRY;
-    }
-    if agent.original_dst {
-        flags |= SETTINGS_F_ORIGINAL_DST;
     }
     let maps = datapath.take_maps().context("maps already taken")?;
     let executor = Executor::adopt(maps, capacities, flags).context("adopting the maps")?;

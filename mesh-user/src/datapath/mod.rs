@@ -147,6 +147,8 @@ pub struct LoadOptions<'a> {
     /// The external devices to attach the TC programs to; None: nodeport is off (any TC
     /// links pinned earlier are removed).
     pub nodeport_devices: Option<&'a [tc::Device]>,
+    /// `SETTINGS_F_*` bits, fixed in the programs at load (the kernel reads no map for them).
+    pub settings_flags: u32,
 }
 
 impl Datapath {
@@ -170,6 +172,7 @@ impl Datapath {
         // Records above this level are skipped in the kernel before any work is done.
         loader.override_global(aya_log::LEVEL, &opts.kernel_log, true);
         loader.override_global("TCP_SOCK_FIELDS", &tcp_sock_fields, true);
+        loader.override_global("SETTINGS_FLAGS", &opts.settings_flags, true);
         for entry in table.iter().filter(|c| c.from_limits) {
             loader.map_max_entries(entry.map, entry.max_entries);
         }
