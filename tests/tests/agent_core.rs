@@ -57,6 +57,16 @@ fn metric(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric_value(&agent.metrics_text(), name, labels).unwrap_or(0.0)
 }
 
+/// Returns once the agent has finished one more resync run; panics after `within`.
+fn wait_for_a_resync(agent: &Agent, within: Duration) {
+    let runs = |agent: &Agent| metric(agent, "mesh_resync_runs_total", &[("result", "ok")]);
+    let before = runs(agent);
+    assert!(
+        wait_until(within, || runs(agent) > before),
+        "no resync within {within:?}"
+    );
+}
+
 fn reconcile_runs(agent: &Agent) -> f64 {
     let text = agent.metrics_text();
     ["ok", "error"]
@@ -390,7 +400,7 @@ fn resync_repairs_entries_deleted_behind_the_agents_back() {
 fn resync_rewrites_a_slot_whose_address_was_overwritten() {
     let a = TcpBackend::start("sv-a");
     let b = TcpBackend::start("sv-b");
-    let vip = "127.100.70.2:80";
+    let vip = "127.100.70.9:80";
     let env = TestEnv::start(
         "slotvalue",
         &with_agent(
@@ -403,15 +413,7 @@ fn resync_rewrites_a_slot_whose_address_was_overwritten() {
     let b_id = id_of(&backends_map(&env.bpffs), b.addr()).expect("b's backend id");
 
     // Right after a resync: the next one is 2 s away.
-    let runs = metric(&env.agent, "mesh_resync_runs_total", &[("result", "ok")]);
-    assert!(
-        wait_until(Duration::from_secs(5), || metric(
-            &env.agent,
-            "mesh_resync_runs_total",
-            &[("result", "ok")]
-        ) > runs),
-        "no resync within 5 s"
-    );
+    wait_for_a_resync(&env.agent, Duration::from_secs(5));
     let window = Instant::now();
     let dump = map_dump(&env.bpffs, "slots");
     let (key, mut value) = dump
@@ -1460,15 +1462,7 @@ fn an_api_change_that_cannot_be_written_answers_failed_and_is_retried() {
     let first_id = id_of(&backends_map(&env.bpffs), first.addr()).expect("backend id");
 
     // Right after a resync: the next one is a whole period away.
-    let runs = metric(&env.agent, "mesh_resync_runs_total", &[("result", "ok")]);
-    assert!(
-        wait_until(Duration::from_secs(3), || metric(
-            &env.agent,
-            "mesh_resync_runs_total",
-            &[("result", "ok")]
-        ) > runs),
-        "no resync within 3 s"
-    );
+    wait_for_a_resync(&env.agent, Duration::from_secs(3));
     let window = Instant::now();
     const JUNK_SERVICE: u32 = 999;
     for slot in 0..7u32 {

@@ -603,9 +603,9 @@ mod tests {
         assert_eq!(bytes, [127, 0, 0, 1, 0x12, 0x34, 0, 0]);
     }
 
-    #[test]
-    fn medians_are_per_case() {
-        let run = |case, ns| CaseRun {
+    /// One round of `case` that cost `ns` per connection.
+    fn run(case: &'static str, ns: f64) -> CaseRun {
+        CaseRun {
             case,
             round: 0,
             conns: 1,
@@ -613,7 +613,11 @@ mod tests {
             per_backend: vec![1],
             ns_per_conn: ns,
             programs: vec![],
-        };
+        }
+    }
+
+    #[test]
+    fn medians_are_per_case() {
         let results = KernelCostResults {
             connects_per_run: 1,
             runs: vec![
@@ -631,15 +635,6 @@ mod tests {
 
     #[test]
     fn the_floor_splits_mesh_vip_cost_into_hooks_and_work() {
-        let run = |case, ns| CaseRun {
-            case,
-            round: 0,
-            conns: 1,
-            errors: 0,
-            per_backend: vec![1],
-            ns_per_conn: ns,
-            programs: vec![],
-        };
         let mut results = KernelCostResults {
             connects_per_run: 1,
             runs: vec![run(CASES[0], 1000.0), run(CASES[1], 200.0)],
