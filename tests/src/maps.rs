@@ -135,6 +135,11 @@ pub fn map_update(bpffs: &BpffsDir, name: &str, key: &[u8], value: &[u8]) {
 /// Entries of `tcp_peers` that an open socket holds. It is an array indexed by socket cookie,
 /// so its length says nothing: an entry is held while its first field, the cookie, is not 0.
 pub fn tcp_peers_in_use(bpffs: &BpffsDir) -> usize {
+    tcp_peers_held(bpffs).len()
+}
+
+/// The held `tcp_peers` entries, as bpftool dumps them (key, raw value and BTF-formatted value).
+pub fn tcp_peers_held(bpffs: &BpffsDir) -> Vec<serde_json::Value> {
     let dump = map_dump(bpffs, "tcp_peers");
     let entries = dump
         .as_array()
@@ -147,7 +152,8 @@ pub fn tcp_peers_in_use(bpffs: &BpffsDir) -> usize {
             });
             value.get(..8).is_some_and(|cookie| cookie != [0; 8])
         })
-        .count()
+        .cloned()
+        .collect()
 }
 
 /// Entries of the `tcp_peers` array.

@@ -4,8 +4,11 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::bail;
-use mesh_common::{Backend, FAMILY_V4, FAMILY_V6, SERVICE_NAME_LEN, ServiceKey, ServiceName};
+use mesh_common::{
+    Backend, FAMILY_V4, FAMILY_V6, SERVICE_NAME_LEN, ServiceKey, ServiceName, SlotValue,
+};
 
+use super::ops::SlotBackend;
 use crate::model::Vip;
 
 pub fn key_of_vip(vip: &Vip) -> ServiceKey {
@@ -34,6 +37,14 @@ pub fn backend_of_addr(addr: &SocketAddr) -> Backend {
         port: addr.port(),
         family,
         _pad: 0,
+    }
+}
+
+/// A slot's value: the backend's id and a copy of its `backends` entry.
+pub fn slot_value(backend: &SlotBackend) -> SlotValue {
+    SlotValue {
+        backend_id: backend.id,
+        backend: backend_of_addr(&backend.addr),
     }
 }
 

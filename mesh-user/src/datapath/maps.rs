@@ -18,8 +18,10 @@ use mesh_common::{
 
 use super::{
     PinLayout,
-    layout::{addr_of_backend, backend_of_addr, key_of_vip, name_of, service_name, vip_of_key},
-    ops::MapOp,
+    layout::{
+        addr_of_backend, backend_of_addr, key_of_vip, name_of, service_name, slot_value, vip_of_key,
+    },
+    ops::{MapOp, SlotBackend},
 };
 use crate::model::Vip;
 
@@ -36,10 +38,6 @@ pub struct Maps {
     ext_services: HashMap<MapData, ServiceKey, Service>,
     slots: HashMap<MapData, SlotKey, SlotValue>,
     backends: HashMap<MapData, u32, Backend>,
-    /// The `backends` entries, for the slot values (which carry their backend's address): read
-    /// from the map when a slot is first written, then kept in step with this handle's own
-    /// writes (the only writer); dropped after a failed write, which may have been partial.
-    backend_values: Option<std::collections::HashMap<u32, Backend>>,
     rr_state: Array<MapData, u64>,
     backend_stats: HashMap<MapData, BackendStatsKey, BackendStats>,
     service_stats: Array<MapData, ServiceStats>,
@@ -296,7 +294,6 @@ impl Maps {
             ext_services: HashMap::try_from(map(map_names::EXT_SERVICES)?)?,
             slots: HashMap::try_from(map(map_names::SLOTS)?)?,
             backends: HashMap::try_from(map(map_names::BACKENDS)?)?,
-            backend_values: None,
             rr_state: Array::try_from(map(map_names::RR_STATE)?)?,
             backend_stats: HashMap::try_from(map(map_names::BACKEND_STATS)?)?,
             service_stats: Array::try_from(map(map_names::SERVICE_STATS)?)?,
@@ -567,15 +564,6 @@ impl Maps {
     /// time, one thread per map written: their order among themselves is invisible to the
     /// data path.
     pub fn apply(&mut self, ops: &[MapOp]) -> anyhow::Result<()> {
-        let result = self.apply_ops(ops);
-        if result.is_err() {
-            self.backend_values = None;
-        }
-        result
-    }
-
-    fn apply_ops(&mut self, ops: &[MapOp]) -> anyhow::Result<()> {
-        self.note_backends(ops)?;
         let runs: Vec<&[MapOp]> = ops.chunk_by(|a, b| a.kind() == b.kind()).collect();
         let mut at = 0;
         while at < runs.len() {
@@ -588,7 +576,7 @@ impl Maps {
             if together > 1 {
                 let mut writes = Vec::new();
                 for run in &runs[at..at + together] {
-                    writes.extend(self.batch_writes(run)?.into_iter().flatten());
+                    writes.extend(self.batch_writes(run).into_iter().flatten());
                 }
                 write_concurrently(&writes)?;
                 at += together;
@@ -597,7 +585,7 @@ impl Maps {
             let run = runs[at];
             at += 1;
             if run.len() >= BATCH_MIN
-                && let Some(writes) = self.batch_writes(run)?
+                && let Some(writes) = self.batch_writes(run)
             {
                 writes.iter().try_for_each(BatchWrite::write)?;
                 continue;
@@ -610,69 +598,20 @@ impl Maps {
         Ok(())
     }
 
-    /// Brings `backend_values` up to what the `backends` map holds once `ops` are written, so
-    /// that slots written with them can carry their backends' addresses. A plan writes a
-    /// backend before any slot that names it and deletes it after the last one.
-    fn note_backends(&mut self, ops: &[MapOp]) -> anyhow::Result<()> {
-        let touches_slots = ops
-            .iter()
-            .any(|op| matches!(op, MapOp::PutSlots { .. } | MapOp::PutSlot { .. }));
-        if self.backend_values.is_none() && !touches_slots {
-            // Read when first needed: the map holds every earlier write.
-            return Ok(());
-        }
-        let values = match &mut self.backend_values {
-            Some(values) => values,
-            none => none.insert(entries(&self.backends)?.into_iter().collect()),
-        };
-        for op in ops {
-            match op {
-                MapOp::PutBackend { id, addr } => {
-                    values.insert(*id, backend_of_addr(addr));
-                }
-                MapOp::DeleteBackend { id } => {
-                    values.remove(id);
-                }
-                _ => {}
-            }
-        }
-        Ok(())
-    }
-
-    /// The value of a slot that holds `backend_id`.
-    fn slot_value(&self, backend_id: u32) -> anyhow::Result<SlotValue> {
-        let backend = self
-            .backend_values
-            .as_ref()
-            .and_then(|values| values.get(&backend_id))
-            .with_context(|| {
-                format!("a slot names backend {backend_id}, which the backends map does not hold")
-            })?;
-        Ok(SlotValue {
-            backend_id,
-            backend: *backend,
-        })
-    }
-
     /// The slots map entries of one generation's slot set.
     fn slot_entries(
-        &self,
         service_id: u32,
         generation: u32,
-        backends: &[u32],
-    ) -> anyhow::Result<Vec<(SlotKey, SlotValue)>> {
-        backends
-            .iter()
-            .enumerate()
-            .map(|(slot, &backend_id)| {
-                let key = SlotKey {
-                    service_id,
-                    generation,
-                    slot: slot as u32,
-                };
-                Ok((key, self.slot_value(backend_id)?))
-            })
-            .collect()
+        backends: &[SlotBackend],
+    ) -> impl Iterator<Item = (SlotKey, SlotValue)> {
+        backends.iter().enumerate().map(move |(slot, backend)| {
+            let key = SlotKey {
+                service_id,
+                generation,
+                slot: slot as u32,
+            };
+            (key, slot_value(backend))
+        })
     }
 
     /// `ResetService` for a run of ids: round-robin positions and per-service counters zeroed.
@@ -741,11 +680,11 @@ impl Maps {
 
     /// A run of puts of one kind as `BPF_MAP_UPDATE_BATCH` writes (one syscall instead of one
     /// per element: most of a cold start's time). None for kinds written one by one.
-    fn batch_writes(&self, run: &[MapOp]) -> anyhow::Result<Option<Vec<BatchWrite<'_>>>> {
+    fn batch_writes(&self, run: &[MapOp]) -> Option<Vec<BatchWrite<'_>>> {
         match run[0] {
-            MapOp::ResetService { .. } => return Ok(Some(self.reset_batch(run))),
-            MapOp::PutService { .. } => return Ok(Some(self.service_batch(run))),
-            MapOp::CreateCounter(_) => return Ok(Some(self.counter_batch(run))),
+            MapOp::ResetService { .. } => return Some(self.reset_batch(run)),
+            MapOp::PutService { .. } => return Some(self.service_batch(run)),
+            MapOp::CreateCounter(_) => return Some(self.counter_batch(run)),
             _ => {}
         }
         let mut batch = Batch::default();
@@ -754,7 +693,7 @@ impl Maps {
             MapOp::PutSlots { .. } => ("slots", self.slots.map()),
             MapOp::PutName { .. } => ("service_names", self.service_names.map()),
             MapOp::PutActive { .. } => ("active", self.active.map()),
-            _ => return Ok(None),
+            _ => return None,
         };
         for op in run {
             match op {
@@ -764,7 +703,7 @@ impl Maps {
                     generation,
                     backends,
                 } => {
-                    for (key, value) in self.slot_entries(*service_id, *generation, backends)? {
+                    for (key, value) in Self::slot_entries(*service_id, *generation, backends) {
                         batch.push(&key, &value);
                     }
                 }
@@ -773,7 +712,7 @@ impl Maps {
                 _ => unreachable!("a run holds one kind"),
             }
         }
-        Ok(Some(vec![BatchWrite::new(name, map, batch)]))
+        Some(vec![BatchWrite::new(name, map, batch)])
     }
 
     /// Non-preallocated maps take their elements from per-CPU caches that the kernel refills
@@ -828,7 +767,7 @@ impl Maps {
                 generation,
                 backends,
             } => {
-                for (key, value) in self.slot_entries(*service_id, *generation, backends)? {
+                for (key, value) in Self::slot_entries(*service_id, *generation, backends) {
                     self.slots.insert(key, value, 0)?;
                 }
             }
@@ -846,10 +785,7 @@ impl Maps {
                     ignore_missing(self.slots.remove(&key))?;
                 }
             }
-            MapOp::PutSlot { key, backend_id } => {
-                let value = self.slot_value(*backend_id)?;
-                self.slots.insert(key, value, 0)?
-            }
+            MapOp::PutSlot { key, backend } => self.slots.insert(key, slot_value(backend), 0)?,
             MapOp::DeleteSlot(key) => ignore_missing(self.slots.remove(key))?,
             MapOp::PutName { service_id, name } => {
                 self.service_names

@@ -36,7 +36,7 @@ pub use self::{
     lock::PinsLock,
     log::{KernelLogger, forward_kernel_log},
     maps::{Counters, Maps, Snapshot, service_range},
-    ops::MapOp,
+    ops::{MapOp, SlotBackend},
     reader::{MapReader, Pending, Poll},
 };
 

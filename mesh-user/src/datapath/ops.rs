@@ -8,6 +8,14 @@ use mesh_common::{AffinityKey, BackendStatsKey, Service, SlotKey};
 
 use crate::model::Vip;
 
+/// What a slot holds: a backend's id and a copy of its address, which a connect reads from
+/// the slot instead of looking the id up in `backends`. An id keeps its address while in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotBackend {
+    pub id: u32,
+    pub addr: SocketAddr,
+}
+
 /// One write to the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
@@ -33,7 +41,7 @@ pub enum MapOp {
     PutSlots {
         service_id: u32,
         generation: u32,
-        backends: Vec<u32>,
+        backends: Vec<SlotBackend>,
     },
     /// Deletes slots `0..count` of one generation.
     DeleteSlots {
@@ -44,7 +52,7 @@ pub enum MapOp {
     /// One slot (repairs).
     PutSlot {
         key: SlotKey,
-        backend_id: u32,
+        backend: SlotBackend,
     },
     DeleteSlot(SlotKey),
     PutName {
@@ -160,10 +168,14 @@ mod tests {
             generation: 0,
             slot: 0,
         };
+        let backend = SlotBackend {
+            id: 2,
+            addr: "127.0.0.1:8080".parse().unwrap(),
+        };
         let reorderable = [
             MapOp::PutBackend {
-                id: 2,
-                addr: "127.0.0.1:8080".parse().unwrap(),
+                id: backend.id,
+                addr: backend.addr,
             },
             MapOp::CreateCounter(pair()),
             MapOp::ResetService { service_id: 1 },
@@ -182,17 +194,14 @@ mod tests {
             MapOp::PutSlots {
                 service_id: 1,
                 generation: 0,
-                backends: vec![2],
+                backends: vec![backend],
             },
             MapOp::DeleteSlots {
                 service_id: 1,
                 generation: 0,
                 count: 1,
             },
-            MapOp::PutSlot {
-                key: slot,
-                backend_id: 2,
-            },
+            MapOp::PutSlot { key: slot, backend },
             MapOp::DeleteSlot(slot),
             MapOp::DeleteName { service_id: 1 },
             MapOp::PutService {

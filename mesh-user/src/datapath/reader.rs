@@ -123,7 +123,7 @@ impl Snapshot {
                 } => {
                     for (slot, backend) in backends.iter().enumerate() {
                         let key = slot_key(*service_id, *generation, slot as u32);
-                        self.slots.insert(key, *backend);
+                        self.slots.insert(key, backend.id);
                     }
                 }
                 MapOp::DeleteSlots {
@@ -135,8 +135,8 @@ impl Snapshot {
                         self.slots.remove(&slot_key(*service_id, *generation, slot));
                     }
                 }
-                MapOp::PutSlot { key, backend_id } => {
-                    self.slots.insert(*key, *backend_id);
+                MapOp::PutSlot { key, backend } => {
+                    self.slots.insert(*key, backend.id);
                 }
                 MapOp::DeleteSlot(key) => {
                     self.slots.remove(key);
@@ -183,6 +183,7 @@ mod tests {
     use mesh_common::{AffinityKey, BackendStatsKey, Service};
 
     use super::*;
+    use crate::datapath::SlotBackend;
 
     fn pair(service_id: u32, backend_id: u32) -> BackendStatsKey {
         BackendStatsKey {
@@ -223,7 +224,12 @@ mod tests {
             MapOp::PutSlots {
                 service_id: 7,
                 generation: 2,
-                backends: vec![3, 1],
+                backends: [3, 1]
+                    .map(|id| SlotBackend {
+                        id,
+                        addr: addr(id as u16),
+                    })
+                    .to_vec(),
             },
             MapOp::PutActive {
                 key: pair(7, 3),

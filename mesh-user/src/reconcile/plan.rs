@@ -18,7 +18,7 @@ use mesh_common::capacity::Limits;
 
 use super::applied::{Applied, AppliedService, Patch, SlotSet, named_backends, pair};
 use crate::{
-    datapath::MapOp,
+    datapath::{MapOp, SlotBackend},
     desired::{DesiredService, DesiredState},
     model::Vip,
 };
@@ -323,7 +323,15 @@ fn plan_service(
     // Every member has an id: known backends keep theirs, new ones were just handed out.
     let backend = |addr: &SocketAddr| id_of(addr).unwrap_or_default();
     let members: BTreeSet<u32> = want.members.iter().map(|m| backend(&m.addr)).collect();
-    let slots: Vec<u32> = want.slot_layout().iter().map(backend).collect();
+    let slot_backends: Vec<SlotBackend> = want
+        .slot_layout()
+        .iter()
+        .map(|addr| SlotBackend {
+            id: backend(addr),
+            addr: *addr,
+        })
+        .collect();
+    let slots: Vec<u32> = slot_backends.iter().map(|b| b.id).collect();
 
     let mut active = BTreeMap::new();
     for &backend_id in &slots {
@@ -399,12 +407,13 @@ fn plan_service(
         }
     };
     if old.is_none_or(|o| o.live != live) && !live.backends.is_empty() {
+        // A new live set is always this layout.
         ops.push(
             Phase::Slots,
             MapOp::PutSlots {
                 service_id: id,
                 generation: live.generation,
-                backends: live.backends.clone(),
+                backends: slot_backends,
             },
         );
     }
@@ -551,13 +560,24 @@ mod tests {
         ops.iter().position(pred).expect("op present")
     }
 
-    /// The maps as plain sets of entries, with the ops applied the way the kernel sees them.
+    /// The maps as plain sets of entries, with the ops applied the way the kernel sees them,
+    /// and the backend address each slot carries.
     #[derive(Default, Debug, Clone, PartialEq)]
-    struct Model(Entries);
+    struct Model(Entries, BTreeMap<SlotKey, SocketAddr>);
 
     impl Model {
+        /// Maps that hold `entries`, every slot with its backend's address.
+        fn of(entries: Entries) -> Model {
+            let addrs = entries
+                .slots
+                .iter()
+                .filter_map(|(key, id)| Some((*key, *entries.backends.get(id)?)))
+                .collect();
+            Model(entries, addrs)
+        }
+
         fn apply(&mut self, op: &MapOp) {
-            let e = &mut self.0;
+            let (e, slot_addrs) = (&mut self.0, &mut self.1);
             match op {
                 MapOp::PutBackend { id, addr } => {
                     e.backends.insert(*id, *addr);
@@ -578,13 +598,14 @@ mod tests {
                     generation,
                     backends,
                 } => {
-                    for (slot, &b) in backends.iter().enumerate() {
+                    for (slot, b) in backends.iter().enumerate() {
                         let key = SlotKey {
                             service_id: *service_id,
                             generation: *generation,
                             slot: slot as u32,
                         };
-                        e.slots.insert(key, b);
+                        e.slots.insert(key, b.id);
+                        slot_addrs.insert(key, b.addr);
                     }
                 }
                 MapOp::DeleteSlots {
@@ -593,18 +614,22 @@ mod tests {
                     count,
                 } => {
                     for slot in 0..*count {
-                        e.slots.remove(&SlotKey {
+                        let key = SlotKey {
                             service_id: *service_id,
                             generation: *generation,
                             slot,
-                        });
+                        };
+                        e.slots.remove(&key);
+                        slot_addrs.remove(&key);
                     }
                 }
-                MapOp::PutSlot { key, backend_id } => {
-                    e.slots.insert(*key, *backend_id);
+                MapOp::PutSlot { key, backend } => {
+                    e.slots.insert(*key, backend.id);
+                    slot_addrs.insert(*key, backend.addr);
                 }
                 MapOp::DeleteSlot(key) => {
                     e.slots.remove(key);
+                    slot_addrs.remove(key);
                 }
                 MapOp::PutName { service_id, name } => {
                     e.names.insert(*service_id, name.clone());
@@ -627,28 +652,35 @@ mod tests {
             }
         }
 
-        /// What a connect could see: every slot of every live entry names a known backend, and
-        /// every active mark names a member with a counter.
+        /// A slot that names a backend the maps hold, and carries that backend's address.
+        fn slot_reaches_its_backend(&self, key: &SlotKey) -> Result<(), String> {
+            let Some(backend) = self.0.slots.get(key) else {
+                return Err("missing".into());
+            };
+            let Some(addr) = self.0.backends.get(backend) else {
+                return Err(format!("names unknown backend {backend}"));
+            };
+            match self.1.get(key) {
+                Some(carried) if carried == addr => Ok(()),
+                carried => Err(format!(
+                    "carries {carried:?}, but backend {backend} is {addr}"
+                )),
+            }
+        }
+
+        /// What a connect could see: every slot of every live entry names a known backend and
+        /// carries its address.
         fn check_connectable(&self) -> Result<(), String> {
-            let e = &self.0;
-            for (vip, svc) in &e.services {
+            for (vip, svc) in &self.0.services {
                 for slot in 0..svc.slot_count {
                     let key = SlotKey {
                         service_id: svc.id,
                         generation: svc.generation,
                         slot,
                     };
-                    let Some(backend) = e.slots.get(&key) else {
-                        return Err(format!(
-                            "{vip}: slot {slot} of generation {} missing",
-                            svc.generation
-                        ));
-                    };
-                    if !e.backends.contains_key(backend) {
-                        return Err(format!(
-                            "{vip}: slot {slot} names unknown backend {backend}"
-                        ));
-                    }
+                    self.slot_reaches_its_backend(&key).map_err(|e| {
+                        format!("{vip}: slot {slot} of generation {}: {e}", svc.generation)
+                    })?;
                 }
             }
             Ok(())
@@ -674,15 +706,11 @@ mod tests {
                         generation: old.generation,
                         slot,
                     };
-                    let found = e
-                        .slots
-                        .get(&key)
-                        .is_some_and(|b| e.backends.contains_key(b));
-                    if !found {
-                        return Err(format!(
-                            "{vip}: previous generation slot {slot} gone right after the switch"
-                        ));
-                    }
+                    self.slot_reaches_its_backend(&key).map_err(|e| {
+                        format!(
+                            "{vip}: previous generation slot {slot} right after the switch: {e}"
+                        )
+                    })?;
                 }
             }
             Ok(())
@@ -1099,7 +1127,7 @@ mod tests {
             service("web", &[("127.0.0.1:5", 1, true), ("127.0.0.1:6", 1, true)]),
         )]);
         let (ops, next) = plan(&v3, &applied, &tight).unwrap();
-        let mut model = Model(applied.entries());
+        let mut model = Model::of(applied.entries());
         apply_checked(&mut model, &ops).unwrap();
         assert!(model.0.slots.len() <= 4);
         assert_eq!(model.0, next.entries());

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::applied::Entries;
-use crate::datapath::{MapOp, Snapshot};
+use crate::datapath::{MapOp, SlotBackend, Snapshot};
 
 /// Writes that make `actual` hold exactly `expected`, ordered as a plan is (puts of what an
 /// entry points at before the entry, deletes after).
@@ -31,10 +31,17 @@ pub fn repair(expected: &Entries, actual: &Snapshot) -> Vec<MapOp> {
         }
     }
     for (key, &backend_id) in &expected.slots {
-        if actual.slots.get(key) != Some(&backend_id) {
+        // Every backend a slot of the model names has an address (`Applied` keeps ids only
+        // while their entries exist); a slot without one could not be written whole.
+        if actual.slots.get(key) != Some(&backend_id)
+            && let Some(&addr) = expected.backends.get(&backend_id)
+        {
             early.push(MapOp::PutSlot {
                 key: *key,
-                backend_id,
+                backend: SlotBackend {
+                    id: backend_id,
+                    addr,
+                },
             });
         }
     }

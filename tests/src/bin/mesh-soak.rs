@@ -65,17 +65,21 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use integration_tests::admin::{AdminApi, free_loopback_addr};
 use integration_tests::kube_api::KubeApi;
-use integration_tests::maps::{DatapathCounters, datapath_counters, map_dump, tcp_peers_in_use};
+use integration_tests::maps::{
+    DatapathCounters, datapath_counters, map_dump, tcp_peers_held, tcp_peers_in_use,
+};
 use integration_tests::observe::pinned_links;
 use integration_tests::probe::probe_udp_in;
+use integration_tests::process::run_bounded;
 use integration_tests::redis::RedisServer;
 use integration_tests::{
-    CgroupGuard, ClientLoop, NetNs, ProbeServer, ServerKind, TcpBackend, TempDir, TestEnv,
-    UdpBackend, services,
+    BpffsDir, CgroupGuard, ClientLoop, NetNs, ProbeServer, ServerKind, TcpBackend, TempDir,
+    TestEnv, UdpBackend, services,
 };
 use serde_json::{Value, json};
 
@@ -781,6 +785,33 @@ fn leaks(env: &TestEnv, world: &World, want: &BTreeMap<String, Want>) -> Vec<Str
     problems
 }
 
+/// The held `tcp_peers` entries and every socket `ss` still lists with one of their cookies (in
+/// the host's and the pod's network namespaces, where the clients run), to tell a socket still
+/// open from an entry its release missed.
+fn held_peers_report(bpffs: &BpffsDir, pod: &Pod) -> String {
+    let held = tcp_peers_held(bpffs);
+    let cookies: Vec<String> = held
+        .iter()
+        .filter_map(|e| e["formatted"]["value"]["cookie"].as_u64())
+        .map(|cookie| format!("sk:{cookie:x} "))
+        .collect();
+    let mut sockets = Vec::new();
+    for (netns, mut cmd) in [("host", Command::new("ss")), ("pod", pod.ns.command("ss"))] {
+        cmd.args(["-tanpie"]);
+        match run_bounded(&mut cmd, Duration::from_secs(10)) {
+            Ok(out) => sockets.extend(
+                out.stdout
+                    .lines()
+                    .filter(|l| cookies.iter().any(|c| l.contains(c.as_str())))
+                    .map(|l| format!("{netns}: {l}")),
+            ),
+            Err(e) => sockets.push(format!("{netns}: ss failed: {e}")),
+        }
+    }
+    let entries: Vec<&Value> = held.iter().map(|e| &e["formatted"]).collect();
+    format!("held tcp_peers entries {entries:?}; open sockets with their cookies {sockets:?}")
+}
+
 #[derive(Default)]
 struct Tally {
     attempts: u64,
@@ -1159,6 +1190,15 @@ fn soak(seconds: u64, seed: u64) -> bool {
                 "datapath_stats: {field} went down ({node_counters:?} -> {node_now:?})"
             ));
         }
+        // Every client of the round has exited: each translation it made was released again.
+        if node_now.rev_created != node_now.rev_released {
+            run.violation(format!(
+                "after the clients closed: datapath_stats rev_created {} != rev_released {}; {}",
+                node_now.rev_created,
+                node_now.rev_released,
+                held_peers_report(&env.bpffs, &pod)
+            ));
+        }
         node_counters = node_now;
         if let Some(kib) = rss_kib(env.agent.pid()) {
             rss.push((started.elapsed().as_secs_f64(), env.agent.pid(), kib));
@@ -1199,6 +1239,9 @@ fn soak(seconds: u64, seed: u64) -> bool {
             },
             settle.elapsed()
         );
+    }
+    if tcp_peers_in_use(&env.bpffs) != 0 {
+        println!("end: {}", held_peers_report(&env.bpffs, &pod));
     }
     for problem in problems {
         run.violation(format!("end: {problem}"));
