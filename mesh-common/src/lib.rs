@@ -13,6 +13,7 @@
 #![no_std]
 
 pub mod capacity;
+pub mod kfunc;
 pub mod nodeport;
 
 /// Bump when any map key or value below changes layout. It is part of every pin path, so a new

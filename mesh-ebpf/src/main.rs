@@ -16,7 +16,7 @@
 //! Entry points are thin; the logic is in the modules, by concern.
 #![no_std]
 #![no_main]
-#![feature(core_intrinsics)]
+#![feature(core_intrinsics, asm_experimental_arch)]
 #![expect(
     internal_features,
     reason = "atomic_xadd is the only fetching atomic add on bpf"
@@ -24,6 +24,7 @@
 
 mod addr;
 mod connect;
+mod kfunc;
 mod maps;
 mod nodeport;
 mod outcome;

@@ -6,7 +6,7 @@
 //! attached, so TCP sockets of the cgroup cost no callbacks at all (a sock_ops program would
 //! run at least five times for every one of them, translated or not).
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_probe_read_kernel, programs::SockContext};
+use aya_ebpf::{bindings::BPF_NOEXIST, programs::SockContext};
 use aya_log_ebpf::debug;
 use mesh_common::{
     BackendStats, BackendStatsKey, PassiveState, RTT_BUCKETS, TcpCounters, TcpSockFields,
@@ -38,34 +38,29 @@ fn fields() -> TcpSockFields {
     unsafe { core::ptr::read_volatile(&raw const TCP_SOCK_FIELDS) }
 }
 
-/// The TCP socket `sk`'s cookie as it stands, without creating one; None if its offset is not
+/// The TCP socket's cookie as it stands, without creating one; None if its offset is not
 /// known. 0 means nobody ever asked for it, so the socket was certainly never translated (a
-/// translated TCP connect always does): one read for every TCP socket of the cgroup that mesh
+/// translated TCP connect always does): one load for every TCP socket of the cgroup that mesh
 /// has nothing to do with, instead of creating a cookie and looking it up.
 #[inline(always)]
-pub fn current_cookie(sk: *const u8) -> Option<u64> {
+pub fn current_cookie(tcp: *const u8) -> Option<u64> {
     let offset = fields().sk_cookie;
     if offset == 0 {
         return None;
     }
-    read::<u64>(sk, offset)
+    Some(load::<u64>(tcp, offset))
 }
 
 /// A translated TCP socket is released: record how its connection went.
 #[inline(always)]
-pub fn tcp_released(ctx: &SockContext, key: &BackendStatsKey) {
-    let sk = ctx.sock as *const u8;
+pub fn tcp_released(ctx: &SockContext, tcp: *const u8, key: &BackendStatsKey) {
     // SAFETY: the kernel hands a valid socket to sock_release programs.
     let state = unsafe { (*ctx.sock).state };
     let fields = fields();
     if fields.bytes_acked == 0 {
         return;
     }
-    // The helper fails only for an address outside the kernel's memory, which these are not.
-    let Some(counters) = read_counters(sk, state, &fields) else {
-        return;
-    };
-    match released_payload(&counters) {
+    match released_payload(&read_counters(tcp, state, &fields)) {
         None => {
             connect_failed(key);
             debug!(
@@ -80,7 +75,7 @@ pub fn tcp_released(ctx: &SockContext, key: &BackendStatsKey) {
             };
             connect_succeeded(key, stats);
             if telemetry_on() {
-                let srtt = read::<u32>(sk, fields.srtt_us).unwrap_or(0);
+                let srtt = load::<u32>(tcp, fields.srtt_us);
                 // srtt_us holds 8 times the smoothed RTT.
                 record_close(stats, sent, received, u64::from(srtt >> 3));
             }
@@ -89,38 +84,40 @@ pub fn tcp_released(ctx: &SockContext, key: &BackendStatsKey) {
 }
 
 #[inline(always)]
-fn read_counters(sk: *const u8, state: u32, f: &TcpSockFields) -> Option<TcpCounters> {
-    let bytes_acked = read::<u64>(sk, f.bytes_acked)?;
+fn read_counters(tcp: *const u8, state: u32, f: &TcpSockFields) -> TcpCounters {
+    let bytes_acked = load::<u64>(tcp, f.bytes_acked);
     if bytes_acked == 0 {
         // The connect never completed: nothing else matters.
-        return Some(TcpCounters {
+        return TcpCounters {
             state,
             ..TcpCounters::default()
-        });
+        };
     }
     let fin_received = if peer_fin_possible(state) {
-        let sk_flags = read::<u64>(sk, f.sk_flags)?;
+        let sk_flags = load::<u64>(tcp, f.sk_flags);
         (sk_flags >> (f.sock_done_bit & 63)) & 1 != 0
     } else {
         false
     };
-    Some(TcpCounters {
+    TcpCounters {
         state,
         fin_received,
-        write_seq: read::<u32>(sk, f.write_seq)?,
-        snd_una: read::<u32>(sk, f.snd_una)?,
+        write_seq: load::<u32>(tcp, f.write_seq),
+        snd_una: load::<u32>(tcp, f.snd_una),
         bytes_acked,
-        bytes_received: read::<u64>(sk, f.bytes_received)?,
-    })
+        bytes_received: load::<u64>(tcp, f.bytes_received),
+    }
 }
 
-/// A field of the socket at `offset`. The Rust toolchain cannot relocate BTF field accesses, so
-/// the offset comes from the agent and the read goes through the helper.
+/// The field at `offset` of the socket's `struct tcp_sock` (`kfunc::tcp_sock`). The offset is
+/// a constant to the verifier (a frozen read-only global), which checks the load against the
+/// kernel's BTF; a fault reads 0.
 #[inline(always)]
-fn read<T>(sk: *const u8, offset: u32) -> Option<T> {
-    // SAFETY: `sk` is the socket the kernel handed to the program and `offset` lies inside its
-    // `struct tcp_sock` (the agent took it from this kernel's BTF); the helper checks the read.
-    unsafe { bpf_probe_read_kernel(sk.wrapping_add(offset as usize).cast::<T>()) }.ok()
+fn load<T>(tcp: *const u8, offset: u32) -> T {
+    // SAFETY: `tcp` is the BTF pointer of the released socket and `offset` lies inside its
+    // `struct tcp_sock` (the agent took it from this kernel's BTF). Volatile: one load of
+    // exactly this field, which is what the verifier accepts.
+    unsafe { core::ptr::read_volatile(tcp.wrapping_add(offset as usize).cast::<T>()) }
 }
 
 /// A completed connect ends the backend's run of consecutive failures. A pair that never

@@ -6,7 +6,7 @@ use mesh_common::{BackendStatsKey, PROTO_TCP};
 
 use crate::reverse::{existing_sock_rev, forget_tcp_peer, tcp_peer};
 use crate::stats::count;
-use crate::{outcome, udp};
+use crate::{kfunc, outcome, udp};
 
 /// sock_release: forget the socket's translation (and its UDP flow), counting it as released;
 /// for a TCP connection the load balancer made, record how it went (`outcome`) first.
@@ -16,7 +16,8 @@ pub fn release(ctx: &SockContext) {
     // SAFETY: the kernel hands a valid socket to sock_release programs.
     let tcp = unsafe { (*sk).protocol } == u32::from(PROTO_TCP);
     if tcp {
-        let cookie = match outcome::current_cookie(sk as *const u8) {
+        let tcp_sock = kfunc::tcp_sock(sk);
+        let cookie = match outcome::current_cookie(tcp_sock) {
             // Never translated: nothing to forget or record (most TCP sockets of the cgroup).
             Some(0) => return,
             Some(cookie) => cookie,
@@ -30,7 +31,7 @@ pub fn release(ctx: &SockContext) {
                 (stats_key(peer.service_id, peer.backend_id), peer.observe)
             };
             if observe != 0 {
-                outcome::tcp_released(ctx, &key);
+                outcome::tcp_released(ctx, tcp_sock, &key);
             }
             forget_tcp_peer(entry);
             return;
@@ -44,7 +45,8 @@ pub fn release(ctx: &SockContext) {
     // SAFETY: non-null storage of this socket.
     let rev = unsafe { &*rev };
     if tcp && rev.has_peer != 0 && rev.observe != 0 {
-        outcome::tcp_released(ctx, &stats_key(rev.service_id, rev.backend_id));
+        let tcp_sock = kfunc::tcp_sock(sk);
+        outcome::tcp_released(ctx, tcp_sock, &stats_key(rev.service_id, rev.backend_id));
     }
     if rev.has_flow != 0 {
         udp::forget_flow(sk);

@@ -1,7 +1,9 @@
-//! Offsets of the `struct tcp_sock` fields the kernel programs read at a socket's release,
-//! taken from the running kernel's BTF (`/sys/kernel/btf/vmlinux`). The Rust BPF toolchain
-//! emits no CO-RE relocations, so the agent resolves the offsets itself and hands them to the
-//! programs as a read-only global.
+//! What the kernel programs need of the running kernel's BTF (`/sys/kernel/btf/vmlinux`) to
+//! read a socket at its release: the offsets of the `struct tcp_sock` fields they load, and
+//! the BTF ids of the kfunc that makes the socket loadable and of `struct tcp_sock`. The Rust
+//! BPF toolchain emits no CO-RE or kfunc relocations, so the agent resolves them itself: the
+//! offsets go to the programs as a read-only global, the ids into their instructions
+//! (`mesh_common::kfunc`).
 //!
 //! A small reader of the BTF format (a stable kernel UAPI, `include/uapi/linux/btf.h`): only
 //! what finding struct members and enum values needs. (btf-rs would do it but is LGPL; aya-obj
@@ -10,7 +12,7 @@
 use std::collections::HashMap;
 
 use anyhow::{Context as _, bail, ensure};
-use mesh_common::TcpSockFields;
+use mesh_common::{TcpSockFields, kfunc::KfuncIds};
 
 const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 const MAGIC: u16 = 0xeb9f;
@@ -24,6 +26,7 @@ const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
@@ -31,16 +34,36 @@ const KIND_DECL_TAG: u32 = 17;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
-/// The fields of the running kernel.
-pub fn tcp_sock_fields() -> anyhow::Result<TcpSockFields> {
+/// What the release program needs of the running kernel.
+pub struct SocketAccess {
+    pub fields: TcpSockFields,
+    pub kfuncs: KfuncIds,
+}
+
+/// The running kernel's offsets and ids.
+pub fn socket_access() -> anyhow::Result<SocketAccess> {
     let data = std::fs::read(VMLINUX).with_context(|| {
         format!(
             "reading the kernel's BTF at {VMLINUX} (mesh needs a kernel built with \
              CONFIG_DEBUG_INFO_BTF to read connection outcomes)"
         )
     })?;
-    fields_of(&Btf::parse(&data).with_context(|| format!("parsing {VMLINUX}"))?)
-        .with_context(|| format!("finding the struct tcp_sock fields mesh reads in {VMLINUX}"))
+    let btf = Btf::parse(&data).with_context(|| format!("parsing {VMLINUX}"))?;
+    Ok(SocketAccess {
+        fields: fields_of(&btf).with_context(|| {
+            format!("finding the struct tcp_sock fields mesh reads in {VMLINUX}")
+        })?,
+        kfuncs: kfuncs_of(&btf).with_context(|| {
+            format!("finding the kfunc mesh calls in {VMLINUX} (it needs Linux 6.2 or later)")
+        })?,
+    })
+}
+
+fn kfuncs_of(btf: &Btf<'_>) -> anyhow::Result<KfuncIds> {
+    Ok(KfuncIds {
+        rdonly_cast: btf.named(KIND_FUNC, "bpf_rdonly_cast")?,
+        tcp_sock: btf.named(KIND_STRUCT, "tcp_sock")?,
+    })
 }
 
 fn fields_of(btf: &Btf<'_>) -> anyhow::Result<TcpSockFields> {
@@ -151,7 +174,7 @@ impl<'a> Btf<'a> {
             };
             btf.entries.push(entry);
             let id = btf.entries.len() as u32;
-            if matches!(entry.kind, KIND_STRUCT | KIND_ENUM) {
+            if matches!(entry.kind, KIND_STRUCT | KIND_ENUM | KIND_FUNC) {
                 let name = btf.string(entry.name_off)?;
                 // The first definition wins; vmlinux has one of each name that matters here.
                 btf.by_name.entry((entry.kind, name)).or_insert(id);
@@ -275,6 +298,7 @@ fn kind_name(kind: u32) -> &'static str {
     match kind {
         KIND_STRUCT => "struct",
         KIND_ENUM => "enum",
+        KIND_FUNC => "function",
         KIND_INT => "int",
         _ => "type",
     }
@@ -344,6 +368,32 @@ mod tests {
             }
         }
 
+        /// A function, typed by a prototype without parameters.
+        fn func(&mut self, name: &str) {
+            self.types.extend([0, KIND_FUNC_PROTO << 24, 0]);
+            let proto = self.types_count();
+            let n = self.name(name);
+            self.types.extend([n, KIND_FUNC << 24, proto]);
+        }
+
+        /// Type ids so far (each type above is 3 words plus its trailing data).
+        fn types_count(&self) -> u32 {
+            let mut at = 0;
+            let mut count = 0;
+            while at < self.types.len() {
+                let info = self.types[at + 1];
+                let vlen = (info & 0xffff) as usize;
+                at += 3 + match info >> 24 {
+                    KIND_INT => 1,
+                    KIND_STRUCT | KIND_UNION => 3 * vlen,
+                    KIND_ENUM => 2 * vlen,
+                    _ => 0,
+                };
+                count += 1;
+            }
+            count
+        }
+
         fn bytes(&self) -> Vec<u8> {
             let types: Vec<u8> = self.types.iter().flat_map(|w| w.to_ne_bytes()).collect();
             let mut out = Vec::new();
@@ -403,8 +453,35 @@ mod tests {
                 ("bytes_acked", 4, 1824 * 8),
             ],
         ); // 12
-        b.enumeration("sock_flags", &[("SOCK_DEAD", 0), ("SOCK_DONE", 1)]);
+        b.enumeration("sock_flags", &[("SOCK_DEAD", 0), ("SOCK_DONE", 1)]); // 13
+        b.func("bpf_cast_to_kern_ctx"); // 14, 15
+        b.func("bpf_rdonly_cast"); // 16, 17
         b.bytes()
+    }
+
+    #[test]
+    fn finds_the_kfunc_and_the_socket_type() {
+        let data = kernel_like(2);
+        let ids = kfuncs_of(&Btf::parse(&data).expect("parse")).expect("ids");
+        assert_eq!(
+            ids,
+            KfuncIds {
+                rdonly_cast: 17,
+                tcp_sock: 12
+            }
+        );
+    }
+
+    #[test]
+    fn a_kernel_without_the_kfunc_is_named() {
+        let mut b = Builder::new();
+        b.strukt("tcp_sock", 8, &[]);
+        let data = b.bytes();
+        let err = kfuncs_of(&Btf::parse(&data).expect("parse")).expect_err("no kfunc");
+        assert!(
+            format!("{err:#}").contains("no function bpf_rdonly_cast"),
+            "{err:#}"
+        );
     }
 
     #[test]
@@ -459,8 +536,10 @@ mod tests {
             eprintln!("{VMLINUX} missing: nothing to check on this host");
             return;
         }
-        let fields = tcp_sock_fields().expect("fields of the running kernel");
-        eprintln!("{fields:?}");
+        let access = socket_access().expect("fields and ids of the running kernel");
+        let fields = access.fields;
+        eprintln!("{fields:?} {:?}", access.kfuncs);
+        assert!(access.kfuncs.rdonly_cast > 0 && access.kfuncs.tcp_sock > 0);
         // struct sock comes first and is far smaller than tcp_sock's own fields' offsets.
         assert!(fields.sk_flags < fields.write_seq, "{fields:?}");
         assert!(fields.write_seq > 0 && fields.bytes_acked > fields.write_seq);

@@ -15,6 +15,7 @@ mod lock;
 mod log;
 mod maps;
 mod netns;
+mod object;
 mod ops;
 mod reader;
 pub mod sockdiag;
@@ -32,6 +33,8 @@ use aya::{Ebpf, EbpfLoader, programs::Program};
 use mesh_common::{LAYOUT_VERSION, capacity, map_names};
 use tracing::info;
 
+use self::object::EbpfObject;
+
 pub use self::{
     lock::PinsLock,
     log::{KernelLogger, forward_kernel_log},
@@ -39,8 +42,6 @@ pub use self::{
     ops::{MapOp, SlotBackend},
     reader::{MapReader, Pending, Poll},
 };
-
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
 
 /// The programs, by their function names in `mesh-ebpf`, with the kernel's attach type
 /// (`enum bpf_attach_type`); all attach to the cgroup.
@@ -158,20 +159,18 @@ impl Datapath {
     /// versions stay: the caller removes them (`remove_other_versions`) once it has written
     /// its first state into this version's maps.
     pub fn load(opts: &LoadOptions<'_>) -> anyhow::Result<Self> {
-        if EBPF_OBJECT.is_empty() {
-            bail!("this mesh binary was built with AYA_BUILD_SKIP=1 and has no eBPF programs");
-        }
+        let access = kernel_btf::socket_access()?;
+        let object = EbpfObject::for_kernel(access.kfuncs)?;
         let layout = PinLayout::new(opts.bpffs);
         for dir in [layout.map("x"), layout.link("x")] {
             let dir = dir.parent().expect("pin paths have a parent");
             system::create_private_dir(dir, true)?;
         }
         let table = opts.capacities.table();
-        let tcp_sock_fields = kernel_btf::tcp_sock_fields()?;
         let mut loader = EbpfLoader::new();
         // Records above this level are skipped in the kernel before any work is done.
         loader.override_global(aya_log::LEVEL, &opts.kernel_log, true);
-        loader.override_global("TCP_SOCK_FIELDS", &tcp_sock_fields, true);
+        loader.override_global("TCP_SOCK_FIELDS", &access.fields, true);
         loader.override_global("SETTINGS_FLAGS", &opts.settings_flags, true);
         for entry in table.iter().filter(|c| c.from_limits) {
             loader.map_max_entries(entry.map, entry.max_entries);
@@ -180,7 +179,7 @@ impl Datapath {
             loader.map_pin_path(name, layout.map(name));
         }
         let mut ebpf = loader
-            .load(EBPF_OBJECT)
+            .load(object.bytes())
             .context("loading the eBPF object")?;
         check_capacities(&layout, &table)?;
 
