@@ -8,13 +8,18 @@ use crate::reverse::{existing_sock_rev, forget_tcp_peer, tcp_peer};
 use crate::stats::count;
 use crate::{kfunc, outcome, udp};
 
+/// `bpf_sock.type` of TCP sockets.
+const SOCK_STREAM: u32 = 1;
+
 /// sock_release: forget the socket's translation (and its UDP flow), counting it as released;
 /// for a TCP connection the load balancer made, record how it went (`outcome`) first.
 #[inline(always)]
 pub fn release(ctx: &SockContext) {
     let sk = ctx.sock;
     // SAFETY: the kernel hands a valid socket to sock_release programs.
-    let tcp = unsafe { (*sk).protocol } == u32::from(PROTO_TCP);
+    let (protocol, sock_type) = unsafe { ((*sk).protocol, (*sk).type_) };
+    // Only a stream socket of protocol TCP is a `struct tcp_sock` (a raw one is not).
+    let tcp = protocol == u32::from(PROTO_TCP) && sock_type == SOCK_STREAM;
     if tcp {
         let tcp_sock = kfunc::tcp_sock(sk);
         let cookie = match outcome::current_cookie(tcp_sock) {
