@@ -35,6 +35,7 @@ pub mod process;
 pub mod prom;
 pub mod redis;
 pub mod services;
+pub mod sockets;
 pub mod tools;
 pub mod two_nodes;
 pub mod users;

@@ -790,9 +790,12 @@ fn leaks(env: &TestEnv, world: &World, want: &BTreeMap<String, Want>) -> Vec<Str
 /// open from an entry its release missed.
 fn held_peers_report(bpffs: &BpffsDir, pod: &Pod) -> String {
     let held = tcp_peers_held(bpffs);
-    let cookies: Vec<String> = held
+    let held_cookies: Vec<u64> = held
         .iter()
         .filter_map(|e| e["formatted"]["value"]["cookie"].as_u64())
+        .collect();
+    let cookies: Vec<String> = held_cookies
+        .iter()
         .map(|cookie| format!("sk:{cookie:x} "))
         .collect();
     let mut sockets = Vec::new();
@@ -809,7 +812,13 @@ fn held_peers_report(bpffs: &BpffsDir, pod: &Pod) -> String {
         }
     }
     let entries: Vec<&Value> = held.iter().map(|e| &e["formatted"]).collect();
-    format!("held tcp_peers entries {entries:?}; open sockets with their cookies {sockets:?}")
+    // ss lists only sockets in the lookup tables; a reset or unconnected one (CLOSE) an owner
+    // still holds is in none, so every process's sockets are asked for their cookies too.
+    let holders = integration_tests::sockets::holders_of(&held_cookies);
+    format!(
+        "held tcp_peers entries {entries:?}; sockets ss lists with their cookies {sockets:?}; \
+         processes holding sockets with their cookies {holders:?}"
+    )
 }
 
 #[derive(Default)]
