@@ -4,7 +4,7 @@
 //! process is duplicated with `pidfd_getfd` and asked for its `SO_COOKIE`.
 
 use std::fs;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// "pid <pid> (<command>) fd <fd>" for each open socket whose cookie is in `cookies`. Processes
 /// that exit meanwhile are skipped; bounded by the number of descriptors on the machine.
@@ -61,19 +61,23 @@ fn pidfd_open(pid: i32) -> Option<OwnedFd> {
 
 /// The cookie of descriptor `fd` of the process behind `pidfd` (None if it is gone).
 fn cookie_of(pidfd: &OwnedFd, fd: i32) -> Option<u64> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: as above; the duplicate is ours and closed when dropped.
+    // SAFETY: a plain syscall; a non-negative result is a new descriptor we own (closed when
+    // dropped).
     let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
     if dup < 0 {
         return None;
     }
-    let dup = unsafe { OwnedFd::from_raw_fd(dup as i32) };
+    socket_cookie(unsafe { OwnedFd::from_raw_fd(dup as i32) }.as_fd())
+}
+
+/// `SO_COOKIE` of a socket of this process.
+pub fn socket_cookie(socket: BorrowedFd<'_>) -> Option<u64> {
     let mut cookie = 0u64;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: `cookie` and `len` are valid for the kernel to write.
     let rc = unsafe {
         libc::getsockopt(
-            dup.as_raw_fd(),
+            socket.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_COOKIE,
             (&raw mut cookie).cast(),
@@ -86,26 +90,13 @@ fn cookie_of(pidfd: &OwnedFd, fd: i32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
 
     /// A socket of this very process is found by its cookie, and a cookie nobody has is not.
     #[test]
     fn finds_a_socket_of_this_process_by_cookie() {
         crate::require_root();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let mut cookie = 0u64;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        // SAFETY: valid out-parameters.
-        let rc = unsafe {
-            libc::getsockopt(
-                listener.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_COOKIE,
-                (&raw mut cookie).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0);
+        let cookie = socket_cookie(listener.as_fd()).expect("SO_COOKIE");
         let holders = holders_of(&[cookie]);
         let me = format!("pid {} ", std::process::id());
         assert!(
